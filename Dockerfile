@@ -1,0 +1,15 @@
+# sesame as the ENTRYPOINT of the official Envoy image: a static (musl) binary, nothing else added.
+FROM rust:1-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends musl-tools \
+    && rustup target add x86_64-unknown-linux-musl
+WORKDIR /src
+COPY Cargo.toml Cargo.lock rustfmt.toml ./
+COPY src ./src
+RUN cargo build --release --locked --target x86_64-unknown-linux-musl
+
+FROM envoyproxy/envoy:v1.40.0
+COPY --from=build /src/target/x86_64-unknown-linux-musl/release/sesame /usr/local/bin/sesame
+# sesame turns SIGTERM into a graceful drain of Envoy; `docker stop -t` must exceed the drain timeout.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/sesame", "run", "--"]
+CMD ["envoy", "-c", "/etc/envoy/envoy.yaml"]

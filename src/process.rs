@@ -1,0 +1,256 @@
+//! Processes at the OS level: spawning a child with a clean signal state, sending signals, reaping,
+//! and finding the descendants that must not outlive the launcher. No policy lives here: the
+//! supervisor decides what to signal and when.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::errno::Errno;
+use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    /// The status a shell would report, which the launcher passes on as its own.
+    pub fn status_code(self) -> i32 {
+        match self {
+            Exit::Code(code) => code,
+            Exit::Signal(sig) => 128 + sig,
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Exit::Code(code) => write!(f, "exit status {code}"),
+            Exit::Signal(sig) => match Signal::try_from(sig) {
+                Ok(s) => write!(f, "signal {} ({})", sig, s.as_str()),
+                Err(_) => write!(f, "signal {sig}"),
+            },
+        }
+    }
+}
+
+/// Why a command could not be started, with the status a shell gives for it.
+#[derive(Debug)]
+pub struct SpawnError {
+    pub program: OsString,
+    pub error: io::Error,
+}
+
+impl SpawnError {
+    /// 127 when the command is not found, 126 when it exists but cannot be executed.
+    pub fn status_code(&self) -> i32 {
+        if self.error.kind() == io::ErrorKind::NotFound { 127 } else { 126 }
+    }
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let program = self.program.to_string_lossy();
+        if std::path::Path::new(&self.program).is_dir() {
+            return write!(f, "cannot execute '{program}': it is a directory");
+        }
+        match self.error.kind() {
+            io::ErrorKind::NotFound => write!(f, "cannot execute '{program}': command not found"),
+            _ => write!(f, "cannot execute '{program}': {}", self.error),
+        }
+    }
+}
+
+/// Starts `argv` in a process group of its own, with default dispositions for every signal and an
+/// empty signal mask, whatever the launcher inherited or installed. With `foreground`, the child's
+/// group takes the terminal (if there is one), as tini does, so that an interactive child can read it.
+pub fn spawn(argv: &[OsString], foreground: bool) -> Result<Pid, SpawnError> {
+    let program = argv.first().cloned().unwrap_or_default();
+    let last_signal = libc::SIGRTMAX();
+    let mut command = Command::new(&program);
+    command.args(&argv[1..]).process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
+    // functions (tcsetpgrp, getpgrp, sigaction, sigprocmask), allocating nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if foreground {
+                // SIGTTOU is still ignored here (inherited from the launcher), so taking the
+                // terminal from the background cannot stop us; ENOTTY just means no terminal.
+                libc::tcsetpgrp(libc::STDIN_FILENO, libc::getpgrp());
+            }
+            reset_signal_state(last_signal);
+            Ok(())
+        });
+    }
+    match command.spawn() {
+        // The launcher reaps by pid itself; std's Child handle is not needed (dropping it does nothing).
+        Ok(child) => Ok(Pid::from_raw(child.id() as i32)),
+        Err(error) => Err(SpawnError { program, error }),
+    }
+}
+
+/// Runs in the forked child: every signal back to SIG_DFL and nothing blocked.
+fn reset_signal_state(last_signal: libc::c_int) {
+    // The kernel's struct sigaction, all zero: SIG_DFL, no flags, empty mask, whatever the field
+    // order. The raw syscall reaches the real-time signals that glibc keeps for itself (32, 33) and
+    // refuses in sigaction(), which a parent may still have left ignored.
+    let default_action = [0u64; 4];
+    for sig in 1..=last_signal {
+        // SAFETY: rt_sigaction only reads the 32 zeroed bytes we pass; it is async-signal-safe.
+        // EINVAL for SIGKILL and SIGSTOP is expected and harmless.
+        unsafe {
+            libc::syscall(libc::SYS_rt_sigaction, sig, default_action.as_ptr(), std::ptr::null_mut::<u64>(), 8usize);
+        }
+    }
+    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
+/// The launcher itself ignores SIGTTIN and SIGTTOU as tini does: it must never be stopped for
+/// touching a terminal it does not own (its logs, or handing the terminal to the child).
+pub fn ignore_tty_stop_signals() {
+    for sig in [Signal::SIGTTIN, Signal::SIGTTOU] {
+        // SAFETY: installing SIG_IGN runs no code of ours in signal context.
+        let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
+    }
+}
+
+/// Sends `sig` to one process. A process that is already gone (ESRCH) is the normal race with its
+/// exit, not an error.
+pub fn send(pid: Pid, sig: i32) -> nix::Result<()> {
+    // SAFETY: kill(2) with a raw signal number: real-time signals have no nix `Signal` variant.
+    match Errno::result(unsafe { libc::kill(pid.as_raw(), sig) }) {
+        Ok(_) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What one pass of the reaper found.
+#[derive(Debug, Default)]
+pub struct Reaped {
+    pub exits: Vec<(Pid, Exit)>,
+    /// waitpid answered ECHILD: the launcher has no child left at all.
+    pub no_children: bool,
+}
+
+/// Reaps every exited child, known or adopted, without blocking.
+pub fn reap_all() -> Reaped {
+    let mut reaped = Reaped::default();
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => reaped.exits.push((pid, Exit::Code(code))),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => reaped.exits.push((pid, Exit::Signal(sig as i32))),
+            Ok(WaitStatus::StillAlive) => return reaped,
+            // Stops and continues are not asked for (no WUNTRACED); keep draining.
+            Ok(_) => {}
+            // EINTR: a signal landed mid-call; the next iteration simply asks again.
+            Err(Errno::EINTR) => {}
+            Err(Errno::ECHILD) => {
+                reaped.no_children = true;
+                return reaped;
+            }
+            Err(e) => {
+                tracing::warn!("waitpid failed: {e}");
+                return reaped;
+            }
+        }
+    }
+}
+
+/// Where the launcher sits in the process tree, which decides how it finds its descendants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitMode {
+    /// PID 1 of a namespace: the kernel re-parents every orphan to us, and kill(-1) reaches all of them.
+    Pid1,
+    /// Any other pid: PR_SET_CHILD_SUBREAPER makes orphans of our descendants ours.
+    Subreaper,
+}
+
+/// Makes sure orphans of our descendants come back to us to be reaped.
+pub fn become_init() -> io::Result<InitMode> {
+    if nix::unistd::getpid().as_raw() == 1 {
+        return Ok(InitMode::Pid1);
+    }
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) only sets a flag on this process.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    Errno::result(rc).map_err(io::Error::from)?;
+    Ok(InitMode::Subreaper)
+}
+
+/// Sends `sig` to every descendant still alive.
+pub fn signal_descendants(mode: InitMode, sig: Signal, fallback_group: Option<Pid>) {
+    if mode == InitMode::Pid1 {
+        // As PID 1 of a namespace, kill(-1) reaches every process in it but ourselves, which are
+        // exactly our descendants. ESRCH means there is nobody left.
+        match signal::kill(Pid::from_raw(-1), sig) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => tracing::warn!("kill(-1, {sig}) failed: {e}"),
+        }
+        return;
+    }
+    match descendants() {
+        Some(pids) => {
+            for pid in pids {
+                let _ = send(pid, sig as i32);
+            }
+        }
+        None => {
+            // /proc belongs to another pid namespace: the child's process group is what we can name.
+            if let Some(group) = fallback_group {
+                let _ = send(Pid::from_raw(-group.as_raw()), sig as i32);
+            }
+        }
+    }
+}
+
+/// Our descendants, read from /proc; None when /proc does not show our own pid namespace.
+fn descendants() -> Option<Vec<Pid>> {
+    let me = nix::unistd::getpid().as_raw();
+    let proc_me = procfs::process::Process::myself().ok()?.pid;
+    if proc_me != me {
+        return None;
+    }
+    let parents: Vec<(i32, i32)> = procfs::process::all_processes()
+        .ok()?
+        .filter_map(|p| p.ok()?.stat().ok())
+        .map(|stat| (stat.pid, stat.ppid))
+        .collect();
+    let mut found = vec![me];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
+        i += 1;
+    }
+    Some(found.into_iter().skip(1).map(Pid::from_raw).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses_follow_the_shell_convention() {
+        assert_eq!(Exit::Code(0).status_code(), 0);
+        assert_eq!(Exit::Code(255).status_code(), 255);
+        assert_eq!(Exit::Signal(15).status_code(), 143);
+        assert_eq!(Exit::Signal(9).status_code(), 137);
+        assert_eq!(Exit::Signal(9).to_string(), "signal 9 (SIGKILL)");
+    }
+
+    #[test]
+    fn spawn_errors_map_to_126_and_127() {
+        let missing = spawn(&["/nonexistent/sesame-test".into()], false).expect_err("missing");
+        assert_eq!(missing.status_code(), 127);
+        assert!(missing.to_string().contains("command not found"), "{missing}");
+        let dir = spawn(&["/".into()], false).expect_err("directory");
+        assert_eq!(dir.status_code(), 126);
+        assert!(dir.to_string().contains("is a directory"), "{dir}");
+    }
+}

@@ -1,0 +1,208 @@
+//! The test rig: the real `sesame` binary, started as PID 1 of a fresh PID namespace (or as a plain
+//! process), with its log captured and every wait bounded.
+#![allow(dead_code)]
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const SESAME: &str = env!("CARGO_BIN_EXE_sesame");
+
+/// The pinned Envoy that `make test` installs. A missing Envoy fails the test: it is never skipped.
+pub fn envoy_bin() -> PathBuf {
+    let path = std::env::var_os("ENVOY_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("ENVOY_BIN is not set: run the tests with `make test`, which installs the pinned Envoy into .tools/")
+    });
+    assert!(path.is_file(), "ENVOY_BIN={} does not exist: run `make envoy`", path.display());
+    path
+}
+
+/// Polls `condition` every 10 ms until it holds, or panics after `timeout` naming what was awaited.
+pub fn wait_for(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `unshare --pid --fork --mount-proc`: sesame is PID 1 of a new PID namespace.
+    Pid1,
+    /// sesame as an ordinary process (a child subreaper).
+    Plain,
+}
+
+/// A running launcher. Dropping it kills whatever is left.
+pub struct Launcher {
+    process: Child,
+    mode: Mode,
+    /// sesame's pid as the test sees it (in the test's own namespace), found on first use.
+    pid: std::cell::OnceCell<i32>,
+    pub dir: tempfile::TempDir,
+    log_path: PathBuf,
+    pub started: Instant,
+}
+
+impl Launcher {
+    /// Starts `sesame run OPTIONS -- COMMAND` with stderr in a log file.
+    pub fn start(mode: Mode, options: &[&str], command: &[&str]) -> Launcher {
+        Self::start_with(mode, options, command, |_| {})
+    }
+
+    pub fn start_with(mode: Mode, options: &[&str], command: &[&str], adjust: impl FnOnce(&mut Command)) -> Launcher {
+        let dir = tempfile::Builder::new().prefix("sesame-test").tempdir().expect("tempdir");
+        let log_path = dir.path().join("sesame.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut argv: Vec<OsString> = Vec::new();
+        if mode == Mode::Pid1 {
+            argv.extend(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"].map(OsString::from));
+        }
+        argv.push(SESAME.into());
+        argv.extend(["run".into(), "--runtime-dir".into(), dir.path().join("run").into()]);
+        argv.extend(options.iter().map(OsString::from));
+        if !command.is_empty() {
+            argv.push("--".into());
+            argv.extend(command.iter().map(OsString::from));
+        }
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+        adjust(&mut cmd);
+        let process = cmd.spawn().expect("start sesame");
+        let started = Instant::now();
+        Launcher { process, mode, pid: Default::default(), dir, log_path, started }
+    }
+
+    /// sesame's pid as the test sees it. As PID 1, it is the child of `unshare` once it has exec'd.
+    pub fn pid(&self) -> i32 {
+        *self.pid.get_or_init(|| match self.mode {
+            Mode::Plain => self.process.id() as i32,
+            Mode::Pid1 => find_sesame_child_of(self.process.id() as i32),
+        })
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal sesame");
+    }
+
+    /// Waits for the launcher to exit; on timeout kills it and fails with its log.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.process.kill();
+                panic!("sesame did not exit within {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the exit and returns its code (the launcher exits, it is never killed by a signal).
+    pub fn exit_code(&mut self, timeout: Duration) -> i32 {
+        let status = self.wait(timeout);
+        status.code().unwrap_or_else(|| panic!("sesame ended by {status:?}; log:\n{}", self.log()))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// The sesame that `unshare --fork` started, once it has exec'd.
+fn find_sesame_child_of(parent: i32) -> i32 {
+    let mut found = 0;
+    wait_for(Duration::from_secs(10), "unshare to start sesame", || {
+        found = children_of(parent)
+            .into_iter()
+            .find(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == Path::new(SESAME)))
+            .unwrap_or(0);
+        found != 0
+    });
+    found
+}
+
+/// Direct children of `parent`, read from /proc.
+pub fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| ppid_of(*pid) == Some(parent))
+        .collect()
+}
+
+pub fn ppid_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether a process with this pid exists (a zombie counts as existing).
+pub fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// GET / over plain HTTP/1.1; returns the status code, or None when the connection fails.
+pub fn http_get(port: u16) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    read_status(&mut stream)
+}
+
+/// GET / over HTTPS, trusting only the certificate in `ca_pem`.
+pub fn https_get(port: u16, ca_pem: &Path) -> Option<u16> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem).ok()? {
+        roots.add(cert.ok()?).ok()?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").ok()?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    read_status(&mut tls)
+}
+
+fn read_status(stream: &mut impl Read) -> Option<u16> {
+    let mut response = Vec::new();
+    // Envoy closes after the response (Connection: close); a TLS close without notify is fine here.
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
