@@ -5,7 +5,11 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+use crate::admin::AdminAddress;
+use crate::drain::DrainSettings;
+use crate::envoy::EnvoyFlags;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -66,9 +70,102 @@ pub struct RunOptions {
     #[arg(long, env = "SESAME_DEMO_HTTPS_PORT", default_value_t = 8443)]
     pub demo_https_port: u16,
 
+    /// Envoy's admin API: a unix socket path, unix:PATH, or HOST:PORT [default: read from the bootstrap].
+    #[arg(long, env = "SESAME_ADMIN")]
+    pub admin: Option<AdminAddress>,
+
+    #[command(flatten)]
+    pub drain: DrainOptions,
+
+    #[command(flatten)]
+    pub envoy_flags: EnvoyFlagOptions,
+
     /// The command to supervise; without one, Envoy runs on the embedded demo bootstrap.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// The graceful drain on SIGTERM/SIGINT (DESIGN.md, "Graceful drain").
+#[derive(Debug, Args)]
+pub struct DrainOptions {
+    /// Time between failing the health check and draining the listeners, for load balancers to notice.
+    #[arg(long, env = "SESAME_DRAIN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+
+    /// POST /healthcheck/fail to Envoy when the drain starts.
+    #[arg(long, env = "SESAME_DRAIN_HEALTHCHECK_FAIL", default_value_t = true, action = ArgAction::Set)]
+    pub drain_healthcheck_fail: bool,
+
+    /// Drain only the listeners whose traffic_direction is INBOUND.
+    #[arg(long, env = "SESAME_DRAIN_INBOUND_ONLY")]
+    pub drain_inbound_only: bool,
+
+    /// How often to read Envoy's open downstream connections during the drain.
+    #[arg(long, env = "SESAME_DRAIN_POLL", default_value = "100ms", value_parser = parse_duration)]
+    pub drain_poll: Duration,
+
+    /// The drain is done when at most this many downstream connections are open.
+    #[arg(long, env = "SESAME_DRAIN_CONNECTIONS", default_value_t = 0)]
+    pub drain_connections: u64,
+
+    /// The drain lasts at least this long.
+    #[arg(long, env = "SESAME_DRAIN_MIN", default_value = "0s", value_parser = parse_duration)]
+    pub drain_min: Duration,
+
+    /// The drain lasts at most this long, delay included; 0 forwards SIGTERM at once.
+    #[arg(long, env = "SESAME_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl DrainOptions {
+    pub fn settings(&self) -> DrainSettings {
+        DrainSettings {
+            delay: self.drain_delay,
+            healthcheck_fail: self.drain_healthcheck_fail,
+            inbound_only: self.drain_inbound_only,
+            poll: self.drain_poll.max(Duration::from_millis(1)),
+            connections: self.drain_connections,
+            min: self.drain_min,
+            timeout: self.drain_timeout,
+        }
+    }
+}
+
+/// Envoy's own drain flags, added to an Envoy command only where the user gave none.
+#[derive(Debug, Args)]
+pub struct EnvoyFlagOptions {
+    /// Envoy's --drain-time-s: how long drained listeners keep accepting (shutdown and hot restart).
+    #[arg(long, env = "SESAME_ENVOY_DRAIN_TIME", default_value = "30s", value_parser = parse_duration)]
+    pub envoy_drain_time: Duration,
+
+    /// Envoy's --drain-strategy: immediate asks every connection to close at once when a drain starts.
+    #[arg(long, env = "SESAME_ENVOY_DRAIN_STRATEGY", value_enum, default_value_t = DrainStrategy::Immediate)]
+    pub envoy_drain_strategy: DrainStrategy,
+
+    /// Envoy's --parent-shutdown-time-s: when a hot restart's old epoch is told to exit.
+    #[arg(long, env = "SESAME_ENVOY_PARENT_SHUTDOWN_TIME", default_value = "45s", value_parser = parse_duration)]
+    pub envoy_parent_shutdown_time: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DrainStrategy {
+    Immediate,
+    Gradual,
+}
+
+impl EnvoyFlagOptions {
+    pub fn flags(&self) -> EnvoyFlags {
+        // Envoy takes whole seconds; round up so that a drain is never shorter than asked.
+        let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        EnvoyFlags {
+            drain_time_s: secs(self.envoy_drain_time),
+            drain_strategy: match self.envoy_drain_strategy {
+                DrainStrategy::Immediate => "immediate",
+                DrainStrategy::Gradual => "gradual",
+            },
+            parent_shutdown_time_s: secs(self.envoy_parent_shutdown_time),
+        }
+    }
 }
 
 impl RunOptions {

@@ -33,12 +33,7 @@ impl Demo {
     /// Writes the bootstrap for these ports and, when there is none yet, a self-signed certificate
     /// for localhost and 127.0.0.1. An existing certificate is kept: it may be one the user rotated in.
     pub fn prepare(&self, http_port: u16, https_port: u16) -> anyhow::Result<()> {
-        let dir = self.bootstrap.parent().context("demo directory")?;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create the demo directory {}", dir.display()))?;
+        create_private_dir(self.bootstrap.parent().context("demo directory")?)?;
         if !(self.cert.exists() && self.key.exists()) {
             let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
                 .context("cannot generate the demo certificate")?;
@@ -58,6 +53,15 @@ impl Demo {
             .replace("{http_port}", &http_port.to_string())
             .replace("{https_port}", &https_port.to_string())
     }
+}
+
+/// Creates `dir` and its parents, readable by the owner only (it holds keys and sockets).
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the directory {}", dir.display()))
 }
 
 /// Replaces `path` by rename, so that Envoy (or a watcher) never sees half a file.

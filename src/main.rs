@@ -1,7 +1,10 @@
 //! sesame: a launcher for Envoy. See README.md for the user's view and DESIGN.md for the contract.
 
+mod admin;
+mod bootstrap;
 mod cli;
 mod demo;
+mod drain;
 mod envoy;
 mod launch;
 mod logging;
@@ -39,5 +42,6 @@ fn run(options: &cli::RunOptions) -> i32 {
             return 1;
         }
     };
-    runtime.block_on(supervisor::run(launch, options.kill_timeout))
+    let settings = supervisor::Settings { kill_timeout: options.kill_timeout, drain: options.drain.settings() };
+    runtime.block_on(supervisor::run(launch, settings))
 }

@@ -1,0 +1,155 @@
+//! Reading Envoy's bootstrap: where its config is (from the command line), the admin address, and
+//! the files it references. YAML or JSON; the launcher only reads, Envoy stays the judge of validity.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::admin::AdminAddress;
+
+/// The parsed bootstrap: the `-c` file, with `--config-yaml` merged over it as Envoy does.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    value: Value,
+}
+
+/// The value of a valued flag (`--flag value` or `--flag=value`); the last one wins, as in Envoy.
+fn flag_text(argv: &[OsString], names: &[&str]) -> Option<String> {
+    let mut found = None;
+    let mut args = argv.iter().map(|a| a.to_string_lossy());
+    while let Some(arg) = args.next() {
+        for name in names {
+            if arg == *name {
+                found = args.next().map(|v| v.into_owned());
+                break;
+            } else if let Some(value) = arg.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')) {
+                found = Some(value.to_string());
+                break;
+            }
+        }
+    }
+    found
+}
+
+impl Bootstrap {
+    /// Loads the bootstrap that `argv` (an Envoy command line) names; None when it names none.
+    pub fn from_command(argv: &[OsString]) -> anyhow::Result<Option<Bootstrap>> {
+        let path = flag_text(argv, &["-c", "--config-path"]).map(PathBuf::from);
+        let inline = flag_text(argv, &["--config-yaml"]);
+        if path.is_none() && inline.is_none() {
+            return Ok(None);
+        }
+        let mut value = match &path {
+            Some(path) => parse_file(path)?,
+            None => Value::Object(Default::default()),
+        };
+        if let Some(yaml) = inline {
+            let overlay: Value = serde_saphyr::from_str(&yaml).context("--config-yaml is not valid YAML")?;
+            merge(&mut value, overlay);
+        }
+        Ok(Some(Bootstrap { value }))
+    }
+
+    /// The admin address: `admin.address.pipe.path` or `admin.address.socket_address`.
+    pub fn admin_address(&self) -> Option<AdminAddress> {
+        let address = self.value.pointer("/admin/address")?;
+        if let Some(path) = address.pointer("/pipe/path").and_then(Value::as_str) {
+            return Some(AdminAddress::Unix(PathBuf::from(path)));
+        }
+        let socket = address.get("socket_address")?;
+        let host = socket.get("address").and_then(Value::as_str).unwrap_or("127.0.0.1");
+        let port = socket.get("port_value").and_then(|p| p.as_u64().or_else(|| p.as_str()?.parse().ok()))?;
+        // An admin bound to every address is reached on loopback.
+        let host = match host {
+            "0.0.0.0" => "127.0.0.1",
+            "::" => "::1",
+            other => other,
+        };
+        Some(AdminAddress::Tcp(host.to_string(), u16::try_from(port).ok()?))
+    }
+}
+
+fn parse_file(path: &Path) -> anyhow::Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the bootstrap {}", path.display()))?;
+    let parsed = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(anyhow::Error::from)
+    } else {
+        // YAML is a superset of JSON: any other extension is read as YAML.
+        serde_saphyr::from_str(&text).map_err(anyhow::Error::from)
+    };
+    parsed.with_context(|| format!("cannot parse the bootstrap {}", path.display()))
+}
+
+/// Envoy merges `--config-yaml` over the file: objects key by key, anything else replaced.
+fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Object(base), Value::Object(overlay)) => {
+            for (key, value) in overlay {
+                merge(base.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    fn argv(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn reads_a_pipe_admin_from_yaml() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(dir.path(), "b.yaml", "admin:\n  address:\n    pipe: { path: /run/e/admin.sock }\n");
+        let bootstrap = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
+        let admin = bootstrap.expect("some").admin_address();
+        assert_eq!(admin, Some(AdminAddress::Unix("/run/e/admin.sock".into())));
+    }
+
+    #[test]
+    fn reads_a_socket_admin_from_json_and_config_yaml_overrides() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = r#"{"admin":{"address":{"socket_address":{"address":"0.0.0.0","port_value":9901}}}}"#;
+        let path = write(dir.path(), "b.json", json);
+        let path_arg = format!("--config-path={}", path.display());
+        let loaded = Bootstrap::from_command(&argv(&["envoy", &path_arg])).expect("load").expect("some");
+        assert_eq!(loaded.admin_address(), Some(AdminAddress::Tcp("127.0.0.1".into(), 9901)));
+
+        let overlay = "admin: { address: { socket_address: { port_value: 9902 } } }";
+        let loaded = Bootstrap::from_command(&argv(&["envoy", &path_arg, "--config-yaml", overlay]))
+            .expect("load")
+            .expect("some");
+        assert_eq!(loaded.admin_address(), Some(AdminAddress::Tcp("127.0.0.1".into(), 9902)));
+    }
+
+    #[test]
+    fn no_config_and_no_admin() {
+        assert!(Bootstrap::from_command(&argv(&["envoy", "--version"])).expect("load").is_none());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(dir.path(), "b.yaml", "static_resources: {}\n");
+        let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
+        assert_eq!(loaded.expect("some").admin_address(), None);
+    }
+
+    #[test]
+    fn a_missing_or_broken_file_names_itself() {
+        let err = Bootstrap::from_command(&argv(&["envoy", "-c", "/nonexistent/b.yaml"])).expect_err("missing");
+        assert!(format!("{err:#}").contains("/nonexistent/b.yaml"), "{err:#}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(dir.path(), "b.yaml", "admin: [unclosed\n");
+        let err = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect_err("broken");
+        assert!(format!("{err:#}").contains("cannot parse the bootstrap"), "{err:#}");
+    }
+}

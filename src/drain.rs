@@ -1,0 +1,193 @@
+//! The graceful drain: fail Envoy's health check, wait out the drain delay, drain its listeners, and
+//! poll its downstream connections until they reach the threshold or the timeout. The drain only
+//! talks to Envoy's admin and reports to the supervisor; it never signals a process.
+
+use std::time::Duration;
+
+use hyper::Method;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
+
+use crate::admin::AdminClient;
+use crate::supervisor::Event;
+
+/// The knobs of a drain (DESIGN.md, "Graceful drain").
+#[derive(Debug, Clone)]
+pub struct DrainSettings {
+    /// Time for load balancers to notice the failed health check before the listeners drain.
+    pub delay: Duration,
+    /// POST /healthcheck/fail before anything else.
+    pub healthcheck_fail: bool,
+    /// Drain only listeners whose traffic_direction is INBOUND.
+    pub inbound_only: bool,
+    pub poll: Duration,
+    /// Done when at most this many downstream connections are open ...
+    pub connections: u64,
+    /// ... and at least this long has passed since the drain started.
+    pub min: Duration,
+    /// Upper bound on the whole drain, delay included: SIGTERM follows at the latest then.
+    pub timeout: Duration,
+}
+
+/// Consecutive admin failures after which the drain stops waiting for an admin that is gone.
+pub const ADMIN_ERROR_LIMIT: u32 = 5;
+
+/// Why a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    Threshold,
+    Timeout,
+    AdminUnreachable,
+    SecondSignal,
+    EnvoyExited,
+}
+
+impl std::fmt::Display for DrainEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DrainEnd::Threshold => "connections reached the threshold",
+            DrainEnd::Timeout => "drain timeout reached",
+            DrainEnd::AdminUnreachable => "Envoy's admin is unreachable",
+            DrainEnd::SecondSignal => "a second signal skipped the rest",
+            DrainEnd::EnvoyExited => "Envoy exited",
+        })
+    }
+}
+
+/// What one poll means: done (and why), or poll again. `connections` is None when the poll failed.
+pub fn after_poll(
+    settings: &DrainSettings,
+    elapsed: Duration,
+    connections: Option<u64>,
+    consecutive_errors: u32,
+) -> Option<DrainEnd> {
+    if connections.is_some_and(|open| open <= settings.connections) && elapsed >= settings.min {
+        return Some(DrainEnd::Threshold);
+    }
+    if consecutive_errors >= ADMIN_ERROR_LIMIT {
+        return Some(DrainEnd::AdminUnreachable);
+    }
+    if elapsed >= settings.timeout {
+        return Some(DrainEnd::Timeout);
+    }
+    None
+}
+
+/// Runs the drain and reports each poll and the end to the supervisor as events.
+pub async fn run(admin: AdminClient, settings: DrainSettings, events: UnboundedSender<Event>) {
+    let started = Instant::now();
+    let deadline = started + settings.timeout;
+    let steps = drain_steps(&admin, &settings, started, &events);
+    let end = tokio::time::timeout_at(deadline, steps).await.unwrap_or(DrainEnd::Timeout);
+    let _ = events.send(Event::DrainEnded(end));
+}
+
+async fn drain_steps(
+    admin: &AdminClient,
+    settings: &DrainSettings,
+    started: Instant,
+    events: &UnboundedSender<Event>,
+) -> DrainEnd {
+    let mut consecutive_errors = 0;
+    if settings.healthcheck_fail {
+        post(admin, "/healthcheck/fail", &mut consecutive_errors).await;
+    }
+    if !settings.delay.is_zero() {
+        tracing::info!("drain: waiting {:?} for load balancers to notice", settings.delay);
+        tokio::time::sleep(settings.delay).await;
+    }
+    let path =
+        if settings.inbound_only { "/drain_listeners?graceful&inboundonly" } else { "/drain_listeners?graceful" };
+    post(admin, path, &mut consecutive_errors).await;
+    loop {
+        let connections = match admin.downstream_connections().await {
+            Ok(open) => {
+                consecutive_errors = 0;
+                Some(open)
+            }
+            Err(e) => {
+                consecutive_errors += 1;
+                // The first failure in a row is worth a warning; the rest of the streak is noise.
+                if consecutive_errors == 1 {
+                    tracing::warn!("drain: {e}");
+                } else {
+                    tracing::debug!("drain: {e}");
+                }
+                None
+            }
+        };
+        let _ = events.send(Event::DrainPolled { connections });
+        if let Some(end) = after_poll(settings, started.elapsed(), connections, consecutive_errors) {
+            return end;
+        }
+        tokio::time::sleep(settings.poll).await;
+    }
+}
+
+/// A drain step that may fail: the failure is logged and counted, and the drain goes on.
+async fn post(admin: &AdminClient, path: &str, consecutive_errors: &mut u32) {
+    match admin.expect_ok(Method::POST, path).await {
+        Ok(_) => *consecutive_errors = 0,
+        Err(e) => {
+            *consecutive_errors += 1;
+            tracing::warn!("drain: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::AdminAddress;
+
+    fn settings() -> DrainSettings {
+        DrainSettings {
+            delay: Duration::ZERO,
+            healthcheck_fail: true,
+            inbound_only: false,
+            poll: Duration::from_millis(100),
+            connections: 0,
+            min: Duration::from_secs(2),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn threshold_counts_only_after_the_minimum() {
+        let s = settings();
+        assert_eq!(after_poll(&s, Duration::from_secs(1), Some(0), 0), None);
+        assert_eq!(after_poll(&s, Duration::from_secs(2), Some(0), 0), Some(DrainEnd::Threshold));
+        assert_eq!(after_poll(&s, Duration::from_secs(3), Some(1), 0), None);
+        let s = DrainSettings { connections: 1, ..s };
+        assert_eq!(after_poll(&s, Duration::from_secs(3), Some(1), 0), Some(DrainEnd::Threshold));
+    }
+
+    #[test]
+    fn admin_errors_and_time_are_bounded() {
+        let s = settings();
+        assert_eq!(after_poll(&s, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT - 1), None);
+        assert_eq!(after_poll(&s, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT), Some(DrainEnd::AdminUnreachable));
+        assert_eq!(after_poll(&s, Duration::from_secs(60), Some(5), 0), Some(DrainEnd::Timeout));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_admin_ends_the_drain_after_the_error_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin = AdminClient::new(AdminAddress::Unix(dir.path().join("missing.sock")));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        run(admin, settings(), tx).await;
+        let mut polls = 0;
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                Event::DrainPolled { connections } => {
+                    assert_eq!(connections, None);
+                    polls += 1;
+                }
+                Event::DrainEnded(end) => assert_eq!(end, DrainEnd::AdminUnreachable),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Two failed POSTs, then polls until five failures in a row.
+        assert_eq!(polls, ADMIN_ERROR_LIMIT - 2);
+    }
+}
