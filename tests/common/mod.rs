@@ -170,12 +170,9 @@ pub fn alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// GET / over plain HTTP/1.1; returns the status code, or None when the connection fails.
+/// GET / over plain HTTP/1.1; returns the status code, or None when the request fails.
 pub fn http_get(port: u16) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-    read_status(&mut stream)
+    request(port, "/").ok()
 }
 
 /// GET / over HTTPS, trusting only the certificate in `ca_pem`.
@@ -196,13 +193,174 @@ pub fn https_get(port: u16, ca_pem: &Path) -> Option<u16> {
     tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-    read_status(&mut tls)
+    read_response(&mut tls).ok()
 }
 
-fn read_status(stream: &mut impl Read) -> Option<u16> {
+/// A test upstream on loopback: answers every request with 200 after holding it for `hold`, and
+/// counts the requests that arrived.
+pub struct Upstream {
+    pub port: u16,
+    pub arrived: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Upstream {
+    pub fn start(hold: Duration) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let port = listener.local_addr().expect("addr").port();
+        let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = arrived.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let counter = counter.clone();
+                std::thread::spawn(move || serve_held(stream, hold, &counter));
+            }
+        });
+        Upstream { port, arrived }
+    }
+
+    pub fn arrived(&self) -> usize {
+        self.arrived.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Keep-alive HTTP/1.1 upstream connection: each request (no body expected) is answered after `hold`.
+fn serve_held(mut stream: TcpStream, hold: Duration, arrived: &std::sync::atomic::AtomicUsize) {
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            pending.drain(..end + 4);
+            arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(hold);
+            if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n").is_err() {
+                return;
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Writes an Envoy bootstrap: admin on a unix socket in `dir`, one HTTP listener on `port` that
+/// answers `/direct` itself and proxies everything else to the upstream on `upstream_port`.
+pub fn proxy_bootstrap(dir: &Path, port: u16, upstream_port: u16) -> PathBuf {
+    let admin = dir.join("admin.sock");
+    let yaml = format!(
+        r#"
+admin:
+  address: {{ pipe: {{ path: "{admin}" }} }}
+static_resources:
+  listeners:
+  - name: ingress
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/direct" }}
+                direct_response: {{ status: 200, body: {{ inline_string: "direct\n" }} }}
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream, timeout: 30s }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    connect_timeout: 1s
+    type: STATIC
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream_port} }} }} }}
+"#,
+        admin = admin.display()
+    );
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, yaml).expect("write bootstrap");
+    path
+}
+
+/// One request over a fresh connection, read as a client does (headers, then content-length bytes,
+/// then the client closes); the status, or the error that ended it.
+pub fn request(port: u16, path: &str) -> Result<u16, String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
+    read_response(&mut stream)
+}
+
+/// Reads one HTTP/1.1 response with a content-length body; returns its status.
+pub fn read_response(stream: &mut impl Read) -> Result<u16, String> {
     let mut response = Vec::new();
-    // Envoy closes after the response (Connection: close); a TLS close without notify is fine here.
-    let _ = stream.read_to_end(&mut response);
-    let text = String::from_utf8_lossy(&response);
-    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if response.len() >= end + 4 + length {
+                let status = head.strip_prefix("http/1.1 ").and_then(|r| r.get(..3)?.parse().ok());
+                return status.ok_or_else(|| format!("bad status line in {head:?}"));
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return Err(format!("connection closed after {} bytes", response.len())),
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+/// A GET to Envoy's admin API over its unix socket: the status, or None when it does not answer.
+pub fn admin_get(socket: &Path, path: &str) -> Option<u16> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
+    read_response(&mut stream).ok()
+}
+
+/// A client connection that made one request and now sits idle on keep-alive.
+pub fn idle_keepalive_connection(port: u16) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.write_all(b"GET /direct HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("write");
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "keep-alive request answered");
+    stream
+}
+
+impl Launcher {
+    /// Runs the real Envoy on `bootstrap` under sesame, and waits until its admin says it is ready.
+    pub fn start_envoy(mode: Mode, options: &[&str], bootstrap: &Path) -> Launcher {
+        let envoy = envoy_bin();
+        let bootstrap = bootstrap.to_string_lossy().into_owned();
+        let launcher = Launcher::start(mode, options, &[&envoy.to_string_lossy(), "-c", &bootstrap]);
+        let admin = bootstrap_dir(&bootstrap).join("admin.sock");
+        wait_for(Duration::from_secs(30), "Envoy to be ready", || admin_get(&admin, "/ready") == Some(200));
+        launcher
+    }
+
+    /// Waits until the log holds `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        wait_for(Duration::from_secs(10), &format!("the log to say '{text}'"), || self.log().contains(text));
+    }
+}
+
+fn bootstrap_dir(bootstrap: &str) -> PathBuf {
+    Path::new(bootstrap).parent().expect("bootstrap dir").to_path_buf()
 }

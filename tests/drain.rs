@@ -1,0 +1,199 @@
+//! The graceful drain on SIGTERM, with the real Envoy under sesame as PID 1 of a PID namespace.
+
+mod common;
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{
+    Launcher, Mode, Upstream, admin_get, children_of, free_port, idle_keepalive_connection, proxy_bootstrap, request,
+    wait_for,
+};
+use nix::sys::signal::Signal;
+
+const IN_FLIGHT: usize = 20;
+const HOLD: Duration = Duration::from_secs(2);
+
+struct Proxy {
+    launcher: Launcher,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn start_proxy(options: &[&str], upstream_port: u16) -> Proxy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let bootstrap = proxy_bootstrap(dir.path(), port, upstream_port);
+    let launcher = Launcher::start_envoy(Mode::Pid1, options, &bootstrap);
+    Proxy { launcher, port, dir }
+}
+
+/// Starts `IN_FLIGHT` requests through Envoy and waits until the upstream holds all of them.
+fn requests_in_flight(proxy: &Proxy, upstream: &Upstream) -> Vec<JoinHandle<(Result<u16, String>, Instant)>> {
+    let port = proxy.port;
+    let clients: Vec<_> =
+        (0..IN_FLIGHT).map(|_| std::thread::spawn(move || (request(port, "/held"), Instant::now()))).collect();
+    wait_for(Duration::from_secs(10), "every request to reach the upstream", || upstream.arrived() == IN_FLIGHT);
+    clients
+}
+
+#[test]
+fn in_flight_requests_complete_and_the_launcher_exits_right_after() {
+    let upstream = Upstream::start(HOLD);
+    let mut proxy = start_proxy(&[], upstream.port);
+    let clients = requests_in_flight(&proxy, &upstream);
+    proxy.launcher.signal(Signal::SIGTERM);
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().expect("client")).collect();
+    let code = proxy.launcher.exit_code(Duration::from_secs(20));
+    let exited = Instant::now();
+    let log = proxy.launcher.log();
+
+    let ok = results.iter().filter(|(r, _)| *r == Ok(200)).count();
+    assert_eq!(ok, IN_FLIGHT, "every request in flight got 200: {results:?}\n{log}");
+    assert_eq!(code, 0, "Envoy exited 0 on SIGTERM after the drain; log:\n{log}");
+    let last_response = results.iter().map(|(_, at)| *at).max().expect("responses");
+    let lag = exited.duration_since(last_response);
+    assert!(lag < Duration::from_secs(1), "the launcher exits within 1 s of the last response, not {lag:?}\n{log}");
+    assert!(log.contains("drain ended: connections reached the threshold"), "{log}");
+}
+
+#[test]
+fn without_the_drain_requests_in_flight_are_reset() {
+    let upstream = Upstream::start(HOLD);
+    let mut proxy = start_proxy(&["--drain-timeout", "0"], upstream.port);
+    let clients = requests_in_flight(&proxy, &upstream);
+    proxy.launcher.signal(Signal::SIGTERM);
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().expect("client").0).collect();
+    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    assert_eq!(failed, IN_FLIGHT, "plain forwarding resets every request in flight: {results:?}");
+    assert!(proxy.launcher.log().contains("SIGTERM: passing it on to Envoy (no drain)"));
+}
+
+#[test]
+fn an_idle_keepalive_connection_holds_the_drain_until_the_timeout() {
+    let mut proxy = start_proxy(&["--drain-timeout", "2s"], free_port());
+    let _idle = idle_keepalive_connection(proxy.port);
+    let signalled = Instant::now();
+    proxy.launcher.signal(Signal::SIGTERM);
+    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
+    let took = signalled.elapsed();
+    let log = proxy.launcher.log();
+    assert!(took >= Duration::from_secs(2), "waited for the idle connection: {took:?}\n{log}");
+    assert!(took < Duration::from_secs(4), "but no longer than the timeout: {took:?}\n{log}");
+    assert!(log.contains("drain ended: drain timeout reached") && log.contains("open at SIGTERM: 1"), "{log}");
+}
+
+#[test]
+fn drain_connections_threshold_lets_one_connection_stay() {
+    let mut proxy = start_proxy(&["--drain-timeout", "30s", "--drain-connections", "1"], free_port());
+    let _idle = idle_keepalive_connection(proxy.port);
+    let signalled = Instant::now();
+    proxy.launcher.signal(Signal::SIGTERM);
+    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
+    let took = signalled.elapsed();
+    let log = proxy.launcher.log();
+    assert!(took < Duration::from_secs(1), "one open connection is within the threshold: {took:?}\n{log}");
+    assert!(log.contains("connections reached the threshold") && log.contains("open at SIGTERM: 1"), "{log}");
+}
+
+#[test]
+fn during_the_drain_delay_envoy_is_not_ready_but_still_serves() {
+    let mut proxy = start_proxy(&["--drain-delay", "1s"], free_port());
+    let admin = proxy.dir.path().join("admin.sock");
+    let signalled = Instant::now();
+    proxy.launcher.signal(Signal::SIGTERM);
+    wait_for(Duration::from_secs(1), "Envoy's /ready to answer 503", || admin_get(&admin, "/ready") == Some(503));
+    let not_ready = signalled.elapsed();
+    assert_eq!(request(proxy.port, "/direct"), Ok(200), "requests are still served during the delay");
+    let served = signalled.elapsed();
+    assert!(served < Duration::from_secs(1), "both within the delay: not ready at {not_ready:?}, served at {served:?}");
+    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
+    assert!(signalled.elapsed() >= Duration::from_secs(1), "the delay was kept");
+}
+
+#[test]
+fn a_second_sigterm_ends_the_drain_at_once() {
+    let mut proxy = start_proxy(&["--drain-timeout", "30s"], free_port());
+    let _idle = idle_keepalive_connection(proxy.port);
+    proxy.launcher.signal(Signal::SIGTERM);
+    proxy.launcher.wait_for_log("draining Envoy through its admin");
+    let second = Instant::now();
+    proxy.launcher.signal(Signal::SIGTERM);
+    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
+    let log = proxy.launcher.log();
+    assert!(second.elapsed() < Duration::from_secs(1), "{:?}\n{log}", second.elapsed());
+    assert!(log.contains("drain ended: a second signal skipped the rest"), "{log}");
+}
+
+#[test]
+fn a_hung_admin_cannot_stretch_the_drain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("hung-admin.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind fake admin");
+    // Accepts every connection and never answers.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for connection in listener.incoming() {
+            held.push(connection);
+        }
+    });
+    let admin = socket.to_string_lossy().into_owned();
+    let options = ["--admin", &admin, "--drain-timeout", "2s", "--kill-timeout", "2s"];
+    let mut proxy = start_proxy(&options, free_port());
+    let signalled = Instant::now();
+    proxy.launcher.signal(Signal::SIGTERM);
+    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
+    let took = signalled.elapsed();
+    let log = proxy.launcher.log();
+    assert!(took < Duration::from_secs(4), "within drain-timeout + kill-timeout: {took:?}\n{log}");
+    assert!(log.contains("did not answer within") && log.contains("drain ended: drain timeout reached"), "{log}");
+}
+
+#[test]
+fn a_missing_admin_ends_the_drain_quickly() {
+    let options = ["--admin", "/nonexistent/admin.sock", "--drain-timeout", "30s", "--kill-timeout", "2s"];
+    let mut proxy = start_proxy(&options, free_port());
+    let signalled = Instant::now();
+    proxy.launcher.signal(Signal::SIGTERM);
+    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
+    let took = signalled.elapsed();
+    let log = proxy.launcher.log();
+    assert!(took < Duration::from_secs(2), "an unreachable admin is given up on: {took:?}\n{log}");
+    assert!(log.contains("unreachable") && log.contains("drain ended: Envoy's admin is unreachable"), "{log}");
+}
+
+#[test]
+fn envoy_killed_during_the_drain_ends_the_launcher_with_137() {
+    let mut proxy = start_proxy(&["--drain-timeout", "30s"], free_port());
+    let _idle = idle_keepalive_connection(proxy.port);
+    let envoy = children_of(proxy.launcher.pid());
+    assert_eq!(envoy.len(), 1, "one Envoy");
+    proxy.launcher.signal(Signal::SIGTERM);
+    proxy.launcher.wait_for_log("draining Envoy through its admin");
+    let killed = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(envoy[0]), Signal::SIGKILL).expect("kill Envoy");
+    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 137);
+    let log = proxy.launcher.log();
+    assert!(killed.elapsed() < Duration::from_secs(1), "{:?}\n{log}", killed.elapsed());
+    assert!(log.contains("drain ended: Envoy exited"), "{log}");
+}
+
+#[test]
+fn no_admin_address_means_plain_sigterm_with_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let bootstrap = proxy_bootstrap(dir.path(), port, free_port());
+    // The same listener, without an admin section: Envoy runs, sesame cannot drain it.
+    let text = std::fs::read_to_string(&bootstrap).expect("read");
+    let without_admin = text.split_once("static_resources:").map(|(_, rest)| format!("static_resources:{rest}"));
+    std::fs::write(&bootstrap, without_admin.expect("split")).expect("write");
+    let envoy = common::envoy_bin();
+    let bootstrap_arg = bootstrap.to_string_lossy().into_owned();
+    let mut launcher = Launcher::start(Mode::Pid1, &[], &[&envoy.to_string_lossy(), "-c", &bootstrap_arg]);
+    wait_for(Duration::from_secs(30), "Envoy to serve", || request(port, "/direct") == Ok(200));
+    launcher.signal(Signal::SIGTERM);
+    assert_eq!(launcher.exit_code(Duration::from_secs(20)), 0);
+    let log = launcher.log();
+    assert!(log.contains("no admin address found") && log.contains("passing it on to Envoy (no drain)"), "{log}");
+}
