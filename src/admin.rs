@@ -150,8 +150,64 @@ impl AdminClient {
     }
 }
 
-/// Sums the listener gauges of `/stats?format=json` (`{"stats":[{"name":..,"value":..}]}`).
+/// What `/server_info` says about the process that answers on the admin address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// LIVE, DRAINING, PRE_INITIALIZING or INITIALIZING.
+    pub state: String,
+    pub restart_epoch: u32,
+}
+
+impl AdminClient {
+    pub async fn server_info(&self) -> Result<ServerInfo, AdminError> {
+        let body = self.expect_ok(Method::GET, "/server_info").await?;
+        parse_server_info(&body).ok_or_else(|| {
+            AdminError::Body(self.address.clone(), "/server_info".into(), String::from_utf8_lossy(&body).into())
+        })
+    }
+
+    /// Open connections for a drain: the listener gauges, and while an older epoch still runs, also
+    /// `server.total_connections`, the only stat that counts the old epoch's connections (refreshed
+    /// at each stats flush, so it may lag by one flush interval).
+    pub async fn connections_across_epochs(&self, older_epoch_alive: bool) -> Result<u64, AdminError> {
+        let own = self.downstream_connections().await?;
+        if !older_epoch_alive {
+            return Ok(own);
+        }
+        const PATH: &str = "/stats?format=json&filter=%5Eserver%5C.total_connections%24";
+        let body = self.expect_ok(Method::GET, PATH).await?;
+        let total = sum_stats(&body, |name| name == "server.total_connections").ok_or_else(|| {
+            AdminError::Body(self.address.clone(), PATH.into(), String::from_utf8_lossy(&body).into())
+        })?;
+        Ok(own.max(total))
+    }
+}
+
+fn parse_server_info(body: &[u8]) -> Option<ServerInfo> {
+    let info: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let epoch = info.pointer("/command_line_options/restart_epoch")?;
+    let restart_epoch = epoch.as_u64().or_else(|| epoch.as_str()?.parse().ok())?;
+    Some(ServerInfo {
+        state: info.get("state")?.as_str()?.to_string(),
+        restart_epoch: u32::try_from(restart_epoch).ok()?,
+    })
+}
+
+/// Sums the listener gauges of `/stats?format=json`.
 fn sum_listener_connections(body: &[u8]) -> Option<u64> {
+    let counted = |name: &str| {
+        let Some(listener) = name.strip_prefix("listener.").and_then(|n| n.strip_suffix(".downstream_cx_active"))
+        else {
+            return false;
+        };
+        let per_worker = listener.rsplit_once('.').is_some_and(|(_, last)| last.starts_with("worker_"));
+        listener != "admin" && !listener.starts_with("admin.") && !per_worker
+    };
+    sum_stats(body, counted)
+}
+
+/// Sums the stats of `/stats?format=json` (`{"stats":[{"name":..,"value":..}]}`) whose name is `wanted`.
+fn sum_stats(body: &[u8], wanted: impl Fn(&str) -> bool) -> Option<u64> {
     #[derive(serde::Deserialize)]
     struct Stats {
         stats: Vec<Stat>,
@@ -162,19 +218,11 @@ fn sum_listener_connections(body: &[u8]) -> Option<u64> {
         value: Option<serde_json::Value>,
     }
     let stats: Stats = serde_json::from_slice(body).ok()?;
-    let counted = |name: &str| {
-        let Some(listener) = name.strip_prefix("listener.").and_then(|n| n.strip_suffix(".downstream_cx_active"))
-        else {
-            return false;
-        };
-        let per_worker = listener.rsplit_once('.').is_some_and(|(_, last)| last.starts_with("worker_"));
-        listener != "admin" && !listener.starts_with("admin.") && !per_worker
-    };
     Some(
         stats
             .stats
             .iter()
-            .filter(|s| s.name.as_deref().is_some_and(counted))
+            .filter(|s| s.name.as_deref().is_some_and(&wanted))
             .filter_map(|s| s.value.as_ref()?.as_u64())
             .sum(),
     )
@@ -208,6 +256,13 @@ mod tests {
         assert_eq!(sum_listener_connections(body), Some(5));
         assert_eq!(sum_listener_connections(br#"{"stats":[]}"#), Some(0));
         assert_eq!(sum_listener_connections(b"not json"), None);
+    }
+
+    #[test]
+    fn reads_state_and_epoch_from_server_info() {
+        let body = br#"{"state":"LIVE","command_line_options":{"restart_epoch":2,"base_id":"0"}}"#;
+        assert_eq!(parse_server_info(body), Some(ServerInfo { state: "LIVE".into(), restart_epoch: 2 }));
+        assert_eq!(parse_server_info(br#"{"state":"LIVE"}"#), None);
     }
 
     #[tokio::test]

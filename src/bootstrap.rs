@@ -8,10 +8,13 @@ use anyhow::Context;
 use serde_json::Value;
 
 use crate::admin::AdminAddress;
+use crate::certs::TlsPair;
 
 /// The parsed bootstrap: the `-c` file, with `--config-yaml` merged over it as Envoy does.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
+    /// The `-c` file, None when the whole config is given with `--config-yaml`.
+    pub path: Option<PathBuf>,
     value: Value,
 }
 
@@ -49,7 +52,7 @@ impl Bootstrap {
             let overlay: Value = serde_saphyr::from_str(&yaml).context("--config-yaml is not valid YAML")?;
             merge(&mut value, overlay);
         }
-        Ok(Some(Bootstrap { value }))
+        Ok(Some(Bootstrap { path, value }))
     }
 
     /// The admin address: `admin.address.pipe.path` or `admin.address.socket_address`.
@@ -68,6 +71,46 @@ impl Bootstrap {
             other => other,
         };
         Some(AdminAddress::Tcp(host.to_string(), u16::try_from(port).ok()?))
+    }
+}
+
+impl Bootstrap {
+    /// Every file the bootstrap names with a `filename:` (certificate chains, keys, CAs, ...).
+    pub fn referenced_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        visit(&self.value, &mut |object| {
+            if let Some(name) = object.get("filename").and_then(Value::as_str) {
+                files.push(PathBuf::from(name));
+            }
+        });
+        files.sort();
+        files.dedup();
+        files
+    }
+
+    /// The certificate/key pairs of every `tls_certificates` entry given by file name.
+    pub fn tls_pairs(&self) -> Vec<TlsPair> {
+        let mut pairs = Vec::new();
+        visit(&self.value, &mut |object| {
+            let file = |key: &str| object.get(key)?.get("filename")?.as_str().map(PathBuf::from);
+            if let (Some(cert), Some(key)) = (file("certificate_chain"), file("private_key")) {
+                pairs.push(TlsPair { cert, key });
+            }
+        });
+        pairs.dedup();
+        pairs
+    }
+}
+
+/// Calls `f` on every object in the tree.
+fn visit(value: &Value, f: &mut impl FnMut(&serde_json::Map<String, Value>)) {
+    match value {
+        Value::Object(object) => {
+            f(object);
+            object.values().for_each(|v| visit(v, f));
+        }
+        Value::Array(items) => items.iter().for_each(|v| visit(v, f)),
+        _ => {}
     }
 }
 
@@ -141,6 +184,33 @@ mod tests {
         let path = write(dir.path(), "b.yaml", "static_resources: {}\n");
         let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
         assert_eq!(loaded.expect("some").admin_address(), None);
+    }
+
+    #[test]
+    fn finds_referenced_files_and_tls_pairs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let yaml = r#"
+static_resources:
+  listeners:
+  - filter_chains:
+    - transport_socket:
+        typed_config:
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: { filename: /c/a.crt }
+              private_key: { filename: /c/a.key }
+            - certificate_chain: { inline_string: "inline" }
+              private_key: { inline_string: "inline" }
+            validation_context:
+              trusted_ca: { filename: /c/ca.crt }
+"#;
+        let path = write(dir.path(), "b.yaml", yaml);
+        let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
+        let loaded = loaded.expect("some");
+        let files: Vec<PathBuf> = ["/c/a.crt", "/c/a.key", "/c/ca.crt"].iter().map(PathBuf::from).collect();
+        assert_eq!(loaded.referenced_files(), files);
+        assert_eq!(loaded.tls_pairs(), vec![TlsPair { cert: "/c/a.crt".into(), key: "/c/a.key".into() }]);
+        assert_eq!(loaded.path, Some(path));
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub struct RunOptions {
     #[command(flatten)]
     pub envoy_flags: EnvoyFlagOptions,
 
+    #[command(flatten)]
+    pub reload: ReloadOptions,
+
     /// The command to supervise; without one, Envoy runs on the embedded demo bootstrap.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -129,6 +132,30 @@ impl DrainOptions {
             timeout: self.drain_timeout,
         }
     }
+}
+
+/// Validated hot restarts (DESIGN.md, "Validated hot restart").
+#[derive(Debug, Args)]
+pub struct ReloadOptions {
+    /// Also watch this file or directory; a change hot-restarts Envoy (repeatable).
+    #[arg(long = "watch", env = "SESAME_WATCH", value_name = "PATH", value_delimiter = ',')]
+    pub watch: Vec<PathBuf>,
+
+    /// Do not watch the bootstrap and the files it references; only the --watch paths.
+    #[arg(long, env = "SESAME_NO_AUTO_WATCH")]
+    pub no_auto_watch: bool,
+
+    /// Quiet time after a file change before the restart, so that a certificate and its key make one.
+    #[arg(long, env = "SESAME_RELOAD_DEBOUNCE", default_value = "500ms", value_parser = parse_duration)]
+    pub reload_debounce: Duration,
+
+    /// How long a new epoch has to answer LIVE on the admin API.
+    #[arg(long, env = "SESAME_RELOAD_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub reload_timeout: Duration,
+
+    /// Warn when a served certificate expires within this time.
+    #[arg(long, env = "SESAME_CERT_EXPIRY_WARN", default_value = "7d", value_parser = parse_duration)]
+    pub cert_expiry_warn: Duration,
 }
 
 /// Envoy's own drain flags, added to an Envoy command only where the user gave none.

@@ -54,9 +54,19 @@ impl std::fmt::Display for DrainEnd {
     }
 }
 
+/// What the supervisor knows about the epochs when the drain starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DrainContext {
+    /// An older epoch (from a hot restart) still serves its last connections: count them too.
+    pub older_epoch_alive: bool,
+    /// A failed hot restart may have taken the admin API away: then drain by time, do not give up.
+    pub degraded: bool,
+}
+
 /// What one poll means: done (and why), or poll again. `connections` is None when the poll failed.
 pub fn after_poll(
     settings: &DrainSettings,
+    context: DrainContext,
     elapsed: Duration,
     connections: Option<u64>,
     consecutive_errors: u32,
@@ -64,7 +74,7 @@ pub fn after_poll(
     if connections.is_some_and(|open| open <= settings.connections) && elapsed >= settings.min {
         return Some(DrainEnd::Threshold);
     }
-    if consecutive_errors >= ADMIN_ERROR_LIMIT {
+    if consecutive_errors >= ADMIN_ERROR_LIMIT && !context.degraded {
         return Some(DrainEnd::AdminUnreachable);
     }
     if elapsed >= settings.timeout {
@@ -74,10 +84,10 @@ pub fn after_poll(
 }
 
 /// Runs the drain and reports each poll and the end to the supervisor as events.
-pub async fn run(admin: AdminClient, settings: DrainSettings, events: UnboundedSender<Event>) {
+pub async fn run(admin: AdminClient, settings: DrainSettings, context: DrainContext, events: UnboundedSender<Event>) {
     let started = Instant::now();
     let deadline = started + settings.timeout;
-    let steps = drain_steps(&admin, &settings, started, &events);
+    let steps = drain_steps(&admin, &settings, context, started, &events);
     let end = tokio::time::timeout_at(deadline, steps).await.unwrap_or(DrainEnd::Timeout);
     let _ = events.send(Event::DrainEnded(end));
 }
@@ -85,6 +95,7 @@ pub async fn run(admin: AdminClient, settings: DrainSettings, events: UnboundedS
 async fn drain_steps(
     admin: &AdminClient,
     settings: &DrainSettings,
+    context: DrainContext,
     started: Instant,
     events: &UnboundedSender<Event>,
 ) -> DrainEnd {
@@ -100,7 +111,7 @@ async fn drain_steps(
         if settings.inbound_only { "/drain_listeners?graceful&inboundonly" } else { "/drain_listeners?graceful" };
     post(admin, path, &mut consecutive_errors).await;
     loop {
-        let connections = match admin.downstream_connections().await {
+        let connections = match admin.connections_across_epochs(context.older_epoch_alive).await {
             Ok(open) => {
                 consecutive_errors = 0;
                 Some(open)
@@ -117,7 +128,7 @@ async fn drain_steps(
             }
         };
         let _ = events.send(Event::DrainPolled { connections });
-        if let Some(end) = after_poll(settings, started.elapsed(), connections, consecutive_errors) {
+        if let Some(end) = after_poll(settings, context, started.elapsed(), connections, consecutive_errors) {
             return end;
         }
         tokio::time::sleep(settings.poll).await;
@@ -154,20 +165,25 @@ mod tests {
 
     #[test]
     fn threshold_counts_only_after_the_minimum() {
-        let s = settings();
-        assert_eq!(after_poll(&s, Duration::from_secs(1), Some(0), 0), None);
-        assert_eq!(after_poll(&s, Duration::from_secs(2), Some(0), 0), Some(DrainEnd::Threshold));
-        assert_eq!(after_poll(&s, Duration::from_secs(3), Some(1), 0), None);
+        let (s, c) = (settings(), DrainContext::default());
+        assert_eq!(after_poll(&s, c, Duration::from_secs(1), Some(0), 0), None);
+        assert_eq!(after_poll(&s, c, Duration::from_secs(2), Some(0), 0), Some(DrainEnd::Threshold));
+        assert_eq!(after_poll(&s, c, Duration::from_secs(3), Some(1), 0), None);
         let s = DrainSettings { connections: 1, ..s };
-        assert_eq!(after_poll(&s, Duration::from_secs(3), Some(1), 0), Some(DrainEnd::Threshold));
+        assert_eq!(after_poll(&s, c, Duration::from_secs(3), Some(1), 0), Some(DrainEnd::Threshold));
     }
 
     #[test]
     fn admin_errors_and_time_are_bounded() {
-        let s = settings();
-        assert_eq!(after_poll(&s, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT - 1), None);
-        assert_eq!(after_poll(&s, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT), Some(DrainEnd::AdminUnreachable));
-        assert_eq!(after_poll(&s, Duration::from_secs(60), Some(5), 0), Some(DrainEnd::Timeout));
+        let (s, c) = (settings(), DrainContext::default());
+        assert_eq!(after_poll(&s, c, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT - 1), None);
+        let unreachable = Some(DrainEnd::AdminUnreachable);
+        assert_eq!(after_poll(&s, c, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT), unreachable);
+        assert_eq!(after_poll(&s, c, Duration::from_secs(60), Some(5), 0), Some(DrainEnd::Timeout));
+        // Degraded: an unreachable admin is waited out until the timeout.
+        let degraded = DrainContext { degraded: true, ..c };
+        assert_eq!(after_poll(&s, degraded, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT), None);
+        assert_eq!(after_poll(&s, degraded, Duration::from_secs(60), None, 50), Some(DrainEnd::Timeout));
     }
 
     #[tokio::test(start_paused = true)]
@@ -175,7 +191,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let admin = AdminClient::new(AdminAddress::Unix(dir.path().join("missing.sock")));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        run(admin, settings(), tx).await;
+        run(admin, settings(), DrainContext::default(), tx).await;
         let mut polls = 0;
         while let Ok(event) = rx.try_recv() {
             match event {

@@ -2,7 +2,8 @@
 //! Pure functions over argument lists; the launcher never passes a flag twice.
 
 use std::ffi::{OsStr, OsString};
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 /// A command is Envoy when its program is named `envoy` or is the configured Envoy binary.
 pub fn is_envoy_command(program: &OsStr, envoy_bin: &Path) -> bool {
@@ -56,22 +57,77 @@ fn add_drain_flags(argv: &mut Vec<OsString>, flags: &EnvoyFlags) {
     }
 }
 
-/// The command line of the first epoch: the user's command with `--restart-epoch 0` (replacing any
-/// the user gave, since the launcher owns the epochs) and a base id. Unless the user chose a base
-/// id, Envoy picks a free one (`--use-dynamic-base-id`) and writes it to `base_id_path`, so that two
-/// launchers on one host never share hot-restart memory and later epochs can reuse the id.
-pub fn first_epoch_command(command: &[OsString], base_id_path: &Path, flags: &EnvoyFlags) -> Vec<OsString> {
-    let mut argv = without_flag(command, "--restart-epoch");
-    add_drain_flags(&mut argv, flags);
-    argv.extend(["--restart-epoch".into(), "0".into()]);
-    if !has_flag(&argv, "--base-id") {
-        if !has_flag(&argv, "--use-dynamic-base-id") {
-            argv.push("--use-dynamic-base-id".into());
-        }
-        if !has_flag(&argv, "--base-id-path") {
-            argv.extend(["--base-id-path".into(), base_id_path.into()]);
+/// How an epoch gets its base id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseId {
+    /// The user's command sets it (`--base-id`): left as given.
+    FromCommand,
+    /// Epoch 0 lets Envoy pick a free one (`--use-dynamic-base-id`) and write it to this file.
+    Dynamic(PathBuf),
+    /// Later epochs reuse the one epoch 0 picked: hot restart needs the same id.
+    Picked(u32),
+}
+
+/// The value of a valued flag in `args` (`--flag value` or `--flag=value`), the last one given.
+pub fn flag_value(args: &[OsString], flag: &str) -> Option<OsString> {
+    let mut found = None;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        if arg == flag {
+            found = iter.next().cloned();
+        } else if is_flag(arg, flag) {
+            found = Some(OsStr::from_bytes(&arg.as_bytes()[flag.len() + 1..]).to_os_string());
         }
     }
+    found
+}
+
+/// The base id file of a command: the user's `--base-id-path` when they asked for a dynamic base
+/// id with one, `default` when the launcher picks dynamically, None when `--base-id` fixes it.
+pub fn base_id_file(command: &[OsString], default: &Path) -> Option<PathBuf> {
+    if has_flag(command, "--base-id") {
+        return None;
+    }
+    Some(flag_value(command, "--base-id-path").map_or_else(|| default.to_path_buf(), PathBuf::from))
+}
+
+/// The command line of epoch `epoch`: the user's command with `--restart-epoch` (replacing any the
+/// user gave, since the launcher owns the epochs), the base id, and the drain flags the user did not
+/// set. Unless the user chose a base id, epoch 0 lets Envoy pick a free one, so that two launchers on
+/// one host never share hot-restart memory, and later epochs reuse it.
+pub fn epoch_command(command: &[OsString], epoch: u32, base_id: &BaseId, flags: &EnvoyFlags) -> Vec<OsString> {
+    let mut argv = without_flag(command, "--restart-epoch");
+    add_drain_flags(&mut argv, flags);
+    argv.extend(["--restart-epoch".into(), epoch.to_string().into()]);
+    match base_id {
+        BaseId::FromCommand => {}
+        BaseId::Dynamic(path) => {
+            if !has_flag(&argv, "--use-dynamic-base-id") {
+                argv.push("--use-dynamic-base-id".into());
+            }
+            if !has_flag(&argv, "--base-id-path") {
+                argv.extend(["--base-id-path".into(), path.into()]);
+            }
+        }
+        BaseId::Picked(id) => {
+            // --use-dynamic-base-id is refused for epochs above 0.
+            argv = without_flag(&argv, "--base-id-path");
+            argv.retain(|arg| arg != "--use-dynamic-base-id");
+            argv.extend(["--base-id".into(), id.to_string().into()]);
+        }
+    }
+    argv
+}
+
+/// The command for `envoy --mode validate`: the user's configuration, none of the hot-restart flags
+/// (validation must not touch the shared memory of the serving epochs).
+pub fn validate_command(command: &[OsString]) -> Vec<OsString> {
+    let mut argv = command.to_vec();
+    for flag in ["--restart-epoch", "--base-id", "--base-id-path", "--mode"] {
+        argv = without_flag(&argv, flag);
+    }
+    argv.retain(|arg| arg != "--use-dynamic-base-id");
+    argv.extend(["--mode".into(), "validate".into()]);
     argv
 }
 
@@ -103,7 +159,8 @@ mod tests {
 
     #[test]
     fn adds_epoch_drain_flags_and_dynamic_base_id() {
-        let argv = first_epoch_command(&args(&["envoy", "-c", "b.yaml"]), Path::new("/run/s/base-id"), &FLAGS);
+        let dynamic = BaseId::Dynamic("/run/s/base-id".into());
+        let argv = epoch_command(&args(&["envoy", "-c", "b.yaml"]), 0, &dynamic, &FLAGS);
         let tail = ["--restart-epoch", "0", "--use-dynamic-base-id", "--base-id-path", "/run/s/base-id"];
         assert_eq!(argv, with_drain_flags(&["envoy", "-c", "b.yaml"], &tail));
     }
@@ -111,11 +168,13 @@ mod tests {
     #[test]
     fn keeps_the_users_base_id_and_never_repeats_a_flag() {
         let command = args(&["envoy", "--base-id=7", "--restart-epoch", "3", "-c", "b.yaml"]);
-        let argv = first_epoch_command(&command, Path::new("/x"), &FLAGS);
+        assert_eq!(base_id_file(&command, Path::new("/x")), None);
+        let argv = epoch_command(&command, 0, &BaseId::FromCommand, &FLAGS);
         assert_eq!(argv, with_drain_flags(&["envoy", "--base-id=7", "-c", "b.yaml"], &["--restart-epoch", "0"]));
 
         let command = args(&["envoy", "--use-dynamic-base-id", "--base-id-path", "/mine", "--restart-epoch=0"]);
-        let argv = first_epoch_command(&command, Path::new("/x"), &FLAGS);
+        assert_eq!(base_id_file(&command, Path::new("/x")), Some("/mine".into()));
+        let argv = epoch_command(&command, 0, &BaseId::Dynamic("/x".into()), &FLAGS);
         let head = ["envoy", "--use-dynamic-base-id", "--base-id-path", "/mine"];
         assert_eq!(argv, with_drain_flags(&head, &["--restart-epoch", "0"]));
     }
@@ -123,7 +182,7 @@ mod tests {
     #[test]
     fn keeps_the_users_drain_flags() {
         let command = args(&["envoy", "--drain-time-s=5", "--drain-strategy", "gradual", "--base-id", "1"]);
-        let argv = first_epoch_command(&command, Path::new("/x"), &FLAGS);
+        let argv = epoch_command(&command, 0, &BaseId::FromCommand, &FLAGS);
         let expected = [
             "envoy",
             "--drain-time-s=5",
@@ -137,6 +196,21 @@ mod tests {
             "0",
         ];
         assert_eq!(argv, args(&expected));
+    }
+
+    #[test]
+    fn later_epochs_reuse_the_picked_base_id() {
+        let command = args(&["envoy", "-c", "b.yaml", "--use-dynamic-base-id", "--base-id-path=/mine"]);
+        let argv = epoch_command(&command, 2, &BaseId::Picked(41), &FLAGS);
+        assert_eq!(argv, with_drain_flags(&["envoy", "-c", "b.yaml"], &["--restart-epoch", "2", "--base-id", "41"]));
+    }
+
+    #[test]
+    fn validation_runs_without_hot_restart_flags() {
+        let command = args(&["envoy", "-c", "b.yaml", "--base-id", "4", "--restart-epoch=3", "--use-dynamic-base-id"]);
+        assert_eq!(validate_command(&command), args(&["envoy", "-c", "b.yaml", "--mode", "validate"]));
+        assert_eq!(flag_value(&args(&["a", "--x=1", "--x", "2"]), "--x"), Some("2".into()));
+        assert_eq!(flag_value(&args(&["a", "--x=1"]), "--x"), Some("1".into()));
     }
 
     #[test]

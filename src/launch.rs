@@ -2,21 +2,49 @@
 //! embedded demo when no command is given; and, for Envoy, where its admin API is.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 
 use crate::admin::{AdminAddress, AdminClient};
 use crate::bootstrap::Bootstrap;
 use crate::cli::RunOptions;
 use crate::demo::{Demo, create_private_dir};
-use crate::envoy;
+use crate::envoy::{self, BaseId, EnvoyFlags};
 
 /// The command the supervisor starts, and whether it is Envoy (drain and hot restart apply) or any
 /// other program (a plain init).
 #[derive(Debug, Clone)]
 pub struct Launch {
-    pub argv: Vec<OsString>,
-    pub is_envoy: bool,
-    /// Envoy's admin API; None for a plain command, or when no admin address is known.
+    /// The command as the user gave it (or the demo's), before the launcher's flags.
+    pub command: Vec<OsString>,
+    pub envoy: Option<EnvoyLaunch>,
+}
+
+/// What the launcher knows about an Envoy command.
+#[derive(Debug, Clone)]
+pub struct EnvoyLaunch {
+    /// Envoy's admin API; None when no admin address is known.
     pub admin: Option<AdminClient>,
+    /// Where Envoy writes the base id it picked; None when the command fixes it with --base-id.
+    pub base_id_file: Option<PathBuf>,
+    pub flags: EnvoyFlags,
+    pub runtime_dir: PathBuf,
+}
+
+impl Launch {
+    pub fn is_envoy(&self) -> bool {
+        self.envoy.is_some()
+    }
+
+    /// The command line of an epoch. Later epochs reuse the base id that epoch 0 picked.
+    pub fn epoch_argv(&self, epoch: u32, picked_base_id: Option<u32>) -> Vec<OsString> {
+        let Some(envoy) = &self.envoy else { return self.command.clone() };
+        let base_id = match (&envoy.base_id_file, picked_base_id) {
+            (None, _) => BaseId::FromCommand,
+            (Some(_), Some(id)) if epoch > 0 => BaseId::Picked(id),
+            (Some(file), _) => BaseId::Dynamic(file.clone()),
+        };
+        envoy::epoch_command(&self.command, epoch, &base_id, &envoy.flags)
+    }
 }
 
 pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
@@ -39,19 +67,24 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
             "'{}' is not Envoy: running it under a plain init (no drain, no hot restart)",
             command[0].to_string_lossy()
         );
-        return Ok(Launch { argv: command, is_envoy: false, admin: None });
+        return Ok(Launch { command, envoy: None });
     }
     create_private_dir(&runtime_dir)?;
-    let argv = envoy::first_epoch_command(&command, &runtime_dir.join("envoy-base-id"), &options.envoy_flags.flags());
-    let admin = options.admin.clone().or_else(|| admin_from_bootstrap(&argv));
+    let admin = options.admin.clone().or_else(|| admin_from_bootstrap(&command));
     match &admin {
         Some(address) => tracing::info!("Envoy's admin API: {address}"),
         None => tracing::warn!(
             "no admin address found (give --admin, or an admin.address in the bootstrap): \
-             SIGTERM will reach Envoy without a graceful drain"
+             SIGTERM will reach Envoy without a graceful drain, and hot restarts cannot be confirmed"
         ),
     }
-    Ok(Launch { argv, is_envoy: true, admin: admin.map(AdminClient::new) })
+    let envoy = EnvoyLaunch {
+        admin: admin.map(AdminClient::new),
+        base_id_file: envoy::base_id_file(&command, &runtime_dir.join("envoy-base-id")),
+        flags: options.envoy_flags.flags(),
+        runtime_dir,
+    };
+    Ok(Launch { command, envoy: Some(envoy) })
 }
 
 fn admin_from_bootstrap(argv: &[OsString]) -> Option<AdminAddress> {

@@ -2,6 +2,7 @@
 
 mod admin;
 mod bootstrap;
+mod certs;
 mod cli;
 mod demo;
 mod drain;
@@ -9,8 +10,10 @@ mod envoy;
 mod launch;
 mod logging;
 mod process;
+mod reload;
 mod signals;
 mod supervisor;
+mod watch;
 
 use clap::Parser;
 
@@ -42,6 +45,17 @@ fn run(options: &cli::RunOptions) -> i32 {
             return 1;
         }
     };
-    let settings = supervisor::Settings { kill_timeout: options.kill_timeout, drain: options.drain.settings() };
+    let watch = watch::WatchSpec {
+        envoy_command: (!options.reload.no_auto_watch).then(|| launch.command.clone()),
+        extra: options.reload.watch.clone(),
+        debounce: options.reload.reload_debounce,
+    };
+    let settings = supervisor::Settings {
+        kill_timeout: options.kill_timeout,
+        drain: options.drain.settings(),
+        reload_timeout: options.reload.reload_timeout,
+        cert_expiry_warn: options.reload.cert_expiry_warn,
+        watch,
+    };
     runtime.block_on(supervisor::run(launch, settings))
 }

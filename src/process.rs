@@ -71,11 +71,16 @@ impl std::fmt::Display for SpawnError {
 /// Starts `argv` in a process group of its own, with default dispositions for every signal and an
 /// empty signal mask, whatever the launcher inherited or installed. With `foreground`, the child's
 /// group takes the terminal (if there is one), as tini does, so that an interactive child can read it.
-pub fn spawn(argv: &[OsString], foreground: bool) -> Result<Pid, SpawnError> {
+/// With `output`, its stdout and stderr go there instead of the launcher's.
+pub fn spawn(argv: &[OsString], foreground: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError> {
     let program = argv.first().cloned().unwrap_or_default();
     let last_signal = libc::SIGRTMAX();
     let mut command = Command::new(&program);
     command.args(&argv[1..]).process_group(0);
+    if let Some(file) = output {
+        let stderr = file.try_clone().map_err(|error| SpawnError { program: program.clone(), error })?;
+        command.stdout(file).stderr(stderr);
+    }
     // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
     // functions (tcsetpgrp, getpgrp, sigaction, sigprocmask), allocating nothing.
     unsafe {
@@ -246,10 +251,10 @@ mod tests {
 
     #[test]
     fn spawn_errors_map_to_126_and_127() {
-        let missing = spawn(&["/nonexistent/sesame-test".into()], false).expect_err("missing");
+        let missing = spawn(&["/nonexistent/sesame-test".into()], false, None).expect_err("missing");
         assert_eq!(missing.status_code(), 127);
         assert!(missing.to_string().contains("command not found"), "{missing}");
-        let dir = spawn(&["/".into()], false).expect_err("directory");
+        let dir = spawn(&["/".into()], false, None).expect_err("directory");
         assert_eq!(dir.status_code(), 126);
         assert!(dir.to_string().contains("is a directory"), "{dir}");
     }

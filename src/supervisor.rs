@@ -1,13 +1,22 @@
-//! The supervisor: one task that owns the child's state and consumes every event from one channel.
+//! The supervisor: one task that owns all state (the epochs, the drain, the hot restart) and
+//! consumes every event from one channel.
 //!
-//! Theory of operation: signal handlers are installed before the child starts, so nothing is lost.
-//! Each event is handled in turn: SIGCHLD reaps every exited process (the child, or an orphan the
-//! kernel handed to us); SIGTERM and SIGINT to an Envoy start a graceful drain (a task that talks
-//! to Envoy's admin and reports back here), after which Envoy gets SIGTERM and, after the kill
-//! timeout, SIGKILL; any other signal is forwarded. When the child has exited, the processes it
-//! left behind get SIGTERM, then SIGKILL, and are all reaped; the launcher then exits with the
-//! child's status.
+//! Theory of operation: signal handlers are installed before the first child starts, so nothing is
+//! lost. Each event is handled in turn:
+//! - SIGCHLD reaps every exited process: an epoch of Envoy, the validator, or an orphan the kernel
+//!   handed to us. Only the exit of the *current* epoch (the one serving) ends the launcher.
+//! - SIGTERM/SIGINT to an Envoy start a graceful drain (a task that talks to Envoy's admin and
+//!   reports back here); then every live epoch gets SIGTERM, and SIGKILL after the kill timeout.
+//! - SIGHUP or a changed file starts a validated hot restart: certificate checks, `envoy --mode
+//!   validate`, then epoch N+1, which must answer LIVE on the admin API. At most one runs at a time,
+//!   one more is queued. A new epoch that fails never costs the serving one: the launcher keeps
+//!   serving, degraded, and refuses further hot restarts.
+//! - any other signal is forwarded (SIGUSR1 to every epoch, the rest to the current one).
+//!
+//! When the current epoch has exited, whatever is left gets SIGTERM, then SIGKILL, and is reaped;
+//! the launcher exits with that epoch's status.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -16,10 +25,13 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::drain::{self, DrainEnd, DrainSettings};
+use crate::drain::{self, DrainContext, DrainEnd, DrainSettings};
+use crate::envoy;
 use crate::launch::Launch;
 use crate::process::{self, Exit, InitMode};
+use crate::reload::{self, Preflight};
 use crate::signals;
+use crate::watch::{self, WatchSpec};
 
 /// Everything the supervisor reacts to.
 #[derive(Debug)]
@@ -30,6 +42,16 @@ pub enum Event {
         connections: Option<u64>,
     },
     DrainEnded(DrainEnd),
+    /// Watched files whose content changed (debounced).
+    FilesChanged(Vec<PathBuf>),
+    Preflight(Result<Preflight, String>),
+    Validated(Result<(), String>),
+    EpochReady {
+        epoch: u32,
+        result: Result<(), String>,
+    },
+    /// A draining epoch told to make room for a third did not exit within the kill timeout.
+    MakeRoomOverdue(Pid),
 }
 
 #[derive(Debug, Clone)]
@@ -37,13 +59,24 @@ pub struct Settings {
     /// Between SIGTERM and SIGKILL, for Envoy and for whatever the child leaves behind.
     pub kill_timeout: Duration,
     pub drain: DrainSettings,
+    pub reload_timeout: Duration,
+    pub cert_expiry_warn: Duration,
+    pub watch: WatchSpec,
 }
 
 /// How long to wait for SIGKILLed processes to be reaped before giving up on them (a process in
 /// uninterruptible sleep can outlive SIGKILL; the launcher must still exit).
 const REAP_AFTER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the child is in its life.
+/// One Envoy process (or, for a plain command, the command itself as epoch 0).
+#[derive(Debug)]
+struct Epoch {
+    number: u32,
+    pid: Pid,
+    started: Instant,
+}
+
+/// Where the launcher is in its life.
 #[derive(Debug)]
 enum Phase {
     Running,
@@ -53,18 +86,56 @@ enum Phase {
         task: JoinHandle<()>,
         connections: Option<u64>,
     },
-    /// The child was sent SIGTERM (or the stop signal, for a plain command); SIGKILL at `kill_at`.
+    /// SIGTERM was sent (or the stop signal, to a plain command); SIGKILL at `kill_at`.
     Stopping {
         kill_at: Option<Instant>,
+    },
+}
+
+/// Where the hot restart is.
+#[derive(Debug)]
+enum Restart {
+    Idle,
+    /// Certificate checks and the base id, off the runtime thread.
+    Preflight {
+        started: Instant,
+    },
+    /// `envoy --mode validate` runs as our child.
+    Validating {
+        started: Instant,
+        pid: Pid,
+        output: PathBuf,
+        base_id: Option<u32>,
+    },
+    /// A draining epoch was told to exit, so that the new one never makes three.
+    MakingRoom {
+        started: Instant,
+        oldest: Pid,
+        base_id: Option<u32>,
+    },
+    /// Epoch `epoch` runs; the waiter polls its admin until it is LIVE.
+    Starting {
+        started: Instant,
+        epoch: u32,
+        pid: Pid,
+        waiter: JoinHandle<()>,
     },
 }
 
 struct Supervisor {
     launch: Launch,
     settings: Settings,
-    child: Pid,
     events: UnboundedSender<Event>,
+    /// Live Envoy processes, oldest first.
+    epochs: Vec<Epoch>,
+    /// The number of the epoch that serves; its exit ends the launcher.
+    current: u32,
     phase: Phase,
+    restart: Restart,
+    /// A trigger arrived while a restart was under way: one more follows it.
+    restart_queued: bool,
+    /// Why hot restarts are blocked, after a new epoch failed.
+    degraded: Option<String>,
 }
 
 /// Runs `launch` to completion and returns the status the launcher exits with.
@@ -84,100 +155,190 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
         tracing::error!("cannot install signal handlers: {e}");
         return 1;
     }
+    let argv = launch.epoch_argv(0, None);
     // A plain command gets the terminal as under tini; Envoy does not, so that Ctrl-C reaches the launcher.
-    let child = match process::spawn(&launch.argv, !launch.is_envoy) {
+    let pid = match process::spawn(&argv, !launch.is_envoy(), None) {
         Ok(pid) => pid,
         Err(e) => {
             tracing::error!("{e}");
             return e.status_code();
         }
     };
-    let started = Instant::now();
-    tracing::info!(pid = child.as_raw(), "started {}", shell_words(&launch));
+    tracing::info!(pid = pid.as_raw(), "started {}", shell_words(&argv));
+    if launch.is_envoy()
+        && !settings.watch.is_empty()
+        && let Err(e) = watch::start(settings.watch.clone(), events_tx.clone())
+    {
+        tracing::warn!("cannot watch files for changes ({e}): hot restarts only on SIGHUP");
+    }
 
     let kill_timeout = settings.kill_timeout;
-    let mut supervisor = Supervisor { launch, settings, child, events: events_tx, phase: Phase::Running };
+    let mut supervisor = Supervisor {
+        launch,
+        settings,
+        events: events_tx,
+        epochs: vec![Epoch { number: 0, pid, started: Instant::now() }],
+        current: 0,
+        phase: Phase::Running,
+        restart: Restart::Idle,
+        restart_queued: false,
+        degraded: None,
+    };
     let exit = supervisor.supervise(&mut events).await;
-    tracing::info!(pid = child.as_raw(), "child exited with {exit} after {:.1?}", started.elapsed());
-    stop_leftovers(mode, child, kill_timeout, &mut events).await;
+    stop_leftovers(mode, pid, kill_timeout, &mut events).await;
     exit.status_code()
 }
 
 impl Supervisor {
-    /// Handles events until the child exits.
+    /// Handles events until the current epoch exits.
     async fn supervise(&mut self, events: &mut UnboundedReceiver<Event>) -> Exit {
-        // Children inherited across exec, or a child that exited before its SIGCHLD handler ran, are
-        // found by reaping once up front.
-        if let Some(exit) = reap(self.child) {
-            return exit;
-        }
         loop {
-            let kill_at = match self.phase {
-                Phase::Stopping { kill_at } => kill_at,
-                _ => None,
-            };
-            let event = tokio::select! {
-                event = events.recv() => event,
-                _ = tokio::time::sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
-                    self.kill_after_timeout();
-                    continue;
-                }
-            };
-            let Some(event) = event else {
-                // The signal pump holds a sender for the life of the runtime.
-                tracing::error!("event channel closed while the child was running");
-                return Exit::Code(1);
-            };
-            match event {
-                Event::Signal(libc::SIGCHLD) => {
-                    if let Some(exit) = reap(self.child) {
-                        if matches!(self.phase, Phase::Draining { .. }) {
-                            self.end_drain(DrainEnd::EnvoyExited);
-                        }
-                        return exit;
+            // Children inherited across exec, or a child that exited before its SIGCHLD handler
+            // ran, are found by this first pass; afterwards it runs on every SIGCHLD.
+            if let Some(exit) = self.reap() {
+                return exit;
+            }
+            loop {
+                let kill_at = match self.phase {
+                    Phase::Stopping { kill_at } => kill_at,
+                    _ => None,
+                };
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    _ = tokio::time::sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
+                        self.kill_after_timeout();
+                        continue;
                     }
+                };
+                let Some(event) = event else {
+                    // The signal pump holds a sender for the life of the runtime.
+                    tracing::error!("event channel closed while Envoy was running");
+                    return Exit::Code(1);
+                };
+                if matches!(event, Event::Signal(libc::SIGCHLD)) {
+                    break;
                 }
-                Event::Signal(sig @ (libc::SIGTERM | libc::SIGINT)) if self.launch.is_envoy => self.on_stop_signal(sig),
-                Event::Signal(sig) => self.forward(sig),
-                Event::DrainPolled { connections: polled } => {
-                    if let Phase::Draining { connections, .. } = &mut self.phase {
-                        *connections = polled;
-                    }
+                self.handle(event);
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Signal(sig @ (libc::SIGTERM | libc::SIGINT)) if self.launch.is_envoy() => self.on_stop_signal(sig),
+            Event::Signal(libc::SIGHUP) if self.launch.is_envoy() => self.request_restart("SIGHUP".into()),
+            Event::Signal(libc::SIGUSR1) => self.signal_epochs(libc::SIGUSR1),
+            Event::Signal(sig) => self.signal_current(sig),
+            Event::DrainPolled { connections: polled } => {
+                if let Phase::Draining { connections, .. } = &mut self.phase {
+                    *connections = polled;
                 }
-                Event::DrainEnded(end) => {
-                    if matches!(self.phase, Phase::Draining { .. }) {
-                        self.end_drain(end);
-                        self.terminate(libc::SIGTERM);
-                    }
+            }
+            Event::DrainEnded(end) => {
+                if matches!(self.phase, Phase::Draining { .. }) {
+                    self.end_drain(end);
+                    self.terminate(libc::SIGTERM);
+                }
+            }
+            Event::FilesChanged(files) => {
+                let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                self.request_restart(format!("changed: {}", names.join(", ")));
+            }
+            Event::Preflight(result) => self.on_preflight(result),
+            Event::Validated(result) => self.on_validated(result),
+            Event::EpochReady { epoch, result } => self.on_epoch_ready(epoch, result),
+            Event::MakeRoomOverdue(pid) => {
+                if matches!(self.restart, Restart::MakingRoom { oldest, .. } if oldest == pid) {
+                    tracing::warn!("draining epoch (pid {pid}) ignored SIGTERM: sending SIGKILL");
+                    let _ = process::send(pid, libc::SIGKILL);
                 }
             }
         }
     }
 
+    /// Reaps everything that exited; returns the current epoch's exit if it was among them.
+    fn reap(&mut self) -> Option<Exit> {
+        let mut current_exit = None;
+        for (pid, exit) in process::reap_all().exits {
+            if let Some(i) = self.epochs.iter().position(|e| e.pid == pid) {
+                let epoch = self.epochs.remove(i);
+                if let Some(exit) = self.on_epoch_exit(epoch, exit) {
+                    current_exit = Some(exit);
+                }
+            } else if let Restart::Validating { pid: validator, output, .. } = &self.restart
+                && *validator == pid
+            {
+                tokio::spawn(reload::validation_verdict(exit, output.clone(), self.events.clone()));
+            } else {
+                tracing::debug!(pid = pid.as_raw(), "reaped an adopted orphan ({exit})");
+            }
+        }
+        current_exit
+    }
+
+    /// An epoch exited. The current one ends the launcher; a starting one fails the restart; an
+    /// old one has finished draining, as it should.
+    fn on_epoch_exit(&mut self, epoch: Epoch, exit: Exit) -> Option<Exit> {
+        let lived = epoch.started.elapsed();
+        if epoch.number == self.current {
+            let what = if self.launch.is_envoy() { format!("Envoy epoch {}", epoch.number) } else { "child".into() };
+            tracing::info!(pid = epoch.pid.as_raw(), "{what} exited with {exit} after {lived:.1?}");
+            if matches!(self.phase, Phase::Draining { .. }) {
+                self.end_drain(DrainEnd::EnvoyExited);
+            }
+            return Some(exit);
+        }
+        match &self.restart {
+            Restart::Starting { epoch: starting, waiter, .. } if *starting == epoch.number => {
+                waiter.abort();
+                self.restart_failed_after_start(epoch.number, format!("it exited with {exit} before it was LIVE"));
+            }
+            Restart::MakingRoom { oldest, base_id, .. } if *oldest == epoch.pid => {
+                tracing::info!("epoch {} exited with {exit}: room for the next one", epoch.number);
+                let base_id = *base_id;
+                self.start_next_epoch(base_id);
+            }
+            _ if exit == Exit::Code(0) => {
+                tracing::info!(pid = epoch.pid.as_raw(), "epoch {} drained and exited after {lived:.1?}", epoch.number)
+            }
+            _ => {
+                tracing::warn!(pid = epoch.pid.as_raw(), "epoch {} exited with {exit} after {lived:.1?}", epoch.number)
+            }
+        }
+        None
+    }
+
     fn on_stop_signal(&mut self, sig: i32) {
         match &self.phase {
-            Phase::Running => match &self.launch.admin {
-                Some(admin) if !self.settings.drain.timeout.is_zero() => {
-                    tracing::info!(
-                        "{}: draining Envoy through its admin {} (at most {:?})",
-                        signal_name(sig),
-                        admin.address(),
-                        self.settings.drain.timeout
-                    );
-                    let task =
-                        tokio::spawn(drain::run(admin.clone(), self.settings.drain.clone(), self.events.clone()));
-                    self.phase = Phase::Draining { started: Instant::now(), task, connections: None };
+            Phase::Running => {
+                self.cancel_restart();
+                match self.launch.envoy.as_ref().and_then(|e| e.admin.clone()) {
+                    Some(admin) if !self.settings.drain.timeout.is_zero() => {
+                        tracing::info!(
+                            "{}: draining Envoy through its admin {} (at most {:?})",
+                            signal_name(sig),
+                            admin.address(),
+                            self.settings.drain.timeout
+                        );
+                        let context = DrainContext {
+                            older_epoch_alive: self.epochs.len() > 1,
+                            degraded: self.degraded.is_some(),
+                        };
+                        let drain = drain::run(admin, self.settings.drain.clone(), context, self.events.clone());
+                        self.phase =
+                            Phase::Draining { started: Instant::now(), task: tokio::spawn(drain), connections: None };
+                    }
+                    _ => {
+                        tracing::info!("{}: passing it on to Envoy (no drain)", signal_name(sig));
+                        self.terminate(sig);
+                    }
                 }
-                _ => {
-                    tracing::info!("{}: passing it on to Envoy (no drain)", signal_name(sig));
-                    self.terminate(sig);
-                }
-            },
+            }
             Phase::Draining { .. } => {
                 self.end_drain(DrainEnd::SecondSignal);
                 self.terminate(libc::SIGTERM);
             }
-            Phase::Stopping { .. } => self.forward(sig),
+            Phase::Stopping { .. } => self.signal_epochs(sig),
         }
     }
 
@@ -194,24 +355,219 @@ impl Supervisor {
         }
     }
 
-    /// Sends `sig` to the child; for Envoy, SIGKILL follows after the kill timeout.
+    /// Sends `sig` to every epoch; for Envoy, SIGKILL follows after the kill timeout. For a plain
+    /// command this is plain forwarding: it decides how long it takes.
     fn terminate(&mut self, sig: i32) {
-        self.forward(sig);
-        let kill_at = self.launch.is_envoy.then(|| Instant::now() + self.settings.kill_timeout);
+        self.signal_epochs(sig);
+        let kill_at = self.launch.is_envoy().then(|| Instant::now() + self.settings.kill_timeout);
         self.phase = Phase::Stopping { kill_at };
     }
 
     fn kill_after_timeout(&mut self) {
         tracing::warn!("Envoy still running {:?} after SIGTERM: sending SIGKILL", self.settings.kill_timeout);
-        self.forward(libc::SIGKILL);
+        self.signal_epochs(libc::SIGKILL);
         self.phase = Phase::Stopping { kill_at: None };
     }
 
-    fn forward(&self, sig: i32) {
-        tracing::debug!("sending {} to {}", signal_name(sig), self.child);
-        if let Err(e) = process::send(self.child, sig) {
-            tracing::warn!("cannot send {} to {}: {e}", signal_name(sig), self.child);
+    fn signal_epochs(&self, sig: i32) {
+        for epoch in &self.epochs {
+            send(epoch.pid, sig);
         }
+    }
+
+    fn signal_current(&self, sig: i32) {
+        if let Some(epoch) = self.epochs.iter().find(|e| e.number == self.current) {
+            send(epoch.pid, sig);
+        }
+    }
+
+    // The hot restart, step by step.
+
+    fn request_restart(&mut self, trigger: String) {
+        if !matches!(self.phase, Phase::Running) {
+            tracing::info!("{trigger}: no hot restart while shutting down");
+            return;
+        }
+        if let Some(why) = &self.degraded {
+            tracing::error!("{trigger}: cannot hot-restart: {why}");
+            return;
+        }
+        if !matches!(self.restart, Restart::Idle) {
+            if !self.restart_queued {
+                tracing::info!("{trigger}: a hot restart is under way; one more will follow it");
+            }
+            self.restart_queued = true;
+            return;
+        }
+        let Some(envoy) = &self.launch.envoy else { return };
+        tracing::info!("{trigger}: validating for a hot restart to epoch {}", self.next_epoch());
+        let command = self.launch.command.clone();
+        let base_id_file = envoy.base_id_file.clone();
+        let expiry_warn = self.settings.cert_expiry_warn;
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = reload::preflight(&command, base_id_file.as_deref(), expiry_warn);
+            let _ = events.send(Event::Preflight(result));
+        });
+        self.restart = Restart::Preflight { started: Instant::now() };
+    }
+
+    fn on_preflight(&mut self, result: Result<Preflight, String>) {
+        let Restart::Preflight { started } = self.restart else { return };
+        let preflight = match result {
+            Ok(preflight) => preflight,
+            Err(reason) => return self.restart_refused(&reason),
+        };
+        let Some(envoy) = &self.launch.envoy else { return };
+        let argv = envoy::validate_command(&self.launch.command);
+        let output_path = envoy.runtime_dir.join("envoy-validate.log");
+        let output = match std::fs::File::create(&output_path) {
+            Ok(file) => file,
+            Err(e) => return self.restart_refused(&format!("cannot write {}: {e}", output_path.display())),
+        };
+        match process::spawn(&argv, false, Some(output)) {
+            Ok(pid) => {
+                tracing::debug!("validating: {}", shell_words(&argv));
+                self.restart = Restart::Validating { started, pid, output: output_path, base_id: preflight.base_id };
+            }
+            Err(e) => self.restart_refused(&e.to_string()),
+        }
+    }
+
+    fn on_validated(&mut self, result: Result<(), String>) {
+        let Restart::Validating { base_id, .. } = self.restart else { return };
+        match result {
+            Ok(()) => self.start_next_epoch(base_id),
+            Err(reason) => self.restart_refused(&reason),
+        }
+    }
+
+    /// Starts epoch N+1, once no draining epoch is left besides the current one: Envoy keeps at
+    /// most two processes, and so does the launcher.
+    fn start_next_epoch(&mut self, base_id: Option<u32>) {
+        let started = self.restart_started().unwrap_or_else(Instant::now);
+        if let Some(oldest) = self.epochs.iter().find(|e| e.number != self.current) {
+            tracing::info!(
+                "epoch {} is still draining: ending it before epoch {} starts",
+                oldest.number,
+                self.next_epoch()
+            );
+            send(oldest.pid, libc::SIGTERM);
+            let (pid, events, timeout) = (oldest.pid, self.events.clone(), self.settings.kill_timeout);
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                let _ = events.send(Event::MakeRoomOverdue(pid));
+            });
+            self.restart = Restart::MakingRoom { started, oldest: pid, base_id };
+            return;
+        }
+        let epoch = self.next_epoch();
+        let argv = self.launch.epoch_argv(epoch, base_id);
+        let pid = match process::spawn(&argv, false, None) {
+            Ok(pid) => pid,
+            Err(e) => return self.restart_refused(&e.to_string()),
+        };
+        tracing::info!(pid = pid.as_raw(), "hot restart: started epoch {epoch}: {}", shell_words(&argv));
+        self.epochs.push(Epoch { number: epoch, pid, started: Instant::now() });
+        let waiter = match self.launch.envoy.as_ref().and_then(|e| e.admin.clone()) {
+            Some(admin) => {
+                tokio::spawn(reload::await_live(admin, epoch, self.settings.reload_timeout, self.events.clone()))
+            }
+            None => {
+                // Without an admin API there is no way to see the new epoch LIVE: trust its start.
+                let _ = self.events.send(Event::EpochReady { epoch, result: Ok(()) });
+                tokio::spawn(async {})
+            }
+        };
+        self.restart = Restart::Starting { started, epoch, pid, waiter };
+    }
+
+    fn on_epoch_ready(&mut self, epoch: u32, result: Result<(), String>) {
+        let Restart::Starting { started, epoch: starting, pid, .. } = self.restart else { return };
+        if starting != epoch {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    "hot restart done: epoch {epoch} is LIVE, {:.2?} after the trigger; epoch {} drains and exits on its own",
+                    started.elapsed(),
+                    self.current
+                );
+                self.current = epoch;
+                self.restart = Restart::Idle;
+                self.run_queued_restart();
+            }
+            Err(reason) => {
+                // Never SIGTERM a new epoch: Envoy's shutdown would take its parent, the serving
+                // epoch, down with it. SIGKILL ends it alone.
+                send(pid, libc::SIGKILL);
+                self.restart_failed_after_start(epoch, reason);
+            }
+        }
+    }
+
+    /// A restart that failed before any process was started: nothing changed, the next may succeed.
+    fn restart_refused(&mut self, reason: &str) {
+        tracing::error!("hot restart refused, epoch {} keeps serving: {reason}", self.current);
+        self.restart = Restart::Idle;
+        self.run_queued_restart();
+    }
+
+    /// A new epoch failed after it started: the serving epoch is never signalled, but Envoy's hot
+    /// restart is now blocked (its shared memory says a child is still initializing) and the
+    /// serving epoch may have lost its admin API. Until the next cold start the launcher refuses
+    /// hot restarts and drains by time on shutdown.
+    fn restart_failed_after_start(&mut self, epoch: u32, reason: String) {
+        let why = format!(
+            "epoch {epoch} failed ({reason}); Envoy's hot restart is blocked until a cold start \
+             (restart sesame) and epoch {}'s admin API may be gone",
+            self.current
+        );
+        tracing::error!("degraded: {why}; epoch {} keeps serving", self.current);
+        self.degraded = Some(why);
+        self.restart = Restart::Idle;
+        if self.restart_queued {
+            self.restart_queued = false;
+            tracing::error!("the queued hot restart is dropped: degraded");
+        }
+    }
+
+    fn run_queued_restart(&mut self) {
+        if std::mem::take(&mut self.restart_queued) {
+            self.request_restart("queued trigger".into());
+        }
+    }
+
+    fn cancel_restart(&mut self) {
+        match std::mem::replace(&mut self.restart, Restart::Idle) {
+            Restart::Validating { pid, .. } => send(pid, libc::SIGKILL),
+            Restart::Starting { waiter, .. } => waiter.abort(),
+            _ => {}
+        }
+        self.restart_queued = false;
+    }
+
+    fn restart_started(&self) -> Option<Instant> {
+        match self.restart {
+            Restart::Idle => None,
+            Restart::Preflight { started }
+            | Restart::Validating { started, .. }
+            | Restart::MakingRoom { started, .. }
+            | Restart::Starting { started, .. } => Some(started),
+        }
+    }
+
+    fn next_epoch(&self) -> u32 {
+        self.epochs.iter().map(|e| e.number).max().unwrap_or(self.current) + 1
+    }
+}
+
+fn send(pid: Pid, sig: i32) {
+    tracing::debug!("sending {} to {pid}", signal_name(sig));
+    if let Err(e) = process::send(pid, sig) {
+        tracing::warn!("cannot send {} to {pid}: {e}", signal_name(sig));
     }
 }
 
@@ -219,23 +575,14 @@ fn signal_name(sig: i32) -> String {
     Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string())
 }
 
-/// Reaps everything that exited; returns the child's exit if it was among them.
-fn reap(child: Pid) -> Option<Exit> {
-    let mut child_exit = None;
-    for (pid, exit) in process::reap_all().exits {
-        if pid == child {
-            child_exit = Some(exit);
-        } else {
-            tracing::debug!(pid = pid.as_raw(), "reaped an adopted orphan ({exit})");
-        }
-    }
-    child_exit
+fn shell_words(argv: &[std::ffi::OsString]) -> String {
+    argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
 }
 
 /// SIGTERM to every process left behind, SIGKILL after `kill_timeout`, and reap them all: the
 /// launcher leaves nothing for the kernel to clean up. A SIGTERM or SIGINT meanwhile skips the wait.
 async fn stop_leftovers(mode: InitMode, child: Pid, kill_timeout: Duration, events: &mut UnboundedReceiver<Event>) {
-    if reap_until_none(child) {
+    if reap_until_none() {
         return;
     }
     tracing::info!("sending SIGTERM to the processes left behind; SIGKILL in {kill_timeout:?}");
@@ -249,9 +596,9 @@ async fn stop_leftovers(mode: InitMode, child: Pid, kill_timeout: Duration, even
                 break;
             }
             event = events.recv() => match event {
-                Some(Event::Signal(libc::SIGCHLD)) => if reap_until_none(child) { return },
+                Some(Event::Signal(libc::SIGCHLD)) => if reap_until_none() { return },
                 Some(Event::Signal(sig @ (libc::SIGTERM | libc::SIGINT))) => {
-                    tracing::warn!("signal {sig} while waiting for the processes left behind: sending SIGKILL");
+                    tracing::warn!("{} while waiting for the processes left behind: sending SIGKILL", signal_name(sig));
                     break;
                 }
                 Some(_) => {}
@@ -271,25 +618,17 @@ async fn stop_leftovers(mode: InitMode, child: Pid, kill_timeout: Duration, even
             }
             _ = events.recv() => {}
         }
-        if reap_until_none(child) {
+        if reap_until_none() {
             return;
         }
     }
 }
 
 /// Reaps what has exited; true when no child is left.
-fn reap_until_none(child: Pid) -> bool {
+fn reap_until_none() -> bool {
     let reaped = process::reap_all();
     for (pid, exit) in &reaped.exits {
-        tracing::debug!(
-            pid = pid.as_raw(),
-            "reaped {} ({exit})",
-            if *pid == child { "the child" } else { "an adopted orphan" }
-        );
+        tracing::debug!(pid = pid.as_raw(), "reaped an adopted orphan ({exit})");
     }
     reaped.no_children
-}
-
-fn shell_words(launch: &Launch) -> String {
-    launch.argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
 }

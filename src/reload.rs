@@ -1,0 +1,108 @@
+//! The steps of a validated hot restart that run off the supervisor: the preflight (certificate
+//! checks and the base id), reading the validator's verdict, and waiting for a new epoch to be LIVE.
+//! Each reports back to the supervisor as an event; none of them starts or signals a process.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::admin::AdminClient;
+use crate::bootstrap::Bootstrap;
+use crate::certs;
+use crate::process::Exit;
+use crate::supervisor::Event;
+
+/// What the preflight learned: the base id later epochs must reuse (None when the command sets it).
+#[derive(Debug, Clone)]
+pub struct Preflight {
+    pub base_id: Option<u32>,
+}
+
+/// Blocking: reads the bootstrap, checks every certificate/key pair, reads the base id epoch 0 picked.
+pub fn preflight(
+    command: &[OsString],
+    base_id_file: Option<&Path>,
+    expiry_warn: Duration,
+) -> Result<Preflight, String> {
+    let bootstrap = Bootstrap::from_command(command).map_err(|e| format!("{e:#}"))?;
+    let pairs = bootstrap.map(|b| b.tls_pairs()).unwrap_or_default();
+    let now = SystemTime::now();
+    for pair in &pairs {
+        let checked = certs::check_pair(pair, now)?;
+        if checked.expires_in < expiry_warn {
+            tracing::warn!(
+                "certificate {} expires in {}",
+                pair.cert.display(),
+                humantime::format_duration(Duration::from_secs(checked.expires_in.as_secs()))
+            );
+        }
+    }
+    tracing::debug!("{} certificate/key pairs checked", pairs.len());
+    let base_id = match base_id_file {
+        None => None,
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("base id file {}: {e} (has epoch 0 started?)", file.display()))?;
+            Some(text.trim().parse().map_err(|_| format!("base id file {}: not a number: {text:?}", file.display()))?)
+        }
+    };
+    Ok(Preflight { base_id })
+}
+
+/// Reads what `envoy --mode validate` printed and turns its exit into the verdict.
+pub async fn validation_verdict(exit: Exit, output: PathBuf, events: UnboundedSender<Event>) {
+    let verdict = if exit == Exit::Code(0) {
+        Ok(())
+    } else {
+        let text = tokio::fs::read_to_string(&output).await.unwrap_or_default();
+        Err(format!("envoy --mode validate failed ({exit}): {}", last_error_line(&text)))
+    };
+    let _ = events.send(Event::Validated(verdict));
+}
+
+/// The line of Envoy's output that says what is wrong: the last non-empty one, without the log prefix.
+fn last_error_line(text: &str) -> String {
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no output");
+    // "[2026-11-27 09:03:29.125][2][critical][main] [source/...] error: ..." → after the last "] ".
+    line.rsplit_once("] ").map_or(line, |(_, message)| message).to_string()
+}
+
+/// How often a starting epoch's admin is asked whether it is LIVE.
+const LIVE_POLL: Duration = Duration::from_millis(50);
+
+/// Polls the admin until it answers as `epoch` in state LIVE, or `timeout` passes.
+pub async fn await_live(admin: AdminClient, epoch: u32, timeout: Duration, events: UnboundedSender<Event>) {
+    let poll = async {
+        loop {
+            if let Ok(info) = admin.server_info().await
+                && info.restart_epoch == epoch
+                && info.state == "LIVE"
+            {
+                return;
+            }
+            tokio::time::sleep(LIVE_POLL).await;
+        }
+    };
+    let result = tokio::time::timeout(timeout, poll)
+        .await
+        .map_err(|_| format!("epoch {epoch} did not answer LIVE on the admin API within {timeout:?}"));
+    let _ = events.send(Event::EpochReady { epoch, result });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reason_is_the_last_line_without_log_prefix() {
+        let output = "[2026-11-27 09:03:29.125][2][info][main] starting\n\
+                      [2026-11-27 09:03:29.126][2][critical][main] [source/server/server.cc:100] error initializing configuration: Failed to load certificate chain from /c/a.crt\n\n";
+        assert_eq!(
+            last_error_line(output),
+            "error initializing configuration: Failed to load certificate chain from /c/a.crt"
+        );
+        assert_eq!(last_error_line(""), "no output");
+    }
+}

@@ -1,0 +1,187 @@
+//! Watching the files a hot restart depends on: the bootstrap, every file it references, and the
+//! user's `--watch` paths. Directories are watched, not inodes, so that a rename into place, an
+//! editor's replace and the Kubernetes `..data` symlink swap are all seen. After the debounce, the
+//! contents are hashed: only a real change is reported (a touch is not). The watcher only tells the
+//! supervisor; it never restarts anything.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::hash::{DefaultHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc::{self, UnboundedSender};
+
+use crate::bootstrap::Bootstrap;
+use crate::supervisor::Event;
+
+/// What to watch.
+#[derive(Debug, Clone)]
+pub struct WatchSpec {
+    /// The Envoy command, whose bootstrap (and the files it names) is watched; None with --no-auto-watch.
+    pub envoy_command: Option<Vec<OsString>>,
+    /// `--watch` paths: files, or directories whose files are all watched.
+    pub extra: Vec<PathBuf>,
+    pub debounce: Duration,
+}
+
+/// Content hash of each watched file; None when it cannot be read (missing, for instance).
+type Snapshot = BTreeMap<PathBuf, Option<u64>>;
+
+impl WatchSpec {
+    /// The files watched now: re-read each time, since the bootstrap may name new ones.
+    fn files(&self) -> Vec<PathBuf> {
+        let mut files = BTreeSet::new();
+        if let Some(command) = &self.envoy_command
+            && let Ok(Some(bootstrap)) = Bootstrap::from_command(command)
+        {
+            files.extend(bootstrap.path.clone());
+            files.extend(bootstrap.referenced_files());
+        }
+        for path in &self.extra {
+            if path.is_dir() {
+                files.extend(files_in(path));
+            } else {
+                files.insert(path.clone());
+            }
+        }
+        files.into_iter().collect()
+    }
+
+    /// The directories to watch for `files`, and the `--watch` directories themselves.
+    fn directories(&self, files: &[PathBuf]) -> BTreeSet<PathBuf> {
+        let mut dirs: BTreeSet<PathBuf> = files.iter().filter_map(|f| absolute_parent(f)).collect();
+        dirs.extend(self.extra.iter().filter(|p| p.is_dir()).cloned());
+        dirs
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.envoy_command.is_none() && self.extra.is_empty()
+    }
+}
+
+fn absolute_parent(file: &Path) -> Option<PathBuf> {
+    let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::path::absolute(parent).ok()
+}
+
+/// The regular files directly in `dir` (symlinks followed), without the `..data`-style entries of
+/// a Kubernetes volume, which are reached through the visible names anyway.
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with(".."))
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect()
+}
+
+fn snapshot(files: &[PathBuf]) -> Snapshot {
+    files
+        .iter()
+        .map(|file| {
+            let hash = std::fs::read(file).ok().map(|bytes| {
+                let mut hasher = DefaultHasher::new();
+                hasher.write(&bytes);
+                hasher.finish()
+            });
+            (file.clone(), hash)
+        })
+        .collect()
+}
+
+/// The files whose content differs between two snapshots (added, removed or changed).
+fn changed(before: &Snapshot, after: &Snapshot) -> Vec<PathBuf> {
+    let keys: BTreeSet<&PathBuf> = before.keys().chain(after.keys()).collect();
+    keys.into_iter().filter(|k| before.get(*k) != after.get(*k)).cloned().collect()
+}
+
+/// Starts watching; every real change, debounced, becomes an `Event::FilesChanged`.
+pub fn start(spec: WatchSpec, events: UnboundedSender<Event>) -> notify::Result<()> {
+    let (notify_tx, mut notifications) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
+        // Any event in a watched directory may matter; the hashes decide after the debounce.
+        if result.as_ref().is_ok_and(|event| !event.kind.is_access()) {
+            let _ = notify_tx.send(());
+        }
+    })?;
+    let files = spec.files();
+    let mut watched = BTreeSet::new();
+    watch_directories(&mut watcher, &spec.directories(&files), &mut watched);
+    tracing::info!("watching {} files in {} directories for changes", files.len(), watched.len());
+    tracing::debug!("watched files: {files:?}");
+    let mut last = snapshot(&files);
+
+    tokio::spawn(async move {
+        while notifications.recv().await.is_some() {
+            // Debounce: wait until the directory has been quiet for the whole debounce time.
+            loop {
+                tokio::select! {
+                    more = notifications.recv() => if more.is_none() { return },
+                    _ = tokio::time::sleep(spec.debounce) => break,
+                }
+            }
+            let spec_now = spec.clone();
+            let Ok((files, current)) = tokio::task::spawn_blocking(move || {
+                let files = spec_now.files();
+                let current = snapshot(&files);
+                (files, current)
+            })
+            .await
+            else {
+                continue;
+            };
+            watch_directories(&mut watcher, &spec.directories(&files), &mut watched);
+            let changed = changed(&last, &current);
+            last = current;
+            if !changed.is_empty() && events.send(Event::FilesChanged(changed)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn watch_directories(watcher: &mut impl Watcher, dirs: &BTreeSet<PathBuf>, watched: &mut BTreeSet<PathBuf>) {
+    for dir in dirs.difference(&watched.clone()) {
+        match watcher.watch(dir, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                watched.insert(dir.clone());
+            }
+            Err(e) => tracing::warn!("cannot watch {}: {e}", dir.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_content_changes_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "one").expect("write");
+        std::fs::write(&b, "two").expect("write");
+        let files = vec![a.clone(), b.clone()];
+        let before = snapshot(&files);
+        std::fs::write(&a, "one").expect("rewrite, same content");
+        assert!(changed(&before, &snapshot(&files)).is_empty());
+        std::fs::write(&b, "three").expect("write");
+        std::fs::remove_file(&a).expect("rm");
+        assert_eq!(changed(&before, &snapshot(&files)), vec![a, b]);
+    }
+
+    #[test]
+    fn watch_directories_hide_kubernetes_internals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("..2026_11_27");
+        std::fs::create_dir(&data).expect("mkdir");
+        std::fs::write(data.join("tls.crt"), "x").expect("write");
+        std::os::unix::fs::symlink("..2026_11_27", dir.path().join("..data")).expect("symlink");
+        std::os::unix::fs::symlink("..data/tls.crt", dir.path().join("tls.crt")).expect("symlink");
+        assert_eq!(files_in(dir.path()), vec![dir.path().join("tls.crt")]);
+    }
+}
