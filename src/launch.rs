@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::admin::{AdminAddress, AdminClient};
 use crate::bootstrap::Bootstrap;
@@ -27,6 +28,9 @@ pub struct EnvoyLaunch {
     /// Where Envoy writes the base id it picked; None when the command fixes it with --base-id.
     pub base_id_file: Option<PathBuf>,
     pub flags: EnvoyFlags,
+    /// How long an old epoch lives after the next one starts: the command's
+    /// --parent-shutdown-time-s, or the launcher's.
+    pub parent_shutdown_time: Duration,
     pub runtime_dir: PathBuf,
 }
 
@@ -78,10 +82,15 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
              SIGTERM will reach Envoy without a graceful drain, and hot restarts cannot be confirmed"
         ),
     }
+    let flags = options.envoy_flags.flags();
+    let parent_shutdown_secs = envoy::flag_value(&command, "--parent-shutdown-time-s")
+        .and_then(|v| v.to_str()?.parse().ok())
+        .unwrap_or(flags.parent_shutdown_time_s);
     let envoy = EnvoyLaunch {
         admin: admin.map(AdminClient::new),
         base_id_file: envoy::base_id_file(&command, &runtime_dir.join("envoy-base-id")),
-        flags: options.envoy_flags.flags(),
+        flags,
+        parent_shutdown_time: Duration::from_secs(parent_shutdown_secs),
         runtime_dir,
     };
     Ok(Launch { command, envoy: Some(envoy) })

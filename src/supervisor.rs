@@ -50,8 +50,8 @@ pub enum Event {
         epoch: u32,
         result: Result<(), String>,
     },
-    /// A draining epoch told to make room for a third did not exit within the kill timeout.
-    MakeRoomOverdue(Pid),
+    /// A draining epoch that a restart waits for did not exit when it should have.
+    DrainingEpochOverdue(Pid),
 }
 
 #[derive(Debug, Clone)]
@@ -107,8 +107,10 @@ enum Restart {
         output: PathBuf,
         base_id: Option<u32>,
     },
-    /// A draining epoch was told to exit, so that the new one never makes three.
-    MakingRoom {
+    /// The previous epoch still drains: the new one waits for it, so that there are never three.
+    /// (Ending it early is no option: Envoy's current epoch must tell it to terminate itself when
+    /// the next one starts, and aborts when it cannot.)
+    WaitingForDraining {
         started: Instant,
         oldest: Pid,
         base_id: Option<u32>,
@@ -247,10 +249,9 @@ impl Supervisor {
             Event::Preflight(result) => self.on_preflight(result),
             Event::Validated(result) => self.on_validated(result),
             Event::EpochReady { epoch, result } => self.on_epoch_ready(epoch, result),
-            Event::MakeRoomOverdue(pid) => {
-                if matches!(self.restart, Restart::MakingRoom { oldest, .. } if oldest == pid) {
-                    tracing::warn!("draining epoch (pid {pid}) ignored SIGTERM: sending SIGKILL");
-                    let _ = process::send(pid, libc::SIGKILL);
+            Event::DrainingEpochOverdue(pid) => {
+                if matches!(self.restart, Restart::WaitingForDraining { oldest, .. } if oldest == pid) {
+                    self.restart_refused(&format!("the draining epoch (pid {pid}) outlived its parent shutdown time"));
                 }
             }
         }
@@ -293,8 +294,8 @@ impl Supervisor {
                 waiter.abort();
                 self.restart_failed_after_start(epoch.number, format!("it exited with {exit} before it was LIVE"));
             }
-            Restart::MakingRoom { oldest, base_id, .. } if *oldest == epoch.pid => {
-                tracing::info!("epoch {} exited with {exit}: room for the next one", epoch.number);
+            Restart::WaitingForDraining { oldest, base_id, .. } if *oldest == epoch.pid => {
+                tracing::info!("epoch {} drained and exited with {exit}: the next one starts", epoch.number);
                 let base_id = *base_id;
                 self.start_next_epoch(base_id);
             }
@@ -446,19 +447,23 @@ impl Supervisor {
     /// most two processes, and so does the launcher.
     fn start_next_epoch(&mut self, base_id: Option<u32>) {
         let started = self.restart_started().unwrap_or_else(Instant::now);
+        let Some(envoy) = &self.launch.envoy else { return };
         if let Some(oldest) = self.epochs.iter().find(|e| e.number != self.current) {
+            // The current epoch tells its parent to terminate parent_shutdown_time after it started.
+            let current_age = self.epochs.iter().find(|e| e.number == self.current).map(|e| e.started.elapsed());
+            let wait =
+                envoy.parent_shutdown_time.saturating_sub(current_age.unwrap_or_default()) + self.settings.kill_timeout;
             tracing::info!(
-                "epoch {} is still draining: ending it before epoch {} starts",
+                "epoch {} is still draining (it exits within its parent shutdown time): epoch {} starts after it",
                 oldest.number,
                 self.next_epoch()
             );
-            send(oldest.pid, libc::SIGTERM);
-            let (pid, events, timeout) = (oldest.pid, self.events.clone(), self.settings.kill_timeout);
+            let (pid, events) = (oldest.pid, self.events.clone());
             tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
-                let _ = events.send(Event::MakeRoomOverdue(pid));
+                tokio::time::sleep(wait).await;
+                let _ = events.send(Event::DrainingEpochOverdue(pid));
             });
-            self.restart = Restart::MakingRoom { started, oldest: pid, base_id };
+            self.restart = Restart::WaitingForDraining { started, oldest: pid, base_id };
             return;
         }
         let epoch = self.next_epoch();
@@ -554,7 +559,7 @@ impl Supervisor {
             Restart::Idle => None,
             Restart::Preflight { started }
             | Restart::Validating { started, .. }
-            | Restart::MakingRoom { started, .. }
+            | Restart::WaitingForDraining { started, .. }
             | Restart::Starting { started, .. } => Some(started),
         }
     }

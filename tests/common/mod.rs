@@ -2,6 +2,8 @@
 //! process), with its log captured and every wait bounded.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -303,6 +305,12 @@ pub fn request(port: u16, path: &str) -> Result<u16, String> {
 
 /// Reads one HTTP/1.1 response with a content-length body; returns its status.
 pub fn read_response(stream: &mut impl Read) -> Result<u16, String> {
+    read_response_head(stream).map(|(status, _)| status)
+}
+
+/// Reads one HTTP/1.1 response with a content-length body; returns its status and whether the
+/// server asked to close the connection.
+pub fn read_response_head(stream: &mut impl Read) -> Result<(u16, bool), String> {
     let mut response = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -315,7 +323,8 @@ pub fn read_response(stream: &mut impl Read) -> Result<u16, String> {
                 .unwrap_or(0);
             if response.len() >= end + 4 + length {
                 let status = head.strip_prefix("http/1.1 ").and_then(|r| r.get(..3)?.parse().ok());
-                return status.ok_or_else(|| format!("bad status line in {head:?}"));
+                let close = head.lines().any(|l| l.replace(' ', "") == "connection:close");
+                return status.map(|s| (s, close)).ok_or_else(|| format!("bad status line in {head:?}"));
             }
         }
         match stream.read(&mut buf) {
@@ -355,9 +364,13 @@ impl Launcher {
         launcher
     }
 
-    /// Waits until the log holds `text`.
+    /// Waits until the log holds `text`; on timeout, fails with the log.
     pub fn wait_for_log(&self, text: &str) {
-        wait_for(Duration::from_secs(10), &format!("the log to say '{text}'"), || self.log().contains(text));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.log().contains(text) {
+            assert!(Instant::now() < deadline, "timed out waiting for the log to say '{text}'; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
