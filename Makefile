@@ -37,7 +37,7 @@ test: envoy
 
 # Figures, not pass/fail: printed as markdown tables, raw JSON under target/bench/.
 bench: envoy
-	ENVOY_BIN=$(ENVOY_BIN) $(CARGO) bench --bench shutdown
+	ENVOY_BIN=$(ENVOY_BIN) $(CARGO) bench --bench shutdown --bench rotation
 
 lint:
 	$(CARGO) fmt --check

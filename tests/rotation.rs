@@ -290,3 +290,20 @@ fn a_new_epoch_that_fails_after_validation_leaves_the_old_one_serving() {
     let log = tls.stop();
     assert!(log.contains("epoch 1 failed"), "{log}");
 }
+
+#[test]
+fn sigterm_during_a_hot_restart_ends_both_epochs() {
+    let mut tls = start_tls(false, &["--drain-timeout", "5s"]);
+    let first = common::children_of(tls.launcher.pid());
+    tls.launcher.signal(Signal::SIGHUP);
+    tls.launcher.wait_for_log("hot restart: started epoch 1");
+    tls.launcher.signal(Signal::SIGTERM);
+    let code = tls.launcher.exit_code(Duration::from_secs(30));
+    let log = tls.launcher.log();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("drain ended"), "the drain ran:\n{log}");
+    assert!(!log.contains("survived SIGKILL") && !log.contains("processes left behind"), "{log}");
+    for pid in first {
+        assert!(!common::alive(pid), "epoch 0 (pid {pid}) is gone");
+    }
+}
