@@ -20,6 +20,7 @@ use clap::Parser;
 use crate::cli::{Cli, Command};
 
 fn main() {
+    signals::hold();
     let cli = Cli::parse();
     logging::init(&cli.log);
     let code = match cli.command {

@@ -2,6 +2,7 @@
 //! says which ones are caught and turns them into events.
 
 use futures_util::StreamExt;
+use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
 use signal_hook::consts::signal::*;
 use signal_hook_tokio::Signals;
 use tokio::sync::mpsc::UnboundedSender;
@@ -25,10 +26,28 @@ pub fn caught() -> Vec<i32> {
         .collect()
 }
 
-/// Installs the handlers now (so that nothing sent before the child starts is lost) and pumps the
-/// signals into the supervisor's event channel from a task of their own.
+/// Blocks every signal the launcher will catch, until `pump_into` takes them: one sent during
+/// start-up (while the demo certificate is generated, say) waits instead of killing the launcher,
+/// or being dropped, as it would be for PID 1 without a handler.
+pub fn hold() {
+    // SAFETY: sigemptyset/sigaddset fill a local sigset_t (real-time signals included, which nix's
+    // `Signal` cannot name); pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in caught() {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Installs the handlers (so that nothing sent before the child starts is lost), then unblocks
+/// every signal, held or inherited from the parent (a blocked SIGCHLD would leave zombies for
+/// ever), and pumps the signals into the supervisor's event channel from a task of their own.
 pub fn pump_into(events: UnboundedSender<Event>) -> std::io::Result<()> {
     let mut signals = Signals::new(caught())?;
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
     tokio::spawn(async move {
         while let Some(sig) = signals.next().await {
             if events.send(Event::Signal(sig)).is_err() {
