@@ -86,9 +86,11 @@ enum Phase {
         task: JoinHandle<()>,
         connections: Option<u64>,
     },
-    /// SIGTERM was sent (or the stop signal, to a plain command); SIGKILL at `kill_at`.
+    /// SIGTERM was sent (or the stop signal, to a plain command); at `deadline`, SIGKILL, or after
+    /// SIGKILL (`killed`), giving up on a process that not even SIGKILL ends (uninterruptible sleep).
     Stopping {
-        kill_at: Option<Instant>,
+        deadline: Option<Instant>,
+        killed: bool,
     },
 }
 
@@ -201,14 +203,16 @@ impl Supervisor {
                 return exit;
             }
             loop {
-                let kill_at = match self.phase {
-                    Phase::Stopping { kill_at } => kill_at,
+                let deadline = match self.phase {
+                    Phase::Stopping { deadline, .. } => deadline,
                     _ => None,
                 };
                 let event = tokio::select! {
                     event = events.recv() => event,
-                    _ = tokio::time::sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
-                        self.kill_after_timeout();
+                    _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                        if let Some(exit) = self.on_stop_deadline() {
+                            return exit;
+                        }
                         continue;
                     }
                 };
@@ -360,14 +364,22 @@ impl Supervisor {
     /// command this is plain forwarding: it decides how long it takes.
     fn terminate(&mut self, sig: i32) {
         self.signal_epochs(sig);
-        let kill_at = self.launch.is_envoy().then(|| Instant::now() + self.settings.kill_timeout);
-        self.phase = Phase::Stopping { kill_at };
+        let deadline = self.launch.is_envoy().then(|| Instant::now() + self.settings.kill_timeout);
+        self.phase = Phase::Stopping { deadline, killed: false };
     }
 
-    fn kill_after_timeout(&mut self) {
+    /// SIGKILL when SIGTERM was not enough; the launcher's own exit (137) when SIGKILL was not either.
+    fn on_stop_deadline(&mut self) -> Option<Exit> {
+        if matches!(self.phase, Phase::Stopping { killed: true, .. }) {
+            tracing::error!(
+                "Envoy survived SIGKILL for {REAP_AFTER_KILL_TIMEOUT:?} (uninterruptible sleep?): exiting anyway"
+            );
+            return Some(Exit::Signal(libc::SIGKILL));
+        }
         tracing::warn!("Envoy still running {:?} after SIGTERM: sending SIGKILL", self.settings.kill_timeout);
         self.signal_epochs(libc::SIGKILL);
-        self.phase = Phase::Stopping { kill_at: None };
+        self.phase = Phase::Stopping { deadline: Some(Instant::now() + REAP_AFTER_KILL_TIMEOUT), killed: true };
+        None
     }
 
     fn signal_epochs(&self, sig: i32) {
