@@ -2,7 +2,7 @@
 //! connection (a stale keep-alive connection to an admin that moved to a new epoch would fail) and
 //! is bounded by a timeout, so a hung admin can never hang the launcher.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -92,7 +92,7 @@ impl AdminClient {
         let connect_error = |e| AdminError::Connect(self.address.clone(), e);
         match &self.address {
             AdminAddress::Unix(socket) => {
-                let stream = UnixStream::connect(socket).await.map_err(connect_error)?;
+                let stream = connect_unix(socket).await.map_err(connect_error)?;
                 self.exchange(stream, method, path).await
             }
             AdminAddress::Tcp(host, port) => {
@@ -148,6 +148,21 @@ impl AdminClient {
         sum_listener_connections(&body)
             .ok_or_else(|| AdminError::Body(self.address.clone(), PATH.into(), String::from_utf8_lossy(&body).into()))
     }
+}
+
+/// Connects to a unix socket; a path starting with '@' names one in the abstract namespace, as
+/// in Envoy's `pipe.path`.
+async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    if let Some(name) = path.as_os_str().as_bytes().strip_prefix(b"@") {
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        // A local connect either succeeds or fails at once; it does not wait on a network.
+        let stream = std::os::unix::net::UnixStream::connect_addr(&address)?;
+        stream.set_nonblocking(true)?;
+        return UnixStream::from_std(stream);
+    }
+    UnixStream::connect(path).await
 }
 
 /// What `/server_info` says about the process that answers on the admin address.
@@ -256,6 +271,17 @@ mod tests {
         assert_eq!(sum_listener_connections(body), Some(5));
         assert_eq!(sum_listener_connections(br#"{"stats":[]}"#), Some(0));
         assert_eq!(sum_listener_connections(b"not json"), None);
+    }
+
+    #[tokio::test]
+    async fn connects_to_an_abstract_socket() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("sesame-test-{}", std::process::id());
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("name");
+        let listener = std::os::unix::net::UnixListener::bind_addr(&address).expect("bind abstract");
+        let connected = connect_unix(Path::new(&format!("@{name}"))).await;
+        assert!(connected.is_ok(), "{connected:?}");
+        assert!(listener.accept().is_ok());
     }
 
     #[test]

@@ -55,15 +55,16 @@ impl Bootstrap {
         Ok(Some(Bootstrap { path, value }))
     }
 
-    /// The admin address: `admin.address.pipe.path` or `admin.address.socket_address`.
+    /// The admin address: `admin.address.pipe.path` or `admin.address.socket_address` (Envoy also
+    /// accepts the camelCase spelling of each field).
     pub fn admin_address(&self) -> Option<AdminAddress> {
-        let address = self.value.pointer("/admin/address")?;
-        if let Some(path) = address.pointer("/pipe/path").and_then(Value::as_str) {
+        let address = self.value.get("admin")?.get("address")?;
+        if let Some(path) = field(address, "pipe").and_then(|pipe| pipe.get("path")).and_then(Value::as_str) {
             return Some(AdminAddress::Unix(PathBuf::from(path)));
         }
-        let socket = address.get("socket_address")?;
+        let socket = field(address, "socket_address")?;
         let host = socket.get("address").and_then(Value::as_str).unwrap_or("127.0.0.1");
-        let port = socket.get("port_value").and_then(|p| p.as_u64().or_else(|| p.as_str()?.parse().ok()))?;
+        let port = field(socket, "port_value").and_then(|p| p.as_u64().or_else(|| p.as_str()?.parse().ok()))?;
         // An admin bound to every address is reached on loopback.
         let host = match host {
             "0.0.0.0" => "127.0.0.1",
@@ -72,6 +73,22 @@ impl Bootstrap {
         };
         Some(AdminAddress::Tcp(host.to_string(), u16::try_from(port).ok()?))
     }
+}
+
+/// A field by its proto name (snake_case) or its JSON name (camelCase), both of which Envoy reads.
+fn field<'a>(object: &'a Value, snake: &str) -> Option<&'a Value> {
+    object.get(snake).or_else(|| object.get(camel_case(snake)))
+}
+
+fn camel_case(snake: &str) -> String {
+    let mut parts = snake.split('_');
+    let mut name = parts.next().unwrap_or_default().to_string();
+    for part in parts {
+        let mut chars = part.chars();
+        name.extend(chars.next().map(|c| c.to_ascii_uppercase()));
+        name.push_str(chars.as_str());
+    }
+    name
 }
 
 impl Bootstrap {
@@ -126,10 +143,18 @@ fn parse_file(path: &Path) -> anyhow::Result<Value> {
     parsed.with_context(|| format!("cannot parse the bootstrap {}", path.display()))
 }
 
-/// Envoy merges `--config-yaml` over the file: objects key by key, anything else replaced.
+/// The members of the address oneof: setting one clears the others.
+const ADDRESS_ONEOF: &[&str] =
+    &["pipe", "socket_address", "socketAddress", "envoy_internal_address", "envoyInternalAddress"];
+
+/// Envoy merges `--config-yaml` over the file as protobuf does: objects key by key, anything else
+/// replaced, and a member of a oneof replaces its siblings.
 fn merge(base: &mut Value, overlay: Value) {
     match (base, overlay) {
         (Value::Object(base), Value::Object(overlay)) => {
+            if overlay.keys().any(|k| ADDRESS_ONEOF.contains(&k.as_str())) {
+                base.retain(|k, _| !ADDRESS_ONEOF.contains(&k.as_str()) || overlay.contains_key(k));
+            }
             for (key, value) in overlay {
                 merge(base.entry(key).or_insert(Value::Null), value);
             }
@@ -175,6 +200,20 @@ mod tests {
             .expect("load")
             .expect("some");
         assert_eq!(loaded.admin_address(), Some(AdminAddress::Tcp("127.0.0.1".into(), 9902)));
+    }
+
+    #[test]
+    fn reads_camel_case_and_config_yaml_replaces_the_address_kind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = r#"{"admin":{"address":{"socketAddress":{"address":"::","portValue":"9903"}}}}"#;
+        let path = write(dir.path(), "b.json", json);
+        let path = path.to_str().expect("utf8");
+        let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path])).expect("load").expect("some");
+        assert_eq!(loaded.admin_address(), Some(AdminAddress::Tcp("::1".into(), 9903)));
+
+        let overlay = "admin: { address: { pipe: { path: /run/a.sock } } }";
+        let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path, "--config-yaml", overlay])).expect("load");
+        assert_eq!(loaded.expect("some").admin_address(), Some(AdminAddress::Unix("/run/a.sock".into())));
     }
 
     #[test]
