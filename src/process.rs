@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -200,9 +201,9 @@ pub fn signal_descendants(mode: InitMode, sig: Signal, fallback_group: Option<Pi
         return;
     }
     match descendants() {
-        Some(pids) => {
-            for pid in pids {
-                let _ = send(pid, sig as i32);
+        Some(tree) => {
+            for (pid, parent) in &tree {
+                signal_if_still_descendant(*pid, *parent, &tree, sig);
             }
         }
         None => {
@@ -214,8 +215,37 @@ pub fn signal_descendants(mode: InitMode, sig: Signal, fallback_group: Option<Pi
     }
 }
 
-/// Our descendants, read from /proc; None when /proc does not show our own pid namespace.
-fn descendants() -> Option<Vec<Pid>> {
+/// Signals `pid` only if it is still the process the scan found: the pid is pinned with a pidfd,
+/// then its parent is checked again, so a pid reused since the scan is never signalled.
+fn signal_if_still_descendant(pid: i32, parent: i32, tree: &[(i32, i32)], sig: Signal) {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new file descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return; // ESRCH: gone already.
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let me = nix::unistd::getpid().as_raw();
+    let same_parent = procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .is_ok_and(|stat| stat.ppid == parent || stat.ppid == me || tree.iter().any(|(p, _)| *p == stat.ppid));
+    if same_parent {
+        // SAFETY: pidfd_send_signal(2) on a pidfd we own, with no siginfo and no flags.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                sig as i32,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
+    }
+}
+
+/// Our descendants with their parents, read from /proc; None when /proc does not show our own
+/// pid namespace.
+fn descendants() -> Option<Vec<(i32, i32)>> {
     let me = nix::unistd::getpid().as_raw();
     let proc_me = procfs::process::Process::myself().ok()?.pid;
     if proc_me != me {
@@ -226,14 +256,14 @@ fn descendants() -> Option<Vec<Pid>> {
         .filter_map(|p| p.ok()?.stat().ok())
         .map(|stat| (stat.pid, stat.ppid))
         .collect();
-    let mut found = vec![me];
+    let mut found: Vec<(i32, i32)> = vec![(me, 0)];
     let mut i = 0;
     while i < found.len() {
-        let parent = found[i];
-        found.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
+        let parent = found[i].0;
+        found.extend(parents.iter().filter(|(_, ppid)| *ppid == parent));
         i += 1;
     }
-    Some(found.into_iter().skip(1).map(Pid::from_raw).collect())
+    Some(found.into_iter().skip(1).collect())
 }
 
 #[cfg(test)]
