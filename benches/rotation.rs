@@ -52,6 +52,7 @@ fn one_run(hot_restart: bool, keep_alive: bool) -> Run {
         .map(|_| {
             let (stop, requests, failed) = (stop.clone(), requests.clone(), failed.clone());
             std::thread::spawn(move || {
+                common::yield_to_the_system_under_test();
                 let mut client = HttpsClient::new(port, keep_alive);
                 while !stop.load(Ordering::SeqCst) {
                     requests.fetch_add(1, Ordering::SeqCst);

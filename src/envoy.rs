@@ -11,7 +11,8 @@ pub fn is_envoy_command(program: &OsStr, envoy_bin: &Path) -> bool {
     program == envoy_bin || program.file_name() == Some(OsStr::new("envoy"))
 }
 
-/// Whether `flag` appears in `args`, as `--flag value` or `--flag=value`.
+/// Whether `flag` appears in `args`, as `--flag value` or `--flag=value` (Envoy takes only the
+/// first; the second is recognised so that the launcher never adds a flag the user meant to set).
 pub fn has_flag(args: &[OsString], flag: &str) -> bool {
     args.iter().any(|arg| is_flag(arg, flag))
 }
@@ -167,12 +168,12 @@ mod tests {
 
     #[test]
     fn keeps_the_users_base_id_and_never_repeats_a_flag() {
-        let command = args(&["envoy", "--base-id=7", "--restart-epoch", "3", "-c", "b.yaml"]);
+        let command = args(&["envoy", "--base-id", "7", "--restart-epoch", "3", "-c", "b.yaml"]);
         assert_eq!(base_id_file(&command, Path::new("/x")), None);
         let argv = epoch_command(&command, 0, &BaseId::FromCommand, &FLAGS);
-        assert_eq!(argv, with_drain_flags(&["envoy", "--base-id=7", "-c", "b.yaml"], &["--restart-epoch", "0"]));
+        assert_eq!(argv, with_drain_flags(&["envoy", "--base-id", "7", "-c", "b.yaml"], &["--restart-epoch", "0"]));
 
-        let command = args(&["envoy", "--use-dynamic-base-id", "--base-id-path", "/mine", "--restart-epoch=0"]);
+        let command = args(&["envoy", "--use-dynamic-base-id", "--base-id-path", "/mine", "--restart-epoch", "0"]);
         assert_eq!(base_id_file(&command, Path::new("/x")), Some("/mine".into()));
         let argv = epoch_command(&command, 0, &BaseId::Dynamic("/x".into()), &FLAGS);
         let head = ["envoy", "--use-dynamic-base-id", "--base-id-path", "/mine"];
@@ -181,11 +182,12 @@ mod tests {
 
     #[test]
     fn keeps_the_users_drain_flags() {
-        let command = args(&["envoy", "--drain-time-s=5", "--drain-strategy", "gradual", "--base-id", "1"]);
+        let command = args(&["envoy", "--drain-time-s", "5", "--drain-strategy", "gradual", "--base-id", "1"]);
         let argv = epoch_command(&command, 0, &BaseId::FromCommand, &FLAGS);
         let expected = [
             "envoy",
-            "--drain-time-s=5",
+            "--drain-time-s",
+            "5",
             "--drain-strategy",
             "gradual",
             "--base-id",
@@ -200,14 +202,15 @@ mod tests {
 
     #[test]
     fn later_epochs_reuse_the_picked_base_id() {
-        let command = args(&["envoy", "-c", "b.yaml", "--use-dynamic-base-id", "--base-id-path=/mine"]);
+        let command = args(&["envoy", "-c", "b.yaml", "--use-dynamic-base-id", "--base-id-path", "/mine"]);
         let argv = epoch_command(&command, 2, &BaseId::Picked(41), &FLAGS);
         assert_eq!(argv, with_drain_flags(&["envoy", "-c", "b.yaml"], &["--restart-epoch", "2", "--base-id", "41"]));
     }
 
     #[test]
     fn validation_runs_without_hot_restart_flags() {
-        let command = args(&["envoy", "-c", "b.yaml", "--base-id", "4", "--restart-epoch=3", "--use-dynamic-base-id"]);
+        let command =
+            args(&["envoy", "-c", "b.yaml", "--base-id", "4", "--restart-epoch", "3", "--use-dynamic-base-id"]);
         assert_eq!(validate_command(&command), args(&["envoy", "-c", "b.yaml", "--mode", "validate"]));
         assert_eq!(flag_value(&args(&["a", "--x=1", "--x", "2"]), "--x"), Some("2".into()));
         assert_eq!(flag_value(&args(&["a", "--x=1"]), "--x"), Some("1".into()));

@@ -4,14 +4,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Launcher, Mode, alive, children_of, envoy_bin, free_port, http_get, https_get, wait_for};
+use common::{Launcher, Mode, alive, children_of, envoy_bin, free_ports, http_get, https_get, wait_for};
 use nix::sys::signal::Signal;
 
 const ENVOY_START: Duration = Duration::from_secs(30);
 
 fn start_demo(mode: Mode) -> (Launcher, u16, u16) {
     let envoy = envoy_bin();
-    let (http, https) = (free_port(), free_port());
+    let [http, https] = free_ports();
     let options = [
         "--envoy-bin".to_string(),
         envoy.to_string_lossy().into_owned(),

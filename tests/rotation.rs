@@ -86,6 +86,7 @@ fn load(port: u16, keep_alive: bool, stop: Arc<AtomicBool>) -> Vec<std::thread::
         .map(|_| {
             let stop = stop.clone();
             std::thread::spawn(move || {
+                common::yield_to_the_system_under_test();
                 let mut client = HttpsClient::new(port, keep_alive);
                 let (mut sent, mut failures) = (0, Vec::new());
                 while !stop.load(Ordering::SeqCst) {
@@ -179,6 +180,7 @@ fn bad_input_changes_nothing(break_it: impl FnOnce(&Tls), reason: &str) {
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
     tls.wait_for_serial(3, DEBOUNCE + Duration::from_secs(5));
+    tls.launcher.wait_for_log("hot restart done");
     assert_eq!(tls.restarts(), 1);
     tls.stop();
 }
@@ -220,6 +222,7 @@ fn certificate_without_its_key_waits_for_the_key() {
     assert_eq!(tls.serial(), 1, "the old pair is still served");
     replace_file(&tls.key, &key);
     tls.wait_for_serial(5, DEBOUNCE + Duration::from_secs(5));
+    tls.launcher.wait_for_log("hot restart done");
     assert_eq!(tls.restarts(), 1);
     tls.stop();
 }

@@ -34,8 +34,14 @@ pub fn wait_for(timeout: Duration, what: &str, mut condition: impl FnMut() -> bo
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct loopback ports that were free a moment ago (all held until all are chosen).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> =
+        (0..N).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")).collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr").port())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -346,6 +352,7 @@ pub fn admin_get(socket: &Path, path: &str) -> Option<u16> {
 /// A client connection that made one request and now sits idle on keep-alive.
 pub fn idle_keepalive_connection(port: u16) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
     stream.write_all(b"GET /direct HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("write");
     let mut buf = [0u8; 1024];
     let n = stream.read(&mut buf).expect("read");
@@ -376,4 +383,13 @@ impl Launcher {
 
 fn bootstrap_dir(bootstrap: &str) -> PathBuf {
     Path::new(bootstrap).parent().expect("bootstrap dir").to_path_buf()
+}
+
+/// Load generators yield to the system under test: on 2 cores, 32 busy client threads would
+/// otherwise measure the scheduler rather than the launcher (in production, clients are elsewhere).
+pub fn yield_to_the_system_under_test() {
+    // SAFETY: setpriority(2) on the calling thread's own tid only lowers its scheduling priority.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+    }
 }
