@@ -142,10 +142,10 @@ impl AdminClient {
     /// `listener.<name>.downstream_cx_active`, without the admin listener and the per-worker copies.
     /// (`server.total_connections` would be simpler, but Envoy refreshes it only at each stats flush,
     /// every 5 s by default, so a drain polling it would react seconds late.)
-    pub async fn downstream_connections(&self) -> Result<u64, AdminError> {
+    pub async fn downstream_connections(&self, counted: &Listeners) -> Result<u64, AdminError> {
         const PATH: &str = "/stats?format=json&filter=%5Elistener%5C..*%5C.downstream_cx_active%24";
         let body = self.expect_ok(Method::GET, PATH).await?;
-        sum_listener_connections(&body)
+        sum_listener_connections(&body, counted)
             .ok_or_else(|| AdminError::Body(self.address.clone(), PATH.into(), String::from_utf8_lossy(&body).into()))
     }
 }
@@ -184,8 +184,12 @@ impl AdminClient {
     /// Open connections for a drain: the listener gauges, and while an older epoch still runs, also
     /// `server.total_connections`, the only stat that counts the old epoch's connections (refreshed
     /// at each stats flush, so it may lag by one flush interval).
-    pub async fn connections_across_epochs(&self, older_epoch_alive: bool) -> Result<u64, AdminError> {
-        let own = self.downstream_connections().await?;
+    pub async fn connections_across_epochs(
+        &self,
+        counted: &Listeners,
+        older_epoch_alive: bool,
+    ) -> Result<u64, AdminError> {
+        let own = self.downstream_connections(counted).await?;
         if !older_epoch_alive {
             return Ok(own);
         }
@@ -208,17 +212,31 @@ fn parse_server_info(body: &[u8]) -> Option<ServerInfo> {
     })
 }
 
+/// The listeners whose connections a drain waits for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Listeners {
+    /// Every listener but the admin.
+    #[default]
+    All,
+    /// Only these, by stat name (`listener.<name>.`): the INBOUND ones with --drain-inbound-only.
+    Named(Vec<String>),
+}
+
 /// Sums the listener gauges of `/stats?format=json`.
-fn sum_listener_connections(body: &[u8]) -> Option<u64> {
-    let counted = |name: &str| {
+fn sum_listener_connections(body: &[u8], counted: &Listeners) -> Option<u64> {
+    let wanted = |name: &str| {
         let Some(listener) = name.strip_prefix("listener.").and_then(|n| n.strip_suffix(".downstream_cx_active"))
         else {
             return false;
         };
         let per_worker = listener.rsplit_once('.').is_some_and(|(_, last)| last.starts_with("worker_"));
-        listener != "admin" && !listener.starts_with("admin.") && !per_worker
+        let admin = listener == "admin" || listener.starts_with("admin.");
+        match counted {
+            Listeners::All => !admin && !per_worker,
+            Listeners::Named(names) => names.iter().any(|n| n == listener),
+        }
     };
-    sum_stats(body, counted)
+    sum_stats(body, wanted)
 }
 
 /// Sums the stats of `/stats?format=json` (`{"stats":[{"name":..,"value":..}]}`) whose name is `wanted`.
@@ -268,9 +286,11 @@ mod tests {
             {"name":"listener.admin.downstream_cx_active","value":1},
             {"name":"listener.admin.main_thread.downstream_cx_active","value":1}
         ]}"#;
-        assert_eq!(sum_listener_connections(body), Some(5));
-        assert_eq!(sum_listener_connections(br#"{"stats":[]}"#), Some(0));
-        assert_eq!(sum_listener_connections(b"not json"), None);
+        assert_eq!(sum_listener_connections(body, &Listeners::All), Some(5));
+        let inbound = Listeners::Named(vec!["ingress_https".into()]);
+        assert_eq!(sum_listener_connections(body, &inbound), Some(3));
+        assert_eq!(sum_listener_connections(br#"{"stats":[]}"#, &Listeners::All), Some(0));
+        assert_eq!(sum_listener_connections(b"not json", &Listeners::All), None);
     }
 
     #[tokio::test]
@@ -304,11 +324,11 @@ mod tests {
         });
         let mut client = AdminClient::new(AdminAddress::Unix(socket));
         client.timeout = Duration::from_millis(200);
-        let err = client.downstream_connections().await.expect_err("hung");
+        let err = client.downstream_connections(&Listeners::All).await.expect_err("hung");
         assert!(matches!(err, AdminError::Timeout(..)), "{err}");
 
         let missing = AdminClient::new(AdminAddress::Unix(dir.path().join("missing.sock")));
-        let err = missing.downstream_connections().await.expect_err("missing");
+        let err = missing.downstream_connections(&Listeners::All).await.expect_err("missing");
         assert!(matches!(err, AdminError::Connect(..)), "{err}");
     }
 }

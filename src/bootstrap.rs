@@ -105,6 +105,30 @@ impl Bootstrap {
         files
     }
 
+    /// The stat names (`listener.<name>.`) of the static listeners whose traffic_direction is
+    /// INBOUND: their `stat_prefix`, or their address with ':' as '_' as Envoy writes it. None
+    /// when the bootstrap has no static listeners (they come from LDS).
+    pub fn inbound_listener_stat_names(&self) -> Option<Vec<String>> {
+        let listeners = field(field(&self.value, "static_resources")?, "listeners")?.as_array()?;
+        let inbound =
+            listeners.iter().filter(|l| field(l, "traffic_direction").and_then(Value::as_str) == Some("INBOUND"));
+        Some(
+            inbound
+                .filter_map(|l| {
+                    if let Some(prefix) = field(l, "stat_prefix").and_then(Value::as_str) {
+                        return Some(prefix.to_string());
+                    }
+                    let socket = field(l.get("address")?, "socket_address")?;
+                    let host = socket.get("address")?.as_str()?;
+                    let port = field(socket, "port_value")?;
+                    let port = port.as_u64().map(|p| p.to_string()).or_else(|| port.as_str().map(str::to_string))?;
+                    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+                    Some(format!("{host}:{port}").replace(':', "_"))
+                })
+                .collect(),
+        )
+    }
+
     /// The certificate/key pairs of every `tls_certificates` entry given by file name.
     pub fn tls_pairs(&self) -> Vec<TlsPair> {
         let mut pairs = Vec::new();
@@ -214,6 +238,31 @@ mod tests {
         let overlay = "admin: { address: { pipe: { path: /run/a.sock } } }";
         let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path, "--config-yaml", overlay])).expect("load");
         assert_eq!(loaded.expect("some").admin_address(), Some(AdminAddress::Unix("/run/a.sock".into())));
+    }
+
+    #[test]
+    fn names_the_inbound_listeners_as_their_stats_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let yaml = r#"
+static_resources:
+  listeners:
+  - name: in
+    traffic_direction: INBOUND
+    address: { socket_address: { address: 0.0.0.0, port_value: 8443 } }
+  - name: in6
+    traffic_direction: INBOUND
+    address: { socket_address: { address: "::1", port_value: 8444 } }
+  - name: named
+    trafficDirection: INBOUND
+    statPrefix: public
+  - name: out
+    traffic_direction: OUTBOUND
+    address: { socket_address: { address: 127.0.0.1, port_value: 15001 } }
+"#;
+        let path = write(dir.path(), "b.yaml", yaml);
+        let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
+        let names = loaded.expect("some").inbound_listener_stat_names();
+        assert_eq!(names, Some(vec!["0.0.0.0_8443".into(), "[__1]_8444".into(), "public".into()]));
     }
 
     #[test]

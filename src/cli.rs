@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
-use crate::admin::AdminAddress;
+use crate::admin::{AdminAddress, Listeners};
 use crate::drain::DrainSettings;
 use crate::envoy::EnvoyFlags;
 
@@ -126,6 +126,7 @@ impl DrainOptions {
             delay: self.drain_delay,
             healthcheck_fail: self.drain_healthcheck_fail,
             inbound_only: self.drain_inbound_only,
+            counted: Listeners::All,
             poll: self.drain_poll.max(Duration::from_millis(1)),
             connections: self.drain_connections,
             min: self.drain_min,

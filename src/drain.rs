@@ -8,7 +8,7 @@ use hyper::Method;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 
-use crate::admin::AdminClient;
+use crate::admin::{AdminClient, Listeners};
 use crate::supervisor::Event;
 
 /// The knobs of a drain (DESIGN.md, "Graceful drain").
@@ -20,6 +20,8 @@ pub struct DrainSettings {
     pub healthcheck_fail: bool,
     /// Drain only listeners whose traffic_direction is INBOUND.
     pub inbound_only: bool,
+    /// The listeners whose connections are waited for (the INBOUND ones with `inbound_only`).
+    pub counted: Listeners,
     pub poll: Duration,
     /// Done when at most this many downstream connections are open ...
     pub connections: u64,
@@ -111,7 +113,7 @@ async fn drain_steps(
         if settings.inbound_only { "/drain_listeners?graceful&inboundonly" } else { "/drain_listeners?graceful" };
     post(admin, path, &mut consecutive_errors).await;
     loop {
-        let connections = match admin.connections_across_epochs(context.older_epoch_alive).await {
+        let connections = match admin.connections_across_epochs(&settings.counted, context.older_epoch_alive).await {
             Ok(open) => {
                 consecutive_errors = 0;
                 Some(open)
@@ -156,6 +158,7 @@ mod tests {
             delay: Duration::ZERO,
             healthcheck_fail: true,
             inbound_only: false,
+            counted: Listeners::All,
             poll: Duration::from_millis(100),
             connections: 0,
             min: Duration::from_secs(2),

@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::admin::{AdminAddress, AdminClient};
+use crate::admin::{AdminClient, Listeners};
 use crate::bootstrap::Bootstrap;
 use crate::cli::RunOptions;
 use crate::demo::{Demo, create_private_dir};
@@ -32,6 +32,8 @@ pub struct EnvoyLaunch {
     /// --parent-shutdown-time-s, or the launcher's.
     pub parent_shutdown_time: Duration,
     pub runtime_dir: PathBuf,
+    /// The listeners a drain waits for: all, or the INBOUND ones with --drain-inbound-only.
+    pub drained_listeners: Listeners,
 }
 
 impl Launch {
@@ -74,7 +76,15 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         return Ok(Launch { command, envoy: None });
     }
     create_private_dir(&runtime_dir)?;
-    let admin = options.admin.clone().or_else(|| admin_from_bootstrap(&command));
+    let bootstrap = match Bootstrap::from_command(&command) {
+        Ok(bootstrap) => bootstrap,
+        Err(e) => {
+            // Envoy will refuse a broken bootstrap itself, with its own reason; ours is a hint.
+            tracing::warn!("{e:#}");
+            None
+        }
+    };
+    let admin = options.admin.clone().or_else(|| bootstrap.as_ref()?.admin_address());
     match &admin {
         Some(address) => tracing::info!("Envoy's admin API: {address}"),
         None => tracing::warn!(
@@ -86,7 +96,24 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
     let parent_shutdown_secs = envoy::flag_value(&command, "--parent-shutdown-time-s")
         .and_then(|v| v.to_str()?.parse().ok())
         .unwrap_or(flags.parent_shutdown_time_s);
+    let drained_listeners = if options.drain.drain_inbound_only {
+        match bootstrap.as_ref().and_then(Bootstrap::inbound_listener_stat_names) {
+            Some(names) => {
+                tracing::info!("the drain waits for the connections of the INBOUND listeners {names:?}");
+                Listeners::Named(names)
+            }
+            None => {
+                tracing::warn!(
+                    "no static listeners in the bootstrap: the drain waits for every listener's connections"
+                );
+                Listeners::All
+            }
+        }
+    } else {
+        Listeners::All
+    };
     let envoy = EnvoyLaunch {
+        drained_listeners,
         admin: admin.map(AdminClient::new),
         base_id_file: envoy::base_id_file(&command, &runtime_dir.join("envoy-base-id")),
         flags,
@@ -94,15 +121,4 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         runtime_dir,
     };
     Ok(Launch { command, envoy: Some(envoy) })
-}
-
-fn admin_from_bootstrap(argv: &[OsString]) -> Option<AdminAddress> {
-    match Bootstrap::from_command(argv) {
-        Ok(bootstrap) => bootstrap?.admin_address(),
-        Err(e) => {
-            // Envoy will refuse a broken bootstrap itself, with its own reason; ours is a hint.
-            tracing::warn!("{e:#}");
-            None
-        }
-    }
 }

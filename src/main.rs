@@ -51,9 +51,13 @@ fn run(options: &cli::RunOptions) -> i32 {
         extra: options.reload.watch.clone(),
         debounce: options.reload.reload_debounce,
     };
+    let mut drain = options.drain.settings();
+    if let Some(envoy) = &launch.envoy {
+        drain.counted = envoy.drained_listeners.clone();
+    }
     let settings = supervisor::Settings {
         kill_timeout: options.kill_timeout,
-        drain: options.drain.settings(),
+        drain,
         reload_timeout: options.reload.reload_timeout,
         cert_expiry_warn: options.reload.cert_expiry_warn,
         watch,

@@ -197,3 +197,34 @@ fn no_admin_address_means_plain_sigterm_with_a_warning() {
     let log = launcher.log();
     assert!(log.contains("no admin address found") && log.contains("passing it on to Envoy (no drain)"), "{log}");
 }
+
+#[test]
+fn inbound_only_drains_wait_for_inbound_connections_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [inbound, outbound] = common::free_ports();
+    let bootstrap = proxy_bootstrap(dir.path(), inbound, free_port());
+    let yaml = std::fs::read_to_string(&bootstrap).expect("read");
+    // The same listener twice: INBOUND on one port, OUTBOUND on another.
+    let (head, rest) = yaml.split_once("  - name: ingress\n").expect("listener");
+    let (listener, clusters) = rest.split_once("  clusters:\n").expect("clusters");
+    let outbound_listener = listener
+        .replace(&format!("port_value: {inbound}"), &format!("port_value: {outbound}"))
+        .replace("stat_prefix: ingress", "stat_prefix: egress");
+    let yaml = format!(
+        "{head}  - name: ingress\n    traffic_direction: INBOUND\n{listener}  - name: egress\n    traffic_direction: OUTBOUND\n{outbound_listener}  clusters:\n{clusters}"
+    );
+    std::fs::write(&bootstrap, yaml).expect("write");
+    let options = ["--drain-inbound-only", "--drain-timeout", "30s"];
+    let mut launcher = Launcher::start_envoy(Mode::Pid1, &options, &bootstrap);
+    let _idle_outbound = idle_keepalive_connection(outbound);
+    let signalled = Instant::now();
+    launcher.signal(Signal::SIGTERM);
+    assert_eq!(launcher.exit_code(Duration::from_secs(40)), 0);
+    let took = signalled.elapsed();
+    let log = launcher.log();
+    assert!(took < Duration::from_secs(2), "the outbound connection is not waited for: {took:?}\n{log}");
+    assert!(
+        log.contains("INBOUND listeners [\"127.0.0.1_") && log.contains("connections reached the threshold"),
+        "{log}"
+    );
+}
