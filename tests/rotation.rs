@@ -44,7 +44,8 @@ fn start_tls(volume: bool, extra: &[&str]) -> Tls {
     let bootstrap = dir.path().join("envoy.yaml");
     std::fs::write(&bootstrap, tls_bootstrap(dir.path(), port, &cert, &key, None)).expect("bootstrap");
     let options: Vec<&str> = OPTIONS.iter().chain(extra).copied().collect();
-    let launcher = Launcher::start_envoy(Mode::Pid1, &options, &bootstrap);
+    // One worker: on 2 cores, the other is left to the load clients, the validator and the next epoch.
+    let launcher = Launcher::start_envoy_with(Mode::Pid1, &options, &bootstrap, &["--concurrency", "1"]);
     let tls = Tls { launcher, volume, port, dir, cert, key, bootstrap };
     assert_eq!(tls.serial(), 1, "the first certificate is served");
     tls

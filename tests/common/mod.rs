@@ -363,9 +363,16 @@ pub fn idle_keepalive_connection(port: u16) -> TcpStream {
 impl Launcher {
     /// Runs the real Envoy on `bootstrap` under sesame, and waits until its admin says it is ready.
     pub fn start_envoy(mode: Mode, options: &[&str], bootstrap: &Path) -> Launcher {
-        let envoy = envoy_bin();
+        Self::start_envoy_with(mode, options, bootstrap, &[])
+    }
+
+    /// The same, with more arguments for Envoy.
+    pub fn start_envoy_with(mode: Mode, options: &[&str], bootstrap: &Path, envoy_args: &[&str]) -> Launcher {
+        let envoy = envoy_bin().to_string_lossy().into_owned();
         let bootstrap = bootstrap.to_string_lossy().into_owned();
-        let launcher = Launcher::start(mode, options, &[&envoy.to_string_lossy(), "-c", &bootstrap]);
+        let command: Vec<&str> =
+            [envoy.as_str(), "-c", &bootstrap].into_iter().chain(envoy_args.iter().copied()).collect();
+        let launcher = Launcher::start(mode, options, &command);
         let admin = bootstrap_dir(&bootstrap).join("admin.sock");
         wait_for(Duration::from_secs(30), "Envoy to be ready", || admin_get(&admin, "/ready") == Some(200));
         launcher
