@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::admin::AdminAddress;
 use crate::certs::TlsPair;
+use crate::http::Endpoint;
 
 /// The parsed bootstrap: the `-c` file, with `--config-yaml` merged over it as Envoy does.
 #[derive(Debug, Clone)]
@@ -57,10 +57,10 @@ impl Bootstrap {
 
     /// The admin address: `admin.address.pipe.path` or `admin.address.socket_address` (Envoy also
     /// accepts the camelCase spelling of each field).
-    pub fn admin_address(&self) -> Option<AdminAddress> {
+    pub fn admin_address(&self) -> Option<Endpoint> {
         let address = self.value.get("admin")?.get("address")?;
         if let Some(path) = field(address, "pipe").and_then(|pipe| pipe.get("path")).and_then(Value::as_str) {
-            return Some(AdminAddress::Unix(PathBuf::from(path)));
+            return Some(Endpoint::Unix(PathBuf::from(path)));
         }
         let socket = field(address, "socket_address")?;
         let host = socket.get("address").and_then(Value::as_str).unwrap_or("127.0.0.1");
@@ -71,7 +71,7 @@ impl Bootstrap {
             "::" => "::1",
             other => other,
         };
-        Some(AdminAddress::Tcp(host.to_string(), u16::try_from(port).ok()?))
+        Some(Endpoint::Tcp(host.to_string(), u16::try_from(port).ok()?))
     }
 }
 
@@ -207,7 +207,7 @@ mod tests {
         let path = write(dir.path(), "b.yaml", "admin:\n  address:\n    pipe: { path: /run/e/admin.sock }\n");
         let bootstrap = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
         let admin = bootstrap.expect("some").admin_address();
-        assert_eq!(admin, Some(AdminAddress::Unix("/run/e/admin.sock".into())));
+        assert_eq!(admin, Some(Endpoint::Unix("/run/e/admin.sock".into())));
     }
 
     #[test]
@@ -217,13 +217,13 @@ mod tests {
         let path = write(dir.path(), "b.json", json);
         let path_arg = format!("--config-path={}", path.display());
         let loaded = Bootstrap::from_command(&argv(&["envoy", &path_arg])).expect("load").expect("some");
-        assert_eq!(loaded.admin_address(), Some(AdminAddress::Tcp("127.0.0.1".into(), 9901)));
+        assert_eq!(loaded.admin_address(), Some(Endpoint::Tcp("127.0.0.1".into(), 9901)));
 
         let overlay = "admin: { address: { socket_address: { port_value: 9902 } } }";
         let loaded = Bootstrap::from_command(&argv(&["envoy", &path_arg, "--config-yaml", overlay]))
             .expect("load")
             .expect("some");
-        assert_eq!(loaded.admin_address(), Some(AdminAddress::Tcp("127.0.0.1".into(), 9902)));
+        assert_eq!(loaded.admin_address(), Some(Endpoint::Tcp("127.0.0.1".into(), 9902)));
     }
 
     #[test]
@@ -233,11 +233,11 @@ mod tests {
         let path = write(dir.path(), "b.json", json);
         let path = path.to_str().expect("utf8");
         let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path])).expect("load").expect("some");
-        assert_eq!(loaded.admin_address(), Some(AdminAddress::Tcp("::1".into(), 9903)));
+        assert_eq!(loaded.admin_address(), Some(Endpoint::Tcp("::1".into(), 9903)));
 
         let overlay = "admin: { address: { pipe: { path: /run/a.sock } } }";
         let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path, "--config-yaml", overlay])).expect("load");
-        assert_eq!(loaded.expect("some").admin_address(), Some(AdminAddress::Unix("/run/a.sock".into())));
+        assert_eq!(loaded.expect("some").admin_address(), Some(Endpoint::Unix("/run/a.sock".into())));
     }
 
     #[test]

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
-use crate::admin::{AdminAddress, Listeners};
+use crate::admin::Listeners;
 use crate::drain::DrainSettings;
 use crate::envoy::EnvoyFlags;
+use crate::http::Endpoint;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,7 +73,7 @@ pub struct RunOptions {
 
     /// Envoy's admin API: a unix socket path, unix:PATH, or HOST:PORT [default: read from the bootstrap].
     #[arg(long, env = "SESAME_ADMIN")]
-    pub admin: Option<AdminAddress>,
+    pub admin: Option<Endpoint>,
 
     #[command(flatten)]
     pub drain: DrainOptions,

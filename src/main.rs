@@ -7,6 +7,7 @@ mod cli;
 mod demo;
 mod drain;
 mod envoy;
+mod http;
 mod launch;
 mod logging;
 mod process;

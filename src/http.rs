@@ -1,0 +1,204 @@
+//! A small HTTP/1.1 client over a unix socket or TCP, for Envoy's admin API and the launcher's own
+//! control socket. Every request opens its own connection (a stale keep-alive connection to an admin
+//! that moved to a new epoch would fail) and is bounded by a timeout, so a hung peer never hangs us.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+
+/// Where an HTTP peer listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String, u16),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::Tcp(host, port) if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Endpoint::Tcp(host, port) => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    /// `unix:PATH` or a path (anything with a '/') for a unix socket, `HOST:PORT` for TCP.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            return Ok(Endpoint::Unix(path.into()));
+        }
+        if text.contains('/') {
+            return Ok(Endpoint::Unix(text.into()));
+        }
+        let (host, port) =
+            text.rsplit_once(':').ok_or_else(|| format!("address '{text}' is neither a path nor HOST:PORT"))?;
+        let port = port.parse().map_err(|_| format!("address '{text}' has no valid port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Ok(Endpoint::Tcp(if host.is_empty() { "127.0.0.1".into() } else { host.into() }, port))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("{0} unreachable: {1}")]
+    Connect(Endpoint, std::io::Error),
+    #[error("{0} did not answer within {1:?}")]
+    Timeout(Endpoint, Duration),
+    #[error("{0}: {1}")]
+    Http(Endpoint, hyper::Error),
+    #[error("{0} answered {2} to {1}")]
+    Status(Endpoint, String, StatusCode),
+    #[error("{0} sent an unreadable answer to {1}: {2}")]
+    Body(Endpoint, String, String),
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpClient {
+    endpoint: Endpoint,
+    timeout: Duration,
+}
+
+impl HttpClient {
+    pub fn new(endpoint: Endpoint, timeout: Duration) -> Self {
+        HttpClient { endpoint, timeout }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Sends one request and returns the status and body.
+    pub async fn request(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError> {
+        tokio::time::timeout(self.timeout, self.request_unbounded(method, path))
+            .await
+            .map_err(|_| HttpError::Timeout(self.endpoint.clone(), self.timeout))?
+    }
+
+    /// A request that must answer 200.
+    pub async fn expect_ok(&self, method: Method, path: &str) -> Result<Bytes, HttpError> {
+        let (status, body) = self.request(method, path).await?;
+        if status != StatusCode::OK {
+            return Err(HttpError::Status(self.endpoint.clone(), path.to_string(), status));
+        }
+        Ok(body)
+    }
+
+    /// An error for an answer that could not be read.
+    pub fn unreadable(&self, path: &str, body: &[u8]) -> HttpError {
+        HttpError::Body(self.endpoint.clone(), path.into(), String::from_utf8_lossy(body).into())
+    }
+
+    async fn request_unbounded(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError> {
+        let connect_error = |e| HttpError::Connect(self.endpoint.clone(), e);
+        match &self.endpoint {
+            Endpoint::Unix(socket) => {
+                let stream = connect_unix(socket).await.map_err(connect_error)?;
+                self.exchange(stream, method, path).await
+            }
+            Endpoint::Tcp(host, port) => {
+                let stream = TcpStream::connect((host.as_str(), *port)).await.map_err(connect_error)?;
+                self.exchange(stream, method, path).await
+            }
+        }
+    }
+
+    async fn exchange<S>(&self, stream: S, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let http_error = |e| HttpError::Http(self.endpoint.clone(), e);
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_error)?;
+        // The connection task ends with the response (Connection: close) or when this future is dropped.
+        let driver = tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| HttpError::Body(self.endpoint.clone(), path.to_string(), e.to_string()))?;
+        let result = async {
+            let response = sender.send_request(request).await.map_err(http_error)?;
+            let status = response.status();
+            let body = response.into_body().collect().await.map_err(http_error)?.to_bytes();
+            Ok((status, body))
+        }
+        .await;
+        driver.abort();
+        result
+    }
+}
+
+/// Connects to a unix socket; a path starting with '@' names one in the abstract namespace, as
+/// in Envoy's `pipe.path`.
+async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    if let Some(name) = path.as_os_str().as_bytes().strip_prefix(b"@") {
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        // A local connect either succeeds or fails at once; it does not wait on a network.
+        let stream = std::os::unix::net::UnixStream::connect_addr(&address)?;
+        stream.set_nonblocking(true)?;
+        return UnixStream::from_std(stream);
+    }
+    UnixStream::connect(path).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_endpoints() {
+        assert_eq!("/run/a.sock".parse(), Ok(Endpoint::Unix("/run/a.sock".into())));
+        assert_eq!("unix:a.sock".parse(), Ok(Endpoint::Unix("a.sock".into())));
+        assert_eq!("127.0.0.1:9901".parse(), Ok(Endpoint::Tcp("127.0.0.1".into(), 9901)));
+        assert_eq!("[::1]:9901".parse(), Ok(Endpoint::Tcp("::1".into(), 9901)));
+        assert_eq!(":9901".parse(), Ok(Endpoint::Tcp("127.0.0.1".into(), 9901)));
+        assert!("localhost".parse::<Endpoint>().is_err());
+        assert!("localhost:http".parse::<Endpoint>().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_hung_peer_times_out_and_a_missing_one_fails_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("hung.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let _accepting = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let client = HttpClient::new(Endpoint::Unix(socket), Duration::from_millis(200));
+        let err = client.request(Method::GET, "/").await.expect_err("hung");
+        assert!(matches!(err, HttpError::Timeout(..)), "{err}");
+
+        let missing = HttpClient::new(Endpoint::Unix(dir.path().join("missing.sock")), Duration::from_secs(1));
+        let err = missing.request(Method::GET, "/").await.expect_err("missing");
+        assert!(matches!(err, HttpError::Connect(..)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn connects_to_an_abstract_socket() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("sesame-test-{}", std::process::id());
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("name");
+        let listener = std::os::unix::net::UnixListener::bind_addr(&address).expect("bind abstract");
+        let connected = connect_unix(Path::new(&format!("@{name}"))).await;
+        assert!(connected.is_ok(), "{connected:?}");
+        assert!(listener.accept().is_ok());
+    }
+}
