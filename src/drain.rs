@@ -151,7 +151,7 @@ async fn post(admin: &AdminClient, path: &str, consecutive_errors: &mut u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::AdminAddress;
+    use crate::http::Endpoint;
 
     fn settings() -> DrainSettings {
         DrainSettings {
@@ -192,7 +192,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_missing_admin_ends_the_drain_after_the_error_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let admin = AdminClient::new(AdminAddress::Unix(dir.path().join("missing.sock")));
+        let admin = AdminClient::new(Endpoint::Unix(dir.path().join("missing.sock")));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         run(admin, settings(), DrainContext::default(), tx).await;
         let mut polls = 0;
