@@ -29,7 +29,53 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start ENVOY_COMMAND (or the embedded demo) and supervise it as its init.
-    Run(RunOptions),
+    Run(Box<RunOptions>),
+    /// Drain now and block until drained (exit 0) or the drain timed out (exit 1): a preStop hook.
+    Shutdown {
+        #[command(flatten)]
+        location: Location,
+        /// Give up waiting after this long (exit 1); the drain goes on.
+        #[arg(long, env = "SESAME_WAIT_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+        wait_timeout: Duration,
+    },
+    /// Validated hot restart; exit 0 once the new epoch is LIVE, else 1 with the reason.
+    Reload {
+        #[command(flatten)]
+        location: Location,
+        /// Give up waiting after this long (exit 1).
+        #[arg(long, env = "SESAME_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+        wait_timeout: Duration,
+    },
+    /// State, epochs, pids, drain progress; exit 0 when ready, 1 when not, 2 when unreachable.
+    Status {
+        #[command(flatten)]
+        location: Location,
+        /// The JSON of GET /status.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the launcher keeps its sockets; the clients find it the same way.
+#[derive(Debug, Args, Clone)]
+pub struct Location {
+    /// Directory for the demo's files and sockets [default: /run/sesame as root, else $XDG_RUNTIME_DIR/sesame].
+    #[arg(long, env = "SESAME_RUNTIME_DIR")]
+    pub runtime_dir: Option<PathBuf>,
+
+    /// The control socket [default: RUNTIME_DIR/control.sock].
+    #[arg(long, env = "SESAME_CONTROL")]
+    pub control: Option<PathBuf>,
+}
+
+impl Location {
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.runtime_dir.clone().unwrap_or_else(default_runtime_dir)
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.control.clone().unwrap_or_else(|| self.runtime_dir().join("control.sock"))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -55,9 +101,24 @@ pub struct RunOptions {
     #[arg(long, env = "SESAME_ENVOY_BIN", default_value = "envoy")]
     pub envoy_bin: PathBuf,
 
-    /// Directory for the demo's files and sockets [default: /run/sesame as root, else $XDG_RUNTIME_DIR/sesame].
-    #[arg(long, env = "SESAME_RUNTIME_DIR")]
-    pub runtime_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub location: Location,
+
+    /// Also serve the control API on this TCP address (HOST:PORT), for probes and scrapes.
+    #[arg(long, env = "SESAME_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+
+    /// Serve --http over TLS with this certificate chain (re-read when it changes).
+    #[arg(long, env = "SESAME_HTTP_TLS_CERT", requires = "http_tls_key")]
+    pub http_tls_cert: Option<PathBuf>,
+
+    /// The private key of --http-tls-cert.
+    #[arg(long, env = "SESAME_HTTP_TLS_KEY", requires = "http_tls_cert")]
+    pub http_tls_key: Option<PathBuf>,
+
+    /// A file holding a token that POST /shutdown and /reload over --http must bear (Authorization: Bearer).
+    #[arg(long, env = "SESAME_HTTP_TOKEN")]
+    pub http_token: Option<PathBuf>,
 
     /// After the command exits: how long the processes it left get between SIGTERM and SIGKILL.
     #[arg(long, env = "SESAME_KILL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -199,7 +260,7 @@ impl EnvoyFlagOptions {
 
 impl RunOptions {
     pub fn runtime_dir(&self) -> PathBuf {
-        self.runtime_dir.clone().unwrap_or_else(default_runtime_dir)
+        self.location.runtime_dir()
     }
 }
 
@@ -252,7 +313,7 @@ mod tests {
             "3",
         ])
         .expect("parses");
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else { panic!("run") };
         assert_eq!(run.kill_timeout, Duration::from_secs(2));
         assert_eq!(run.command, ["envoy", "-c", "x.yaml", "--base-id", "3"]);
     }

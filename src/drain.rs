@@ -44,6 +44,19 @@ pub enum DrainEnd {
     EnvoyExited,
 }
 
+impl DrainEnd {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DrainEnd::Threshold => "threshold",
+            DrainEnd::Timeout => "timeout",
+            DrainEnd::AdminUnreachable => "admin_unreachable",
+            DrainEnd::SecondSignal => "second_signal",
+            DrainEnd::EnvoyExited => "envoy_exited",
+        }
+    }
+}
+
 impl std::fmt::Display for DrainEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -4,16 +4,20 @@ mod admin;
 mod bootstrap;
 mod certs;
 mod cli;
+mod client;
+mod control;
 mod demo;
 mod drain;
 mod envoy;
 mod http;
 mod launch;
 mod logging;
+mod metrics;
 mod process;
 mod reload;
 mod signals;
 mod supervisor;
+mod systemd;
 mod watch;
 
 use clap::Parser;
@@ -26,6 +30,9 @@ fn main() {
     logging::init(&cli.log);
     let code = match cli.command {
         Command::Run(options) => run(&options),
+        Command::Shutdown { location, wait_timeout } => client::shutdown(&location, wait_timeout),
+        Command::Reload { location, wait_timeout } => client::reload(&location, wait_timeout),
+        Command::Status { location, json } => client::status(&location, json),
     };
     std::process::exit(code);
 }
@@ -62,6 +69,16 @@ fn run(options: &cli::RunOptions) -> i32 {
         reload_timeout: options.reload.reload_timeout,
         cert_expiry_warn: options.reload.cert_expiry_warn,
         watch,
+        control: supervisor::ControlSettings {
+            socket: options.location.control_socket(),
+            http: options.http.clone(),
+            http_tls: options
+                .http_tls_cert
+                .clone()
+                .zip(options.http_tls_key.clone())
+                .map(|(cert, key)| certs::TlsPair { cert, key }),
+            http_token: options.http_token.clone(),
+        },
     };
     runtime.block_on(supervisor::run(launch, settings))
 }

@@ -72,8 +72,8 @@ fn last_error_line(text: &str) -> String {
 /// How often a starting epoch's admin is asked whether it is LIVE.
 const LIVE_POLL: Duration = Duration::from_millis(50);
 
-/// Polls the admin until it answers as `epoch` in state LIVE, or `timeout` passes.
-pub async fn await_live(admin: AdminClient, epoch: u32, timeout: Duration, events: UnboundedSender<Event>) {
+/// Polls the admin until it answers as `epoch` in state LIVE, or `timeout` passes (None: no limit).
+pub async fn await_live(admin: AdminClient, epoch: u32, timeout: Option<Duration>, events: UnboundedSender<Event>) {
     let poll = async {
         loop {
             if let Ok(info) = admin.server_info().await
@@ -85,9 +85,15 @@ pub async fn await_live(admin: AdminClient, epoch: u32, timeout: Duration, event
             tokio::time::sleep(LIVE_POLL).await;
         }
     };
-    let result = tokio::time::timeout(timeout, poll)
-        .await
-        .map_err(|_| format!("epoch {epoch} did not answer LIVE on the admin API within {timeout:?}"));
+    let result = match timeout {
+        Some(timeout) => tokio::time::timeout(timeout, poll)
+            .await
+            .map_err(|_| format!("epoch {epoch} did not answer LIVE on the admin API within {timeout:?}")),
+        None => {
+            poll.await;
+            Ok(())
+        }
+    };
     let _ = events.send(Event::EpochReady { epoch, result });
 }
 

@@ -17,20 +17,26 @@
 //! the launcher exits with that epoch's status.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::certs::TlsPair;
+use crate::control::{self, ControlApi, ControlRequest, DrainStatus, EpochStatus, ReloadStatus, ReloadingCert, Status};
 use crate::drain::{self, DrainContext, DrainEnd, DrainSettings};
 use crate::envoy;
 use crate::launch::Launch;
+use crate::metrics::Metrics;
 use crate::process::{self, Exit, InitMode};
 use crate::reload::{self, Preflight};
 use crate::signals;
+use crate::systemd::{self, Notifier};
 use crate::watch::{self, WatchSpec};
 
 /// Everything the supervisor reacts to.
@@ -52,6 +58,10 @@ pub enum Event {
     },
     /// A draining epoch that a restart waits for did not exit when it should have.
     DrainingEpochOverdue(Pid),
+    /// A request on the control API.
+    Control(ControlRequest),
+    /// The certificate or key of `--http` changed.
+    HttpTlsChanged(Vec<PathBuf>),
 }
 
 #[derive(Debug, Clone)]
@@ -62,7 +72,20 @@ pub struct Settings {
     pub reload_timeout: Duration,
     pub cert_expiry_warn: Duration,
     pub watch: WatchSpec,
+    pub control: ControlSettings,
 }
+
+/// Where the control API listens.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    pub socket: PathBuf,
+    pub http: Option<String>,
+    pub http_tls: Option<TlsPair>,
+    pub http_token: Option<PathBuf>,
+}
+
+/// A reply to `POST /reload`: the new epoch, or the HTTP status and the reason.
+type ReloadReply = oneshot::Sender<Result<u32, (u16, String)>>;
 
 /// How long to wait for SIGKILLed processes to be reaped before giving up on them (a process in
 /// uninterruptible sleep can outlive SIGKILL; the launcher must still exit).
@@ -74,6 +97,15 @@ struct Epoch {
     number: u32,
     pid: Pid,
     started: Instant,
+    started_at: SystemTime,
+    /// Its admin answered LIVE as this epoch (for a plain command or without admin: from the start).
+    live: bool,
+}
+
+impl Epoch {
+    fn new(number: u32, pid: Pid, live: bool) -> Epoch {
+        Epoch { number, pid, started: Instant::now(), started_at: SystemTime::now(), live }
+    }
 }
 
 /// Where the launcher is in its life.
@@ -140,6 +172,17 @@ struct Supervisor {
     restart_queued: bool,
     /// Why hot restarts are blocked, after a new epoch failed.
     degraded: Option<String>,
+    metrics: Arc<Metrics>,
+    systemd: Notifier,
+    http_tls: Option<Arc<ReloadingCert>>,
+    /// Callers of /shutdown, answered when the drain ends.
+    shutdown_waiters: Vec<oneshot::Sender<bool>>,
+    /// How the drain ended (true: drained), once it has.
+    drained: Option<bool>,
+    /// Callers of /reload waiting for the restart under way, and for the one queued after it.
+    reload_waiters: Vec<ReloadReply>,
+    queued_reload_waiters: Vec<ReloadReply>,
+    last_reload: Option<ReloadStatus>,
 }
 
 /// Runs `launch` to completion and returns the status the launcher exits with.
@@ -159,6 +202,14 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
         tracing::error!("cannot install signal handlers: {e}");
         return 1;
     }
+    let metrics = Arc::new(Metrics::new());
+    let http_tls = match start_control(&settings, events_tx.clone(), metrics.clone()).await {
+        Ok(http_tls) => http_tls,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return 1;
+        }
+    };
     let argv = launch.epoch_argv(0, None);
     // A plain command gets the terminal as under tini; Envoy does not, so that Ctrl-C reaches the launcher.
     let pid = match process::spawn(&argv, !launch.is_envoy(), None) {
@@ -169,11 +220,24 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
         }
     };
     tracing::info!(pid = pid.as_raw(), "started {}", shell_words(&argv));
+    metrics.epochs_started.inc();
+    metrics.live_epochs.set(1);
     if launch.is_envoy()
         && !settings.watch.is_empty()
-        && let Err(e) = watch::start(settings.watch.clone(), events_tx.clone())
+        && let Err(e) = watch::start(settings.watch.clone(), events_tx.clone(), Event::FilesChanged)
     {
         tracing::warn!("cannot watch files for changes ({e}): hot restarts only on SIGHUP");
+    }
+    let admin = launch.envoy.as_ref().and_then(|e| e.admin.clone());
+    let systemd = Notifier::from_env();
+    systemd::spawn_watchdog(admin.clone());
+    match &admin {
+        // Ready once Envoy says it is LIVE, however long its initialisation (xDS, say) takes.
+        Some(admin) => {
+            systemd.status("Envoy epoch 0 is starting");
+            tokio::spawn(reload::await_live(admin.clone(), 0, None, events_tx.clone()));
+        }
+        None => systemd.ready(&format!("{} is running", argv[0].to_string_lossy())),
     }
 
     let kill_timeout = settings.kill_timeout;
@@ -181,12 +245,20 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
         launch,
         settings,
         events: events_tx,
-        epochs: vec![Epoch { number: 0, pid, started: Instant::now() }],
+        epochs: vec![Epoch::new(0, pid, admin.is_none())],
         current: 0,
         phase: Phase::Running,
         restart: Restart::Idle,
         restart_queued: false,
         degraded: None,
+        metrics,
+        systemd,
+        http_tls,
+        shutdown_waiters: Vec::new(),
+        drained: None,
+        reload_waiters: Vec::new(),
+        queued_reload_waiters: Vec::new(),
+        last_reload: None,
     };
     let exit = supervisor.supervise(&mut events).await;
     stop_leftovers(mode, pid, kill_timeout, &mut events).await;
@@ -231,8 +303,16 @@ impl Supervisor {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Signal(sig @ (libc::SIGTERM | libc::SIGINT)) if self.launch.is_envoy() => self.on_stop_signal(sig),
-            Event::Signal(libc::SIGHUP) if self.launch.is_envoy() => self.request_restart("SIGHUP".into()),
+            Event::Signal(sig @ (libc::SIGTERM | libc::SIGINT)) if self.launch.is_envoy() => {
+                self.on_stop(&signal_name(sig), sig)
+            }
+            Event::Signal(libc::SIGHUP) if self.launch.is_envoy() => {
+                if let Err((_, reason)) = self.request_restart("SIGHUP".into()) {
+                    // systemd's notify-reload waits for RELOADING=1 then READY=1 after a SIGHUP.
+                    self.systemd.reloading("reload refused");
+                    self.systemd.ready(&format!("reload refused: {reason}"));
+                }
+            }
             Event::Signal(libc::SIGUSR1) => self.signal_epochs(libc::SIGUSR1),
             Event::Signal(sig) => self.signal_current(sig),
             Event::DrainPolled { connections: polled } => {
@@ -248,7 +328,16 @@ impl Supervisor {
             }
             Event::FilesChanged(files) => {
                 let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-                self.request_restart(format!("changed: {}", names.join(", ")));
+                let _ = self.request_restart(format!("changed: {}", names.join(", ")));
+            }
+            Event::Control(request) => self.on_control(request),
+            Event::HttpTlsChanged(files) => {
+                if let Some(tls) = &self.http_tls {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("--http: new certificate in use (changed: {files:?})"),
+                        Err(reason) => tracing::error!("--http: new certificate refused, the old one stays: {reason}"),
+                    }
+                }
             }
             Event::Preflight(result) => self.on_preflight(result),
             Event::Validated(result) => self.on_validated(result),
@@ -267,14 +356,18 @@ impl Supervisor {
         for (pid, exit) in process::reap_all().exits {
             if let Some(i) = self.epochs.iter().position(|e| e.pid == pid) {
                 let epoch = self.epochs.remove(i);
+                self.metrics.reaped("epoch");
+                self.metrics.live_epochs.set(self.epochs.len() as i64);
                 if let Some(exit) = self.on_epoch_exit(epoch, exit) {
                     current_exit = Some(exit);
                 }
             } else if let Restart::Validating { pid: validator, output, .. } = &self.restart
                 && *validator == pid
             {
+                self.metrics.reaped("validator");
                 tokio::spawn(reload::validation_verdict(exit, output.clone(), self.events.clone()));
             } else {
+                self.metrics.reaped("orphan");
                 tracing::debug!(pid = pid.as_raw(), "reaped an adopted orphan ({exit})");
             }
         }
@@ -313,15 +406,14 @@ impl Supervisor {
         None
     }
 
-    fn on_stop_signal(&mut self, sig: i32) {
+    fn on_stop(&mut self, trigger: &str, sig: i32) {
         match &self.phase {
             Phase::Running => {
                 self.cancel_restart();
                 match self.launch.envoy.as_ref().and_then(|e| e.admin.clone()) {
                     Some(admin) if !self.settings.drain.timeout.is_zero() => {
                         tracing::info!(
-                            "{}: draining Envoy through its admin {} (at most {:?})",
-                            signal_name(sig),
+                            "{trigger}: draining Envoy through its admin {} (at most {:?})",
                             admin.address(),
                             self.settings.drain.timeout
                         );
@@ -332,9 +424,12 @@ impl Supervisor {
                         let drain = drain::run(admin, self.settings.drain.clone(), context, self.events.clone());
                         self.phase =
                             Phase::Draining { started: Instant::now(), task: tokio::spawn(drain), connections: None };
+                        self.systemd.stopping("draining Envoy");
                     }
                     _ => {
-                        tracing::info!("{}: passing it on to Envoy (no drain)", signal_name(sig));
+                        tracing::info!("{trigger}: passing SIGTERM on to Envoy (no drain)");
+                        self.systemd.stopping("stopping Envoy (no drain)");
+                        self.answer_shutdown_waiters(true);
                         self.terminate(sig);
                     }
                 }
@@ -353,10 +448,20 @@ impl Supervisor {
             task.abort();
             let open = connections.map_or_else(|| "unknown".to_string(), |n| n.to_string());
             let what = if end == DrainEnd::EnvoyExited { "open when Envoy exited" } else { "open at SIGTERM" };
-            tracing::info!(
-                "drain ended: {end}, after {:.2?}; downstream connections {what}: {open}",
-                started.elapsed()
-            );
+            let took = started.elapsed();
+            tracing::info!("drain ended: {end}, after {took:.2?}; downstream connections {what}: {open}");
+            self.metrics.drains.get_or_create(&crate::metrics::ReasonLabel { reason: end.label().into() }).inc();
+            self.metrics.drain_seconds.observe(took.as_secs_f64());
+            self.metrics.connections_at_sigterm.set(connections.map_or(-1, |n| n as i64));
+            self.systemd.status(&format!("drain ended: {end}"));
+            self.answer_shutdown_waiters(matches!(end, DrainEnd::Threshold | DrainEnd::EnvoyExited));
+        }
+    }
+
+    fn answer_shutdown_waiters(&mut self, drained: bool) {
+        self.drained.get_or_insert(drained);
+        for waiter in self.shutdown_waiters.drain(..) {
+            let _ = waiter.send(drained);
         }
     }
 
@@ -396,24 +501,27 @@ impl Supervisor {
 
     // The hot restart, step by step.
 
-    fn request_restart(&mut self, trigger: String) {
+    /// Starts a hot restart, or queues one behind the restart under way. Refused while shutting
+    /// down or degraded, with the HTTP status and reason for the control API.
+    fn request_restart(&mut self, trigger: String) -> Result<(), (u16, String)> {
         if !matches!(self.phase, Phase::Running) {
             tracing::info!("{trigger}: no hot restart while shutting down");
-            return;
+            return Err((409, "shutting down".into()));
         }
         if let Some(why) = &self.degraded {
             tracing::error!("{trigger}: cannot hot-restart: {why}");
-            return;
+            return Err((409, format!("cannot hot-restart: {why}")));
         }
         if !matches!(self.restart, Restart::Idle) {
             if !self.restart_queued {
                 tracing::info!("{trigger}: a hot restart is under way; one more will follow it");
             }
             self.restart_queued = true;
-            return;
+            return Ok(());
         }
-        let Some(envoy) = &self.launch.envoy else { return };
+        let Some(envoy) = &self.launch.envoy else { return Err((409, "not Envoy".into())) };
         tracing::info!("{trigger}: validating for a hot restart to epoch {}", self.next_epoch());
+        self.systemd.reloading(&format!("hot restart to epoch {}", self.next_epoch()));
         let command = self.launch.command.clone();
         let base_id_file = envoy.base_id_file.clone();
         let expiry_warn = self.settings.cert_expiry_warn;
@@ -423,6 +531,7 @@ impl Supervisor {
             let _ = events.send(Event::Preflight(result));
         });
         self.restart = Restart::Preflight { started: Instant::now() };
+        Ok(())
     }
 
     fn on_preflight(&mut self, result: Result<Preflight, String>) {
@@ -485,10 +594,12 @@ impl Supervisor {
             Err(e) => return self.restart_refused(&e.to_string()),
         };
         tracing::info!(pid = pid.as_raw(), "hot restart: started epoch {epoch}: {}", shell_words(&argv));
-        self.epochs.push(Epoch { number: epoch, pid, started: Instant::now() });
+        self.epochs.push(Epoch::new(epoch, pid, false));
+        self.metrics.epochs_started.inc();
+        self.metrics.live_epochs.set(self.epochs.len() as i64);
         let waiter = match self.launch.envoy.as_ref().and_then(|e| e.admin.clone()) {
             Some(admin) => {
-                tokio::spawn(reload::await_live(admin, epoch, self.settings.reload_timeout, self.events.clone()))
+                tokio::spawn(reload::await_live(admin, epoch, Some(self.settings.reload_timeout), self.events.clone()))
             }
             None => {
                 // Without an admin API there is no way to see the new epoch LIVE: trust its start.
@@ -500,6 +611,15 @@ impl Supervisor {
     }
 
     fn on_epoch_ready(&mut self, epoch: u32, result: Result<(), String>) {
+        if epoch == self.current
+            && result.is_ok()
+            && let Some(serving) = self.epochs.iter_mut().find(|e| e.number == epoch && !e.live)
+        {
+            serving.live = true;
+            tracing::info!(pid = serving.pid.as_raw(), "Envoy epoch {epoch} is LIVE");
+            self.systemd.ready(&format!("serving: epoch {epoch} is LIVE"));
+            return;
+        }
         let Restart::Starting { started, epoch: starting, pid, .. } = self.restart else { return };
         if starting != epoch {
             return;
@@ -513,7 +633,12 @@ impl Supervisor {
                     self.current
                 );
                 self.current = epoch;
+                if let Some(new) = self.epochs.iter_mut().find(|e| e.number == epoch) {
+                    new.live = true;
+                }
+                self.metrics.current_epoch.set(i64::from(epoch));
                 self.restart = Restart::Idle;
+                self.reload_finished("success", Ok(epoch), format!("epoch {epoch} is LIVE"));
                 self.run_queued_restart();
             }
             Err(reason) => {
@@ -529,7 +654,25 @@ impl Supervisor {
     fn restart_refused(&mut self, reason: &str) {
         tracing::error!("hot restart refused, epoch {} keeps serving: {reason}", self.current);
         self.restart = Restart::Idle;
+        self.reload_finished("refused", Err((422, reason.to_string())), format!("reload refused: {reason}"));
         self.run_queued_restart();
+    }
+
+    /// Records how a hot restart ended, answers its /reload callers and tells systemd.
+    fn reload_finished(&mut self, result: &'static str, reply: Result<u32, (u16, String)>, status: String) {
+        self.metrics.reload(result);
+        let detail = match &reply {
+            Ok(epoch) => format!("epoch {epoch}"),
+            Err((_, reason)) => reason.clone(),
+        };
+        let at_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.last_reload = Some(ReloadStatus { result, detail, at_unix });
+        for waiter in self.reload_waiters.drain(..) {
+            let _ = waiter.send(reply.clone());
+        }
+        if !self.restart_queued {
+            self.systemd.ready(&status);
+        }
     }
 
     /// A new epoch failed after it started: the serving epoch is never signalled, but Envoy's hot
@@ -543,17 +686,23 @@ impl Supervisor {
             self.current
         );
         tracing::error!("degraded: {why}; epoch {} keeps serving", self.current);
-        self.degraded = Some(why);
+        self.degraded = Some(why.clone());
+        self.metrics.degraded.set(1);
         self.restart = Restart::Idle;
-        if self.restart_queued {
-            self.restart_queued = false;
-            tracing::error!("the queued hot restart is dropped: degraded");
+        self.restart_queued = false;
+        self.reload_finished("failed", Err((500, why.clone())), format!("degraded: {why}"));
+        for waiter in self.queued_reload_waiters.drain(..) {
+            let _ = waiter.send(Err((409, format!("cannot hot-restart: {why}"))));
         }
     }
 
     fn run_queued_restart(&mut self) {
         if std::mem::take(&mut self.restart_queued) {
-            self.request_restart("queued trigger".into());
+            let waiters = std::mem::take(&mut self.queued_reload_waiters);
+            match self.request_restart("queued trigger".into()) {
+                Ok(()) => self.reload_waiters.extend(waiters),
+                Err(reply) => waiters.into_iter().for_each(|w| drop(w.send(Err(reply.clone())))),
+            }
         }
     }
 
@@ -564,6 +713,83 @@ impl Supervisor {
             _ => {}
         }
         self.restart_queued = false;
+        for waiter in self.reload_waiters.drain(..).chain(self.queued_reload_waiters.drain(..)) {
+            let _ = waiter.send(Err((409, "shutting down".into())));
+        }
+    }
+
+    // The control API.
+
+    fn on_control(&mut self, request: ControlRequest) {
+        match request {
+            ControlRequest::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            ControlRequest::Shutdown(reply) => {
+                if let Some(drained) = self.drained {
+                    let _ = reply.send(drained);
+                    return;
+                }
+                self.shutdown_waiters.push(reply);
+                if matches!(self.phase, Phase::Running) {
+                    if self.launch.is_envoy() {
+                        self.on_stop("control API /shutdown", libc::SIGTERM);
+                    } else {
+                        self.answer_shutdown_waiters(true);
+                        self.terminate(libc::SIGTERM);
+                    }
+                }
+            }
+            ControlRequest::Reload(reply) => {
+                let under_way = !matches!(self.restart, Restart::Idle);
+                match self.request_restart("control API".into()) {
+                    Ok(()) if under_way => self.queued_reload_waiters.push(reply),
+                    Ok(()) => self.reload_waiters.push(reply),
+                    Err(refused) => drop(reply.send(Err(refused))),
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let current_live = self.epochs.iter().any(|e| e.number == self.current && e.live);
+        let state = match self.phase {
+            Phase::Running if current_live => "running",
+            Phase::Running => "starting",
+            Phase::Draining { .. } => "draining",
+            Phase::Stopping { .. } => "stopping",
+        };
+        let since_epoch = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Status {
+            state,
+            ready: matches!(self.phase, Phase::Running) && current_live,
+            degraded: self.degraded.clone(),
+            current_epoch: self.current,
+            epochs: self
+                .epochs
+                .iter()
+                .map(|e| EpochStatus {
+                    epoch: e.number,
+                    pid: e.pid.as_raw(),
+                    started_unix: since_epoch(e.started_at),
+                    live: e.live,
+                })
+                .collect(),
+            restart: match self.restart {
+                Restart::Idle => None,
+                Restart::Preflight { .. } => Some("checking certificates"),
+                Restart::Validating { .. } => Some("validating"),
+                Restart::WaitingForDraining { .. } => Some("waiting for the draining epoch to exit"),
+                Restart::Starting { .. } => Some("starting the new epoch"),
+            },
+            last_reload: self.last_reload.clone(),
+            drain: match &self.phase {
+                Phase::Draining { started, connections, .. } => {
+                    Some(DrainStatus { elapsed_seconds: started.elapsed().as_secs_f64(), connections: *connections })
+                }
+                _ => None,
+            },
+        }
     }
 
     fn restart_started(&self) -> Option<Instant> {
@@ -579,6 +805,55 @@ impl Supervisor {
     fn next_epoch(&self) -> u32 {
         self.epochs.iter().map(|e| e.number).max().unwrap_or(self.current) + 1
     }
+}
+
+/// Binds the control socket (and `--http`) and serves them; returns the `--http` certificate, which
+/// the supervisor swaps when its files change.
+async fn start_control(
+    settings: &Settings,
+    events: UnboundedSender<Event>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<ReloadingCert>>> {
+    use anyhow::Context;
+    let control = &settings.control;
+    let token = match &control.http_token {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read --http-token {}", file.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let api = ControlApi::new(events.clone(), metrics, token.clone());
+    let listener = control::bind_unix(&control.socket)?;
+    tracing::info!("control API on unix:{}", control.socket.display());
+    tokio::spawn(api.clone().serve_unix(listener));
+    let Some(address) = &control.http else { return Ok(None) };
+    let listener =
+        tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot bind --http {address}"))?;
+    let local = listener.local_addr().context("--http address")?;
+    let tls = match &control.http_tls {
+        Some(pair) => Some(ReloadingCert::load(pair.clone()).map_err(|e| anyhow::anyhow!("--http-tls: {e}"))?),
+        None => None,
+    };
+    if tls.is_none() && !local.ip().is_loopback() {
+        tracing::warn!("--http {local} is not loopback and has no TLS: the control API is readable by the network");
+    }
+    if token.is_none() && !local.ip().is_loopback() {
+        tracing::warn!("--http {local} has no --http-token: anyone who reaches it can shut Envoy down");
+    }
+    let acceptor = match &tls {
+        Some(cert) => {
+            let spec = WatchSpec { envoy_command: None, extra: cert.files(), debounce: settings.watch.debounce };
+            watch::start(spec, events, Event::HttpTlsChanged).context("cannot watch the --http certificate")?;
+            Some(cert.acceptor().map_err(|e| anyhow::anyhow!("--http-tls: {e}"))?)
+        }
+        None => None,
+    };
+    tracing::info!("control API on {}://{local}", if acceptor.is_some() { "https" } else { "http" });
+    tokio::spawn(api.serve_tcp(listener, acceptor));
+    Ok(tls)
 }
 
 fn send(pid: Pid, sig: i32) {

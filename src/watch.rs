@@ -98,8 +98,12 @@ fn changed(before: &Snapshot, after: &Snapshot) -> Vec<PathBuf> {
     keys.into_iter().filter(|k| before.get(*k) != after.get(*k)).cloned().collect()
 }
 
-/// Starts watching; every real change, debounced, becomes an `Event::FilesChanged`.
-pub fn start(spec: WatchSpec, events: UnboundedSender<Event>) -> notify::Result<()> {
+/// Starts watching; every real change, debounced, becomes the event `to_event` makes of the files.
+pub fn start(
+    spec: WatchSpec,
+    events: UnboundedSender<Event>,
+    to_event: fn(Vec<PathBuf>) -> Event,
+) -> notify::Result<()> {
     let (notify_tx, mut notifications) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
         // Any event in a watched directory may matter; the hashes decide after the debounce.
@@ -136,7 +140,7 @@ pub fn start(spec: WatchSpec, events: UnboundedSender<Event>) -> notify::Result<
             watch_directories(&mut watcher, &spec.directories(&files), &mut watched);
             let changed = changed(&last, &current);
             last = current;
-            if !changed.is_empty() && events.send(Event::FilesChanged(changed)).is_err() {
+            if !changed.is_empty() && events.send(to_event(changed)).is_err() {
                 return;
             }
         }

@@ -67,7 +67,7 @@ fn without_the_drain_requests_in_flight_are_reset() {
     assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
     let failed = results.iter().filter(|r| r.is_err()).count();
     assert_eq!(failed, IN_FLIGHT, "plain forwarding resets every request in flight: {results:?}");
-    assert!(proxy.launcher.log().contains("SIGTERM: passing it on to Envoy (no drain)"));
+    assert!(proxy.launcher.log().contains("SIGTERM: passing SIGTERM on to Envoy (no drain)"));
 }
 
 #[test]
@@ -195,7 +195,7 @@ fn no_admin_address_means_plain_sigterm_with_a_warning() {
     launcher.signal(Signal::SIGTERM);
     assert_eq!(launcher.exit_code(Duration::from_secs(20)), 0);
     let log = launcher.log();
-    assert!(log.contains("no admin address found") && log.contains("passing it on to Envoy (no drain)"), "{log}");
+    assert!(log.contains("no admin address found") && log.contains("passing SIGTERM on to Envoy (no drain)"), "{log}");
 }
 
 #[test]

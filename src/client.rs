@@ -1,0 +1,123 @@
+//! The client subcommands: `sesame shutdown`, `reload` and `status` talk to a running launcher
+//! over its control socket, found as the launcher finds it.
+
+use std::time::Duration;
+
+use hyper::{Method, StatusCode};
+
+use crate::cli::Location;
+use crate::http::{Endpoint, HttpClient};
+
+/// Exit statuses of the clients.
+const OK: i32 = 0;
+const REFUSED: i32 = 1;
+const UNREACHABLE: i32 = 2;
+
+fn block_on<T>(future: impl Future<Output = T>) -> Option<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    match runtime {
+        Ok(runtime) => Some(runtime.block_on(future)),
+        Err(e) => {
+            eprintln!("sesame: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+fn ask(location: &Location, method: Method, path: &str, timeout: Duration) -> Result<(StatusCode, String), i32> {
+    let client = HttpClient::new(Endpoint::Unix(location.control_socket()), timeout);
+    match block_on(client.request(method, path)) {
+        Some(Ok((status, body))) => Ok((status, String::from_utf8_lossy(&body).into_owned())),
+        Some(Err(e)) => {
+            eprintln!("sesame: {e}");
+            Err(UNREACHABLE)
+        }
+        None => Err(UNREACHABLE),
+    }
+}
+
+pub fn shutdown(location: &Location, wait_timeout: Duration) -> i32 {
+    match ask(location, Method::POST, "/shutdown", wait_timeout) {
+        Ok((StatusCode::OK, _)) => {
+            println!("drained");
+            OK
+        }
+        Ok((status, body)) => {
+            eprintln!("sesame: shutdown: {status}: {}", body.trim());
+            REFUSED
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn reload(location: &Location, wait_timeout: Duration) -> i32 {
+    match ask(location, Method::POST, "/reload", wait_timeout) {
+        Ok((StatusCode::OK, body)) => {
+            let epoch = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v.get("epoch")?.as_u64());
+            println!("epoch {} is LIVE", epoch.map_or_else(|| "?".into(), |e| e.to_string()));
+            OK
+        }
+        Ok((status, body)) => {
+            let reason = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| Some(v.get("error")?.as_str()?.to_string()))
+                .unwrap_or(body);
+            eprintln!("sesame: reload failed ({status}): {}", reason.trim());
+            REFUSED
+        }
+        Err(code) => code,
+    }
+}
+
+pub fn status(location: &Location, json: bool) -> i32 {
+    let (status, body) = match ask(location, Method::GET, "/status", Duration::from_secs(5)) {
+        Ok(answer) => answer,
+        Err(code) => return code,
+    };
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&body) else {
+        eprintln!("sesame: status: {status}: {}", body.trim());
+        return UNREACHABLE;
+    };
+    if json {
+        println!("{body}");
+    } else {
+        print!("{}", summary(&value));
+    }
+    if value.get("ready").and_then(serde_json::Value::as_bool) == Some(true) { OK } else { REFUSED }
+}
+
+/// The human summary of /status.
+fn summary(status: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let mut out = format!(
+        "state: {}{}\ncurrent epoch: {}\n",
+        text(&status["state"]),
+        if status["ready"].as_bool() == Some(true) { " (ready)" } else { " (not ready)" },
+        status["current_epoch"]
+    );
+    for epoch in status["epochs"].as_array().into_iter().flatten() {
+        out += &format!(
+            "  epoch {} pid {}{}\n",
+            epoch["epoch"],
+            epoch["pid"],
+            if epoch["live"].as_bool() == Some(true) { " LIVE" } else { "" }
+        );
+    }
+    if let Some(restart) = status["restart"].as_str() {
+        out += &format!("hot restart under way: {restart}\n");
+    }
+    if let Some(reload) = status["last_reload"].as_object() {
+        out += &format!("last reload: {} ({})\n", text(&reload["result"]), text(&reload["detail"]));
+    }
+    if let Some(degraded) = status["degraded"].as_str() {
+        out += &format!("DEGRADED: {degraded}\n");
+    }
+    if let Some(drain) = status["drain"].as_object() {
+        out += &format!(
+            "draining for {:.1}s, connections: {}\n",
+            drain["elapsed_seconds"].as_f64().unwrap_or(0.0),
+            drain["connections"]
+        );
+    }
+    out
+}

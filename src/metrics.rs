@@ -1,0 +1,107 @@
+//! The launcher's Prometheus metrics. Only the supervisor records them (they are atomics); the
+//! control API renders them as text.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub epochs_started: Counter,
+    pub live_epochs: Gauge,
+    pub current_epoch: Gauge,
+    pub degraded: Gauge,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub drains: Family<ReasonLabel, Counter>,
+    pub drain_seconds: Histogram,
+    pub connections_at_sigterm: Gauge,
+    pub reaped: Family<KindLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("sesame");
+        let metrics = Metrics {
+            epochs_started: Counter::default(),
+            live_epochs: Gauge::default(),
+            current_epoch: Gauge::default(),
+            degraded: Gauge::default(),
+            reloads: Family::default(),
+            drains: Family::default(),
+            drain_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            connections_at_sigterm: Gauge::default(),
+            reaped: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("epochs_started", "Envoy epochs started", metrics.epochs_started.clone());
+        registry.register("live_epochs", "Envoy processes alive now", metrics.live_epochs.clone());
+        registry.register("current_epoch", "Restart epoch of the serving Envoy", metrics.current_epoch.clone());
+        registry.register("degraded", "1 after a new epoch failed: hot restarts are blocked", metrics.degraded.clone());
+        registry.register(
+            "reloads",
+            "Hot restarts by result (success, refused before any start, failed after start)",
+            metrics.reloads.clone(),
+        );
+        registry.register("drains", "Drains by the reason they ended", metrics.drains.clone());
+        registry.register("drain_seconds", "Duration of drains", metrics.drain_seconds.clone());
+        registry.register(
+            "drain_connections_at_sigterm",
+            "Downstream connections open when the last drain sent SIGTERM",
+            metrics.connections_at_sigterm.clone(),
+        );
+        registry.register("reaped_children", "Processes reaped, by kind", metrics.reaped.clone());
+        Metrics { registry, ..metrics }
+    }
+
+    pub fn reload(&self, result: &str) {
+        self.reloads.get_or_create(&ResultLabel { result: result.into() }).inc();
+    }
+
+    pub fn reaped(&self, kind: &str) {
+        self.reaped.get_or_create(&KindLabel { kind: kind.into() }).inc();
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_labels() {
+        let metrics = Metrics::new();
+        metrics.reload("success");
+        metrics.reaped("orphan");
+        metrics.drain_seconds.observe(0.3);
+        let text = metrics.render();
+        assert!(text.contains("sesame_reloads_total{result=\"success\"} 1"), "{text}");
+        assert!(text.contains("sesame_reaped_children_total{kind=\"orphan\"} 1"), "{text}");
+        assert!(text.contains("sesame_drain_seconds_count 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
