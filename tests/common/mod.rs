@@ -400,3 +400,55 @@ pub fn yield_to_the_system_under_test() {
         libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
     }
 }
+
+/// One HTTP/1.1 exchange on `stream`: the status and body (content-length framed).
+pub fn call(
+    stream: &mut (impl Read + Write),
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> Result<(u16, String), String> {
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n");
+    for header in headers {
+        request += &format!("{header}\r\n");
+    }
+    request += "\r\n";
+    stream.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if response.len() >= end + 4 + length {
+                let status =
+                    head.strip_prefix("http/1.1 ").and_then(|r| r.get(..3)?.parse().ok()).ok_or("status line")?;
+                return Ok((status, String::from_utf8_lossy(&response[end + 4..end + 4 + length]).into_owned()));
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return Err(format!("connection closed after {} bytes", response.len())),
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+/// A request to the launcher's control socket.
+pub fn control(socket: &Path, method: &str, path: &str) -> Result<(u16, String), String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+    call(&mut stream, method, path, &[])
+}
+
+/// A request to the control API over TCP.
+pub fn control_tcp(port: u16, method: &str, path: &str, headers: &[&str]) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+    call(&mut stream, method, path, headers)
+}
