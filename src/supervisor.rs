@@ -386,6 +386,11 @@ impl Supervisor {
             }
             return Some(exit);
         }
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            // The newest epoch got the SIGTERM; if it died before telling its parent to terminate
+            // (a SIGTERM before its handlers were installed does that), the parent is next.
+            self.signal_newest(libc::SIGTERM);
+        }
         match &self.restart {
             Restart::Starting { epoch: starting, waiter, .. } if *starting == epoch.number => {
                 waiter.abort();
@@ -438,7 +443,7 @@ impl Supervisor {
                 self.end_drain(DrainEnd::SecondSignal);
                 self.terminate(libc::SIGTERM);
             }
-            Phase::Stopping { .. } => self.signal_epochs(sig),
+            Phase::Stopping { .. } => self.signal_newest(sig),
         }
     }
 
@@ -465,10 +470,14 @@ impl Supervisor {
         }
     }
 
-    /// Sends `sig` to every epoch; for Envoy, SIGKILL follows after the kill timeout. For a plain
-    /// command this is plain forwarding: it decides how long it takes.
+    /// Sends `sig` to the newest epoch; for Envoy, SIGKILL follows after the kill timeout. For a
+    /// plain command this is plain forwarding: it decides how long it takes.
+    ///
+    /// Only the newest: an Envoy that shuts down tells its parent epoch to terminate, and aborts
+    /// when that parent is already gone; so the parent is left to it (and to `stop_leftovers`,
+    /// should it outlive the newest).
     fn terminate(&mut self, sig: i32) {
-        self.signal_epochs(sig);
+        self.signal_newest(sig);
         let deadline = self.launch.is_envoy().then(|| Instant::now() + self.settings.kill_timeout);
         self.phase = Phase::Stopping { deadline, killed: false };
     }
@@ -490,6 +499,12 @@ impl Supervisor {
     fn signal_epochs(&self, sig: i32) {
         for epoch in &self.epochs {
             send(epoch.pid, sig);
+        }
+    }
+
+    fn signal_newest(&self, sig: i32) {
+        if let Some(newest) = self.epochs.iter().max_by_key(|e| e.number) {
+            send(newest.pid, sig);
         }
     }
 
