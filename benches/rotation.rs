@@ -4,8 +4,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,7 +14,6 @@ use common::tls::{HttpsClient, certificate, replace_file, tls_bootstrap};
 use common::{Launcher, Mode, free_port, wait_for};
 use nix::sys::signal::Signal;
 
-const RUNS: usize = 5;
 const CLIENTS: usize = 32;
 
 #[derive(Debug, serde::Serialize)]
@@ -95,36 +94,40 @@ fn one_run(hot_restart: bool, keep_alive: bool) -> Run {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("rotation benchmark: run it with `make bench`");
+    if !support::invoked_by_cargo_bench() {
         return;
     }
+    let count = support::runs();
     let mut runs = Vec::new();
-    println!("## Certificate rotation under load ({CLIENTS} HTTPS clients, {RUNS} runs each)\n");
+    let mut bars = Vec::new();
+    println!("## Certificate rotation under load ({CLIENTS} HTTPS clients, {count} runs each)\n");
     println!(
         "| rotation | connections | requests | failed | last write → new certificate served, ms (median [min, max]) |"
     );
     println!("|---|---|---|---|---|");
     for hot_restart in [true, false] {
         for keep_alive in [true, false] {
-            let batch: Vec<Run> = (0..RUNS).map(|_| one_run(hot_restart, keep_alive)).collect();
+            let batch: Vec<Run> = (0..count).map(|_| one_run(hot_restart, keep_alive)).collect();
             let requests: usize = batch.iter().map(|r| r.requests).sum();
             let failed: usize = batch.iter().map(|r| r.failed).sum();
-            let mut visible: Vec<f64> = batch.iter().map(|r| r.visible_ms).collect();
-            visible.sort_by(f64::total_cmp);
+            let visible = support::Spread::of(&batch.iter().map(|r| r.visible_ms).collect::<Vec<_>>());
             let name = if hot_restart { "sesame hot restart" } else { "plain restart (stop, start)" };
             let connections = if keep_alive { "keep-alive" } else { "new per request" };
-            println!(
-                "| {name} | {connections} | {requests} | {failed} | {:.0} [{:.0}, {:.0}] |",
-                visible[RUNS / 2],
-                visible[0],
-                visible[RUNS - 1]
-            );
+            println!("| {name} | {connections} | {requests} | {failed} | {visible} |");
+            let failed_per_run = batch.iter().map(|r| r.failed as f64).collect::<Vec<_>>();
+            bars.push((format!("{name}, {connections}"), support::Spread::of(&failed_per_run)));
             runs.extend(batch);
         }
     }
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&out).expect("create target/bench");
-    std::fs::write(out.join("rotation.json"), serde_json::to_string_pretty(&runs).expect("json")).expect("write");
-    println!("\nraw figures: target/bench/rotation.json (the debounce, 500 ms by default, is part of the time)");
+    support::bar_chart(
+        "bench-rotation-failures",
+        "Failed requests during a certificate rotation (32 clients)",
+        "failed requests per rotation",
+        &bars,
+    );
+    let path = support::write_json("rotation", &runs);
+    println!(
+        "\nraw figures: {} (the debounce, 500 ms by default, is part of the time); chart: images/bench-rotation-failures.svg",
+        path.display()
+    );
 }

@@ -1,44 +1,64 @@
-//! Shutdown under load: requests in flight when SIGTERM reaches the launcher, with sesame's drain
-//! and with plain signal forwarding (what tini and dumb-init do, here `--drain-timeout 0`), and the
-//! reaction time from the last response to Envoy's exit. Prints markdown tables; raw figures go to
-//! target/bench/shutdown.json. Run with `make bench`.
+//! Shutdown under load: requests in flight when SIGTERM reaches the init (as PID 1 of a PID
+//! namespace), with sesame's drain, with tini and dumb-init (which forward SIGTERM at once), and
+//! with Envoy alone as PID 1. Figures: requests answered 200 or failed, and the time from the last
+//! response to Envoy's exit. Run with `make bench`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Launcher, Mode, Upstream, alive, children_of, free_port, proxy_bootstrap, request, wait_for};
+use common::{
+    Launcher, Mode, Upstream, admin_get, alive, children_of, envoy_bin, free_port, proxy_bootstrap, request, wait_for,
+};
 use nix::sys::signal::Signal;
+use support::Spread;
 
-const RUNS: usize = 5;
 const HOLD: Duration = Duration::from_secs(1);
+const LAUNCHERS: [&str; 4] = ["sesame", "tini", "dumb-init", "envoy alone"];
 
 #[derive(Debug, serde::Serialize)]
 struct Run {
+    launcher: &'static str,
     in_flight: usize,
-    drain: bool,
     ok: usize,
     errors: usize,
-    /// From the last response to Envoy's exit (reaped), and to the launcher's exit.
-    envoy_exit_ms: f64,
-    launcher_exit_ms: f64,
+    /// From SIGTERM to Envoy's exit, and from the last response (or error) to Envoy's exit.
+    sigterm_to_exit_ms: f64,
+    last_response_to_exit_ms: f64,
 }
 
-fn one_run(in_flight: usize, drain: bool) -> Run {
+fn start(launcher: &'static str, bootstrap: &Path) -> Launcher {
+    let envoy = envoy_bin().to_string_lossy().into_owned();
+    let bootstrap = bootstrap.to_string_lossy().into_owned();
+    // Without sesame nothing manages hot restart: Envoy runs with it disabled.
+    let plain = [envoy.as_str(), "-c", &bootstrap, "--disable-hot-restart"];
+    match launcher {
+        "sesame" => return Launcher::start_envoy(Mode::Pid1, &[], Path::new(&bootstrap)),
+        "tini" => Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/tini"), &[&["--"], &plain[..]].concat()),
+        "dumb-init" => Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/dumb-init"), &plain),
+        _ => Launcher::start_program(Mode::Pid1, Path::new(&envoy), &plain[1..]),
+    }
+}
+
+fn one_run(launcher: &'static str, in_flight: usize) -> Run {
     let upstream = Upstream::start(HOLD);
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let bootstrap = proxy_bootstrap(dir.path(), port, upstream.port);
-    let options: &[&str] = if drain { &[] } else { &["--drain-timeout", "0"] };
-    let mut launcher = Launcher::start_envoy(Mode::Pid1, options, &bootstrap);
-    let envoy = children_of(launcher.pid())[0];
+    let mut process = start(launcher, &bootstrap);
+    let admin = dir.path().join("admin.sock");
+    wait_for(Duration::from_secs(30), "Envoy to be ready", || admin_get(&admin, "/ready") == Some(200));
+    let envoy = if launcher == "envoy alone" { process.pid() } else { children_of(process.pid())[0] };
 
     let clients: Vec<_> =
         (0..in_flight).map(|_| std::thread::spawn(move || (request(port, "/held"), Instant::now()))).collect();
     wait_for(Duration::from_secs(30), "requests to reach the upstream", || upstream.arrived() == in_flight);
-    launcher.signal(Signal::SIGTERM);
-    // Envoy's exit is seen as its pid disappearing (sesame reaps it at once).
+    let signalled = Instant::now();
+    process.signal(Signal::SIGTERM);
+    // Envoy's exit is seen as its pid disappearing (reaped by its init).
     let watcher = std::thread::spawn(move || {
         while alive(envoy) {
             std::thread::sleep(Duration::from_micros(500));
@@ -46,57 +66,58 @@ fn one_run(in_flight: usize, drain: bool) -> Run {
         Instant::now()
     });
     let results: Vec<_> = clients.into_iter().map(|c| c.join().expect("client")).collect();
-    launcher.exit_code(Duration::from_secs(60));
-    let launcher_exit = Instant::now();
     let envoy_exit = watcher.join().expect("watcher");
+    process.wait(Duration::from_secs(60));
     let ok = results.iter().filter(|(r, _)| *r == Ok(200)).count();
     let last = results.iter().map(|(_, at)| *at).max().expect("results");
-    let ms = |later: Instant| later.saturating_duration_since(last).as_secs_f64() * 1000.0;
+    let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1000.0;
     Run {
+        launcher,
         in_flight,
-        drain,
         ok,
         errors: in_flight - ok,
-        envoy_exit_ms: ms(envoy_exit),
-        launcher_exit_ms: ms(launcher_exit),
+        sigterm_to_exit_ms: ms(signalled, envoy_exit),
+        last_response_to_exit_ms: ms(last, envoy_exit),
     }
-}
-
-fn median(mut values: Vec<f64>) -> (f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    (values[values.len() / 2], values[0], values[values.len() - 1])
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("shutdown benchmark: run it with `make bench`");
+    if !support::invoked_by_cargo_bench() {
         return;
     }
-    let mut runs = Vec::new();
-    println!("## Shutdown under load ({RUNS} runs each, upstream holds every response {HOLD:?})\n");
+    let runs = support::runs();
+    let mut all = Vec::new();
+    println!("## Shutdown under load ({runs} runs each, upstream holds every response {HOLD:?}, init as PID 1)\n");
     println!(
-        "| launcher | in flight | requests sent | 200 | errors | last response → Envoy exit, ms (median [min, max]) |"
+        "| init | in flight | requests sent | 200 | errors | SIGTERM → Envoy exit, ms | last response → Envoy exit, ms |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for in_flight in [20, 200] {
-        for drain in [true, false] {
-            let batch: Vec<Run> = (0..RUNS).map(|_| one_run(in_flight, drain)).collect();
+        for launcher in LAUNCHERS {
+            let batch: Vec<Run> = (0..runs).map(|_| one_run(launcher, in_flight)).collect();
             let ok: usize = batch.iter().map(|r| r.ok).sum();
             let errors: usize = batch.iter().map(|r| r.errors).sum();
-            let reaction = if drain {
-                let (med, min, max) = median(batch.iter().map(|r| r.envoy_exit_ms).collect());
-                format!("{med:.0} [{min:.0}, {max:.0}]")
-            } else {
-                "n/a (Envoy exits before the responses)".to_string()
-            };
-            let name = if drain { "sesame (drain)" } else { "plain forwarding (tini)" };
-            println!("| {name} | {in_flight} | {} | {ok} | {errors} | {reaction} |", in_flight * RUNS);
-            runs.extend(batch);
+            let to_exit = Spread::of(&batch.iter().map(|r| r.sigterm_to_exit_ms).collect::<Vec<_>>());
+            let reaction = Spread::of(&batch.iter().map(|r| r.last_response_to_exit_ms).collect::<Vec<_>>());
+            let reaction = if errors == 0 { reaction.to_string() } else { "n/a (requests failed)".into() };
+            println!("| {launcher} | {in_flight} | {} | {ok} | {errors} | {to_exit} | {reaction} |", in_flight * runs);
+            all.extend(batch);
         }
     }
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&out).expect("create target/bench");
-    let json = serde_json::to_string_pretty(&runs).expect("json");
-    std::fs::write(out.join("shutdown.json"), json).expect("write shutdown.json");
-    println!("\nraw figures: target/bench/shutdown.json");
+    let errors: Vec<(String, Spread)> = LAUNCHERS
+        .iter()
+        .map(|l| {
+            let failed: Vec<f64> =
+                all.iter().filter(|r| r.launcher == *l && r.in_flight == 200).map(|r| r.errors as f64).collect();
+            (l.to_string(), Spread::of(&failed))
+        })
+        .collect();
+    support::bar_chart(
+        "bench-shutdown-errors",
+        "Requests failed when SIGTERM arrives with 200 in flight",
+        "failed requests per shutdown",
+        &errors,
+    );
+    let path = support::write_json("shutdown", &all);
+    println!("\nraw figures: {}; chart: images/bench-shutdown-errors.svg", path.display());
 }

@@ -100,11 +100,14 @@ struct Epoch {
     started_at: SystemTime,
     /// Its admin answered LIVE as this epoch (for a plain command or without admin: from the start).
     live: bool,
+    /// It was sent the stop signal: never twice, since a second SIGTERM during its shutdown finds
+    /// Envoy's handler gone and kills it (status 143).
+    stopped: bool,
 }
 
 impl Epoch {
     fn new(number: u32, pid: Pid, live: bool) -> Epoch {
-        Epoch { number, pid, started: Instant::now(), started_at: SystemTime::now(), live }
+        Epoch { number, pid, started: Instant::now(), started_at: SystemTime::now(), live, stopped: false }
     }
 }
 
@@ -123,6 +126,8 @@ enum Phase {
     Stopping {
         deadline: Option<Instant>,
         killed: bool,
+        /// What the epochs are sent, newest first (SIGTERM, or the user's signal without a drain).
+        stop_signal: i32,
     },
 }
 
@@ -386,10 +391,10 @@ impl Supervisor {
             }
             return Some(exit);
         }
-        if matches!(self.phase, Phase::Stopping { .. }) {
+        if let Phase::Stopping { stop_signal, .. } = self.phase {
             // The newest epoch got the SIGTERM; if it died before telling its parent to terminate
             // (a SIGTERM before its handlers were installed does that), the parent is next.
-            self.signal_newest(libc::SIGTERM);
+            self.stop_newest(stop_signal);
         }
         match &self.restart {
             Restart::Starting { epoch: starting, waiter, .. } if *starting == epoch.number => {
@@ -477,9 +482,17 @@ impl Supervisor {
     /// when that parent is already gone; so the parent is left to it (and to `stop_leftovers`,
     /// should it outlive the newest).
     fn terminate(&mut self, sig: i32) {
-        self.signal_newest(sig);
+        self.stop_newest(sig);
         let deadline = self.launch.is_envoy().then(|| Instant::now() + self.settings.kill_timeout);
-        self.phase = Phase::Stopping { deadline, killed: false };
+        self.phase = Phase::Stopping { deadline, killed: false, stop_signal: sig };
+    }
+
+    /// Sends `sig` to the newest epoch that has not been sent it yet.
+    fn stop_newest(&mut self, sig: i32) {
+        if let Some(newest) = self.epochs.iter_mut().filter(|e| !e.stopped).max_by_key(|e| e.number) {
+            newest.stopped = true;
+            send(newest.pid, sig);
+        }
     }
 
     /// SIGKILL when SIGTERM was not enough; the launcher's own exit (137) when SIGKILL was not either.
@@ -492,7 +505,9 @@ impl Supervisor {
         }
         tracing::warn!("Envoy still running {:?} after SIGTERM: sending SIGKILL", self.settings.kill_timeout);
         self.signal_epochs(libc::SIGKILL);
-        self.phase = Phase::Stopping { deadline: Some(Instant::now() + REAP_AFTER_KILL_TIMEOUT), killed: true };
+        let stop_signal = libc::SIGKILL;
+        self.phase =
+            Phase::Stopping { deadline: Some(Instant::now() + REAP_AFTER_KILL_TIMEOUT), killed: true, stop_signal };
         None
     }
 

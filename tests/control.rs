@@ -115,7 +115,8 @@ fn control_socket_endpoints_follow_reloads_and_drains() {
     for caller in callers {
         assert_eq!(caller.join().expect("caller"), Ok((200, "drained\n".to_string())));
     }
-    assert_eq!(tls.launcher.exit_code(Duration::from_secs(30)), 0);
+    let code = tls.launcher.exit_code(Duration::from_secs(30));
+    assert_eq!(code, 0, "log:\n{}", tls.launcher.log());
     assert!(tls.launcher.log().contains("control API /shutdown: draining Envoy"));
 }
 

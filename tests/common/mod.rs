@@ -56,6 +56,8 @@ pub enum Mode {
 pub struct Launcher {
     process: Child,
     mode: Mode,
+    /// What runs in the launcher's place (sesame, unless comparing).
+    program: PathBuf,
     /// sesame's pid as the test sees it (in the test's own namespace), found on first use.
     pid: std::cell::OnceCell<i32>,
     pub dir: tempfile::TempDir,
@@ -71,32 +73,52 @@ impl Launcher {
 
     pub fn start_with(mode: Mode, options: &[&str], command: &[&str], adjust: impl FnOnce(&mut Command)) -> Launcher {
         let dir = tempfile::Builder::new().prefix("sesame-test").tempdir().expect("tempdir");
-        let log_path = dir.path().join("sesame.log");
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let mut argv: Vec<OsString> = Vec::new();
-        if mode == Mode::Pid1 {
-            argv.extend(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"].map(OsString::from));
-        }
-        argv.push(SESAME.into());
-        argv.extend(["run".into(), "--runtime-dir".into(), dir.path().join("run").into()]);
+        let mut argv: Vec<OsString> = vec!["run".into(), "--runtime-dir".into(), dir.path().join("run").into()];
         argv.extend(options.iter().map(OsString::from));
         if !command.is_empty() {
             argv.push("--".into());
             argv.extend(command.iter().map(OsString::from));
         }
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+        Self::spawn(mode, dir, Path::new(SESAME), &argv, adjust)
+    }
+
+    /// Any program in sesame's place (tini, dumb-init, Envoy itself): for comparisons.
+    pub fn start_program(mode: Mode, program: &Path, args: &[&str]) -> Launcher {
+        let dir = tempfile::Builder::new().prefix("sesame-test").tempdir().expect("tempdir");
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        Self::spawn(mode, dir, program, &args, |_| {})
+    }
+
+    fn spawn(
+        mode: Mode,
+        dir: tempfile::TempDir,
+        program: &Path,
+        args: &[OsString],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Launcher {
+        let log_path = dir.path().join("sesame.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let program = program.canonicalize().unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+        let mut cmd = match mode {
+            Mode::Pid1 => {
+                let mut cmd = Command::new("unshare");
+                cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"]).arg(&program);
+                cmd
+            }
+            Mode::Plain => Command::new(&program),
+        };
+        cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
         adjust(&mut cmd);
-        let process = cmd.spawn().expect("start sesame");
+        let process = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         let started = Instant::now();
-        Launcher { process, mode, pid: Default::default(), dir, log_path, started }
+        Launcher { process, mode, program, pid: Default::default(), dir, log_path, started }
     }
 
     /// sesame's pid as the test sees it. As PID 1, it is the child of `unshare` once it has exec'd.
     pub fn pid(&self) -> i32 {
         *self.pid.get_or_init(|| match self.mode {
             Mode::Plain => self.process.id() as i32,
-            Mode::Pid1 => find_sesame_child_of(self.process.id() as i32),
+            Mode::Pid1 => find_child_running(self.process.id() as i32, &self.program),
         })
     }
 
@@ -145,13 +167,13 @@ impl Drop for Launcher {
     }
 }
 
-/// The sesame that `unshare --fork` started, once it has exec'd.
-fn find_sesame_child_of(parent: i32) -> i32 {
+/// The program that `unshare --fork` started, once it has exec'd.
+fn find_child_running(parent: i32, program: &Path) -> i32 {
     let mut found = 0;
-    wait_for(Duration::from_secs(10), "unshare to start sesame", || {
+    wait_for(Duration::from_secs(10), "unshare to start the launcher", || {
         found = children_of(parent)
             .into_iter()
-            .find(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == Path::new(SESAME)))
+            .find(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == program))
             .unwrap_or(0);
         found != 0
     });
