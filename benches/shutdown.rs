@@ -36,7 +36,7 @@ fn start(launcher: &'static str, bootstrap: &Path) -> Launcher {
     // Without sesame nothing manages hot restart: Envoy runs with it disabled.
     let plain = [envoy.as_str(), "-c", &bootstrap, "--disable-hot-restart"];
     match launcher {
-        "sesame" => return Launcher::start_envoy(Mode::Pid1, &[], Path::new(&bootstrap)),
+        "sesame" => Launcher::start_envoy(Mode::Pid1, &[], Path::new(&bootstrap)),
         "tini" => Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/tini"), &[&["--"], &plain[..]].concat()),
         "dumb-init" => Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/dumb-init"), &plain),
         _ => Launcher::start_program(Mode::Pid1, Path::new(&envoy), &plain[1..]),
