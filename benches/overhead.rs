@@ -120,7 +120,10 @@ fn main() {
         println!("| {launcher} | {} | {} | {live} | {:.2}× |", show(rss), show(wakeups), Spread::of(&ratios).median);
         live_bars.push((launcher.to_string(), live));
         if let Some(rss) = rss {
-            rss_bars.push((launcher.to_string(), Spread { median: rss.median / 1024.0, min: rss.min / 1024.0, max: rss.max / 1024.0 }));
+            rss_bars.push((
+                launcher.to_string(),
+                Spread { median: rss.median / 1024.0, min: rss.min / 1024.0, max: rss.max / 1024.0 },
+            ));
         }
     }
     support::bar_chart("bench-start-to-live", "Start to Envoy LIVE", "milliseconds", &live_bars);

@@ -73,8 +73,12 @@ fn one_run(init: &'static str, orphans: usize) -> Run {
     let count = orphans.to_string();
     let helper_argv = [helper.as_str(), "--orphan-helper", &count];
     let mut process = match init {
-        "sesame" => Launcher::start_program(Mode::Pid1, Path::new(SESAME), &[&["run", "--"], &helper_argv[..]].concat()),
-        "tini" => Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/tini"), &[&["--"], &helper_argv[..]].concat()),
+        "sesame" => {
+            Launcher::start_program(Mode::Pid1, Path::new(SESAME), &[&["run", "--"], &helper_argv[..]].concat())
+        }
+        "tini" => {
+            Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/tini"), &[&["--"], &helper_argv[..]].concat())
+        }
         _ => Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/dumb-init"), &helper_argv),
     };
     let status = process.wait(Duration::from_secs(120));
@@ -111,7 +115,10 @@ fn main() {
     let mut bars = Vec::new();
     for init in INITS {
         let times: Vec<f64> = all.iter().filter(|r| r.init == init).map(|r| r.reap_ms).collect();
-        let ratios: Vec<f64> = all.chunks(INITS.len()).map(|round| round.iter().find(|r| r.init == init).expect("init").reap_ms / round[1].reap_ms).collect();
+        let ratios: Vec<f64> = all
+            .chunks(INITS.len())
+            .map(|round| round.iter().find(|r| r.init == init).expect("init").reap_ms / round[1].reap_ms)
+            .collect();
         let spread = Spread::of(&times);
         println!("| {init} | {spread} | {:.2}× |", Spread::of(&ratios).median);
         bars.push((init.to_string(), spread));

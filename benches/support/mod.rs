@@ -65,7 +65,7 @@ pub fn bar_chart(name: &str, title: &str, unit: &str, bars: &[(String, Spread)])
     let path = root().join("images").join(format!("{name}.svg"));
     let height = 90 + 48 * bars.len() as u32;
     let root_area = SVGBackend::new(&path, (720, height)).into_drawing_area();
-    let max = bars.iter().map(|(_, s)| s.max).fold(0.0_f64, f64::max).max(1e-9) * 1.15;
+    let max = bars.iter().map(|(_, s)| s.max).fold(0.0_f64, f64::max).max(1e-9) * 1.6;
     let grey = RGBColor(128, 128, 128);
     let text = ("sans-serif", 15).into_font().color(&grey);
     let mut chart = ChartBuilder::on(&root_area)
@@ -73,7 +73,7 @@ pub fn bar_chart(name: &str, title: &str, unit: &str, bars: &[(String, Spread)])
         .margin(12)
         .x_label_area_size(34)
         .y_label_area_size(170)
-        .build_cartesian_2d(0.0..max, (0..bars.len()).into_segmented())
+        .build_cartesian_2d(0.0..max, (0..bars.len().saturating_sub(1)).into_segmented())
         .expect("chart");
     chart
         .configure_mesh()

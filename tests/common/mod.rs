@@ -339,6 +339,12 @@ pub fn read_response(stream: &mut impl Read) -> Result<u16, String> {
 /// Reads one HTTP/1.1 response with a content-length body; returns its status and whether the
 /// server asked to close the connection.
 pub fn read_response_head(stream: &mut impl Read) -> Result<(u16, bool), String> {
+    read_full_response(stream).map(|(status, close, _)| (status, close))
+}
+
+/// Reads one HTTP/1.1 response with a content-length body: status, whether the server asked to
+/// close the connection, and the body.
+pub fn read_full_response(stream: &mut impl Read) -> Result<(u16, bool, String), String> {
     let mut response = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -352,7 +358,8 @@ pub fn read_response_head(stream: &mut impl Read) -> Result<(u16, bool), String>
             if response.len() >= end + 4 + length {
                 let status = head.strip_prefix("http/1.1 ").and_then(|r| r.get(..3)?.parse().ok());
                 let close = head.lines().any(|l| l.replace(' ', "") == "connection:close");
-                return status.map(|s| (s, close)).ok_or_else(|| format!("bad status line in {head:?}"));
+                let body = String::from_utf8_lossy(&response[end + 4..end + 4 + length]).into_owned();
+                return status.map(|s| (s, close, body)).ok_or_else(|| format!("bad status line in {head:?}"));
             }
         }
         match stream.read(&mut buf) {
@@ -437,28 +444,7 @@ pub fn call(
     }
     request += "\r\n";
     stream.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
-    let mut response = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if response.len() >= end + 4 + length {
-                let status =
-                    head.strip_prefix("http/1.1 ").and_then(|r| r.get(..3)?.parse().ok()).ok_or("status line")?;
-                return Ok((status, String::from_utf8_lossy(&response[end + 4..end + 4 + length]).into_owned()));
-            }
-        }
-        match stream.read(&mut buf) {
-            Ok(0) => return Err(format!("connection closed after {} bytes", response.len())),
-            Ok(n) => response.extend_from_slice(&buf[..n]),
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
+    read_full_response(stream).map(|(status, _, body)| (status, body))
 }
 
 /// A request to the launcher's control socket.
