@@ -41,6 +41,7 @@ test: envoy
 bench: envoy peers
 	SESAME_BENCH_QUICK=$(QUICK) ENVOY_BIN=$(ENVOY_BIN) $(CARGO) bench \
 		--bench shutdown --bench rotation --bench overhead --bench reaping
+	$(CARGO) bench --bench charts
 
 peers:
 	@command -v tini >/dev/null && command -v dumb-init >/dev/null || \

@@ -102,8 +102,6 @@ fn main() {
         let values: Vec<f64> = all.iter().filter(|r| r.launcher == launcher).filter_map(f).collect();
         (!values.is_empty()).then(|| Spread::of(&values))
     };
-    let mut live_bars = Vec::new();
-    let mut rss_bars = Vec::new();
     for launcher in LAUNCHERS {
         let rss = spread(launcher, &|r| r.rss_kib.map(|v| v as f64));
         let wakeups = spread(launcher, &|r| r.wakeups_per_minute);
@@ -118,16 +116,7 @@ fn main() {
             .collect();
         let show = |s: Option<Spread>| s.map_or_else(|| "— (Envoy is PID 1)".to_string(), |s| s.to_string());
         println!("| {launcher} | {} | {} | {live} | {:.2}× |", show(rss), show(wakeups), Spread::of(&ratios).median);
-        live_bars.push((launcher.to_string(), live));
-        if let Some(rss) = rss {
-            rss_bars.push((
-                launcher.to_string(),
-                Spread { median: rss.median / 1024.0, min: rss.min / 1024.0, max: rss.max / 1024.0 },
-            ));
-        }
     }
-    support::bar_chart("bench-start-to-live", "Start to Envoy LIVE", "milliseconds", &live_bars);
-    support::bar_chart("bench-idle-rss", "Resident memory of the init, Envoy running under it", "MiB", &rss_bars);
     let path = support::write_json("overhead", &all);
-    println!("\nraw figures: {}; charts: images/bench-start-to-live.svg, images/bench-idle-rss.svg", path.display());
+    println!("\nraw figures: {}", path.display());
 }

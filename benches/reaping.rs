@@ -130,7 +130,6 @@ fn main() {
             all.push(one_run(init, orphans));
         }
     }
-    let mut bars = Vec::new();
     for init in INITS {
         let times: Vec<f64> = all.iter().filter(|r| r.init == init).map(|r| r.reap_ms).collect();
         let ratios: Vec<f64> = all
@@ -140,9 +139,7 @@ fn main() {
         let spread = Spread::of(&times);
         let cpu: Vec<f64> = all.iter().filter(|r| r.init == init).map(|r| r.init_cpu_ms).collect();
         println!("| {init} | {spread} | {:.2}× | {} |", Spread::of(&ratios).median, Spread::of(&cpu));
-        bars.push((init.to_string(), spread));
     }
-    support::bar_chart("bench-reaping", &format!("Time to reap {orphans} orphans (PID 1)"), "milliseconds", &bars);
     let path = support::write_json("reaping", &all);
-    println!("\nraw figures: {}; chart: images/bench-reaping.svg", path.display());
+    println!("\nraw figures: {}", path.display());
 }

@@ -99,7 +99,6 @@ fn main() {
     }
     let count = support::runs();
     let mut runs = Vec::new();
-    let mut bars = Vec::new();
     println!("## Certificate rotation under load ({CLIENTS} HTTPS clients, {count} runs each)\n");
     println!(
         "| rotation | connections | requests | failed | last write → new certificate served, ms (median [min, max]) |"
@@ -114,20 +113,9 @@ fn main() {
             let name = if hot_restart { "sesame hot restart" } else { "plain restart (stop, start)" };
             let connections = if keep_alive { "keep-alive" } else { "new per request" };
             println!("| {name} | {connections} | {requests} | {failed} | {visible} |");
-            let failed_per_run = batch.iter().map(|r| r.failed as f64).collect::<Vec<_>>();
-            bars.push((format!("{name}, {connections}"), support::Spread::of(&failed_per_run)));
             runs.extend(batch);
         }
     }
-    support::bar_chart(
-        "bench-rotation-failures",
-        "Failed requests during a certificate rotation (32 clients)",
-        "failed requests per rotation",
-        &bars,
-    );
     let path = support::write_json("rotation", &runs);
-    println!(
-        "\nraw figures: {} (the debounce, 500 ms by default, is part of the time); chart: images/bench-rotation-failures.svg",
-        path.display()
-    );
+    println!("\nraw figures: {} (the debounce, 500 ms by default, is part of the time)", path.display());
 }

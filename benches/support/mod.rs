@@ -63,49 +63,41 @@ pub fn write_json(name: &str, value: &impl serde::Serialize) -> PathBuf {
 /// Readable on light and dark backgrounds: mid-tone bars and grey text on a transparent canvas.
 pub fn bar_chart(name: &str, title: &str, unit: &str, bars: &[(String, Spread)]) {
     let path = root().join("images").join(format!("{name}.svg"));
-    let height = 90 + 48 * bars.len() as u32;
+    let height = 80 + 56 * bars.len() as u32;
     let root_area = SVGBackend::new(&path, (720, height)).into_drawing_area();
-    let max = bars.iter().map(|(_, s)| s.max).fold(0.0_f64, f64::max).max(1e-9) * 1.6;
+    let max = bars.iter().map(|(_, s)| s.max).fold(0.0_f64, f64::max).max(1e-9) * 1.1;
     let grey = RGBColor(128, 128, 128);
     let text = ("sans-serif", 15).into_font().color(&grey);
+    let rows = bars.len() as f64;
     let mut chart = ChartBuilder::on(&root_area)
         .caption(title, ("sans-serif", 18).into_font().color(&grey))
-        .margin(12)
+        .margin(14)
         .x_label_area_size(34)
-        .y_label_area_size(170)
-        .build_cartesian_2d(0.0..max, (0..bars.len().saturating_sub(1)).into_segmented())
+        .y_label_area_size(8)
+        .build_cartesian_2d(0.0..max, 0.0..rows)
         .expect("chart");
     chart
         .configure_mesh()
         .disable_y_mesh()
+        .y_labels(0)
         .bold_line_style(grey.mix(0.25))
         .light_line_style(grey.mix(0.1))
         .axis_style(grey)
         .x_desc(unit)
         .label_style(text.clone())
         .axis_desc_style(text.clone())
-        .y_labels(bars.len())
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => bars.get(*i).map(|(l, _)| l.clone()).unwrap_or_default(),
-            _ => String::new(),
-        })
         .draw()
         .expect("mesh");
     let colour = RGBColor(66, 133, 244);
-    for (i, (_, spread)) in bars.iter().enumerate() {
-        let (top, bottom) = (SegmentValue::Exact(i), SegmentValue::Exact(i + 1));
-        chart
-            .draw_series(std::iter::once(Rectangle::new(
-                [(0.0, top), (spread.median, bottom)],
-                colour.mix(0.8).filled(),
-            )))
-            .expect("bar");
-        let middle = || SegmentValue::CenterOf(i);
-        let whisker = vec![(spread.min, middle()), (spread.max, middle())];
+    // First bar at the top: row i from the top is band rows-1-i.
+    for (i, (label, spread)) in bars.iter().enumerate() {
+        let band = rows - 1.0 - i as f64;
+        let bar = Rectangle::new([(0.0, band + 0.12), (spread.median, band + 0.5)], colour.mix(0.8).filled());
+        chart.draw_series(std::iter::once(bar)).expect("bar");
+        let whisker = vec![(spread.min, band + 0.31), (spread.max, band + 0.31)];
         chart.draw_series(std::iter::once(PathElement::new(whisker, grey.stroke_width(2)))).expect("whisker");
-        chart
-            .draw_series(std::iter::once(Text::new(format!(" {}", spread), (spread.max, middle()), text.clone())))
-            .expect("label");
+        let caption = Text::new(format!("{label}: {spread}"), (0.0, band + 0.92), text.clone());
+        chart.draw_series(std::iter::once(caption)).expect("label");
     }
     root_area.present().expect("write svg");
 }

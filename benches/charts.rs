@@ -1,0 +1,81 @@
+//! Renders the charts of the README from the raw figures that the other benchmarks wrote under
+//! target/bench/ (so that a chart can be redrawn without measuring again). Run by `make bench`
+//! after the measurements.
+
+mod support;
+
+use serde_json::Value;
+use support::Spread;
+
+fn load(name: &str) -> Option<Vec<Value>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench/{name}.json"));
+    let text = std::fs::read_to_string(&path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// One bar per `group`, in first-seen order: the spread of `value` over the runs that pass `keep`.
+fn bars(runs: &[Value], group: &str, value: &str, keep: impl Fn(&Value) -> bool) -> Vec<(String, Spread)> {
+    let mut order: Vec<String> = Vec::new();
+    for run in runs.iter().filter(|r| keep(r)) {
+        let name = run[group].as_str().unwrap_or_default().to_string();
+        if !order.contains(&name) {
+            order.push(name);
+        }
+    }
+    order
+        .into_iter()
+        .filter_map(|name| {
+            let values: Vec<f64> = runs
+                .iter()
+                .filter(|r| keep(r) && r[group] == name.as_str())
+                .filter_map(|r| r[value].as_f64())
+                .collect();
+            (!values.is_empty()).then(|| (name, Spread::of(&values)))
+        })
+        .collect()
+}
+
+fn main() {
+    if !support::invoked_by_cargo_bench() {
+        return;
+    }
+    if let Some(runs) = load("shutdown") {
+        let bars = bars(&runs, "launcher", "errors", |r| r["in_flight"] == 200);
+        support::bar_chart(
+            "bench-shutdown-errors",
+            "Requests failed by a shutdown with 200 in flight",
+            "failed requests",
+            &bars,
+        );
+    }
+    if let Some(mut runs) = load("rotation") {
+        for run in &mut runs {
+            let how = if run["hot_restart"] == true { "hot restart" } else { "stop, start" };
+            let connections = if run["keep_alive"] == true { "keep-alive" } else { "new conn." };
+            run["name"] = Value::from(format!("{how}, {connections}"));
+        }
+        let bars = bars(&runs, "name", "failed", |_| true);
+        support::bar_chart(
+            "bench-rotation-failures",
+            "Requests failed by a certificate rotation",
+            "failed requests",
+            &bars,
+        );
+    }
+    if let Some(runs) = load("overhead") {
+        let live = bars(&runs, "launcher", "start_to_live_ms", |_| true);
+        support::bar_chart("bench-start-to-live", "Start to Envoy LIVE", "milliseconds", &live);
+        let mut rss = bars(&runs, "launcher", "rss_kib", |r| r["rss_kib"].is_number());
+        for (_, spread) in &mut rss {
+            *spread = Spread { median: spread.median / 1024.0, min: spread.min / 1024.0, max: spread.max / 1024.0 };
+        }
+        support::bar_chart("bench-idle-rss", "Resident memory of the init, Envoy under it", "MiB", &rss);
+    }
+    if let Some(runs) = load("reaping") {
+        let wall = bars(&runs, "init", "reap_ms", |_| true);
+        support::bar_chart("bench-reaping", "Reaping 10,000 orphans: wall time", "milliseconds", &wall);
+        let cpu = bars(&runs, "init", "init_cpu_ms", |_| true);
+        support::bar_chart("bench-reaping-cpu", "Reaping 10,000 orphans: CPU time of the init", "milliseconds", &cpu);
+    }
+    println!("charts written to images/bench-*.svg");
+}
