@@ -210,7 +210,6 @@ fn client_subcommands_report_in_each_state() {
     let output = Command::new(SESAME).args(["status", "--runtime-dir"]).arg(&runtime).output().expect("status");
     assert_eq!(output.status.code(), Some(2), "nothing to talk to");
     assert!(String::from_utf8_lossy(&output.stderr).contains("unreachable"));
-    let _ = &tls.dir;
 }
 
 /// The notify messages, in order, as systemd would receive them.
