@@ -14,7 +14,8 @@ use nix::sys::signal::Signal;
 
 struct Tls {
     launcher: Launcher,
-    dir: tempfile::TempDir,
+    /// Holds the certificate and bootstrap files for as long as Envoy runs.
+    _dir: tempfile::TempDir,
     cert: PathBuf,
     key: PathBuf,
 }
@@ -31,7 +32,7 @@ fn start(options: &[&str]) -> Tls {
     let mut all = vec!["--envoy-drain-time", "2s", "--envoy-parent-shutdown-time", "3s"];
     all.extend(options);
     let launcher = Launcher::start_envoy(Mode::Pid1, &all, &bootstrap);
-    Tls { launcher, dir, cert, key }
+    Tls { launcher, _dir: dir, cert, key }
 }
 
 impl Tls {
