@@ -58,6 +58,8 @@ pub enum Event {
     },
     /// A draining epoch that a restart waits for did not exit when it should have.
     DrainingEpochOverdue(Pid),
+    /// `envoy --mode validate` has run for the whole reload timeout.
+    ValidatorOverdue(Pid),
     /// A request on the control API.
     Control(ControlRequest),
     /// The certificate or key of `--http` changed.
@@ -347,6 +349,15 @@ impl Supervisor {
             Event::Preflight(result) => self.on_preflight(result),
             Event::Validated(result) => self.on_validated(result),
             Event::EpochReady { epoch, result } => self.on_epoch_ready(epoch, result),
+            Event::ValidatorOverdue(pid) => {
+                if matches!(self.restart, Restart::Validating { pid: validator, .. } if validator == pid) {
+                    tracing::warn!(
+                        "envoy --mode validate still running after {:?}: SIGKILL",
+                        self.settings.reload_timeout
+                    );
+                    send(pid, libc::SIGKILL);
+                }
+            }
             Event::DrainingEpochOverdue(pid) => {
                 if matches!(self.restart, Restart::WaitingForDraining { oldest, .. } if oldest == pid) {
                     self.restart_refused(&format!("the draining epoch (pid {pid}) outlived its parent shutdown time"));
@@ -580,6 +591,12 @@ impl Supervisor {
         match process::spawn(&argv, false, Some(output)) {
             Ok(pid) => {
                 tracing::debug!("validating: {}", shell_words(&argv));
+                // A validator that hangs must not hold the restart (and its callers) for ever.
+                let (events, timeout) = (self.events.clone(), self.settings.reload_timeout);
+                tokio::spawn(async move {
+                    tokio::time::sleep(timeout).await;
+                    let _ = events.send(Event::ValidatorOverdue(pid));
+                });
                 self.restart = Restart::Validating { started, pid, output: output_path, base_id: preflight.base_id };
             }
             Err(e) => self.restart_refused(&e.to_string()),
