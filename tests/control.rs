@@ -20,15 +20,21 @@ struct Tls {
     key: PathBuf,
 }
 
-/// Envoy with an HTTPS listener on certificate serial 1, under sesame with `options`.
-fn start(options: &[&str]) -> Tls {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+/// In `dir`: a certificate (serial 1), its key, and a bootstrap serving them over HTTPS.
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let (cert_pem, key_pem) = certificate(1);
     std::fs::write(&cert, cert_pem).expect("cert");
     std::fs::write(&key, key_pem).expect("key");
-    let bootstrap = dir.path().join("envoy.yaml");
-    std::fs::write(&bootstrap, tls_bootstrap(dir.path(), free_port(), &cert, &key, None)).expect("bootstrap");
+    let bootstrap = dir.join("envoy.yaml");
+    std::fs::write(&bootstrap, tls_bootstrap(dir, free_port(), &cert, &key, None)).expect("bootstrap");
+    (cert, key, bootstrap)
+}
+
+/// Envoy with an HTTPS listener on certificate serial 1, under sesame with `options`.
+fn start(options: &[&str]) -> Tls {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key, bootstrap) = tls_files(dir.path());
     let mut all = vec!["--envoy-drain-time", "2s", "--envoy-parent-shutdown-time", "3s"];
     all.extend(options);
     let launcher = Launcher::start_envoy(Mode::Pid1, &all, &bootstrap);
@@ -241,12 +247,7 @@ fn systemd_notify_sequence_and_watchdog() {
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
     let notify: &Path = &socket_path;
     let bootstrap_dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (bootstrap_dir.path().join("cert.pem"), bootstrap_dir.path().join("key.pem"));
-    let (cert_pem, key_pem) = certificate(1);
-    std::fs::write(&cert, cert_pem).expect("cert");
-    std::fs::write(&key, key_pem).expect("key");
-    let bootstrap = bootstrap_dir.path().join("envoy.yaml");
-    std::fs::write(&bootstrap, tls_bootstrap(bootstrap_dir.path(), free_port(), &cert, &key, None)).expect("write");
+    let (_, _, bootstrap) = tls_files(bootstrap_dir.path());
     let envoy = common::envoy_bin().to_string_lossy().into_owned();
     let bootstrap_arg = bootstrap.to_string_lossy().into_owned();
     let mut launcher = Launcher::start_with(

@@ -20,6 +20,18 @@ struct Proxy {
     dir: tempfile::TempDir,
 }
 
+impl Proxy {
+    /// SIGTERM to the launcher, which must exit 0: how long it took, and its log.
+    fn stop(&mut self) -> (Duration, String) {
+        let signalled = Instant::now();
+        self.launcher.signal(Signal::SIGTERM);
+        let code = self.launcher.exit_code(Duration::from_secs(20));
+        let log = self.launcher.log();
+        assert_eq!(code, 0, "log:\n{log}");
+        (signalled.elapsed(), log)
+    }
+}
+
 fn start_proxy(options: &[&str], upstream_port: u16) -> Proxy {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
@@ -74,11 +86,7 @@ fn without_the_drain_requests_in_flight_are_reset() {
 fn an_idle_keepalive_connection_holds_the_drain_until_the_timeout() {
     let mut proxy = start_proxy(&["--drain-timeout", "2s"], free_port());
     let _idle = idle_keepalive_connection(proxy.port);
-    let signalled = Instant::now();
-    proxy.launcher.signal(Signal::SIGTERM);
-    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
-    let took = signalled.elapsed();
-    let log = proxy.launcher.log();
+    let (took, log) = proxy.stop();
     assert!(took >= Duration::from_secs(2), "waited for the idle connection: {took:?}\n{log}");
     assert!(took < Duration::from_secs(4), "but no longer than the timeout: {took:?}\n{log}");
     assert!(log.contains("drain ended: drain timeout reached") && log.contains("open at SIGTERM: 1"), "{log}");
@@ -88,11 +96,7 @@ fn an_idle_keepalive_connection_holds_the_drain_until_the_timeout() {
 fn drain_connections_threshold_lets_one_connection_stay() {
     let mut proxy = start_proxy(&["--drain-timeout", "30s", "--drain-connections", "1"], free_port());
     let _idle = idle_keepalive_connection(proxy.port);
-    let signalled = Instant::now();
-    proxy.launcher.signal(Signal::SIGTERM);
-    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
-    let took = signalled.elapsed();
-    let log = proxy.launcher.log();
+    let (took, log) = proxy.stop();
     assert!(took < Duration::from_secs(2), "one open connection is within the threshold: {took:?}\n{log}");
     assert!(log.contains("connections reached the threshold") && log.contains("open at SIGTERM: 1"), "{log}");
 }
@@ -141,11 +145,7 @@ fn a_hung_admin_cannot_stretch_the_drain() {
     let admin = socket.to_string_lossy().into_owned();
     let options = ["--admin", &admin, "--drain-timeout", "2s", "--kill-timeout", "2s"];
     let mut proxy = start_proxy(&options, free_port());
-    let signalled = Instant::now();
-    proxy.launcher.signal(Signal::SIGTERM);
-    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
-    let took = signalled.elapsed();
-    let log = proxy.launcher.log();
+    let (took, log) = proxy.stop();
     assert!(took < Duration::from_secs(4), "within drain-timeout + kill-timeout: {took:?}\n{log}");
     assert!(log.contains("did not answer within") && log.contains("drain ended: drain timeout reached"), "{log}");
 }
@@ -154,11 +154,7 @@ fn a_hung_admin_cannot_stretch_the_drain() {
 fn a_missing_admin_ends_the_drain_quickly() {
     let options = ["--admin", "/nonexistent/admin.sock", "--drain-timeout", "30s", "--kill-timeout", "2s"];
     let mut proxy = start_proxy(&options, free_port());
-    let signalled = Instant::now();
-    proxy.launcher.signal(Signal::SIGTERM);
-    assert_eq!(proxy.launcher.exit_code(Duration::from_secs(20)), 0);
-    let took = signalled.elapsed();
-    let log = proxy.launcher.log();
+    let (took, log) = proxy.stop();
     assert!(took < Duration::from_secs(2), "an unreachable admin is given up on: {took:?}\n{log}");
     assert!(log.contains("unreachable") && log.contains("drain ended: Envoy's admin is unreachable"), "{log}");
 }
