@@ -74,13 +74,20 @@ const LIVE_POLL: Duration = Duration::from_millis(50);
 
 /// Polls the admin until it answers as `epoch` in state LIVE, or `timeout` passes (None: no limit).
 pub async fn await_live(admin: AdminClient, epoch: u32, timeout: Option<Duration>, events: UnboundedSender<Event>) {
+    // Also ends when a later epoch holds the admin: this one will never answer there again, and a
+    // poll that never ends would wake the launcher 20 times a second for good.
     let poll = async {
         loop {
-            if let Ok(info) = admin.server_info().await
-                && info.restart_epoch == epoch
-                && info.state == "LIVE"
-            {
-                return;
+            if let Ok(info) = admin.server_info().await {
+                if info.restart_epoch == epoch && info.state == "LIVE" {
+                    return Ok(());
+                }
+                if info.restart_epoch > epoch {
+                    return Err(format!(
+                        "epoch {epoch} was superseded by epoch {} before it was LIVE",
+                        info.restart_epoch
+                    ));
+                }
             }
             tokio::time::sleep(LIVE_POLL).await;
         }
@@ -88,11 +95,8 @@ pub async fn await_live(admin: AdminClient, epoch: u32, timeout: Option<Duration
     let result = match timeout {
         Some(timeout) => tokio::time::timeout(timeout, poll)
             .await
-            .map_err(|_| format!("epoch {epoch} did not answer LIVE on the admin API within {timeout:?}")),
-        None => {
-            poll.await;
-            Ok(())
-        }
+            .unwrap_or_else(|_| Err(format!("epoch {epoch} did not answer LIVE on the admin API within {timeout:?}"))),
+        None => poll.await,
     };
     let _ = events.send(Event::EpochReady { epoch, result });
 }
