@@ -8,6 +8,7 @@ use anyhow::Context;
 use serde_json::Value;
 
 use crate::certs::TlsPair;
+use crate::envoy::flag_value;
 use crate::http::Endpoint;
 
 /// The parsed bootstrap: the `-c` file, with `--config-yaml` merged over it as Envoy does.
@@ -18,29 +19,11 @@ pub struct Bootstrap {
     value: Value,
 }
 
-/// The value of a valued flag (`--flag value` or `--flag=value`); the last one wins, as in Envoy.
-fn flag_text(argv: &[OsString], names: &[&str]) -> Option<String> {
-    let mut found = None;
-    let mut args = argv.iter().map(|a| a.to_string_lossy());
-    while let Some(arg) = args.next() {
-        for name in names {
-            if arg == *name {
-                found = args.next().map(|v| v.into_owned());
-                break;
-            } else if let Some(value) = arg.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')) {
-                found = Some(value.to_string());
-                break;
-            }
-        }
-    }
-    found
-}
-
 impl Bootstrap {
     /// Loads the bootstrap that `argv` (an Envoy command line) names; None when it names none.
     pub fn from_command(argv: &[OsString]) -> anyhow::Result<Option<Bootstrap>> {
-        let path = flag_text(argv, &["-c", "--config-path"]).map(PathBuf::from);
-        let inline = flag_text(argv, &["--config-yaml"]);
+        let path = flag_value(argv, &["-c", "--config-path"]).map(PathBuf::from);
+        let inline = flag_value(argv, &["--config-yaml"]).map(|v| v.to_string_lossy().into_owned());
         if path.is_none() && inline.is_none() {
             return Ok(None);
         }

@@ -1,13 +1,17 @@
 //! Certificate checks before a hot restart: each certificate/key pair of the bootstrap parses as
 //! PEM, the key belongs to the certificate, and the leaf is within its validity period. Envoy would
 //! find most of this too, but only by failing to start, which after a hot restart has begun leaves
-//! it degraded (see ENVOY-FACTS.md); so the launcher looks first.
+//! it degraded (docs/ARCHITECTURE.md, "Envoy facts"); so the launcher looks first. Also the
+//! certificate of the control API's `--http`, swapped in when its files change.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 /// A `tls_certificates` entry of the bootstrap.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +40,7 @@ pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, String> {
         other => format!("certificate {}: {other}", pair.cert.display()),
     })?;
     let (not_before, not_after) = validity(&leaf).map_err(|e| format!("certificate {}: {e}", pair.cert.display()))?;
-    let since_epoch = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    let now_secs = since_epoch(now);
+    let now_secs = crate::clock::unix_seconds(now) as i64;
     if now_secs < not_before {
         return Err(format!("certificate {} is not valid before {}", pair.cert.display(), format_time(not_before)));
     }
@@ -74,6 +77,60 @@ fn validity(cert: &CertificateDer<'_>) -> Result<(i64, i64), String> {
 fn format_time(secs: i64) -> String {
     let time = SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
     humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// The `--http` certificate: handed out per handshake, swapped when its files change, kept when the
+/// new ones are bad.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    pair: TlsPair,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ReloadingCert {
+    pub fn load(pair: TlsPair) -> Result<Arc<ReloadingCert>, String> {
+        let key = Self::read(&pair)?;
+        Ok(Arc::new(ReloadingCert { pair, current: RwLock::new(key) }))
+    }
+
+    fn read(pair: &TlsPair) -> Result<Arc<CertifiedKey>, String> {
+        check_pair(pair, SystemTime::now())?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pair.cert)
+            .and_then(|certs| certs.collect())
+            .map_err(|e| format!("certificate {}: {e}", pair.cert.display()))?;
+        let key =
+            PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| format!("private key {}: {e}", pair.key.display()))?;
+        let key = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| format!("private key {}: {e}", pair.key.display()))?;
+        Ok(Arc::new(CertifiedKey::new(chain, key)))
+    }
+
+    /// Re-reads the files; a bad pair is refused and the current one kept.
+    pub fn reload(&self) -> Result<(), String> {
+        let key = Self::read(&self.pair)?;
+        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = key;
+        Ok(())
+    }
+
+    pub fn files(&self) -> Vec<PathBuf> {
+        vec![self.pair.cert.clone(), self.pair.key.clone()]
+    }
+
+    pub fn acceptor(self: &Arc<Self>) -> Result<tokio_rustls::TlsAcceptor, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone())
+    }
 }
 
 #[cfg(test)]

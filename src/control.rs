@@ -1,26 +1,38 @@
 //! The control API: HTTP/1.1 on the control unix socket, and optionally on TCP (`--http`), with TLS
 //! whose certificate files are swapped in on change. What needs the launcher's state is asked of the
-//! supervisor as an event with a reply channel; this module only speaks HTTP.
+//! supervisor as a request with a reply channel; this module only speaks HTTP (and keeps its own
+//! `--http` certificate current).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
-use crate::certs::{self, TlsPair};
+use crate::certs::{ReloadingCert, TlsPair};
 use crate::metrics::Metrics;
-use crate::supervisor::Event;
+use crate::reload::Refusal;
+use crate::status::Status;
+use crate::watch::{self, WatchSpec};
+
+/// Where the control API listens.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    pub socket: PathBuf,
+    pub http: Option<String>,
+    pub http_tls: Option<TlsPair>,
+    pub http_token: Option<PathBuf>,
+    /// How long the `--http` certificate files must be quiet before they are re-read.
+    pub debounce: Duration,
+}
 
 /// A question for the supervisor, with where to send the answer.
 #[derive(Debug)]
@@ -28,65 +40,90 @@ pub enum ControlRequest {
     Status(oneshot::Sender<Status>),
     /// Start the drain (if not started); answer true once drained, false when it timed out.
     Shutdown(oneshot::Sender<bool>),
-    /// A validated hot restart: the new epoch, or the HTTP status and the reason it did not happen.
-    Reload(oneshot::Sender<Result<u32, (u16, String)>>),
+    /// A reload: the new epoch, or why it did not happen.
+    Reload(oneshot::Sender<Result<u32, Refusal>>),
 }
 
-/// What `/status` shows.
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    /// starting, running, draining or stopping.
-    pub state: &'static str,
-    /// The current epoch is LIVE and no drain is under way.
-    pub ready: bool,
-    pub degraded: Option<String>,
-    pub current_epoch: u32,
-    pub epochs: Vec<EpochStatus>,
-    /// The step of the hot restart under way, if any.
-    pub restart: Option<&'static str>,
-    pub last_reload: Option<ReloadStatus>,
-    pub drain: Option<DrainStatus>,
+/// Hands a request to the supervisor; false once the supervisor is gone.
+pub type Ask = Arc<dyn Fn(ControlRequest) -> bool + Send + Sync>;
+
+/// The HTTP status that tells a client why a reload did not happen.
+fn refusal_status(refusal: &Refusal) -> StatusCode {
+    match refusal {
+        Refusal::ShuttingDown | Refusal::Blocked(_) | Refusal::NotEnvoy => StatusCode::CONFLICT,
+        Refusal::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Refusal::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct EpochStatus {
-    pub epoch: u32,
-    pub pid: i32,
-    pub started_unix: u64,
-    pub live: bool,
+/// Binds the control socket (and `--http`) and serves them from tasks of their own.
+pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let token = match &settings.http_token {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read --http-token {}", file.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let api = ControlApi { ask, metrics, token: token.clone().map(Arc::from) };
+    let listener = bind_unix(&settings.socket)?;
+    tracing::info!("control API on unix:{}", settings.socket.display());
+    tokio::spawn(api.clone().serve_unix(listener));
+    let Some(address) = &settings.http else { return Ok(()) };
+    let listener =
+        tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot bind --http {address}"))?;
+    let local = listener.local_addr().context("--http address")?;
+    if settings.http_tls.is_none() && !local.ip().is_loopback() {
+        tracing::warn!("--http {local} is not loopback and has no TLS: the control API is readable by the network");
+    }
+    if token.is_none() && !local.ip().is_loopback() {
+        tracing::warn!("--http {local} has no --http-token: anyone who reaches it can shut Envoy down");
+    }
+    let acceptor = match &settings.http_tls {
+        Some(pair) => Some(https_acceptor(pair.clone(), settings.debounce)?),
+        None => None,
+    };
+    tracing::info!("control API on {}://{local}", if acceptor.is_some() { "https" } else { "http" });
+    tokio::spawn(api.serve_tcp(listener, acceptor));
+    Ok(())
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ReloadStatus {
-    /// success, refused or failed.
-    pub result: &'static str,
-    pub detail: String,
-    pub at_unix: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct DrainStatus {
-    pub elapsed_seconds: f64,
-    pub connections: Option<u64>,
+/// The TLS side of `--http`: the certificate is re-read whenever its files change, and a bad new
+/// pair is refused while the old one stays in use.
+fn https_acceptor(pair: TlsPair, debounce: Duration) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context;
+    let cert = ReloadingCert::load(pair).map_err(|e| anyhow::anyhow!("--http-tls: {e}"))?;
+    let spec = WatchSpec { envoy_command: None, extra: cert.files(), debounce };
+    let watched = cert.clone();
+    watch::start(spec, move |files| {
+        match watched.reload() {
+            Ok(()) => tracing::info!("--http: new certificate in use (changed: {files:?})"),
+            Err(reason) => tracing::error!("--http: new certificate refused, the old one stays: {reason}"),
+        }
+        true
+    })
+    .context("cannot watch the --http certificate")?;
+    cert.acceptor().map_err(|e| anyhow::anyhow!("--http-tls: {e}"))
 }
 
 /// The HTTP side of the control API, shared by every listener.
 #[derive(Clone)]
-pub struct ControlApi {
-    events: UnboundedSender<Event>,
+struct ControlApi {
+    ask: Ask,
     metrics: Arc<Metrics>,
     /// Bearer token required on TCP for the endpoints that change something.
     token: Option<Arc<str>>,
 }
 
 impl ControlApi {
-    pub fn new(events: UnboundedSender<Event>, metrics: Arc<Metrics>, token: Option<String>) -> Self {
-        ControlApi { events, metrics, token: token.map(Arc::from) }
-    }
-
     async fn ask<T>(&self, request: impl FnOnce(oneshot::Sender<T>) -> ControlRequest) -> Option<T> {
         let (tx, rx) = oneshot::channel();
-        self.events.send(Event::Control(request(tx))).ok()?;
+        if !(self.ask)(request(tx)) {
+            return None;
+        }
         rx.await.ok()
     }
 
@@ -109,9 +146,8 @@ impl ControlApi {
             },
             (Method::POST, "/reload") => match self.ask(ControlRequest::Reload).await {
                 Some(Ok(epoch)) => json(StatusCode::OK, &serde_json::json!({ "epoch": epoch })),
-                Some(Err((status, reason))) => {
-                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                    json(status, &serde_json::json!({ "error": reason }))
+                Some(Err(refusal)) => {
+                    json(refusal_status(&refusal), &serde_json::json!({ "error": refusal.to_string() }))
                 }
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"),
             },
@@ -143,7 +179,7 @@ impl ControlApi {
     }
 
     /// Serves the control socket until the runtime ends.
-    pub async fn serve_unix(self, listener: UnixListener) {
+    async fn serve_unix(self, listener: UnixListener) {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => self.spawn_connection(stream, false),
@@ -153,7 +189,7 @@ impl ControlApi {
     }
 
     /// Serves `--http`, with TLS when `tls` is given.
-    pub async fn serve_tcp(self, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+    async fn serve_tcp(self, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -197,11 +233,11 @@ impl ControlApi {
 }
 
 /// Binds the control socket: parent directory created, a stale socket replaced, mode 0600.
-pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
     use anyhow::Context;
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = path.parent() {
-        crate::demo::create_private_dir(parent)?;
+        crate::files::create_private_dir(parent)?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -235,62 +271,6 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
 /// Compares without stopping at the first difference, so timing does not tell how much matched.
 fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The `--http` certificate: handed out per handshake, swapped when its files change, kept when the
-/// new ones are bad.
-#[derive(Debug)]
-pub struct ReloadingCert {
-    pair: TlsPair,
-    current: RwLock<Arc<CertifiedKey>>,
-}
-
-impl ReloadingCert {
-    pub fn load(pair: TlsPair) -> Result<Arc<ReloadingCert>, String> {
-        let key = Self::read(&pair)?;
-        Ok(Arc::new(ReloadingCert { pair, current: RwLock::new(key) }))
-    }
-
-    fn read(pair: &TlsPair) -> Result<Arc<CertifiedKey>, String> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        certs::check_pair(pair, std::time::SystemTime::now())?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pair.cert)
-            .and_then(|certs| certs.collect())
-            .map_err(|e| format!("certificate {}: {e}", pair.cert.display()))?;
-        let key =
-            PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| format!("private key {}: {e}", pair.key.display()))?;
-        let key = rustls::crypto::ring::sign::any_supported_type(&key)
-            .map_err(|e| format!("private key {}: {e}", pair.key.display()))?;
-        Ok(Arc::new(CertifiedKey::new(chain, key)))
-    }
-
-    /// Re-reads the files; a bad pair is refused and the current one kept.
-    pub fn reload(&self) -> Result<(), String> {
-        let key = Self::read(&self.pair)?;
-        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = key;
-        Ok(())
-    }
-
-    pub fn files(&self) -> Vec<PathBuf> {
-        vec![self.pair.cert.clone(), self.pair.key.clone()]
-    }
-
-    pub fn acceptor(self: &Arc<Self>) -> Result<tokio_rustls::TlsAcceptor, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
-        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-    }
-}
-
-impl ResolvesServerCert for ReloadingCert {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone())
-    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,11 @@
 //! The embedded demo: an Envoy bootstrap with an admin unix socket, an HTTP and an HTTPS listener,
 //! and a self-signed certificate generated on first use. One command shows the whole product.
 
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+
+use crate::files::{create_private_dir, write_atomically};
 
 const BOOTSTRAP_TEMPLATE: &str = include_str!("demo/bootstrap.yaml");
 
@@ -55,49 +54,10 @@ impl Demo {
     }
 }
 
-/// Creates `dir` and its parents, readable by the owner only (it holds keys and sockets). One that
-/// exists already must be ours and writable by nobody else, or another user could plant files there.
-pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create the directory {}", dir.display()))?;
-    let meta = fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-    let euid = nix::unistd::geteuid().as_raw();
-    if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
-        anyhow::bail!(
-            "directory {} is not safe for keys and sockets: it must be a directory owned by uid {euid} \
-             and writable by no one else (found uid {}, mode {:o})",
-            dir.display(),
-            meta.uid(),
-            meta.mode() & 0o7777
-        );
-    }
-    Ok(())
-}
-
-/// Replaces `path` by rename, so that Envoy (or a watcher) never sees half a file.
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    // A leftover (or planted) temporary file or symlink is removed, never written through.
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(contents).with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.sync_all().with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn bootstrap_has_every_placeholder_filled() {
@@ -106,18 +66,6 @@ mod tests {
         assert!(!yaml.contains("{admin_socket}") && !yaml.contains("{cert}") && !yaml.contains("{http_port}"));
         assert!(yaml.contains("port_value: 18080") && yaml.contains("port_value: 18443"));
         assert!(yaml.contains(r#"path: "/run/with \"quote\"/envoy-admin.sock""#), "{yaml}");
-    }
-
-    #[test]
-    fn a_directory_others_can_write_is_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let shared = dir.path().join("shared");
-        fs::create_dir(&shared).expect("mkdir");
-        fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).expect("chmod");
-        let err = create_private_dir(&shared).expect_err("world-writable");
-        assert!(format!("{err}").contains("is not safe"), "{err}");
-        assert!(create_private_dir(&dir.path().join("new/private")).is_ok());
     }
 
     #[test]

@@ -1,17 +1,20 @@
 //! The graceful drain: fail Envoy's health check, wait out the drain delay, drain its listeners, and
 //! poll its downstream connections until they reach the threshold or the timeout. The drain only
-//! talks to Envoy's admin and reports to the supervisor; it never signals a process.
+//! talks to Envoy's admin: it publishes the connection count and returns how it ended to the
+//! supervisor, which started it; it never signals a process.
 
 use std::time::Duration;
 
 use hyper::Method;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::admin::{AdminClient, Listeners};
-use crate::supervisor::Event;
 
-/// The knobs of a drain (DESIGN.md, "Graceful drain").
+/// The open downstream connections at the last poll; None before the first poll and when it failed.
+pub type Progress = watch::Sender<Option<u64>>;
+
+/// The knobs of a drain (docs/ARCHITECTURE.md, "The graceful drain").
 #[derive(Debug, Clone)]
 pub struct DrainSettings {
     /// Time for load balancers to notice the failed health check before the listeners drain.
@@ -98,13 +101,12 @@ pub fn after_poll(
     None
 }
 
-/// Runs the drain and reports each poll and the end to the supervisor as events.
-pub async fn run(admin: AdminClient, settings: DrainSettings, context: DrainContext, events: UnboundedSender<Event>) {
+/// Runs the drain, publishing each poll's count in `progress`; returns how it ended.
+pub async fn run(admin: AdminClient, settings: DrainSettings, context: DrainContext, progress: Progress) -> DrainEnd {
     let started = Instant::now();
     let deadline = started + settings.timeout;
-    let steps = drain_steps(&admin, &settings, context, started, &events);
-    let end = tokio::time::timeout_at(deadline, steps).await.unwrap_or(DrainEnd::Timeout);
-    let _ = events.send(Event::DrainEnded(end));
+    let steps = drain_steps(&admin, &settings, context, started, &progress);
+    tokio::time::timeout_at(deadline, steps).await.unwrap_or(DrainEnd::Timeout)
 }
 
 async fn drain_steps(
@@ -112,7 +114,7 @@ async fn drain_steps(
     settings: &DrainSettings,
     context: DrainContext,
     started: Instant,
-    events: &UnboundedSender<Event>,
+    progress: &Progress,
 ) -> DrainEnd {
     let mut consecutive_errors = 0;
     if settings.healthcheck_fail {
@@ -142,7 +144,7 @@ async fn drain_steps(
                 None
             }
         };
-        let _ = events.send(Event::DrainPolled { connections });
+        progress.send_replace(connections);
         if let Some(end) = after_poll(settings, context, started.elapsed(), connections, consecutive_errors) {
             return end;
         }
@@ -206,20 +208,12 @@ mod tests {
     async fn a_missing_admin_ends_the_drain_after_the_error_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let admin = AdminClient::new(Endpoint::Unix(dir.path().join("missing.sock")));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        run(admin, settings(), DrainContext::default(), tx).await;
-        let mut polls = 0;
-        while let Ok(event) = rx.try_recv() {
-            match event {
-                Event::DrainPolled { connections } => {
-                    assert_eq!(connections, None);
-                    polls += 1;
-                }
-                Event::DrainEnded(end) => assert_eq!(end, DrainEnd::AdminUnreachable),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        // Two failed POSTs, then polls until five failures in a row.
-        assert_eq!(polls, ADMIN_ERROR_LIMIT - 2);
+        let (progress, polls) = watch::channel(Some(7));
+        let started = Instant::now();
+        let end = run(admin, settings(), DrainContext::default(), progress).await;
+        assert_eq!(end, DrainEnd::AdminUnreachable);
+        // Two failed POSTs, then polls 100 ms apart until five failures in a row: the third poll.
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+        assert_eq!(*polls.borrow(), None, "a failed poll is published as no count");
     }
 }

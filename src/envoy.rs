@@ -69,15 +69,20 @@ pub enum BaseId {
     Picked(u32),
 }
 
-/// The value of a valued flag in `args` (`--flag value` or `--flag=value`), the last one given.
-pub fn flag_value(args: &[OsString], flag: &str) -> Option<OsString> {
+/// The value of a valued flag in `args` (`--flag value` or `--flag=value`) under any of its
+/// `names` (`-c` and `--config-path`, say): the last one given, as Envoy takes it.
+pub fn flag_value(args: &[OsString], names: &[&str]) -> Option<OsString> {
     let mut found = None;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
-        if arg == flag {
-            found = iter.next().cloned();
-        } else if is_flag(arg, flag) {
-            found = Some(OsStr::from_bytes(&arg.as_bytes()[flag.len() + 1..]).to_os_string());
+        for name in names {
+            if arg == *name {
+                found = iter.next().cloned();
+                break;
+            } else if is_flag(arg, name) {
+                found = Some(OsStr::from_bytes(&arg.as_bytes()[name.len() + 1..]).to_os_string());
+                break;
+            }
         }
     }
     found
@@ -89,7 +94,7 @@ pub fn base_id_file(command: &[OsString], default: &Path) -> Option<PathBuf> {
     if has_flag(command, "--base-id") {
         return None;
     }
-    Some(flag_value(command, "--base-id-path").map_or_else(|| default.to_path_buf(), PathBuf::from))
+    Some(flag_value(command, &["--base-id-path"]).map_or_else(|| default.to_path_buf(), PathBuf::from))
 }
 
 /// The command line of epoch `epoch`: the user's command with `--restart-epoch` (replacing any the
@@ -212,8 +217,12 @@ mod tests {
         let command =
             args(&["envoy", "-c", "b.yaml", "--base-id", "4", "--restart-epoch", "3", "--use-dynamic-base-id"]);
         assert_eq!(validate_command(&command), args(&["envoy", "-c", "b.yaml", "--mode", "validate"]));
-        assert_eq!(flag_value(&args(&["a", "--x=1", "--x", "2"]), "--x"), Some("2".into()));
-        assert_eq!(flag_value(&args(&["a", "--x=1"]), "--x"), Some("1".into()));
+        assert_eq!(flag_value(&args(&["a", "--x=1", "--x", "2"]), &["--x"]), Some("2".into()));
+        assert_eq!(flag_value(&args(&["a", "--x=1"]), &["--x"]), Some("1".into()));
+        let config = ["-c", "--config-path"];
+        assert_eq!(flag_value(&args(&["a", "-c", "x", "--config-path=y"]), &config), Some("y".into()));
+        assert_eq!(flag_value(&args(&["a", "--config-path", "y", "-c=z"]), &config), Some("z".into()));
+        assert_eq!(flag_value(&args(&["a", "-cx"]), &config), None);
     }
 
     #[test]

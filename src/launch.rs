@@ -8,8 +8,9 @@ use std::time::Duration;
 use crate::admin::{AdminClient, Listeners};
 use crate::bootstrap::Bootstrap;
 use crate::cli::RunOptions;
-use crate::demo::{Demo, create_private_dir};
+use crate::demo::Demo;
 use crate::envoy::{self, BaseId, EnvoyFlags};
+use crate::files::create_private_dir;
 
 /// The command the supervisor starts, and whether it is Envoy (drain and hot restart apply) or any
 /// other program (a plain init).
@@ -39,6 +40,11 @@ pub struct EnvoyLaunch {
 impl Launch {
     pub fn is_envoy(&self) -> bool {
         self.envoy.is_some()
+    }
+
+    /// Envoy's admin API, when there is one to talk to.
+    pub fn admin(&self) -> Option<AdminClient> {
+        self.envoy.as_ref()?.admin.clone()
     }
 
     /// The command line of an epoch. Later epochs reuse the base id that epoch 0 picked.
@@ -93,7 +99,7 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         ),
     }
     let flags = options.envoy_flags.flags();
-    let parent_shutdown_secs = envoy::flag_value(&command, "--parent-shutdown-time-s")
+    let parent_shutdown_secs = envoy::flag_value(&command, &["--parent-shutdown-time-s"])
         .and_then(|v| v.to_str()?.parse().ok())
         .unwrap_or(flags.parent_shutdown_time_s);
     let drained_listeners = if options.drain.drain_inbound_only {

@@ -5,10 +5,12 @@ mod bootstrap;
 mod certs;
 mod cli;
 mod client;
+mod clock;
 mod control;
 mod demo;
 mod drain;
 mod envoy;
+mod files;
 mod http;
 mod launch;
 mod logging;
@@ -16,6 +18,7 @@ mod metrics;
 mod process;
 mod reload;
 mod signals;
+mod status;
 mod supervisor;
 mod systemd;
 mod watch;
@@ -69,7 +72,7 @@ fn run(options: &cli::RunOptions) -> i32 {
         reload_timeout: options.reload.reload_timeout,
         cert_expiry_warn: options.reload.cert_expiry_warn,
         watch,
-        control: supervisor::ControlSettings {
+        control: control::ControlSettings {
             socket: options.location.control_socket(),
             http: options.http.clone(),
             http_tls: options
@@ -78,6 +81,7 @@ fn run(options: &cli::RunOptions) -> i32 {
                 .zip(options.http_tls_key.clone())
                 .map(|(cert, key)| certs::TlsPair { cert, key }),
             http_token: options.http_token.clone(),
+            debounce: options.reload.reload_debounce,
         },
     };
     runtime.block_on(supervisor::run(launch, settings))

@@ -169,6 +169,54 @@ pub fn reap_all() -> Reaped {
     }
 }
 
+/// The process layer as the supervisor sees it: spawning, signalling, reaping. The supervisor owns
+/// one and never calls the OS for processes directly, so that its state machine can be driven by
+/// unit tests with a fake one.
+pub trait Processes {
+    fn spawn(&mut self, argv: &[OsString], foreground: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError>;
+    /// Sends `sig` to one process; logs (never fails) when it cannot.
+    fn signal(&mut self, pid: Pid, sig: i32);
+    fn reap(&mut self) -> Reaped;
+    /// Sends `sig` to every descendant still alive (the processes a child left behind).
+    fn signal_descendants(&mut self, sig: Signal);
+}
+
+/// The real process layer.
+#[derive(Debug, Clone, Copy)]
+pub struct System {
+    pub mode: InitMode,
+    /// The first child's process group: what can still be named when /proc is not ours.
+    pub first_child: Option<Pid>,
+}
+
+impl Processes for System {
+    fn spawn(&mut self, argv: &[OsString], foreground: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError> {
+        let pid = spawn(argv, foreground, output)?;
+        self.first_child.get_or_insert(pid);
+        Ok(pid)
+    }
+
+    fn signal(&mut self, pid: Pid, sig: i32) {
+        tracing::debug!("sending {} to {pid}", signal_name(sig));
+        if let Err(e) = send(pid, sig) {
+            tracing::warn!("cannot send {} to {pid}: {e}", signal_name(sig));
+        }
+    }
+
+    fn reap(&mut self) -> Reaped {
+        reap_all()
+    }
+
+    fn signal_descendants(&mut self, sig: Signal) {
+        signal_descendants(self.mode, sig, self.first_child);
+    }
+}
+
+/// A signal's name (SIGTERM), or its number for those nix cannot name (real-time ones).
+pub fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string())
+}
+
 /// Where the launcher sits in the process tree, which decides how it finds its descendants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InitMode {

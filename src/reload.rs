@@ -1,18 +1,42 @@
-//! The steps of a validated hot restart that run off the supervisor: the preflight (certificate
-//! checks and the base id), reading the validator's verdict, and waiting for a new epoch to be LIVE.
-//! Each reports back to the supervisor as an event; none of them starts or signals a process.
+//! The steps of a reload (a validated hot restart) that run off the supervisor: the preflight
+//! (certificate checks and the base id), reading the validator's verdict, and waiting for a new
+//! epoch to be LIVE. Each returns its result to the supervisor, which started it; none of them
+//! starts or signals a process. Also why a reload did not happen, as the control API reports it.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc::UnboundedSender;
-
 use crate::admin::AdminClient;
 use crate::bootstrap::Bootstrap;
 use crate::certs;
 use crate::process::Exit;
-use crate::supervisor::Event;
+
+/// Why a reload did not happen (or did not succeed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The launcher is draining or stopping.
+    ShuttingDown,
+    /// Hot restarts are blocked (a new epoch failed earlier); the reason.
+    Blocked(String),
+    /// The input is bad (certificates, bootstrap, validator): nothing was started.
+    Invalid(String),
+    /// A new epoch was started and failed; the serving epoch still serves.
+    Failed(String),
+    /// The command is not Envoy: there is nothing to hot-restart.
+    NotEnvoy,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::ShuttingDown => f.write_str("shutting down"),
+            Refusal::Blocked(why) => write!(f, "cannot hot-restart: {why}"),
+            Refusal::Invalid(reason) | Refusal::Failed(reason) => f.write_str(reason),
+            Refusal::NotEnvoy => f.write_str("not Envoy"),
+        }
+    }
+}
 
 /// What the preflight learned: the base id later epochs must reuse (None when the command sets it).
 #[derive(Debug, Clone)]
@@ -52,14 +76,12 @@ pub fn preflight(
 }
 
 /// Reads what `envoy --mode validate` printed and turns its exit into the verdict.
-pub async fn validation_verdict(exit: Exit, output: PathBuf, events: UnboundedSender<Event>) {
-    let verdict = if exit == Exit::Code(0) {
-        Ok(())
-    } else {
-        let text = tokio::fs::read_to_string(&output).await.unwrap_or_default();
-        Err(format!("envoy --mode validate failed ({exit}): {}", last_error_line(&text)))
-    };
-    let _ = events.send(Event::Validated(verdict));
+pub async fn validation_verdict(exit: Exit, output: PathBuf) -> Result<(), String> {
+    if exit == Exit::Code(0) {
+        return Ok(());
+    }
+    let text = tokio::fs::read_to_string(&output).await.unwrap_or_default();
+    Err(format!("envoy --mode validate failed ({exit}): {}", last_error_line(&text)))
 }
 
 /// The line of Envoy's output that says what is wrong: the last non-empty one, without the log prefix.
@@ -73,7 +95,7 @@ fn last_error_line(text: &str) -> String {
 const LIVE_POLL: Duration = Duration::from_millis(50);
 
 /// Polls the admin until it answers as `epoch` in state LIVE, or `timeout` passes (None: no limit).
-pub async fn await_live(admin: AdminClient, epoch: u32, timeout: Option<Duration>, events: UnboundedSender<Event>) {
+pub async fn await_live(admin: AdminClient, epoch: u32, timeout: Option<Duration>) -> Result<(), String> {
     // Also ends when a later epoch holds the admin: this one will never answer there again, and a
     // poll that never ends would wake the launcher 20 times a second for good.
     let poll = async {
@@ -92,13 +114,12 @@ pub async fn await_live(admin: AdminClient, epoch: u32, timeout: Option<Duration
             tokio::time::sleep(LIVE_POLL).await;
         }
     };
-    let result = match timeout {
+    match timeout {
         Some(timeout) => tokio::time::timeout(timeout, poll)
             .await
             .unwrap_or_else(|_| Err(format!("epoch {epoch} did not answer LIVE on the admin API within {timeout:?}"))),
         None => poll.await,
-    };
-    let _ = events.send(Event::EpochReady { epoch, result });
+    }
 }
 
 #[cfg(test)]

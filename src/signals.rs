@@ -1,13 +1,10 @@
-//! The signals the launcher catches. Their meaning is decided by the supervisor; this module only
-//! says which ones are caught and turns them into events.
+//! The signals the launcher catches, and what each one means: the one signal table. The
+//! supervisor asks `intent` and acts on the answer; nothing else interprets a signal number.
 
 use futures_util::StreamExt;
 use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
 use signal_hook::consts::signal::*;
 use signal_hook_tokio::Signals;
-use tokio::sync::mpsc::UnboundedSender;
-
-use crate::supervisor::Event;
 
 /// Never caught, as in tini: the synchronous signals (a fault in the launcher itself must not be
 /// forwarded as if it were a request), SIGKILL/SIGSTOP (impossible), SIGTTIN/SIGTTOU (ignored, see
@@ -44,18 +41,59 @@ pub fn hold() {
 
 /// Installs the handlers (so that nothing sent before the child starts is lost), then unblocks
 /// every signal, held or inherited from the parent (a blocked SIGCHLD would leave zombies for
-/// ever), and pumps the signals into the supervisor's event channel from a task of their own.
-pub fn pump_into(events: UnboundedSender<Event>) -> std::io::Result<()> {
+/// ever), and hands each caught signal to `deliver`, from a task of its own, until it returns false.
+pub fn listen(mut deliver: impl FnMut(i32) -> bool + Send + 'static) -> std::io::Result<()> {
     let mut signals = Signals::new(caught())?;
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
     tokio::spawn(async move {
         while let Some(sig) = signals.next().await {
-            if events.send(Event::Signal(sig)).is_err() {
+            if !deliver(sig) {
                 break;
             }
         }
     });
     Ok(())
+}
+
+/// What the launcher is running when a signal arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Running {
+    /// Envoy: drains and hot restarts apply.
+    Envoy,
+    /// Any other command, under a plain init.
+    Command,
+    /// The child has exited; only the processes it left behind remain.
+    Leftovers,
+}
+
+/// What a signal asks of the launcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    /// SIGCHLD: reap every exited child.
+    Reap,
+    /// Stop: drain Envoy, then SIGTERM; a second one skips the rest of the drain; with only
+    /// leftovers, stop waiting for them and SIGKILL.
+    Stop,
+    /// A validated hot restart.
+    Reload,
+    /// Pass it on to every live epoch (SIGUSR1: every epoch reopens its access logs).
+    ForwardToAll,
+    /// Pass it on to the current epoch (or the plain command).
+    ForwardToCurrent,
+    /// Nothing to do.
+    Ignore,
+}
+
+/// The signal table.
+pub fn intent(sig: i32, running: Running) -> Intent {
+    match (sig, running) {
+        (SIGCHLD, _) => Intent::Reap,
+        (SIGTERM | SIGINT, Running::Envoy | Running::Leftovers) => Intent::Stop,
+        (_, Running::Leftovers) => Intent::Ignore,
+        (SIGHUP, Running::Envoy) => Intent::Reload,
+        (SIGUSR1, _) => Intent::ForwardToAll,
+        _ => Intent::ForwardToCurrent,
+    }
 }
 
 #[cfg(test)]
@@ -71,6 +109,27 @@ mod tests {
         assert!(caught.contains(&libc::SIGRTMIN()) && caught.contains(&libc::SIGRTMAX()));
         for sig in NOT_CAUGHT {
             assert!(!caught.contains(sig), "signal {sig} must not be caught");
+        }
+    }
+
+    #[test]
+    fn the_signal_table() {
+        use Intent::*;
+        use Running::*;
+        let table = [
+            (SIGCHLD, [Reap, Reap, Reap]),
+            (SIGTERM, [Stop, ForwardToCurrent, Stop]),
+            (SIGINT, [Stop, ForwardToCurrent, Stop]),
+            (SIGHUP, [Reload, ForwardToCurrent, Ignore]),
+            (SIGUSR1, [ForwardToAll, ForwardToAll, Ignore]),
+            (SIGUSR2, [ForwardToCurrent, ForwardToCurrent, Ignore]),
+            (SIGQUIT, [ForwardToCurrent, ForwardToCurrent, Ignore]),
+            (SIGWINCH, [ForwardToCurrent, ForwardToCurrent, Ignore]),
+            (libc::SIGRTMIN(), [ForwardToCurrent, ForwardToCurrent, Ignore]),
+        ];
+        for (sig, expected) in table {
+            let got = [intent(sig, Envoy), intent(sig, Command), intent(sig, Leftovers)];
+            assert_eq!(got, expected, "signal {sig}");
         }
     }
 }

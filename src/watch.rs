@@ -1,8 +1,8 @@
 //! Watching the files a hot restart depends on: the bootstrap, every file it references, and the
 //! user's `--watch` paths. Directories are watched, not inodes, so that a rename into place, an
 //! editor's replace and the Kubernetes `..data` symlink swap are all seen. After the debounce, the
-//! contents are hashed: only a real change is reported (a touch is not). The watcher only tells the
-//! supervisor; it never restarts anything.
+//! contents are hashed: only a real change is reported (a touch is not). The watcher only reports
+//! what changed to the callback it was given; it never restarts anything.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -11,10 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc::{self, UnboundedSender};
+use tokio::sync::mpsc;
 
 use crate::bootstrap::Bootstrap;
-use crate::supervisor::Event;
 
 /// What to watch.
 #[derive(Debug, Clone)]
@@ -98,11 +97,11 @@ fn changed(before: &Snapshot, after: &Snapshot) -> Vec<PathBuf> {
     keys.into_iter().filter(|k| before.get(*k) != after.get(*k)).cloned().collect()
 }
 
-/// Starts watching; every real change, debounced, becomes the event `to_event` makes of the files.
+/// Starts watching; every real change, debounced, is handed to `changed_files` with the files that
+/// changed. Watching ends when it returns false.
 pub fn start(
     spec: WatchSpec,
-    events: UnboundedSender<Event>,
-    to_event: fn(Vec<PathBuf>) -> Event,
+    mut changed_files: impl FnMut(Vec<PathBuf>) -> bool + Send + 'static,
 ) -> notify::Result<()> {
     let (notify_tx, mut notifications) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
@@ -140,7 +139,7 @@ pub fn start(
             watch_directories(&mut watcher, &spec.directories(&files), &mut watched);
             let changed = changed(&last, &current);
             last = current;
-            if !changed.is_empty() && events.send(to_event(changed)).is_err() {
+            if !changed.is_empty() && !changed_files(changed) {
                 return;
             }
         }

@@ -1,0 +1,161 @@
+//! The live Envoy processes (epochs) and which one serves. For a plain command, the command is
+//! epoch 0 and the only one.
+
+use std::time::SystemTime;
+
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+use crate::process::Processes;
+
+/// One Envoy process (or, for a plain command, the command itself as epoch 0).
+#[derive(Debug)]
+pub struct Epoch {
+    pub number: u32,
+    pub pid: Pid,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    /// Its admin answered LIVE as this epoch (for a plain command or without admin: from the start).
+    pub live: bool,
+    /// It was sent the stop signal: never twice, since a second SIGTERM during its shutdown finds
+    /// Envoy's handler gone and kills it (status 143).
+    stopped: bool,
+}
+
+impl Epoch {
+    pub fn new(number: u32, pid: Pid, live: bool) -> Epoch {
+        Epoch { number, pid, started: Instant::now(), started_at: SystemTime::now(), live, stopped: false }
+    }
+}
+
+/// The live epochs, oldest first, and the number of the current one: the one that serves, whose
+/// exit ends the launcher. Around a hot restart there are two: an older one that drains and the
+/// current one, or the current one and a newer one that starts.
+#[derive(Debug)]
+pub struct Epochs {
+    list: Vec<Epoch>,
+    current: u32,
+}
+
+impl Epochs {
+    pub fn new(first: Epoch) -> Epochs {
+        Epochs { current: first.number, list: vec![first] }
+    }
+
+    pub fn current_number(&self) -> u32 {
+        self.current
+    }
+
+    pub fn current_is_live(&self) -> bool {
+        self.find(self.current).is_some_and(|e| e.live)
+    }
+
+    /// An older epoch that still drains after a hot restart.
+    pub fn older(&self) -> Option<&Epoch> {
+        self.list.iter().find(|e| e.number < self.current)
+    }
+
+    pub fn find(&self, number: u32) -> Option<&Epoch> {
+        self.list.iter().find(|e| e.number == number)
+    }
+
+    /// The number the next epoch gets: one above every epoch started so far.
+    pub fn next_number(&self) -> u32 {
+        self.list.iter().map(|e| e.number).max().unwrap_or(self.current).max(self.current) + 1
+    }
+
+    pub fn add(&mut self, epoch: Epoch) {
+        self.list.push(epoch);
+    }
+
+    /// Takes out the epoch with this pid, once it has exited.
+    pub fn remove(&mut self, pid: Pid) -> Option<Epoch> {
+        let i = self.list.iter().position(|e| e.pid == pid)?;
+        Some(self.list.remove(i))
+    }
+
+    /// Marks `number` LIVE; returns it unless it was LIVE already.
+    pub fn mark_live(&mut self, number: u32) -> Option<&Epoch> {
+        let epoch = self.list.iter_mut().find(|e| e.number == number && !e.live)?;
+        epoch.live = true;
+        Some(epoch)
+    }
+
+    /// A new epoch answered LIVE: it serves from now on.
+    pub fn promote(&mut self, number: u32) {
+        self.mark_live(number);
+        self.current = number;
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Epoch> {
+        self.list.iter()
+    }
+
+    pub fn signal_all(&self, processes: &mut impl Processes, sig: i32) {
+        for epoch in &self.list {
+            processes.signal(epoch.pid, sig);
+        }
+    }
+
+    pub fn signal_current(&self, processes: &mut impl Processes, sig: i32) {
+        if let Some(epoch) = self.find(self.current) {
+            processes.signal(epoch.pid, sig);
+        }
+    }
+
+    pub fn signal_newest(&self, processes: &mut impl Processes, sig: i32) {
+        if let Some(newest) = self.list.iter().max_by_key(|e| e.number) {
+            processes.signal(newest.pid, sig);
+        }
+    }
+
+    /// Sends `sig` to the newest epoch that has not been sent its stop signal yet. Only the newest:
+    /// an Envoy that shuts down tells its parent epoch to terminate, and aborts when that parent is
+    /// already gone; so the parent is left to it.
+    pub fn stop_newest(&mut self, processes: &mut impl Processes, sig: i32) {
+        if let Some(newest) = self.list.iter_mut().filter(|e| !e.stopped).max_by_key(|e| e.number) {
+            newest.stopped = true;
+            processes.signal(newest.pid, sig);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid(n: i32) -> Pid {
+        Pid::from_raw(n)
+    }
+
+    #[test]
+    fn the_current_epoch_changes_only_when_promoted() {
+        let mut epochs = Epochs::new(Epoch::new(0, pid(10), false));
+        assert!(!epochs.current_is_live());
+        assert_eq!(epochs.mark_live(0).map(|e| e.pid), Some(pid(10)));
+        assert!(epochs.mark_live(0).is_none(), "LIVE once");
+        assert_eq!(epochs.next_number(), 1);
+        epochs.add(Epoch::new(1, pid(11), false));
+        assert_eq!((epochs.current_number(), epochs.next_number()), (0, 2));
+        assert!(epochs.older().is_none(), "a starting epoch is newer, not older");
+        epochs.promote(1);
+        assert_eq!(epochs.current_number(), 1);
+        assert!(epochs.current_is_live());
+        assert_eq!(epochs.older().map(|e| e.number), Some(0));
+        assert_eq!(epochs.remove(pid(10)).map(|e| e.number), Some(0));
+        assert!(epochs.remove(pid(10)).is_none());
+        assert_eq!((epochs.len(), epochs.next_number()), (1, 2));
+    }
+
+    #[test]
+    fn a_failed_epoch_leaves_its_number_used() {
+        let mut epochs = Epochs::new(Epoch::new(0, pid(10), true));
+        epochs.add(Epoch::new(1, pid(11), false));
+        epochs.remove(pid(11));
+        assert_eq!(epochs.next_number(), 1, "no epoch 1 ran to the end: the number is free again");
+    }
+}

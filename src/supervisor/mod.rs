@@ -1,0 +1,395 @@
+//! The supervisor: one task that owns all state (the epochs, the drain, the reload) and handles
+//! every event from one channel, in turn. Nothing else changes that state: workers (the drain, the
+//! reload's steps, the watcher, the signal and control listeners) return or hand over results, which
+//! the supervisor wraps into its own private events.
+//!
+//! Theory of operation (docs/ARCHITECTURE.md has the whole of it):
+//! - SIGCHLD reaps every exited process: an epoch of Envoy, the validator, or an orphan the kernel
+//!   handed to us. Only the exit of the *current* epoch (the one serving) ends the launcher.
+//! - SIGTERM/SIGINT to an Envoy start a graceful drain (`shutdown`); then the newest epoch gets
+//!   SIGTERM, and SIGKILL after the kill timeout.
+//! - SIGHUP, a changed file or `/reload` start a reload (`reload`): certificate checks, `envoy
+//!   --mode validate`, then epoch N+1, which must answer LIVE on the admin API. At most one runs at a
+//!   time, one more is queued. A new epoch that fails never costs the serving one.
+//! - any other signal is forwarded, as the signal table (`signals::intent`) says.
+//!
+//! Processes are reached only through `Processes`, and every deadline comes back as an event keyed
+//! by a generation number, so the state machine runs the same under unit tests with a fake process
+//! layer and tokio's paused time.
+
+mod epochs;
+mod reload;
+mod reload_state;
+mod shutdown;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+
+use crate::admin::AdminClient;
+use crate::clock::unix_seconds;
+use crate::control::{self, ControlRequest, ControlSettings};
+use crate::drain::{DrainEnd, DrainSettings};
+use crate::launch::Launch;
+use crate::metrics::Metrics;
+use crate::process::{self, Exit, InitMode, Processes, System, signal_name};
+use crate::reload::Preflight;
+use crate::signals::{self, Intent, Running};
+use crate::status::{DrainStatus, EpochStatus, ReloadStatus, Status};
+use crate::systemd::{self, Notifier};
+use crate::watch::{self, WatchSpec};
+
+use epochs::{Epoch, Epochs};
+use reload_state::ReloadState;
+use shutdown::Phase;
+
+/// Numbers the deadlines and the reload attempts: an event that carries an old one is stale.
+type Generation = u64;
+
+/// Everything the supervisor reacts to.
+#[derive(Debug)]
+enum Event {
+    Signal(i32),
+    DrainEnded(DrainEnd),
+    /// Watched files whose content changed (debounced).
+    FilesChanged(Vec<PathBuf>),
+    Preflight {
+        attempt: Generation,
+        result: Result<Preflight, String>,
+    },
+    Validated {
+        attempt: Generation,
+        result: Result<(), String>,
+    },
+    /// The LIVE poll of an epoch ended: it answered LIVE, or why not.
+    EpochLive {
+        epoch: u32,
+        result: Result<(), String>,
+    },
+    /// A timer set by `schedule` ran out.
+    Deadline(Generation),
+    /// A request on the control API.
+    Control(ControlRequest),
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Between SIGTERM and SIGKILL, for Envoy and for whatever the child leaves behind.
+    pub kill_timeout: Duration,
+    pub drain: DrainSettings,
+    pub reload_timeout: Duration,
+    pub cert_expiry_warn: Duration,
+    pub watch: WatchSpec,
+    pub control: ControlSettings,
+}
+
+struct Supervisor<P: Processes> {
+    launch: Launch,
+    settings: Settings,
+    processes: P,
+    events: UnboundedSender<Event>,
+    epochs: Epochs,
+    phase: Phase,
+    reload: ReloadState,
+    last_reload: Option<ReloadStatus>,
+    metrics: Arc<Metrics>,
+    systemd: Notifier,
+    /// Callers of /shutdown, answered when the drain ends.
+    shutdown_waiters: Vec<tokio::sync::oneshot::Sender<bool>>,
+    /// How the drain ended (true: drained), once it has.
+    drained: Option<bool>,
+    /// The last generation handed out.
+    generation: Generation,
+}
+
+/// Runs `launch` to completion and returns the status the launcher exits with.
+pub async fn run(launch: Launch, settings: Settings) -> i32 {
+    let mode = match process::become_init() {
+        Ok(mode) => mode,
+        Err(e) => {
+            tracing::warn!("cannot become a child subreaper ({e}): orphans will not be reaped by sesame");
+            InitMode::Subreaper
+        }
+    };
+    tracing::debug!("running as {}", if mode == InitMode::Pid1 { "PID 1" } else { "a child subreaper" });
+    process::ignore_tty_stop_signals();
+
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let signal_events = events_tx.clone();
+    if let Err(e) = signals::listen(move |sig| signal_events.send(Event::Signal(sig)).is_ok()) {
+        tracing::error!("cannot install signal handlers: {e}");
+        return 1;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let control_events = events_tx.clone();
+    let ask: control::Ask = Arc::new(move |request| control_events.send(Event::Control(request)).is_ok());
+    if let Err(e) = control::start(&settings.control, ask, metrics.clone()).await {
+        tracing::error!("{e:#}");
+        return 1;
+    }
+    let processes = System { mode, first_child: None };
+    let mut supervisor = match Supervisor::start(launch, settings, processes, events_tx, metrics, Notifier::from_env())
+    {
+        Ok(supervisor) => supervisor,
+        Err(code) => return code,
+    };
+    let exit = supervisor.supervise(&mut events).await;
+    supervisor.stop_leftovers(&mut events).await;
+    exit.status_code()
+}
+
+impl<P: Processes> Supervisor<P> {
+    /// Starts epoch 0 (or the plain command), the watcher and the LIVE poll; Err is the exit status
+    /// when the command cannot be started.
+    fn start(
+        launch: Launch,
+        settings: Settings,
+        mut processes: P,
+        events: UnboundedSender<Event>,
+        metrics: Arc<Metrics>,
+        systemd: Notifier,
+    ) -> Result<Self, i32> {
+        let argv = launch.epoch_argv(0, None);
+        // A plain command gets the terminal as under tini; Envoy does not, so that Ctrl-C reaches the launcher.
+        let pid = processes.spawn(&argv, !launch.is_envoy(), None).map_err(|e| {
+            tracing::error!("{e}");
+            e.status_code()
+        })?;
+        tracing::info!(pid = pid.as_raw(), "started {}", shell_words(&argv));
+        metrics.epochs_started.inc();
+        metrics.live_epochs.set(1);
+        if launch.is_envoy() && !settings.watch.is_empty() {
+            let changes = events.clone();
+            if let Err(e) =
+                watch::start(settings.watch.clone(), move |files| changes.send(Event::FilesChanged(files)).is_ok())
+            {
+                tracing::warn!("cannot watch files for changes ({e}): hot restarts only on SIGHUP");
+            }
+        }
+        let admin = launch.admin();
+        systemd::spawn_watchdog(admin.clone());
+        let supervisor = Supervisor {
+            epochs: Epochs::new(Epoch::new(0, pid, admin.is_none())),
+            launch,
+            settings,
+            processes,
+            events,
+            phase: Phase::Running,
+            reload: ReloadState::Idle,
+            last_reload: None,
+            metrics,
+            systemd,
+            shutdown_waiters: Vec::new(),
+            drained: None,
+            generation: 0,
+        };
+        match admin {
+            // Ready once Envoy says it is LIVE, however long its initialisation (xDS, say) takes.
+            Some(_) => {
+                supervisor.systemd.status("Envoy epoch 0 is starting");
+                supervisor.poll_live(0, None);
+            }
+            None => supervisor.systemd.ready(&format!("{} is running", argv[0].to_string_lossy())),
+        }
+        Ok(supervisor)
+    }
+
+    /// Handles events until the current epoch exits.
+    async fn supervise(&mut self, events: &mut UnboundedReceiver<Event>) -> Exit {
+        // Children inherited across exec, or a child that exited before the SIGCHLD handler was
+        // installed, are found by this first pass; afterwards it runs on every SIGCHLD.
+        if let Some(exit) = self.reap() {
+            return exit;
+        }
+        loop {
+            let Some(event) = events.recv().await else {
+                // The signal listener holds a sender for the life of the runtime.
+                tracing::error!("event channel closed while Envoy was running");
+                return Exit::Code(1);
+            };
+            if let Some(exit) = self.handle(event) {
+                return exit;
+            }
+        }
+    }
+
+    /// Handles one event; returns the current epoch's exit once there is one.
+    fn handle(&mut self, event: Event) -> Option<Exit> {
+        match event {
+            Event::Signal(sig) => return self.on_signal(sig),
+            Event::Deadline(generation) => return self.on_deadline(generation),
+            Event::DrainEnded(end) => self.on_drain_ended(end),
+            Event::FilesChanged(files) => {
+                let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                let _ = self.request_reload(format!("changed: {}", names.join(", ")), None);
+            }
+            Event::Preflight { attempt, result } => self.on_preflight(attempt, result),
+            Event::Validated { attempt, result } => self.on_validated(attempt, result),
+            Event::EpochLive { epoch, result } => self.on_epoch_live(epoch, result),
+            Event::Control(request) => self.on_control(request),
+        }
+        None
+    }
+
+    fn running(&self) -> Running {
+        if self.launch.is_envoy() { Running::Envoy } else { Running::Command }
+    }
+
+    fn on_signal(&mut self, sig: i32) -> Option<Exit> {
+        match signals::intent(sig, self.running()) {
+            Intent::Reap => return self.reap(),
+            Intent::Stop => self.on_stop(&signal_name(sig), sig),
+            Intent::Reload => {
+                if let Err(refusal) = self.request_reload("SIGHUP".into(), None) {
+                    // systemd's notify-reload waits for RELOADING=1 then READY=1 after a SIGHUP.
+                    self.systemd.reloading("reload refused");
+                    self.systemd.ready(&format!("reload refused: {refusal}"));
+                }
+            }
+            Intent::ForwardToAll => self.epochs.signal_all(&mut self.processes, sig),
+            Intent::ForwardToCurrent => self.epochs.signal_current(&mut self.processes, sig),
+            Intent::Ignore => {}
+        }
+        None
+    }
+
+    /// The one timer path: `Event::Deadline(generation)` after `after`. Whoever waits for it keeps
+    /// the generation; a deadline whose waiter has moved on finds nobody and is dropped.
+    fn schedule(&mut self, after: Duration) -> Generation {
+        let generation = self.next_generation();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = events.send(Event::Deadline(generation));
+        });
+        generation
+    }
+
+    fn next_generation(&mut self) -> Generation {
+        self.generation += 1;
+        self.generation
+    }
+
+    fn on_deadline(&mut self, generation: Generation) -> Option<Exit> {
+        if self.phase.deadline() == Some(generation) {
+            return self.on_stop_deadline();
+        }
+        self.on_reload_deadline(generation);
+        None
+    }
+
+    /// Polls the admin until `epoch` answers LIVE (or `timeout` passes); the answer comes back as
+    /// `Event::EpochLive`. None when there is no admin to poll.
+    fn poll_live(&self, epoch: u32, timeout: Option<Duration>) -> Option<JoinHandle<()>> {
+        let admin: AdminClient = self.launch.admin()?;
+        let events = self.events.clone();
+        Some(tokio::spawn(async move {
+            let result = crate::reload::await_live(admin, epoch, timeout).await;
+            let _ = events.send(Event::EpochLive { epoch, result });
+        }))
+    }
+
+    /// Reaps everything that exited; returns the current epoch's exit if it was among them.
+    fn reap(&mut self) -> Option<Exit> {
+        let mut current_exit = None;
+        for (pid, exit) in self.processes.reap().exits {
+            if let Some(epoch) = self.epochs.remove(pid) {
+                self.metrics.reaped("epoch");
+                self.metrics.live_epochs.set(self.epochs.len() as i64);
+                if let Some(exit) = self.on_epoch_exit(epoch, exit) {
+                    current_exit = Some(exit);
+                }
+            } else if self.on_validator_exit(pid, exit) {
+                self.metrics.reaped("validator");
+            } else {
+                self.metrics.reaped("orphan");
+                tracing::debug!(pid = pid.as_raw(), "reaped an adopted orphan ({exit})");
+            }
+        }
+        current_exit
+    }
+
+    /// An epoch exited. The current one ends the launcher; a starting one fails the reload; an
+    /// old one has finished draining, as it should.
+    fn on_epoch_exit(&mut self, epoch: Epoch, exit: Exit) -> Option<Exit> {
+        let lived = epoch.started.elapsed();
+        if epoch.number == self.epochs.current_number() {
+            let what = if self.launch.is_envoy() { format!("Envoy epoch {}", epoch.number) } else { "child".into() };
+            tracing::info!(pid = epoch.pid.as_raw(), "{what} exited with {exit} after {lived:.1?}");
+            if matches!(self.phase, Phase::Draining { .. }) {
+                self.end_drain(DrainEnd::EnvoyExited);
+            }
+            return Some(exit);
+        }
+        if let Phase::Stopping { stop_signal, .. } = self.phase {
+            // The newest epoch got the SIGTERM; if it died before telling its parent to terminate
+            // (a SIGTERM before its handlers were installed does that), the parent is next.
+            self.epochs.stop_newest(&mut self.processes, stop_signal);
+        }
+        if self.on_reload_epoch_exit(&epoch, exit) {
+            return None;
+        }
+        if exit == Exit::Code(0) {
+            tracing::info!(pid = epoch.pid.as_raw(), "epoch {} drained and exited after {lived:.1?}", epoch.number)
+        } else {
+            tracing::warn!(pid = epoch.pid.as_raw(), "epoch {} exited with {exit} after {lived:.1?}", epoch.number)
+        }
+        None
+    }
+
+    fn on_control(&mut self, request: ControlRequest) {
+        match request {
+            ControlRequest::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            ControlRequest::Shutdown(reply) => self.on_shutdown_request(reply),
+            ControlRequest::Reload(reply) => {
+                let _ = self.request_reload("control API".into(), Some(reply));
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let current_live = self.epochs.current_is_live();
+        let state = match self.phase {
+            Phase::Running if current_live => "running",
+            Phase::Running => "starting",
+            Phase::Draining { .. } => "draining",
+            Phase::Stopping { .. } => "stopping",
+        };
+        Status {
+            state,
+            ready: matches!(self.phase, Phase::Running) && current_live,
+            degraded: self.reload.blocked().map(str::to_string),
+            current_epoch: self.epochs.current_number(),
+            epochs: self
+                .epochs
+                .iter()
+                .map(|e| EpochStatus {
+                    epoch: e.number,
+                    pid: e.pid.as_raw(),
+                    started_unix: unix_seconds(e.started_at),
+                    live: e.live,
+                })
+                .collect(),
+            restart: self.reload.step_name(),
+            last_reload: self.last_reload.clone(),
+            drain: match &self.phase {
+                Phase::Draining { started, progress, .. } => Some(DrainStatus {
+                    elapsed_seconds: started.elapsed().as_secs_f64(),
+                    connections: *progress.borrow(),
+                }),
+                _ => None,
+            },
+        }
+    }
+}
+
+fn shell_words(argv: &[std::ffi::OsString]) -> String {
+    argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,286 @@
+//! The supervisor's side of a reload (a validated hot restart), step by step: admit the trigger,
+//! preflight, `envoy --mode validate`, wait for a draining epoch, start epoch N+1, wait until it is
+//! LIVE. Each step records itself in `ReloadState`; its result comes back as an event.
+
+use nix::unistd::Pid;
+
+use super::epochs::Epoch;
+use super::reload_state::{Admission, ReloadReply, Step};
+use super::shutdown::Phase;
+use super::{Event, Generation, Supervisor, shell_words};
+use crate::clock::unix_seconds;
+use crate::envoy;
+use crate::process::{Exit, Processes};
+use crate::reload::{self, Preflight, Refusal};
+use crate::status::ReloadStatus;
+
+impl<P: Processes> Supervisor<P> {
+    /// Starts a reload, or queues one behind the reload under way; `waiter` (a `/reload` caller)
+    /// is answered when it ends. Refused while shutting down or while hot restarts are blocked.
+    pub(super) fn request_reload(&mut self, trigger: String, waiter: Option<ReloadReply>) -> Result<(), Refusal> {
+        let refusal = if !matches!(self.phase, Phase::Running) {
+            Some(Refusal::ShuttingDown)
+        } else if !self.launch.is_envoy() {
+            Some(Refusal::NotEnvoy)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            tracing::info!("{trigger}: no hot restart: {refusal}");
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(Err(refusal.clone()));
+            }
+            return Err(refusal);
+        }
+        match self.reload.admit(waiter) {
+            Admission::Refused(refusal) => {
+                tracing::error!("{trigger}: {refusal}");
+                Err(refusal)
+            }
+            Admission::Queued { first } => {
+                if first {
+                    tracing::info!("{trigger}: a hot restart is under way; one more will follow it");
+                }
+                Ok(())
+            }
+            Admission::Start(waiters) => {
+                self.start_reload(&trigger, waiters);
+                Ok(())
+            }
+        }
+    }
+
+    fn start_reload(&mut self, trigger: &str, waiters: Vec<ReloadReply>) {
+        let Some(envoy) = &self.launch.envoy else { return };
+        let next = self.epochs.next_number();
+        tracing::info!("{trigger}: validating for a hot restart to epoch {next}");
+        self.systemd.reloading(&format!("hot restart to epoch {next}"));
+        let command = self.launch.command.clone();
+        let base_id_file = envoy.base_id_file.clone();
+        let expiry_warn = self.settings.cert_expiry_warn;
+        let attempt = self.next_generation();
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = reload::preflight(&command, base_id_file.as_deref(), expiry_warn);
+            let _ = events.send(Event::Preflight { attempt, result });
+        });
+        self.reload.begin(attempt, waiters);
+    }
+
+    pub(super) fn on_preflight(&mut self, attempt: Generation, result: Result<Preflight, String>) {
+        if !matches!(self.reload.attempt(attempt), Some(busy) if matches!(busy.step, Step::Preflight)) {
+            return;
+        }
+        let preflight = match result {
+            Ok(preflight) => preflight,
+            Err(reason) => return self.reload_refused(&reason),
+        };
+        let Some(envoy) = &self.launch.envoy else { return };
+        let argv = envoy::validate_command(&self.launch.command);
+        let output = envoy.runtime_dir.join("envoy-validate.log");
+        let file = match std::fs::File::create(&output) {
+            Ok(file) => file,
+            Err(e) => return self.reload_refused(&format!("cannot write {}: {e}", output.display())),
+        };
+        match self.processes.spawn(&argv, false, Some(file)) {
+            Ok(pid) => {
+                tracing::debug!("validating: {}", shell_words(&argv));
+                // A validator that hangs must not hold the reload (and its callers) for ever.
+                let deadline = self.schedule(self.settings.reload_timeout);
+                if let Some(busy) = self.reload.attempt(attempt) {
+                    busy.step = Step::Validating { pid, output, base_id: preflight.base_id, deadline };
+                }
+            }
+            Err(e) => self.reload_refused(&e.to_string()),
+        }
+    }
+
+    /// The validator exited: its verdict is read off the runtime thread. False when `pid` is not
+    /// the validator.
+    pub(super) fn on_validator_exit(&mut self, pid: Pid, exit: Exit) -> bool {
+        let Some(busy) = self.reload.busy() else { return false };
+        let Step::Validating { pid: validator, output, .. } = &busy.step else { return false };
+        if *validator != pid {
+            return false;
+        }
+        let (attempt, output, events) = (busy.attempt, output.clone(), self.events.clone());
+        tokio::spawn(async move {
+            let result = reload::validation_verdict(exit, output).await;
+            let _ = events.send(Event::Validated { attempt, result });
+        });
+        true
+    }
+
+    pub(super) fn on_validated(&mut self, attempt: Generation, result: Result<(), String>) {
+        let Some(busy) = self.reload.attempt(attempt) else { return };
+        let Step::Validating { base_id, .. } = busy.step else { return };
+        match result {
+            Ok(()) => self.start_next_epoch(base_id),
+            Err(reason) => self.reload_refused(&reason),
+        }
+    }
+
+    /// Starts epoch N+1, once no draining epoch is left besides the current one: Envoy keeps at
+    /// most two processes, and so does the launcher.
+    fn start_next_epoch(&mut self, base_id: Option<u32>) {
+        let Some(envoy) = &self.launch.envoy else { return };
+        if let Some(oldest) = self.epochs.older() {
+            // The current epoch tells its parent to terminate parent_shutdown_time after it started.
+            let current_age = self.epochs.find(self.epochs.current_number()).map(|e| e.started.elapsed());
+            let wait =
+                envoy.parent_shutdown_time.saturating_sub(current_age.unwrap_or_default()) + self.settings.kill_timeout;
+            tracing::info!(
+                "epoch {} is still draining (it exits within its parent shutdown time): epoch {} starts after it",
+                oldest.number,
+                self.epochs.next_number()
+            );
+            let oldest = oldest.pid;
+            let deadline = self.schedule(wait);
+            if let Some(busy) = self.reload.busy() {
+                busy.step = Step::WaitingForDraining { oldest, base_id, deadline };
+            }
+            return;
+        }
+        let epoch = self.epochs.next_number();
+        let argv = self.launch.epoch_argv(epoch, base_id);
+        let pid = match self.processes.spawn(&argv, false, None) {
+            Ok(pid) => pid,
+            Err(e) => return self.reload_refused(&e.to_string()),
+        };
+        tracing::info!(pid = pid.as_raw(), "hot restart: started epoch {epoch}: {}", shell_words(&argv));
+        self.epochs.add(Epoch::new(epoch, pid, false));
+        self.metrics.epochs_started.inc();
+        self.metrics.live_epochs.set(self.epochs.len() as i64);
+        let poll = self.poll_live(epoch, Some(self.settings.reload_timeout));
+        if poll.is_none() {
+            // Without an admin API there is no way to see the new epoch LIVE: trust its start.
+            let _ = self.events.send(Event::EpochLive { epoch, result: Ok(()) });
+        }
+        if let Some(busy) = self.reload.busy() {
+            busy.step = Step::Starting { epoch, pid, poll };
+        }
+    }
+
+    pub(super) fn on_epoch_live(&mut self, epoch: u32, result: Result<(), String>) {
+        if epoch == self.epochs.current_number() && result.is_ok() {
+            if let Some(serving) = self.epochs.mark_live(epoch) {
+                tracing::info!(pid = serving.pid.as_raw(), "Envoy epoch {epoch} is LIVE");
+                self.systemd.ready(&format!("serving: epoch {epoch} is LIVE"));
+            }
+            return;
+        }
+        let Some(busy) = self.reload.busy() else { return };
+        let Step::Starting { epoch: starting, pid, .. } = busy.step else { return };
+        if starting != epoch {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    "hot restart done: epoch {epoch} is LIVE, {:.2?} after the trigger; epoch {} drains and exits on its own",
+                    busy.started.elapsed(),
+                    self.epochs.current_number()
+                );
+                self.epochs.promote(epoch);
+                self.metrics.current_epoch.set(i64::from(epoch));
+                self.reload_ended("success", Ok(epoch), format!("epoch {epoch} is LIVE"));
+            }
+            Err(reason) => {
+                // Never SIGTERM a new epoch: Envoy's shutdown would take its parent, the serving
+                // epoch, down with it. SIGKILL ends it alone.
+                self.processes.signal(pid, libc::SIGKILL);
+                self.reload_failed_after_start(epoch, reason);
+            }
+        }
+    }
+
+    /// A deadline of the reload ran out; stale ones are dropped.
+    pub(super) fn on_reload_deadline(&mut self, generation: Generation) {
+        match self.reload.step() {
+            Some(Step::Validating { pid, deadline, .. }) if *deadline == generation => {
+                tracing::warn!("envoy --mode validate still running after {:?}: SIGKILL", self.settings.reload_timeout);
+                let pid = *pid;
+                self.processes.signal(pid, libc::SIGKILL);
+            }
+            Some(Step::WaitingForDraining { oldest, deadline, .. }) if *deadline == generation => {
+                let reason = format!("the draining epoch (pid {oldest}) outlived its parent shutdown time");
+                self.reload_refused(&reason);
+            }
+            _ => {}
+        }
+    }
+
+    /// An epoch other than the current one exited: the reload may have waited for it (a draining
+    /// epoch) or started it (a new epoch that failed). True when the reload took it.
+    pub(super) fn on_reload_epoch_exit(&mut self, epoch: &Epoch, exit: Exit) -> bool {
+        let Some(busy) = self.reload.busy() else { return false };
+        match &busy.step {
+            Step::Starting { epoch: starting, poll, .. } if *starting == epoch.number => {
+                if let Some(poll) = poll {
+                    poll.abort();
+                }
+                self.reload_failed_after_start(epoch.number, format!("it exited with {exit} before it was LIVE"));
+                true
+            }
+            Step::WaitingForDraining { oldest, base_id, .. } if *oldest == epoch.pid => {
+                tracing::info!("epoch {} drained and exited with {exit}: the next one starts", epoch.number);
+                let base_id = *base_id;
+                self.start_next_epoch(base_id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A reload that failed before any process was started: nothing changed, the next may succeed.
+    fn reload_refused(&mut self, reason: &str) {
+        tracing::error!("hot restart refused, epoch {} keeps serving: {reason}", self.epochs.current_number());
+        self.reload_ended("refused", Err(Refusal::Invalid(reason.to_string())), format!("reload refused: {reason}"));
+    }
+
+    /// Records how a reload ended, answers its callers, and starts the queued one or tells systemd.
+    fn reload_ended(&mut self, result: &'static str, outcome: Result<u32, Refusal>, status: String) {
+        self.record_reload(result, &outcome);
+        match self.reload.finish(&outcome) {
+            Some(waiters) => self.start_reload("queued trigger", waiters),
+            None => self.systemd.ready(&status),
+        }
+    }
+
+    fn record_reload(&mut self, result: &'static str, outcome: &Result<u32, Refusal>) {
+        self.metrics.reload(result);
+        let detail = match outcome {
+            Ok(epoch) => format!("epoch {epoch}"),
+            Err(refusal) => refusal.to_string(),
+        };
+        self.last_reload = Some(ReloadStatus { result, detail, at_unix: unix_seconds(std::time::SystemTime::now()) });
+    }
+
+    /// A new epoch failed after it started: the serving epoch is never signalled, but Envoy's hot
+    /// restart is now blocked (its shared memory says a child is still initializing) and the
+    /// serving epoch may have lost its admin API. Until the next cold start the launcher refuses
+    /// hot restarts and drains by time on shutdown.
+    fn reload_failed_after_start(&mut self, epoch: u32, reason: String) {
+        let current = self.epochs.current_number();
+        let why = format!(
+            "epoch {epoch} failed ({reason}); Envoy's hot restart is blocked until a cold start \
+             (restart sesame) and epoch {current}'s admin API may be gone"
+        );
+        tracing::error!("degraded: {why}; epoch {current} keeps serving");
+        self.metrics.degraded.set(1);
+        let failure = Refusal::Failed(why.clone());
+        self.record_reload("failed", &Err(failure.clone()));
+        self.systemd.ready(&format!("degraded: {why}"));
+        self.reload.block(why, failure);
+    }
+
+    /// The launcher shuts down: the reload under way ends, and its callers hear why.
+    pub(super) fn cancel_reload(&mut self) {
+        match self.reload.cancel() {
+            Some(Step::Validating { pid, .. }) => self.processes.signal(pid, libc::SIGKILL),
+            Some(Step::Starting { poll: Some(poll), .. }) => poll.abort(),
+            _ => {}
+        }
+    }
+}

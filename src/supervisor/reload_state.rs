@@ -1,0 +1,248 @@
+//! Where the reload is: one type that holds the step under way, the callers waiting for it and the
+//! trigger queued behind it, so that a queue without a reload under way, or a step while hot
+//! restarts are blocked, cannot be represented. Pure: it starts, signals and spawns nothing; the
+//! supervisor does that and records the step here.
+
+use std::path::PathBuf;
+
+use nix::unistd::Pid;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::Generation;
+use crate::reload::Refusal;
+
+/// A caller of `/reload`, answered with the new epoch or why there is none.
+pub type ReloadReply = oneshot::Sender<Result<u32, Refusal>>;
+
+#[derive(Debug, Default)]
+pub enum ReloadState {
+    /// Nothing under way; the next trigger starts a reload.
+    #[default]
+    Idle,
+    /// A new epoch failed: Envoy's hot restart is blocked until a cold start, and every trigger is
+    /// refused with this reason.
+    Blocked {
+        why: String,
+    },
+    Busy(Busy),
+}
+
+/// A reload under way.
+#[derive(Debug)]
+pub struct Busy {
+    /// Events of the steps carry it; one from an earlier attempt is stale.
+    pub attempt: Generation,
+    pub started: Instant,
+    pub step: Step,
+    /// Callers waiting for this attempt.
+    waiters: Vec<ReloadReply>,
+    /// A trigger arrived meanwhile: one more reload follows, for these callers.
+    queued: Option<Vec<ReloadReply>>,
+}
+
+/// The steps of a reload, in order.
+#[derive(Debug)]
+pub enum Step {
+    /// Certificate checks and the base id, off the runtime thread.
+    Preflight,
+    /// `envoy --mode validate` runs as our child, killed at `deadline`.
+    Validating { pid: Pid, output: PathBuf, base_id: Option<u32>, deadline: Generation },
+    /// The previous epoch still drains: the new one waits for it, so that there are never three.
+    /// (Ending it early is no option: Envoy's current epoch must tell it to terminate itself when
+    /// the next one starts, and aborts when it cannot.) Refused at `deadline`.
+    WaitingForDraining { oldest: Pid, base_id: Option<u32>, deadline: Generation },
+    /// Epoch `epoch` runs; `poll` asks its admin until it is LIVE.
+    Starting { epoch: u32, pid: Pid, poll: Option<JoinHandle<()>> },
+}
+
+impl Step {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Preflight => "checking certificates",
+            Step::Validating { .. } => "validating",
+            Step::WaitingForDraining { .. } => "waiting for the draining epoch to exit",
+            Step::Starting { .. } => "starting the new epoch",
+        }
+    }
+}
+
+/// What becomes of a trigger.
+#[derive(Debug)]
+pub enum Admission {
+    /// Start a reload now, for these callers.
+    Start(Vec<ReloadReply>),
+    /// Queued behind the reload under way; `first` when nothing was queued before.
+    Queued { first: bool },
+    /// Refused; the caller has been answered.
+    Refused(Refusal),
+}
+
+impl ReloadState {
+    /// Admits a trigger (with its caller, for `/reload`).
+    pub fn admit(&mut self, waiter: Option<ReloadReply>) -> Admission {
+        match self {
+            ReloadState::Idle => Admission::Start(waiter.into_iter().collect()),
+            ReloadState::Blocked { why } => {
+                let refusal = Refusal::Blocked(why.clone());
+                answer(waiter, &Err(refusal.clone()));
+                Admission::Refused(refusal)
+            }
+            ReloadState::Busy(busy) => {
+                let first = busy.queued.is_none();
+                busy.queued.get_or_insert_with(Vec::new).extend(waiter);
+                Admission::Queued { first }
+            }
+        }
+    }
+
+    /// A reload starts at its first step.
+    pub fn begin(&mut self, attempt: Generation, waiters: Vec<ReloadReply>) {
+        *self =
+            ReloadState::Busy(Busy { attempt, started: Instant::now(), step: Step::Preflight, waiters, queued: None });
+    }
+
+    /// The reload under way, if it is attempt `attempt`.
+    pub fn attempt(&mut self, attempt: Generation) -> Option<&mut Busy> {
+        match self {
+            ReloadState::Busy(busy) if busy.attempt == attempt => Some(busy),
+            _ => None,
+        }
+    }
+
+    pub fn busy(&mut self) -> Option<&mut Busy> {
+        match self {
+            ReloadState::Busy(busy) => Some(busy),
+            _ => None,
+        }
+    }
+
+    pub fn step(&self) -> Option<&Step> {
+        match self {
+            ReloadState::Busy(busy) => Some(&busy.step),
+            _ => None,
+        }
+    }
+
+    pub fn step_name(&self) -> Option<&'static str> {
+        self.step().map(Step::name)
+    }
+
+    /// Why hot restarts are blocked, if they are.
+    pub fn blocked(&self) -> Option<&str> {
+        match self {
+            ReloadState::Blocked { why } => Some(why),
+            _ => None,
+        }
+    }
+
+    /// The reload under way ended with `outcome`: its callers are answered. Returns the callers of
+    /// the queued trigger when one was queued: that reload is to start now.
+    pub fn finish(&mut self, outcome: &Result<u32, Refusal>) -> Option<Vec<ReloadReply>> {
+        let ReloadState::Busy(busy) = std::mem::take(self) else { return None };
+        busy.waiters.into_iter().for_each(|w| answer(Some(w), outcome));
+        busy.queued
+    }
+
+    /// A new epoch failed: from now on hot restarts are refused with `why`. The callers of this
+    /// attempt hear `failure`, those of the queued one that hot restarts are blocked.
+    pub fn block(&mut self, why: String, failure: Refusal) {
+        if let ReloadState::Busy(busy) = std::mem::take(self) {
+            busy.waiters.into_iter().for_each(|w| answer(Some(w), &Err(failure.clone())));
+            let blocked = Err(Refusal::Blocked(why.clone()));
+            busy.queued.into_iter().flatten().for_each(|w| answer(Some(w), &blocked));
+        }
+        *self = ReloadState::Blocked { why };
+    }
+
+    /// The launcher shuts down: every caller hears so. Returns the step that was under way, for the
+    /// supervisor to end what it started; a block stays (it is still true).
+    pub fn cancel(&mut self) -> Option<Step> {
+        match std::mem::take(self) {
+            ReloadState::Busy(busy) => {
+                let shutting_down = Err(Refusal::ShuttingDown);
+                busy.waiters
+                    .into_iter()
+                    .chain(busy.queued.into_iter().flatten())
+                    .for_each(|w| answer(Some(w), &shutting_down));
+                Some(busy.step)
+            }
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+}
+
+fn answer(waiter: Option<ReloadReply>, outcome: &Result<u32, Refusal>) {
+    if let Some(waiter) = waiter {
+        // A caller that hung up is no longer interested.
+        let _ = waiter.send(outcome.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller() -> (ReloadReply, oneshot::Receiver<Result<u32, Refusal>>) {
+        oneshot::channel()
+    }
+
+    #[tokio::test]
+    async fn an_idle_state_starts_and_a_busy_one_queues_once() {
+        let mut state = ReloadState::Idle;
+        let (first, mut first_rx) = caller();
+        let Admission::Start(waiters) = state.admit(Some(first)) else { panic!("idle starts") };
+        state.begin(1, waiters);
+        assert_eq!(state.step_name(), Some("checking certificates"));
+        assert!(matches!(state.admit(None), Admission::Queued { first: true }));
+        let (second, mut second_rx) = caller();
+        assert!(matches!(state.admit(Some(second)), Admission::Queued { first: false }));
+        assert!(state.attempt(2).is_none(), "a stale attempt finds nothing");
+        assert!(state.attempt(1).is_some());
+
+        let queued = state.finish(&Ok(1)).expect("a queued trigger");
+        assert_eq!(first_rx.try_recv().expect("answered"), Ok(1));
+        assert!(second_rx.try_recv().is_err(), "the queued caller waits for the next reload");
+        assert!(matches!(state, ReloadState::Idle));
+        state.begin(2, queued);
+        assert!(state.finish(&Err(Refusal::Invalid("bad".into()))).is_none(), "nothing queued");
+        assert_eq!(second_rx.try_recv().expect("answered"), Err(Refusal::Invalid("bad".into())));
+    }
+
+    #[tokio::test]
+    async fn a_failed_epoch_blocks_every_later_trigger() {
+        let mut state = ReloadState::Idle;
+        let (first, mut first_rx) = caller();
+        let (queued, mut queued_rx) = caller();
+        let Admission::Start(waiters) = state.admit(Some(first)) else { panic!("idle starts") };
+        state.begin(1, waiters);
+        state.admit(Some(queued));
+        state.block("epoch 1 failed".into(), Refusal::Failed("epoch 1 failed".into()));
+        assert_eq!(first_rx.try_recv().expect("answered"), Err(Refusal::Failed("epoch 1 failed".into())));
+        assert_eq!(queued_rx.try_recv().expect("answered"), Err(Refusal::Blocked("epoch 1 failed".into())));
+        assert_eq!(state.blocked(), Some("epoch 1 failed"));
+        let (later, mut later_rx) = caller();
+        assert!(matches!(state.admit(Some(later)), Admission::Refused(Refusal::Blocked(_))));
+        assert_eq!(later_rx.try_recv().expect("answered"), Err(Refusal::Blocked("epoch 1 failed".into())));
+        assert!(state.cancel().is_none(), "a block survives the shutdown");
+        assert_eq!(state.blocked(), Some("epoch 1 failed"));
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_answers_every_caller() {
+        let mut state = ReloadState::Idle;
+        let (first, mut first_rx) = caller();
+        let (queued, mut queued_rx) = caller();
+        let Admission::Start(waiters) = state.admit(Some(first)) else { panic!("idle starts") };
+        state.begin(1, waiters);
+        state.admit(Some(queued));
+        assert!(matches!(state.cancel(), Some(Step::Preflight)));
+        assert_eq!(first_rx.try_recv().expect("answered"), Err(Refusal::ShuttingDown));
+        assert_eq!(queued_rx.try_recv().expect("answered"), Err(Refusal::ShuttingDown));
+        assert!(matches!(state, ReloadState::Idle));
+    }
+}

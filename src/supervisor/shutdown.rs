@@ -1,0 +1,221 @@
+//! The supervisor's side of a stop: the graceful drain, SIGTERM to the newest epoch, SIGKILL at
+//! the kill timeout, and, once the current epoch has exited, the processes it left behind.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Event, Generation, Supervisor};
+use crate::drain::{self, DrainContext, DrainEnd};
+use crate::process::{Exit, Processes, signal_name};
+use crate::signals::{self, Intent, Running};
+
+/// How long to wait for SIGKILLed processes to be reaped before giving up on them (a process in
+/// uninterruptible sleep can outlive SIGKILL; the launcher must still exit).
+pub const REAP_AFTER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the launcher is in its life.
+#[derive(Debug)]
+pub enum Phase {
+    Running,
+    /// A stop was asked for; the drain task is talking to Envoy's admin.
+    Draining {
+        started: Instant,
+        task: JoinHandle<()>,
+        /// The open connections at the drain's last poll.
+        progress: watch::Receiver<Option<u64>>,
+    },
+    /// The stop signal was sent (SIGTERM, or the user's signal without a drain). At `deadline`,
+    /// SIGKILL, or after SIGKILL (`killed`), giving up on a process that not even SIGKILL ends
+    /// (uninterruptible sleep). No deadline for a plain command: it decides how long it takes.
+    Stopping {
+        deadline: Option<Generation>,
+        killed: bool,
+        stop_signal: i32,
+    },
+}
+
+impl Phase {
+    pub fn deadline(&self) -> Option<Generation> {
+        match self {
+            Phase::Stopping { deadline, .. } => *deadline,
+            _ => None,
+        }
+    }
+}
+
+impl<P: Processes> Supervisor<P> {
+    /// A stop signal (or `/shutdown`) for Envoy: drain, skip the rest of a drain, or pass it on.
+    pub(super) fn on_stop(&mut self, trigger: &str, sig: i32) {
+        match &self.phase {
+            Phase::Running => {
+                self.cancel_reload();
+                match self.launch.admin() {
+                    Some(admin) if !self.settings.drain.timeout.is_zero() => {
+                        tracing::info!(
+                            "{trigger}: draining Envoy through its admin {} (at most {:?})",
+                            admin.address(),
+                            self.settings.drain.timeout
+                        );
+                        let context = DrainContext {
+                            older_epoch_alive: self.epochs.len() > 1,
+                            degraded: self.reload.blocked().is_some(),
+                        };
+                        let (publish, progress) = watch::channel(None);
+                        let (settings, events) = (self.settings.drain.clone(), self.events.clone());
+                        let task = tokio::spawn(async move {
+                            let end = drain::run(admin, settings, context, publish).await;
+                            let _ = events.send(Event::DrainEnded(end));
+                        });
+                        self.phase = Phase::Draining { started: Instant::now(), task, progress };
+                        self.systemd.stopping("draining Envoy");
+                    }
+                    _ => {
+                        tracing::info!("{trigger}: passing SIGTERM on to Envoy (no drain)");
+                        self.systemd.stopping("stopping Envoy (no drain)");
+                        self.answer_shutdown_waiters(true);
+                        self.terminate(sig);
+                    }
+                }
+            }
+            Phase::Draining { .. } => {
+                self.end_drain(DrainEnd::SecondSignal);
+                self.terminate(libc::SIGTERM);
+            }
+            Phase::Stopping { .. } => self.epochs.signal_newest(&mut self.processes, sig),
+        }
+    }
+
+    /// `/shutdown`: start the drain (once), answer when it ends.
+    pub(super) fn on_shutdown_request(&mut self, reply: oneshot::Sender<bool>) {
+        if let Some(drained) = self.drained {
+            let _ = reply.send(drained);
+            return;
+        }
+        self.shutdown_waiters.push(reply);
+        if matches!(self.phase, Phase::Running) {
+            if self.launch.is_envoy() {
+                self.on_stop("control API /shutdown", libc::SIGTERM);
+            } else {
+                self.answer_shutdown_waiters(true);
+                self.terminate(libc::SIGTERM);
+            }
+        }
+    }
+
+    pub(super) fn on_drain_ended(&mut self, end: DrainEnd) {
+        if matches!(self.phase, Phase::Draining { .. }) {
+            self.end_drain(end);
+            self.terminate(libc::SIGTERM);
+        }
+    }
+
+    /// Stops the drain task and logs the one line that tells how the drain went.
+    pub(super) fn end_drain(&mut self, end: DrainEnd) {
+        if let Phase::Draining { started, task, progress } = &self.phase {
+            task.abort();
+            let connections = *progress.borrow();
+            let open = connections.map_or_else(|| "unknown".to_string(), |n| n.to_string());
+            let what = if end == DrainEnd::EnvoyExited { "open when Envoy exited" } else { "open at SIGTERM" };
+            let took = started.elapsed();
+            tracing::info!("drain ended: {end}, after {took:.2?}; downstream connections {what}: {open}");
+            self.metrics.drains.get_or_create(&crate::metrics::ReasonLabel { reason: end.label().into() }).inc();
+            self.metrics.drain_seconds.observe(took.as_secs_f64());
+            self.metrics.connections_at_sigterm.set(connections.map_or(-1, |n| n as i64));
+            self.systemd.status(&format!("drain ended: {end}"));
+            self.answer_shutdown_waiters(matches!(end, DrainEnd::Threshold | DrainEnd::EnvoyExited));
+        }
+    }
+
+    fn answer_shutdown_waiters(&mut self, drained: bool) {
+        self.drained.get_or_insert(drained);
+        for waiter in self.shutdown_waiters.drain(..) {
+            let _ = waiter.send(drained);
+        }
+    }
+
+    /// Sends `sig` to the newest epoch; for Envoy, SIGKILL follows after the kill timeout. For a
+    /// plain command this is plain forwarding: it decides how long it takes.
+    fn terminate(&mut self, sig: i32) {
+        self.epochs.stop_newest(&mut self.processes, sig);
+        let deadline = self.launch.is_envoy().then(|| self.schedule(self.settings.kill_timeout));
+        self.phase = Phase::Stopping { deadline, killed: false, stop_signal: sig };
+    }
+
+    /// SIGKILL when SIGTERM was not enough; the launcher's own exit (137) when SIGKILL was not either.
+    pub(super) fn on_stop_deadline(&mut self) -> Option<Exit> {
+        if matches!(self.phase, Phase::Stopping { killed: true, .. }) {
+            tracing::error!(
+                "Envoy survived SIGKILL for {REAP_AFTER_KILL_TIMEOUT:?} (uninterruptible sleep?): exiting anyway"
+            );
+            return Some(Exit::Signal(libc::SIGKILL));
+        }
+        tracing::warn!("Envoy still running {:?} after SIGTERM: sending SIGKILL", self.settings.kill_timeout);
+        self.epochs.signal_all(&mut self.processes, libc::SIGKILL);
+        let deadline = Some(self.schedule(REAP_AFTER_KILL_TIMEOUT));
+        self.phase = Phase::Stopping { deadline, killed: true, stop_signal: libc::SIGKILL };
+        None
+    }
+
+    /// SIGTERM to every process left behind, SIGKILL after the kill timeout, and reap them all: the
+    /// launcher leaves nothing for the kernel to clean up. A stop signal meanwhile skips the wait.
+    pub(super) async fn stop_leftovers(&mut self, events: &mut UnboundedReceiver<Event>) {
+        if self.reap_until_none() {
+            return;
+        }
+        let kill_timeout = self.settings.kill_timeout;
+        tracing::info!("sending SIGTERM to the processes left behind; SIGKILL in {kill_timeout:?}");
+        self.processes.signal_descendants(Signal::SIGTERM);
+        let deadline = tokio::time::sleep(kill_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => {
+                    tracing::warn!("processes still running after {kill_timeout:?}: sending SIGKILL");
+                    break;
+                }
+                event = events.recv() => match event {
+                    Some(Event::Signal(sig)) => match signals::intent(sig, Running::Leftovers) {
+                        Intent::Reap if self.reap_until_none() => return,
+                        Intent::Stop => {
+                            tracing::warn!("{} while waiting for the processes left behind: sending SIGKILL", signal_name(sig));
+                            break;
+                        }
+                        _ => {}
+                    },
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+        // Repeat SIGKILL on every wake-up: a process may have forked between the scan and the kill.
+        let give_up = tokio::time::sleep(REAP_AFTER_KILL_TIMEOUT);
+        tokio::pin!(give_up);
+        loop {
+            self.processes.signal_descendants(Signal::SIGKILL);
+            tokio::select! {
+                _ = &mut give_up => {
+                    tracing::error!("processes left behind survived SIGKILL for {REAP_AFTER_KILL_TIMEOUT:?}; exiting anyway");
+                    return;
+                }
+                _ = events.recv() => {}
+            }
+            if self.reap_until_none() {
+                return;
+            }
+        }
+    }
+
+    /// Reaps what has exited; true when no child is left.
+    fn reap_until_none(&mut self) -> bool {
+        let reaped = self.processes.reap();
+        for (pid, exit) in &reaped.exits {
+            tracing::debug!(pid = pid.as_raw(), "reaped an adopted orphan ({exit})");
+        }
+        reaped.no_children
+    }
+}

@@ -1,0 +1,173 @@
+//! Every step of a reload, the queueing rules and the ways a reload fails.
+
+use std::time::Duration;
+
+use super::*;
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_runs_every_step_and_the_new_epoch_serves() {
+    let mut h = Harness::serving();
+    let mut caller = h.reload_request();
+    assert_eq!(h.sup.status().restart, Some("checking certificates"));
+    let new = h.validated().await;
+    let spawned = h.world.spawned();
+    let validate = &spawned[1].1;
+    assert!(validate.ends_with(&["--mode".into(), "validate".into()]), "{validate:?}");
+    let argv = &spawned.last().expect("epoch 1").1;
+    let tail = ["--restart-epoch", "1", "--base-id", "7"].map(String::from);
+    assert!(argv.ends_with(&tail), "epoch 1 reuses epoch 0's base id: {argv:?}");
+    assert!(caller.try_recv().is_err(), "not answered before LIVE");
+    assert!(h.sup.status().ready, "epoch 0 serves while epoch 1 starts");
+
+    h.sup.handle(Event::EpochLive { epoch: 1, result: Ok(()) });
+    assert_eq!(caller.try_recv().expect("answered"), Ok(1));
+    let status = h.sup.status();
+    assert_eq!((status.current_epoch, status.restart, status.ready), (1, None, true));
+    assert_eq!(status.last_reload.map(|r| r.result), Some("success"));
+    assert_eq!(h.pid_of(1), new);
+    assert!(h.world.signals().is_empty(), "nobody was signalled: {:?}", h.world.signals());
+
+    // The old epoch drains and exits 0 by itself; the launcher goes on.
+    assert_eq!(h.exit(h.pid_of(0), Exit::Code(0)), None);
+    assert_eq!(h.sup.epochs.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn triggers_during_a_reload_make_one_more_reload() {
+    let mut h = Harness::serving();
+    h.signal(libc::SIGHUP);
+    h.signal(libc::SIGHUP);
+    let mut queued = h.reload_request();
+    h.signal(libc::SIGHUP);
+    h.validated().await;
+    h.sup.handle(Event::EpochLive { epoch: 1, result: Ok(()) });
+    assert_eq!(h.sup.status().restart, Some("checking certificates"), "the queued reload started");
+    assert!(queued.try_recv().is_err(), "the queued caller waits for its own reload");
+
+    // Epoch 0 still drains: epoch 2 waits for it.
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    h.exit(h.world.last_with("validate"), Exit::Code(0));
+    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    assert_eq!(h.sup.status().restart, Some("waiting for the draining epoch to exit"));
+    h.exit(h.pid_of(0), Exit::Code(0));
+    assert_eq!(h.sup.status().restart, Some("starting the new epoch"));
+    h.sup.handle(Event::EpochLive { epoch: 2, result: Ok(()) });
+    assert_eq!(queued.try_recv().expect("answered"), Ok(2));
+    assert_eq!(h.sup.status().restart, None, "three triggers during a reload made one more, not three");
+    let epochs = h.world.spawned().iter().filter(|(_, argv)| argv.iter().any(|a| a == "--restart-epoch")).count();
+    assert_eq!(epochs, 3, "epochs 0, 1 and 2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_reload_changes_nothing_and_the_next_may_succeed() {
+    let mut h = Harness::serving();
+    std::fs::remove_file(h.dir.path().join("envoy-base-id")).expect("rm");
+    let mut caller = h.reload_request();
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    let Ok(Err(Refusal::Invalid(reason))) = caller.try_recv() else { panic!("refused as invalid") };
+    assert!(reason.contains("envoy-base-id"), "{reason}");
+    assert_eq!(h.world.spawned().len(), 1, "nothing was started");
+    assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some("refused"));
+
+    std::fs::write(h.dir.path().join("envoy-base-id"), "7").expect("base id");
+    h.signal(libc::SIGHUP);
+    h.validated().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_validator_is_a_refusal() {
+    let mut h = Harness::serving();
+    let mut caller = h.reload_request();
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    std::fs::write(h.dir.path().join("envoy-validate.log"), "[x][critical][main] error: bad cert\n").expect("log");
+    h.exit(h.world.last_with("validate"), Exit::Code(1));
+    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    let answer = caller.try_recv().expect("answered");
+    assert_eq!(answer, Err(Refusal::Invalid("envoy --mode validate failed (exit status 1): error: bad cert".into())));
+    assert_eq!(h.world.spawned().len(), 2, "epoch 0 and the validator, no epoch 1");
+    assert!(h.sup.reload.blocked().is_none(), "a refusal does not block");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_validator_is_killed_at_the_reload_timeout() {
+    let mut h = Harness::serving();
+    h.signal(libc::SIGHUP);
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    let validator = h.world.last_with("validate");
+    let started = tokio::time::Instant::now();
+    h.until("the validator's deadline", |e| matches!(e, Event::Deadline(_))).await;
+    assert_eq!(started.elapsed(), RELOAD_TIMEOUT);
+    assert_eq!(h.world.signals(), vec![(validator, libc::SIGKILL)]);
+    h.exit(validator, Exit::Signal(libc::SIGKILL));
+    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some("refused"));
+    assert_eq!(h.sup.status().restart, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_epoch_that_exits_blocks_hot_restarts_and_the_old_one_serves() {
+    let mut h = Harness::serving();
+    let mut caller = h.reload_request();
+    let new = h.validated().await;
+    assert_eq!(h.exit(new, Exit::Code(1)), None, "a new epoch's exit does not end the launcher");
+    let Ok(Err(Refusal::Failed(why))) = caller.try_recv() else { panic!("failed") };
+    assert!(why.contains("epoch 1 failed (it exited with exit status 1 before it was LIVE)"), "{why}");
+    let status = h.sup.status();
+    assert_eq!((status.current_epoch, status.ready, status.degraded.is_some()), (0, true, true));
+    assert!(h.world.signals().is_empty(), "the serving epoch is never signalled");
+
+    let mut later = h.reload_request();
+    assert!(matches!(later.try_recv(), Ok(Err(Refusal::Blocked(_)))));
+    assert_eq!(h.signal(libc::SIGHUP), None);
+    assert_eq!(h.world.spawned().len(), 3, "no validator, no epoch after the block");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_epoch_not_live_in_time_is_sigkilled_alone() {
+    let mut h = Harness::serving();
+    let new = h.validated_after_sighup().await;
+    let started = tokio::time::Instant::now();
+    h.until("the LIVE poll to give up", |e| matches!(e, Event::EpochLive { epoch: 1, .. })).await;
+    assert!(started.elapsed() >= RELOAD_TIMEOUT, "{:?}", started.elapsed());
+    assert_eq!(h.world.signals(), vec![(new, libc::SIGKILL)], "SIGKILL to the new epoch only");
+    assert!(h.sup.status().degraded.expect("degraded").contains("did not answer LIVE"));
+    assert_eq!(h.sup.epochs.current_number(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_epoch_that_outlives_its_parent_shutdown_time_refuses_the_reload() {
+    let mut h = Harness::serving();
+    h.signal(libc::SIGHUP);
+    h.validated().await;
+    h.sup.handle(Event::EpochLive { epoch: 1, result: Ok(()) });
+    let mut caller = h.reload_request();
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    h.exit(h.world.last_with("validate"), Exit::Code(0));
+    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    assert_eq!(h.sup.status().restart, Some("waiting for the draining epoch to exit"));
+    let started = tokio::time::Instant::now();
+    h.until_state("the draining epoch's deadline", |sup| sup.reload.step().is_none()).await;
+    assert!(started.elapsed() <= PARENT_SHUTDOWN + KILL_TIMEOUT, "{:?}", started.elapsed());
+    assert!(started.elapsed() >= PARENT_SHUTDOWN, "{:?}", started.elapsed());
+    let Ok(Err(Refusal::Invalid(reason))) = caller.try_recv() else { panic!("refused") };
+    assert!(reason.contains("outlived its parent shutdown time"), "{reason}");
+    assert!(h.world.signals().is_empty(), "the draining epoch is never ended early");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_deadline_is_dropped() {
+    let mut h = Harness::serving();
+    h.signal(libc::SIGHUP);
+    h.validated().await;
+    h.sup.handle(Event::EpochLive { epoch: 1, result: Ok(()) });
+    h.exit(h.pid_of(0), Exit::Code(0));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    h.signal(libc::SIGHUP);
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    let second = h.world.last_with("validate");
+    // The first validator's deadline comes 20 s before the second's: it must not kill the second.
+    h.until("the first validator's deadline", |e| matches!(e, Event::Deadline(_))).await;
+    assert!(h.world.signals().is_empty(), "{:?}", h.world.signals());
+    h.until("the second validator's deadline", |e| matches!(e, Event::Deadline(_))).await;
+    assert_eq!(h.world.signals(), vec![(second, libc::SIGKILL)]);
+}

@@ -1,0 +1,157 @@
+//! The drain, the stop, the kill timeout, a plain command's signals and the processes left behind.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use super::*;
+#[tokio::test(start_paused = true)]
+async fn sigterm_drains_then_stops_the_newest_epoch() {
+    let mut h = Harness::serving();
+    let mut caller = h.shutdown_request();
+    let status = h.sup.status();
+    assert_eq!((status.state, status.ready), ("draining", false));
+    assert!(h.world.signals().is_empty(), "nothing is signalled during the drain");
+    h.sup.handle(Event::DrainEnded(DrainEnd::Threshold));
+    assert_eq!(caller.try_recv(), Ok(true));
+    assert_eq!(h.world.signals(), vec![(h.pid_of(0), libc::SIGTERM)]);
+    assert_eq!(h.sup.status().state, "stopping");
+    let mut late = h.shutdown_request();
+    assert_eq!(late.try_recv(), Ok(true), "a later /shutdown hears how the drain ended");
+    assert_eq!(h.exit(h.pid_of(0), Exit::Code(0)), Some(Exit::Code(0)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_admin_ends_the_drain() {
+    let mut h = Harness::serving();
+    h.signal(libc::SIGTERM);
+    h.until("the drain to end", |e| matches!(e, Event::DrainEnded(DrainEnd::AdminUnreachable))).await;
+    assert_eq!(h.world.signals(), vec![(h.pid_of(0), libc::SIGTERM)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_signal_skips_the_drain_and_a_third_is_passed_on() {
+    let mut h = Harness::serving();
+    let mut caller = h.shutdown_request();
+    h.signal(libc::SIGINT);
+    assert_eq!(caller.try_recv(), Ok(false), "not drained");
+    let epoch0 = h.pid_of(0);
+    assert_eq!(h.world.signals(), vec![(epoch0, libc::SIGTERM)]);
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.world.signals(), vec![(epoch0, libc::SIGTERM), (epoch0, libc::SIGTERM)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sigkill_follows_the_kill_timeout_and_the_launcher_gives_up_after_it() {
+    let mut h = Harness::serving();
+    h.signal(libc::SIGTERM);
+    h.sup.handle(Event::DrainEnded(DrainEnd::Timeout));
+    let started = tokio::time::Instant::now();
+    assert_eq!(h.until("the kill timeout", |e| matches!(e, Event::Deadline(_))).await, None);
+    assert_eq!(started.elapsed(), KILL_TIMEOUT);
+    assert_eq!(h.world.signals().last(), Some(&(h.pid_of(0), libc::SIGKILL)));
+    let exit = h.until("the wait after SIGKILL", |e| matches!(e, Event::Deadline(_))).await;
+    assert_eq!(exit, Some(Exit::Signal(libc::SIGKILL)));
+    assert_eq!(started.elapsed(), KILL_TIMEOUT + crate::supervisor::shutdown::REAP_AFTER_KILL_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sigterm_during_a_reload_cancels_it_and_stops_the_newest_epoch() {
+    let mut h = Harness::serving();
+    let mut caller = h.reload_request();
+    let new = h.validated().await;
+    h.signal(libc::SIGTERM);
+    assert_eq!(caller.try_recv(), Ok(Err(Refusal::ShuttingDown)));
+    assert_eq!(h.sup.status().restart, None);
+    let mut later = h.reload_request();
+    assert_eq!(later.try_recv(), Ok(Err(Refusal::ShuttingDown)));
+    h.sup.handle(Event::DrainEnded(DrainEnd::Threshold));
+    assert_eq!(h.world.signals(), vec![(new, libc::SIGTERM)], "the newest epoch takes its parent down");
+    // The newest died before telling its parent: the parent is next, once.
+    h.exit(new, Exit::Signal(libc::SIGTERM));
+    assert_eq!(h.world.signals(), vec![(new, libc::SIGTERM), (h.pid_of(0), libc::SIGTERM)]);
+    assert_eq!(h.exit(h.pid_of(0), Exit::Code(0)), Some(Exit::Code(0)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn sigterm_while_validating_kills_the_validator() {
+    let mut h = Harness::serving();
+    h.signal(libc::SIGHUP);
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    let validator = h.world.last_with("validate");
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.world.signals(), vec![(validator, libc::SIGKILL)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_current_epoch_exit_ends_the_launcher_with_its_status() {
+    let mut h = Harness::serving();
+    assert_eq!(h.exit(h.pid_of(0), Exit::Signal(libc::SIGSEGV)), Some(Exit::Signal(libc::SIGSEGV)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn signals_follow_the_table_for_envoy() {
+    let mut h = Harness::serving();
+    h.signal(libc::SIGUSR2);
+    h.signal(libc::SIGWINCH);
+    let epoch0 = h.pid_of(0);
+    assert_eq!(h.world.signals(), vec![(epoch0, libc::SIGUSR2), (epoch0, libc::SIGWINCH)]);
+    let new = h.validated_after_sighup().await;
+    h.signal(libc::SIGUSR1);
+    let signals = h.world.signals();
+    assert_eq!(signals[2..], [(epoch0, libc::SIGUSR1), (new, libc::SIGUSR1)], "SIGUSR1 reaches every epoch");
+}
+
+// A plain command.
+
+#[tokio::test(start_paused = true)]
+async fn a_plain_command_gets_every_signal_and_no_reload() {
+    let mut h = Harness::start(false);
+    assert!(h.sup.status().ready, "a plain command is ready when it runs");
+    let child = h.pid_of(0);
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGUSR1] {
+        h.signal(sig);
+    }
+    let expected: Vec<(Pid, i32)> =
+        [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGUSR1].into_iter().map(|s| (child, s)).collect();
+    assert_eq!(h.world.signals(), expected);
+    assert_eq!(h.sup.status().state, "running", "forwarding is not stopping");
+    assert_eq!(h.reload_request().try_recv(), Ok(Err(Refusal::NotEnvoy)));
+    let mut caller = h.shutdown_request();
+    assert_eq!(caller.try_recv(), Ok(true));
+    assert_eq!(h.world.signals().last(), Some(&(child, libc::SIGTERM)));
+    assert_eq!(h.sup.phase.deadline(), None, "a plain command decides how long it takes");
+    assert_eq!(h.exit(child, Exit::Code(3)), Some(Exit::Code(3)));
+}
+
+// What the child leaves behind.
+
+#[tokio::test(start_paused = true)]
+async fn leftovers_get_sigterm_then_sigkill_after_the_kill_timeout() {
+    let mut h = Harness::serving();
+    h.world.0.borrow_mut().alive.insert(999);
+    let tx = h.sup.events.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(KILL_TIMEOUT + Duration::from_secs(1)).await;
+        let _ = tx.send(Event::Signal(libc::SIGCHLD));
+    });
+    let started = tokio::time::Instant::now();
+    h.sup.stop_leftovers(&mut h.events).await;
+    assert_eq!(h.world.0.borrow().descendants, vec![Signal::SIGTERM, Signal::SIGKILL]);
+    assert_eq!(started.elapsed(), KILL_TIMEOUT + Duration::from_secs(1), "reaped at the SIGCHLD after SIGKILL");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_signal_skips_the_wait_for_leftovers() {
+    let mut h = Harness::serving();
+    h.world.0.borrow_mut().alive.insert(999);
+    h.sup.events.send(Event::Signal(libc::SIGHUP)).expect("send");
+    h.sup.events.send(Event::Signal(libc::SIGTERM)).expect("send");
+    h.sup.events.send(Event::Signal(libc::SIGCHLD)).expect("send");
+    let started = tokio::time::Instant::now();
+    h.sup.stop_leftovers(&mut h.events).await;
+    assert_eq!(started.elapsed(), Duration::ZERO, "no wait after the SIGTERM");
+    assert_eq!(h.world.0.borrow().descendants, vec![Signal::SIGTERM, Signal::SIGKILL]);
+    assert!(h.world.signals().is_empty(), "SIGHUP is not passed on to leftovers");
+}
