@@ -103,8 +103,8 @@ fn summary(status: &serde_json::Value) -> String {
             if epoch["live"].as_bool() == Some(true) { " LIVE" } else { "" }
         );
     }
-    if let Some(restart) = status["restart"].as_str() {
-        out += &format!("hot restart under way: {restart}\n");
+    if let Some(step) = status["reload"].as_str() {
+        out += &format!("reload under way: {step}\n");
     }
     if let Some(reload) = status["last_reload"].as_object() {
         out += &format!("last reload: {} ({})\n", text(&reload["result"]), text(&reload["detail"]));

@@ -76,16 +76,16 @@ pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) 
     let listener =
         tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot bind --http {address}"))?;
     let local = listener.local_addr().context("--http address")?;
+    let acceptor = match &settings.http_tls {
+        Some(pair) => Some(https_acceptor(pair.clone(), settings.debounce)?),
+        None => None,
+    };
     if settings.http_tls.is_none() && !local.ip().is_loopback() {
         tracing::warn!("--http {local} is not loopback and has no TLS: the control API is readable by the network");
     }
     if token.is_none() && !local.ip().is_loopback() {
         tracing::warn!("--http {local} has no --http-token: anyone who reaches it can shut Envoy down");
     }
-    let acceptor = match &settings.http_tls {
-        Some(pair) => Some(https_acceptor(pair.clone(), settings.debounce)?),
-        None => None,
-    };
     tracing::info!("control API on {}://{local}", if acceptor.is_some() { "https" } else { "http" });
     tokio::spawn(api.serve_tcp(listener, acceptor));
     Ok(())

@@ -12,8 +12,8 @@ pub struct Status {
     pub degraded: Option<String>,
     pub current_epoch: u32,
     pub epochs: Vec<EpochStatus>,
-    /// The step of the hot restart under way, if any.
-    pub restart: Option<&'static str>,
+    /// The step of the reload under way, if any.
+    pub reload: Option<&'static str>,
     pub last_reload: Option<ReloadStatus>,
     pub drain: Option<DrainStatus>,
 }

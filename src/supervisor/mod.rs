@@ -31,7 +31,6 @@ use std::time::Duration;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
-use crate::admin::AdminClient;
 use crate::clock::unix_seconds;
 use crate::control::{self, ControlRequest, ControlSettings};
 use crate::drain::{DrainEnd, DrainSettings};
@@ -66,9 +65,10 @@ enum Event {
         attempt: Generation,
         result: Result<(), String>,
     },
-    /// The LIVE poll of an epoch ended: it answered LIVE, or why not.
+    /// The LIVE poll `poll` of an epoch ended: it answered LIVE, or why not.
     EpochLive {
         epoch: u32,
+        poll: Generation,
         result: Result<(), String>,
     },
     /// A timer set by `schedule` ran out.
@@ -173,7 +173,7 @@ impl<P: Processes> Supervisor<P> {
         }
         let admin = launch.admin();
         systemd::spawn_watchdog(admin.clone());
-        let supervisor = Supervisor {
+        let mut supervisor = Supervisor {
             epochs: Epochs::new(Epoch::new(0, pid, admin.is_none())),
             launch,
             settings,
@@ -194,7 +194,10 @@ impl<P: Processes> Supervisor<P> {
                 supervisor.systemd.status("Envoy epoch 0 is starting");
                 supervisor.poll_live(0, None);
             }
-            None => supervisor.systemd.ready(&format!("{} is running", argv[0].to_string_lossy())),
+            None => {
+                let program = argv.first().map(|p| p.to_string_lossy()).unwrap_or_default();
+                supervisor.systemd.ready(&format!("{program} is running"));
+            }
         }
         Ok(supervisor)
     }
@@ -230,7 +233,7 @@ impl<P: Processes> Supervisor<P> {
             }
             Event::Preflight { attempt, result } => self.on_preflight(attempt, result),
             Event::Validated { attempt, result } => self.on_validated(attempt, result),
-            Event::EpochLive { epoch, result } => self.on_epoch_live(epoch, result),
+            Event::EpochLive { epoch, poll, result } => self.on_epoch_live(epoch, poll, result),
             Event::Control(request) => self.on_control(request),
         }
         None
@@ -284,14 +287,16 @@ impl<P: Processes> Supervisor<P> {
     }
 
     /// Polls the admin until `epoch` answers LIVE (or `timeout` passes); the answer comes back as
-    /// `Event::EpochLive`. None when there is no admin to poll.
-    fn poll_live(&self, epoch: u32, timeout: Option<Duration>) -> Option<JoinHandle<()>> {
-        let admin: AdminClient = self.launch.admin()?;
+    /// `Event::EpochLive` with the poll's generation. No task when there is no admin to poll.
+    fn poll_live(&mut self, epoch: u32, timeout: Option<Duration>) -> (Generation, Option<JoinHandle<()>>) {
+        let poll = self.next_generation();
+        let Some(admin) = self.launch.admin() else { return (poll, None) };
         let events = self.events.clone();
-        Some(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let result = crate::reload::await_live(admin, epoch, timeout).await;
-            let _ = events.send(Event::EpochLive { epoch, result });
-        }))
+            let _ = events.send(Event::EpochLive { epoch, poll, result });
+        });
+        (poll, Some(task))
     }
 
     /// Reaps everything that exited; returns the current epoch's exit if it was among them.
@@ -324,6 +329,9 @@ impl<P: Processes> Supervisor<P> {
             if matches!(self.phase, Phase::Draining { .. }) {
                 self.end_drain(DrainEnd::EnvoyExited);
             }
+            // A reload cannot outlive the epoch it would replace: its callers hear so now, not
+            // after the wait for the processes left behind.
+            self.cancel_reload();
             return Some(exit);
         }
         if let Phase::Stopping { stop_signal, .. } = self.phase {
@@ -377,7 +385,7 @@ impl<P: Processes> Supervisor<P> {
                     live: e.live,
                 })
                 .collect(),
-            restart: self.reload.step_name(),
+            reload: self.reload.step_name(),
             last_reload: self.last_reload.clone(),
             drain: match &self.phase {
                 Phase::Draining { started, progress, .. } => Some(DrainStatus {

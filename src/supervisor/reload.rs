@@ -6,7 +6,7 @@ use nix::unistd::Pid;
 
 use super::epochs::Epoch;
 use super::reload_state::{Admission, ReloadReply, Step};
-use super::shutdown::Phase;
+use super::shutdown::{Phase, REAP_AFTER_KILL_TIMEOUT};
 use super::{Event, Generation, Supervisor, shell_words};
 use crate::clock::unix_seconds;
 use crate::envoy;
@@ -26,7 +26,10 @@ impl<P: Processes> Supervisor<P> {
             None
         };
         if let Some(refusal) = refusal {
-            tracing::info!("{trigger}: no hot restart: {refusal}");
+            match refusal {
+                Refusal::ShuttingDown => tracing::info!("{trigger}: no hot restart while shutting down"),
+                _ => tracing::debug!("{trigger}: no hot restart: {refusal}"),
+            }
             if let Some(waiter) = waiter {
                 let _ = waiter.send(Err(refusal.clone()));
             }
@@ -88,7 +91,7 @@ impl<P: Processes> Supervisor<P> {
                 // A validator that hangs must not hold the reload (and its callers) for ever.
                 let deadline = self.schedule(self.settings.reload_timeout);
                 if let Some(busy) = self.reload.attempt(attempt) {
-                    busy.step = Step::Validating { pid, output, base_id: preflight.base_id, deadline };
+                    busy.step = Step::Validating { pid, output, base_id: preflight.base_id, deadline, killed: false };
                 }
             }
             Err(e) => self.reload_refused(&e.to_string()),
@@ -151,17 +154,17 @@ impl<P: Processes> Supervisor<P> {
         self.epochs.add(Epoch::new(epoch, pid, false));
         self.metrics.epochs_started.inc();
         self.metrics.live_epochs.set(self.epochs.len() as i64);
-        let poll = self.poll_live(epoch, Some(self.settings.reload_timeout));
+        let (live_poll, poll) = self.poll_live(epoch, Some(self.settings.reload_timeout));
         if poll.is_none() {
             // Without an admin API there is no way to see the new epoch LIVE: trust its start.
-            let _ = self.events.send(Event::EpochLive { epoch, result: Ok(()) });
+            let _ = self.events.send(Event::EpochLive { epoch, poll: live_poll, result: Ok(()) });
         }
         if let Some(busy) = self.reload.busy() {
-            busy.step = Step::Starting { epoch, pid, poll };
+            busy.step = Step::Starting { epoch, pid, poll, live_poll };
         }
     }
 
-    pub(super) fn on_epoch_live(&mut self, epoch: u32, result: Result<(), String>) {
+    pub(super) fn on_epoch_live(&mut self, epoch: u32, live_poll: Generation, result: Result<(), String>) {
         if epoch == self.epochs.current_number() && result.is_ok() {
             if let Some(serving) = self.epochs.mark_live(epoch) {
                 tracing::info!(pid = serving.pid.as_raw(), "Envoy epoch {epoch} is LIVE");
@@ -170,8 +173,8 @@ impl<P: Processes> Supervisor<P> {
             return;
         }
         let Some(busy) = self.reload.busy() else { return };
-        let Step::Starting { epoch: starting, pid, .. } = busy.step else { return };
-        if starting != epoch {
+        let Step::Starting { epoch: starting, pid, live_poll: expected, .. } = busy.step else { return };
+        if starting != epoch || live_poll != expected {
             return;
         }
         match result {
@@ -198,10 +201,19 @@ impl<P: Processes> Supervisor<P> {
     /// A deadline of the reload ran out; stale ones are dropped.
     pub(super) fn on_reload_deadline(&mut self, generation: Generation) {
         match self.reload.step() {
+            Some(Step::Validating { deadline, killed: true, .. }) if *deadline == generation => {
+                let reason = format!("envoy --mode validate survived SIGKILL for {REAP_AFTER_KILL_TIMEOUT:?}");
+                self.reload_refused(&reason);
+            }
             Some(Step::Validating { pid, deadline, .. }) if *deadline == generation => {
                 tracing::warn!("envoy --mode validate still running after {:?}: SIGKILL", self.settings.reload_timeout);
                 let pid = *pid;
                 self.processes.signal(pid, libc::SIGKILL);
+                // Its exit brings the verdict; one that not even SIGKILL ends must not hold the reload.
+                let after_kill = self.schedule(REAP_AFTER_KILL_TIMEOUT);
+                if let Some(Step::Validating { deadline, killed, .. }) = self.reload.busy().map(|b| &mut b.step) {
+                    (*deadline, *killed) = (after_kill, true);
+                }
             }
             Some(Step::WaitingForDraining { oldest, deadline, .. }) if *deadline == generation => {
                 let reason = format!("the draining epoch (pid {oldest}) outlived its parent shutdown time");

@@ -47,14 +47,15 @@ pub struct Busy {
 pub enum Step {
     /// Certificate checks and the base id, off the runtime thread.
     Preflight,
-    /// `envoy --mode validate` runs as our child, killed at `deadline`.
-    Validating { pid: Pid, output: PathBuf, base_id: Option<u32>, deadline: Generation },
+    /// `envoy --mode validate` runs as our child, SIGKILLed at `deadline`; once `killed`, the
+    /// reload is refused at the next `deadline` if it has still not exited.
+    Validating { pid: Pid, output: PathBuf, base_id: Option<u32>, deadline: Generation, killed: bool },
     /// The previous epoch still drains: the new one waits for it, so that there are never three.
     /// (Ending it early is no option: Envoy's current epoch must tell it to terminate itself when
     /// the next one starts, and aborts when it cannot.) Refused at `deadline`.
     WaitingForDraining { oldest: Pid, base_id: Option<u32>, deadline: Generation },
-    /// Epoch `epoch` runs; `poll` asks its admin until it is LIVE.
-    Starting { epoch: u32, pid: Pid, poll: Option<JoinHandle<()>> },
+    /// Epoch `epoch` runs; `poll` asks its admin until it is LIVE and answers as `live_poll`.
+    Starting { epoch: u32, pid: Pid, poll: Option<JoinHandle<()>>, live_poll: Generation },
 }
 
 impl Step {

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::reload_state::Step;
 use super::*;
-use crate::admin::Listeners;
+use crate::admin::{AdminClient, Listeners};
 use crate::envoy::EnvoyFlags;
 use crate::http::Endpoint;
 use crate::launch::EnvoyLaunch;
@@ -161,9 +161,18 @@ impl Harness {
     /// Envoy epoch 0, LIVE.
     fn serving() -> Harness {
         let mut h = Harness::start(true);
-        assert_eq!(h.sup.handle(Event::EpochLive { epoch: 0, result: Ok(()) }), None);
+        assert_eq!(h.live(0), None);
         assert!(h.sup.status().ready);
         h
+    }
+
+    /// Epoch `epoch` answers LIVE, as its LIVE poll would report it.
+    fn live(&mut self, epoch: u32) -> Option<Exit> {
+        let poll = match self.sup.reload.step() {
+            Some(Step::Starting { epoch: starting, live_poll, .. }) if *starting == epoch => *live_poll,
+            _ => 0,
+        };
+        self.sup.handle(Event::EpochLive { epoch, poll, result: Ok(()) })
     }
 
     fn pid_of(&self, epoch: u32) -> Pid {
@@ -212,7 +221,7 @@ impl Harness {
     async fn validated(&mut self) -> Pid {
         self.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
         let validator = self.world.last_with("validate");
-        assert_eq!(self.sup.status().restart, Some("validating"));
+        assert_eq!(self.sup.status().reload, Some("validating"));
         self.exit(validator, Exit::Code(0));
         self.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
         let Some(Step::Starting { pid, .. }) = self.sup.reload.step() else {

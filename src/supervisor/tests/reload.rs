@@ -8,7 +8,7 @@ use super::*;
 async fn a_reload_runs_every_step_and_the_new_epoch_serves() {
     let mut h = Harness::serving();
     let mut caller = h.reload_request();
-    assert_eq!(h.sup.status().restart, Some("checking certificates"));
+    assert_eq!(h.sup.status().reload, Some("checking certificates"));
     let new = h.validated().await;
     let spawned = h.world.spawned();
     let validate = &spawned[1].1;
@@ -19,10 +19,10 @@ async fn a_reload_runs_every_step_and_the_new_epoch_serves() {
     assert!(caller.try_recv().is_err(), "not answered before LIVE");
     assert!(h.sup.status().ready, "epoch 0 serves while epoch 1 starts");
 
-    h.sup.handle(Event::EpochLive { epoch: 1, result: Ok(()) });
+    h.live(1);
     assert_eq!(caller.try_recv().expect("answered"), Ok(1));
     let status = h.sup.status();
-    assert_eq!((status.current_epoch, status.restart, status.ready), (1, None, true));
+    assert_eq!((status.current_epoch, status.reload, status.ready), (1, None, true));
     assert_eq!(status.last_reload.map(|r| r.result), Some("success"));
     assert_eq!(h.pid_of(1), new);
     assert!(h.world.signals().is_empty(), "nobody was signalled: {:?}", h.world.signals());
@@ -40,20 +40,20 @@ async fn triggers_during_a_reload_make_one_more_reload() {
     let mut queued = h.reload_request();
     h.signal(libc::SIGHUP);
     h.validated().await;
-    h.sup.handle(Event::EpochLive { epoch: 1, result: Ok(()) });
-    assert_eq!(h.sup.status().restart, Some("checking certificates"), "the queued reload started");
+    h.live(1);
+    assert_eq!(h.sup.status().reload, Some("checking certificates"), "the queued reload started");
     assert!(queued.try_recv().is_err(), "the queued caller waits for its own reload");
 
     // Epoch 0 still drains: epoch 2 waits for it.
     h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
     h.exit(h.world.last_with("validate"), Exit::Code(0));
     h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
-    assert_eq!(h.sup.status().restart, Some("waiting for the draining epoch to exit"));
+    assert_eq!(h.sup.status().reload, Some("waiting for the draining epoch to exit"));
     h.exit(h.pid_of(0), Exit::Code(0));
-    assert_eq!(h.sup.status().restart, Some("starting the new epoch"));
-    h.sup.handle(Event::EpochLive { epoch: 2, result: Ok(()) });
+    assert_eq!(h.sup.status().reload, Some("starting the new epoch"));
+    h.live(2);
     assert_eq!(queued.try_recv().expect("answered"), Ok(2));
-    assert_eq!(h.sup.status().restart, None, "three triggers during a reload made one more, not three");
+    assert_eq!(h.sup.status().reload, None, "three triggers during a reload made one more, not three");
     let epochs = h.world.spawned().iter().filter(|(_, argv)| argv.iter().any(|a| a == "--restart-epoch")).count();
     assert_eq!(epochs, 3, "epochs 0, 1 and 2");
 }
@@ -101,7 +101,7 @@ async fn a_hung_validator_is_killed_at_the_reload_timeout() {
     h.exit(validator, Exit::Signal(libc::SIGKILL));
     h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
     assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some("refused"));
-    assert_eq!(h.sup.status().restart, None);
+    assert_eq!(h.sup.status().reload, None);
 }
 
 #[tokio::test(start_paused = true)]
@@ -139,12 +139,12 @@ async fn a_draining_epoch_that_outlives_its_parent_shutdown_time_refuses_the_rel
     let mut h = Harness::serving();
     h.signal(libc::SIGHUP);
     h.validated().await;
-    h.sup.handle(Event::EpochLive { epoch: 1, result: Ok(()) });
+    h.live(1);
     let mut caller = h.reload_request();
     h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
     h.exit(h.world.last_with("validate"), Exit::Code(0));
     h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
-    assert_eq!(h.sup.status().restart, Some("waiting for the draining epoch to exit"));
+    assert_eq!(h.sup.status().reload, Some("waiting for the draining epoch to exit"));
     let started = tokio::time::Instant::now();
     h.until_state("the draining epoch's deadline", |sup| sup.reload.step().is_none()).await;
     assert!(started.elapsed() <= PARENT_SHUTDOWN + KILL_TIMEOUT, "{:?}", started.elapsed());
@@ -159,7 +159,7 @@ async fn a_stale_deadline_is_dropped() {
     let mut h = Harness::serving();
     h.signal(libc::SIGHUP);
     h.validated().await;
-    h.sup.handle(Event::EpochLive { epoch: 1, result: Ok(()) });
+    h.live(1);
     h.exit(h.pid_of(0), Exit::Code(0));
     tokio::time::sleep(Duration::from_secs(10)).await;
     h.signal(libc::SIGHUP);
@@ -170,4 +170,44 @@ async fn a_stale_deadline_is_dropped() {
     assert!(h.world.signals().is_empty(), "{:?}", h.world.signals());
     h.until("the second validator's deadline", |e| matches!(e, Event::Deadline(_))).await;
     assert_eq!(h.world.signals(), vec![(second, libc::SIGKILL)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_validator_that_survives_sigkill_does_not_hold_the_reload() {
+    let mut h = Harness::serving();
+    let mut caller = h.reload_request();
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    let started = tokio::time::Instant::now();
+    h.until_state("the reload to end", |sup| sup.reload.step().is_none()).await;
+    assert_eq!(started.elapsed(), RELOAD_TIMEOUT + crate::supervisor::shutdown::REAP_AFTER_KILL_TIMEOUT);
+    let Ok(Err(Refusal::Invalid(reason))) = caller.try_recv() else { panic!("refused") };
+    assert!(reason.contains("survived SIGKILL"), "{reason}");
+    // The next reload is not held by it either.
+    h.signal(libc::SIGHUP);
+    assert_eq!(h.sup.status().reload, Some("checking certificates"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_answer_from_another_poll_is_stale() {
+    let mut h = Harness::serving();
+    h.validated_after_sighup().await;
+    let Some(Step::Starting { live_poll, .. }) = h.sup.reload.step() else { panic!("starting") };
+    let stale = live_poll - 1;
+    h.sup.handle(Event::EpochLive { epoch: 1, poll: stale, result: Ok(()) });
+    assert_eq!(h.sup.epochs.current_number(), 0, "a stale answer promotes nobody");
+    h.sup.handle(Event::EpochLive { epoch: 1, poll: stale, result: Err("gone".into()) });
+    assert!(h.world.signals().is_empty() && h.sup.reload.blocked().is_none(), "nor fails anybody");
+    h.live(1);
+    assert_eq!(h.sup.epochs.current_number(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_serving_epoch_exiting_answers_the_reload_callers_at_once() {
+    let mut h = Harness::serving();
+    let mut caller = h.reload_request();
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    let validator = h.world.last_with("validate");
+    assert_eq!(h.exit(h.pid_of(0), Exit::Code(1)), Some(Exit::Code(1)));
+    assert_eq!(caller.try_recv(), Ok(Err(Refusal::ShuttingDown)));
+    assert_eq!(h.world.signals(), vec![(validator, libc::SIGKILL)]);
 }

@@ -63,7 +63,7 @@ async fn sigterm_during_a_reload_cancels_it_and_stops_the_newest_epoch() {
     let new = h.validated().await;
     h.signal(libc::SIGTERM);
     assert_eq!(caller.try_recv(), Ok(Err(Refusal::ShuttingDown)));
-    assert_eq!(h.sup.status().restart, None);
+    assert_eq!(h.sup.status().reload, None);
     let mut later = h.reload_request();
     assert_eq!(later.try_recv(), Ok(Err(Refusal::ShuttingDown)));
     h.sup.handle(Event::DrainEnded(DrainEnd::Threshold));
