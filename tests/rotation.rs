@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::tls::{HttpsClient, SecretVolume, certificate, certificate_valid, replace_file, tls_bootstrap};
@@ -64,8 +64,22 @@ impl Tls {
         });
     }
 
-    fn restarts(&self) -> usize {
-        self.launcher.log().matches("hot restart done").count()
+    /// Reloads that ended with a new epoch LIVE, as `/metrics` counts them.
+    fn restarts(&self) -> u64 {
+        self.launcher.reloads("success")
+    }
+
+    /// Waits until epoch `epoch` serves and no reload is under way or queued.
+    fn wait_for_epoch(&self, epoch: u64) {
+        self.launcher.wait_for_status(&format!("epoch {epoch} to serve, no reload under way"), |s| {
+            s["current_epoch"] == epoch && s["reload"].is_null()
+        });
+    }
+
+    /// Waits until the last reload was refused; returns its reason.
+    fn wait_for_refusal(&self) -> String {
+        let status = self.launcher.wait_for_status("a refused reload", |s| s["last_reload"]["result"] == "refused");
+        status["last_reload"]["detail"].as_str().unwrap_or_default().to_string()
     }
 
     fn admin(&self) -> PathBuf {
@@ -81,11 +95,17 @@ impl Tls {
     }
 }
 
-/// 32 clients sending back to back until stopped; returns (requests, failures with their errors).
-fn load(port: u16, keep_alive: bool, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<(usize, Vec<String>)>> {
+/// 32 clients sending back to back until stopped, counting answers in `answered`; each returns
+/// (requests, failures with their errors).
+fn load(
+    port: u16,
+    keep_alive: bool,
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+) -> Vec<std::thread::JoinHandle<(usize, Vec<String>)>> {
     (0..32)
         .map(|_| {
-            let stop = stop.clone();
+            let (stop, answered) = (stop.clone(), answered.clone());
             std::thread::spawn(move || {
                 common::yield_to_the_system_under_test();
                 let mut client = HttpsClient::new(port, keep_alive);
@@ -93,7 +113,9 @@ fn load(port: u16, keep_alive: bool, stop: Arc<AtomicBool>) -> Vec<std::thread::
                 while !stop.load(Ordering::SeqCst) {
                     sent += 1;
                     match client.get() {
-                        Ok((200, _)) => {}
+                        Ok((200, _)) => {
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
                         Ok((status, _)) => failures.push(format!("status {status}")),
                         Err(e) => failures.push(e),
                     }
@@ -111,8 +133,10 @@ fn rotation_under_load(volume: bool, keep_alive: bool) {
     let _alone = ONE_LOAD_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut tls = start_tls(volume, &[]);
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = load(tls.port, keep_alive, stop.clone());
-    std::thread::sleep(Duration::from_millis(300)); // load before the rotation, as in production
+    let answered = Arc::new(AtomicUsize::new(0));
+    let clients = load(tls.port, keep_alive, stop.clone(), answered.clone());
+    // The load runs before the rotation, as in production: every client has been answered a few times.
+    wait_for(Duration::from_secs(30), "the load to run", || answered.load(Ordering::SeqCst) >= 32 * 5);
 
     let (cert, key) = certificate(2);
     let written = Instant::now();
@@ -125,7 +149,7 @@ fn rotation_under_load(volume: bool, keep_alive: bool) {
     tls.wait_for_serial(2, DEBOUNCE + Duration::from_secs(2));
     let visible = written.elapsed();
     // Keep the load on while the old epoch drains and exits.
-    tls.launcher.wait_for_log("epoch 0 drained and exited");
+    tls.launcher.wait_for_status("epoch 0 to exit", |s| s["epochs"].as_array().is_some_and(|e| e.len() == 1));
     stop.store(true, Ordering::SeqCst);
     let (mut sent, mut failures) = (0, Vec::new());
     for client in clients {
@@ -171,17 +195,18 @@ fn rotation_by_kubernetes_symlink_swap_under_load() {
 fn bad_input_changes_nothing(break_it: impl FnOnce(&Tls), reason: &str) {
     let tls = start_tls(false, &[]);
     break_it(&tls);
-    tls.launcher.wait_for_log("hot restart refused");
+    let detail = tls.wait_for_refusal();
+    assert!(detail.contains(reason), "the reason is '{reason}': {detail}");
     let log = tls.launcher.log();
     assert!(log.contains(reason), "the log says '{reason}':\n{log}");
-    assert!(!log.contains("started epoch 1"), "no new epoch:\n{log}");
+    assert_eq!(tls.launcher.status()["epochs"].as_array().map(Vec::len), Some(1), "no new epoch:\n{log}");
     assert_eq!(tls.serial(), 1, "the old certificate is still served");
 
     let (cert, key) = certificate(3);
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
     tls.wait_for_serial(3, DEBOUNCE + Duration::from_secs(5));
-    tls.launcher.wait_for_log("hot restart done");
+    tls.wait_for_epoch(1);
     assert_eq!(tls.restarts(), 1);
     tls.stop();
 }
@@ -219,11 +244,11 @@ fn certificate_without_its_key_waits_for_the_key() {
     let tls = start_tls(false, &[]);
     let (cert, key) = certificate(5);
     replace_file(&tls.cert, &cert);
-    tls.launcher.wait_for_log("does not match certificate");
+    assert!(tls.wait_for_refusal().contains("does not match certificate"));
     assert_eq!(tls.serial(), 1, "the old pair is still served");
     replace_file(&tls.key, &key);
     tls.wait_for_serial(5, DEBOUNCE + Duration::from_secs(5));
-    tls.launcher.wait_for_log("hot restart done");
+    tls.wait_for_epoch(1);
     assert_eq!(tls.restarts(), 1);
     tls.stop();
 }
@@ -233,9 +258,8 @@ fn bootstrap_syntax_error_changes_nothing() {
     let tls = start_tls(false, &[]);
     let good = std::fs::read_to_string(&tls.bootstrap).expect("read");
     replace_file(&tls.bootstrap, "admin: [unclosed\n");
-    tls.launcher.wait_for_log("hot restart refused");
-    let log = tls.launcher.log();
-    assert!(log.contains("cannot parse the bootstrap"), "{log}");
+    let detail = tls.wait_for_refusal();
+    assert!(detail.contains("cannot parse the bootstrap"), "{detail}");
     assert_eq!(tls.serial(), 1);
     assert_eq!(admin_get(&tls.admin(), "/ready"), Some(200), "Envoy still LIVE");
     replace_file(&tls.bootstrap, &good);
@@ -256,8 +280,9 @@ fn a_storm_of_rewrites_makes_at_most_two_restarts_and_ends_on_the_last() {
         std::thread::sleep(Duration::from_millis(20));
     }
     tls.wait_for_serial(149, DEBOUNCE + Duration::from_secs(5));
-    // Let any queued restart finish before counting.
-    std::thread::sleep(DEBOUNCE * 2);
+    // Any queued restart has finished once no reload is under way (the watcher's debounce is over:
+    // serial 149 is served, so the last change was seen).
+    tls.launcher.wait_for_status("no reload under way", |s| s["reload"].is_null());
     assert!(tls.restarts() <= 2, "at most 2 restarts for 50 rewrites:\n{}", tls.launcher.log());
     assert_eq!(tls.serial(), 149);
     tls.stop();
@@ -267,14 +292,13 @@ fn a_storm_of_rewrites_makes_at_most_two_restarts_and_ends_on_the_last() {
 fn sighup_restarts_without_a_change_and_coalesces_during_a_restart() {
     let tls = start_tls(false, &[]);
     tls.launcher.signal(Signal::SIGHUP);
-    tls.launcher.wait_for_log("hot restart done: epoch 1 is LIVE");
+    tls.wait_for_epoch(1);
     // Three SIGHUPs while the next restart is under way: one more restart, not three.
     tls.launcher.signal(Signal::SIGHUP);
-    tls.launcher.wait_for_log("validating for a hot restart to epoch 2");
+    tls.launcher.wait_for_status("the second reload to start", |s| !s["reload"].is_null());
     tls.launcher.signal(Signal::SIGHUP);
     tls.launcher.signal(Signal::SIGHUP);
-    tls.launcher.wait_for_log("hot restart done: epoch 3 is LIVE");
-    std::thread::sleep(Duration::from_secs(1));
+    tls.wait_for_epoch(3);
     let log = tls.launcher.log();
     assert_eq!(tls.restarts(), 3, "{log}");
     assert!(log.contains("a hot restart is under way; one more will follow it"), "{log}");
@@ -293,13 +317,15 @@ fn a_new_epoch_that_fails_after_validation_leaves_the_old_one_serving() {
     let taken_port = taken.local_addr().expect("addr").port();
     let bootstrap = tls_bootstrap(tls.dir.path(), tls.port, &tls.cert, &tls.key, Some(taken_port));
     replace_file(&tls.bootstrap, &bootstrap);
-    tls.launcher.wait_for_log("degraded:");
+    let status = tls.launcher.wait_for_status("degraded", |s| !s["degraded"].is_null());
+    assert!(status["degraded"].as_str().is_some_and(|d| d.contains("epoch 1 failed")), "{status:#}");
+    assert_eq!(status["current_epoch"], 0);
     assert_eq!(tls.serial(), 1, "the old epoch still serves");
     tls.launcher.signal(Signal::SIGHUP);
     tls.launcher.wait_for_log("SIGHUP: cannot hot-restart");
     assert_eq!(tls.serial(), 1);
-    let log = tls.stop();
-    assert!(log.contains("epoch 1 failed"), "{log}");
+    assert_eq!(tls.launcher.reloads("failed"), 1, "the SIGHUP started nothing");
+    tls.stop();
 }
 
 #[test]

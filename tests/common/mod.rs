@@ -460,3 +460,33 @@ pub fn control_tcp(port: u16, method: &str, path: &str, headers: &[&str]) -> Res
     stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
     call(&mut stream, method, path, headers)
 }
+
+impl Launcher {
+    /// The launcher's `GET /status` over its control socket, as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = control(&self.runtime_dir().join("control.sock"), "GET", "/status")
+            .unwrap_or_else(|e| panic!("GET /status: {e}; log:\n{}", self.log()));
+        assert_eq!(code, 200, "GET /status: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET /status is not JSON ({e}): {body}"))
+    }
+
+    /// Waits until `/status` satisfies `holds`; on timeout, fails with the last status and the log.
+    pub fn wait_for_status(&self, what: &str, holds: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.status();
+            if holds(&status) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; status {status:#}\nlog:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `sesame_reloads_total{result="RESULT"}` from the launcher's `/metrics`.
+    pub fn reloads(&self, result: &str) -> u64 {
+        let (_, text) = control(&self.runtime_dir().join("control.sock"), "GET", "/metrics").expect("GET /metrics");
+        let series = format!("sesame_reloads_total{{result=\"{result}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0)
+    }
+}
