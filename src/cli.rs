@@ -150,7 +150,7 @@ pub struct RunOptions {
     pub command: Vec<OsString>,
 }
 
-/// The graceful drain on SIGTERM/SIGINT (DESIGN.md, "Graceful drain").
+/// The graceful drain on SIGTERM/SIGINT (docs/ARCHITECTURE.md, "The graceful drain").
 #[derive(Debug, Args)]
 pub struct DrainOptions {
     /// Time between failing the health check and draining the listeners, for load balancers to notice.
@@ -197,7 +197,7 @@ impl DrainOptions {
     }
 }
 
-/// Validated hot restarts (DESIGN.md, "Validated hot restart").
+/// Reloads: validated hot restarts (docs/ARCHITECTURE.md, "The reload").
 #[derive(Debug, Args)]
 pub struct ReloadOptions {
     /// Also watch this file or directory; a change hot-restarts Envoy (repeatable).

@@ -1,4 +1,14 @@
-//! sesame: a launcher for Envoy. See README.md for the user's view and DESIGN.md for the contract.
+//! sesame: a launcher for Envoy. README.md is the user's view; docs/ARCHITECTURE.md the design.
+//!
+//! Module map (dependencies point down; no worker names the supervisor):
+//! - `main`, `cli`, `launch`: parse the command line, decide what runs; `client`: the clients.
+//! - `supervisor`: the one owner of state and its event loop; `epochs`, `reload_state` (pure),
+//!   `reload` (the steps), `shutdown` (drain, stop, leftovers).
+//! - workers, which return or publish results: `signals` (the signal table), `drain`, `reload`
+//!   (preflight, verdict, LIVE poll), `watch`, `control` (the control API), `systemd`.
+//! - Envoy: `envoy` (its command line), `bootstrap` (its config), `admin` (its admin API).
+//! - leaves: `process` (spawn, signal, reap), `http`, `certs`, `status`, `metrics`, `demo`,
+//!   `files`, `clock`, `logging`.
 
 mod admin;
 mod bootstrap;
