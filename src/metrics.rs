@@ -57,7 +57,7 @@ impl Metrics {
         registry.register("degraded", "1 after a new epoch failed: hot restarts are blocked", metrics.degraded.clone());
         registry.register(
             "reloads",
-            "Hot restarts by result (success, refused before any start, failed after start)",
+            "Reloads by result (success, refused before any start, failed after start)",
             metrics.reloads.clone(),
         );
         registry.register("drains", "Drains by the reason they ended", metrics.drains.clone());
