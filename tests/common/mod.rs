@@ -464,21 +464,34 @@ pub fn control_tcp(port: u16, method: &str, path: &str, headers: &[&str]) -> Res
 impl Launcher {
     /// The launcher's `GET /status` over its control socket, as JSON.
     pub fn status(&self) -> serde_json::Value {
-        let (code, body) = control(&self.runtime_dir().join("control.sock"), "GET", "/status")
-            .unwrap_or_else(|e| panic!("GET /status: {e}; log:\n{}", self.log()));
-        assert_eq!(code, 200, "GET /status: {body}");
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET /status is not JSON ({e}): {body}"))
+        self.try_status().unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()))
     }
 
-    /// Waits until `/status` satisfies `holds`; on timeout, fails with the last status and the log.
+    fn try_status(&self) -> Result<serde_json::Value, String> {
+        let (code, body) = control(&self.runtime_dir().join("control.sock"), "GET", "/status")
+            .map_err(|e| format!("GET /status: {e}"))?;
+        if code != 200 {
+            return Err(format!("GET /status answered {code}: {body}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("GET /status is not JSON ({e}): {body}"))
+    }
+
+    /// Waits until `/status` answers and satisfies `holds`; on timeout, fails with the last status
+    /// (or why there was none) and the log.
     pub fn wait_for_status(&self, what: &str, holds: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let status = self.status();
-            if holds(&status) {
-                return status;
+            let status = self.try_status();
+            if let Ok(status) = &status
+                && holds(status)
+            {
+                return status.clone();
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; status {status:#}\nlog:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; status {status:#?}\nlog:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
