@@ -1,7 +1,8 @@
 //! sesame: a launcher for Envoy. README.md is the user's view; docs/ARCHITECTURE.md the design.
 //!
 //! Module map (dependencies point down; no worker names the supervisor):
-//! - `main`, `cli`, `launch`: parse the command line, decide what runs; `client`: the clients.
+//! - `main`, `cli`, `lock`, `launch`: parse the command line, lock the runtime directory, decide
+//!   what runs; `client`: the clients.
 //! - `supervisor`: the one owner of state and its event loop; `epochs`, `reload_state` (pure),
 //!   `reload` (the steps), `shutdown` (drain, stop, leftovers).
 //! - workers, which return or publish results: `signals` (the signal table), `drain`, `reload`
@@ -23,6 +24,7 @@ mod envoy;
 mod files;
 mod http;
 mod launch;
+mod lock;
 mod logging;
 mod metrics;
 mod process;
@@ -51,6 +53,14 @@ fn main() {
 }
 
 fn run(options: &cli::RunOptions) -> i32 {
+    // Before anything is written into the runtime directory, and held until the launcher exits.
+    let _lock = match lock::lock_runtime_dir(&options.runtime_dir()) {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return 1;
+        }
+    };
     let launch = match launch::plan(options) {
         Ok(launch) => launch,
         Err(e) => {
