@@ -57,8 +57,13 @@ fn kubernetes_manifest_matches_the_control_api_and_its_bootstrap_is_valid() {
 }
 
 #[test]
-fn systemd_unit_gives_the_drain_its_time() {
-    let unit = read("examples/systemd/sesame-envoy.service");
+fn systemd_units_give_the_drain_its_time() {
+    check_systemd_unit(&read("examples/systemd/sesame-envoy.service"), "/run/sesame", "sesame");
+    // The template: a runtime directory per instance, since a launcher refuses a shared one.
+    check_systemd_unit(&read("examples/systemd/sesame-envoy@.service"), "/run/sesame/%i", "sesame/%i");
+}
+
+fn check_systemd_unit(unit: &str, runtime_dir: &str, runtime_directory: &str) {
     let value = |key: &str| {
         unit.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("{key}= in the unit"))
     };
@@ -67,6 +72,8 @@ fn systemd_unit_gives_the_drain_its_time() {
     assert_eq!(value("NotifyAccess"), "main");
     let exec = value("ExecStart");
     assert!(exec.starts_with("/usr/local/bin/sesame run "), "{exec}");
+    assert!(exec.contains(&format!(" --runtime-dir {runtime_dir} ")), "{exec}");
+    assert_eq!(value("RuntimeDirectory"), runtime_directory);
     let flag = |name: &str| {
         let words: Vec<&str> = exec.split_whitespace().collect();
         let at = words.iter().position(|w| *w == name).unwrap_or_else(|| panic!("{name} in ExecStart"));
