@@ -3,18 +3,14 @@
 //! supervisor as a request with a reply channel; this module only speaks HTTP (and keeps its own
 //! `--http` certificate current).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
 
 use crate::certs::{ReloadingCert, TlsPair};
@@ -22,6 +18,8 @@ use crate::metrics::Metrics;
 use crate::reload::Refusal;
 use crate::status::Status;
 use crate::watch::{self, WatchSpec};
+
+mod listener;
 
 /// Where the control API listens.
 #[derive(Debug, Clone)]
@@ -60,18 +58,13 @@ fn refusal_status(refusal: &Refusal) -> StatusCode {
 pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     use anyhow::Context;
     let token = match &settings.http_token {
-        Some(file) => Some(
-            std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read --http-token {}", file.display()))?
-                .trim()
-                .to_string(),
-        ),
+        Some(file) => Some(read_token(file)?),
         None => None,
     };
     let api = ControlApi { ask, metrics, token: token.clone().map(Arc::from) };
-    let listener = bind_unix(&settings.socket)?;
+    let listener = listener::bind_unix(&settings.socket)?;
     tracing::info!("control API on unix:{}", settings.socket.display());
-    tokio::spawn(api.clone().serve_unix(listener));
+    tokio::spawn(listener::serve_unix(api.clone(), listener));
     let Some(address) = &settings.http else { return Ok(()) };
     let listener =
         tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot bind --http {address}"))?;
@@ -87,7 +80,7 @@ pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) 
         tracing::warn!("--http {local} has no --http-token: anyone who reaches it can shut Envoy down");
     }
     tracing::info!("control API on {}://{local}", if acceptor.is_some() { "https" } else { "http" });
-    tokio::spawn(api.serve_tcp(listener, acceptor));
+    tokio::spawn(listener::serve_tcp(api, listener, acceptor));
     Ok(())
 }
 
@@ -174,81 +167,9 @@ impl ControlApi {
 
     fn authorized(&self, request: &Request<Incoming>) -> bool {
         let Some(token) = &self.token else { return true };
-        let given = request.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|v| constant_time_eq(v.trim(), token))
+        let header = request.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        header.and_then(bearer_token).is_some_and(|given| constant_time_eq(given, token))
     }
-
-    /// Serves the control socket until the runtime ends.
-    async fn serve_unix(self, listener: UnixListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => self.spawn_connection(stream, false),
-                Err(e) => tracing::warn!("control socket: accept failed: {e}"),
-            }
-        }
-    }
-
-    /// Serves `--http`, with TLS when `tls` is given.
-    async fn serve_tcp(self, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!("--http: accept failed: {e}");
-                    continue;
-                }
-            };
-            match &tls {
-                None => self.spawn_connection(stream, true),
-                Some(acceptor) => {
-                    let (api, acceptor) = (self.clone(), acceptor.clone());
-                    tokio::spawn(async move {
-                        match acceptor.accept(stream).await {
-                            Ok(stream) => api.spawn_connection(stream, true),
-                            Err(e) => tracing::debug!("--http: TLS handshake failed: {e}"),
-                        }
-                    });
-                }
-            }
-        }
-    }
-
-    fn spawn_connection<S>(&self, stream: S, over_tcp: bool)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let api = self.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let api = api.clone();
-                async move { Ok::<_, std::convert::Infallible>(api.handle(request, over_tcp).await) }
-            });
-            if let Err(e) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
-                tracing::debug!("control connection: {e}");
-            }
-        });
-    }
-}
-
-/// Binds the control socket: parent directory created, a stale socket replaced, mode 0600.
-fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
-    use anyhow::Context;
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(parent) = path.parent() {
-        crate::files::create_private_dir(parent)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot replace {}", path.display())),
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot bind the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot chmod {}", path.display()))?;
-    Ok(listener)
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
@@ -268,9 +189,33 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
     response
 }
 
-/// Compares without stopping at the first difference, so timing does not tell how much matched.
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The `--http-token` file's token; an empty one is an error, not a token nobody can send.
+fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read --http-token {}", file.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!("--http-token {} is empty: it must hold the token", file.display());
+    }
+    Ok(token.to_string())
+}
+
+/// The credentials of an `Authorization: Bearer TOKEN` header; the scheme is case-insensitive
+/// (RFC 7235).
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, credentials) = header.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim())
+}
+
+/// Compares `given` with `token` in a time that depends on neither where they differ nor how long
+/// `given` is: every byte of the token is compared, whatever was sent.
+fn constant_time_eq(given: &str, token: &str) -> bool {
+    let given = given.as_bytes();
+    let mut differ = given.len() ^ token.len();
+    for (i, expected) in token.bytes().enumerate() {
+        differ |= usize::from(given.get(i).copied().unwrap_or(0) ^ expected);
+    }
+    differ == 0
 }
 
 #[cfg(test)]
@@ -280,7 +225,30 @@ mod tests {
     #[test]
     fn token_comparison() {
         assert!(constant_time_eq("secret", "secret"));
-        assert!(!constant_time_eq("secret", "secreT"));
-        assert!(!constant_time_eq("secret", "secret2"));
+        assert!(!constant_time_eq("secreT", "secret"));
+        assert!(!constant_time_eq("secret2", "secret"));
+        assert!(!constant_time_eq("secre", "secret"));
+        assert!(!constant_time_eq("", "secret"));
+        assert!(!constant_time_eq("secret\0", "secret"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
+
+    #[test]
+    fn an_empty_token_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, " \n\t\n").expect("write");
+        let err = read_token(&file).expect_err("empty");
+        assert_eq!(err.to_string(), format!("--http-token {} is empty: it must hold the token", file.display()));
+        std::fs::write(&file, "s3cret\n").expect("write");
+        assert_eq!(read_token(&file).expect("token"), "s3cret");
     }
 }

@@ -1,0 +1,195 @@
+//! The control API's listeners, built so that a flood cannot starve them: each listener serves at
+//! most `MAX_CONNECTIONS` at once (the control socket and `--http` each have their own share, so
+//! one keeps working while the other is flooded), a connection that does not send a whole request
+//! head within `HEADER_READ_TIMEOUT` (slowloris, trickling, or idle between keep-alive requests) is
+//! closed, so is a TLS client that does not finish its handshake within `TLS_HANDSHAKE_TIMEOUT`,
+//! and accept errors (out of file descriptors, say) are backed off and logged at most once a second.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::ControlApi;
+
+/// Open connections one listener serves at once; more are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 128;
+/// Time a client has to send a request's head, counted from the connection's start or the end of
+/// the previous response: it also ends idle keep-alive connections.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a `--http` TLS client has to finish its handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after an accept error that says the process or the system is out of a resource: retrying
+/// at once would spin (the pending connection stays pending).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves the control socket until the runtime ends.
+pub async fn serve_unix(api: ControlApi, listener: UnixListener) {
+    let mut gate = Gate::new("control socket");
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                if let Some(permit) = gate.admit() {
+                    spawn_connection(api.clone(), stream, false, permit);
+                }
+            }
+            Err(e) => gate.accept_failed(e).await,
+        }
+    }
+}
+
+/// Serves `--http`, with TLS when `tls` is given.
+pub async fn serve_tcp(api: ControlApi, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+    let mut gate = Gate::new("--http");
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                gate.accept_failed(e).await;
+                continue;
+            }
+        };
+        let Some(permit) = gate.admit() else { continue };
+        match &tls {
+            None => spawn_connection(api.clone(), stream, true, permit),
+            Some(acceptor) => {
+                let (api, acceptor) = (api.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => spawn_connection(api, stream, true, permit),
+                        Ok(Err(e)) => tracing::debug!("--http: TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!("--http: no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:?}"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Serves one connection; its permit is returned when it ends.
+fn spawn_connection<S>(api: ControlApi, stream: S, over_tcp: bool, permit: OwnedSemaphorePermit)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let _permit = permit;
+        let service = service_fn(move |request| {
+            let api = api.clone();
+            async move { Ok::<_, std::convert::Infallible>(api.handle(request, over_tcp).await) }
+        });
+        let served = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+        if let Err(e) = served {
+            tracing::debug!("control connection: {e}");
+        }
+    });
+}
+
+/// What one listener admits, and how it reports what it cannot.
+struct Gate {
+    name: &'static str,
+    permits: Arc<Semaphore>,
+    refused: Throttle,
+    failed: Throttle,
+}
+
+impl Gate {
+    fn new(name: &'static str) -> Gate {
+        Gate {
+            name,
+            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            refused: Throttle::default(),
+            failed: Throttle::default(),
+        }
+    }
+
+    /// A permit for one more connection, or None (the connection is dropped, so closed) when the
+    /// listener serves as many as it may.
+    fn admit(&mut self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        if permit.is_none()
+            && let Some(count) = self.refused.hit()
+        {
+            tracing::warn!("{}: {count} connections closed at once: {MAX_CONNECTIONS} are open already", self.name);
+        }
+        permit
+    }
+
+    async fn accept_failed(&mut self, e: io::Error) {
+        if let Some(count) = self.failed.hit() {
+            tracing::warn!("{}: accept failed {count} times since the last report: {e}", self.name);
+        }
+        let out_of_resources =
+            matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
+        if out_of_resources {
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+        }
+    }
+}
+
+/// Counts a repeated event and says when to report it: the first time, then at most once a second,
+/// with how many happened since the last report.
+#[derive(Debug, Default)]
+struct Throttle {
+    last_report: Option<Instant>,
+    count: u64,
+}
+
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+impl Throttle {
+    fn hit(&mut self) -> Option<u64> {
+        self.count += 1;
+        if self.last_report.is_some_and(|at| at.elapsed() < REPORT_EVERY) {
+            return None;
+        }
+        self.last_report = Some(Instant::now());
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
+/// Binds the control socket: parent directory created, a stale socket replaced, mode 0600.
+pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        crate::files::create_private_dir(parent)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot replace {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot bind the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_reports_at_most_once_a_second_with_the_count() {
+        let mut throttle = Throttle::default();
+        assert_eq!(throttle.hit(), Some(1), "the first one is reported");
+        for _ in 0..999 {
+            assert_eq!(throttle.hit(), None);
+        }
+        tokio::time::advance(REPORT_EVERY).await;
+        assert_eq!(throttle.hit(), Some(1000), "then the count since the last report");
+        assert_eq!(throttle.hit(), None);
+    }
+}
