@@ -8,6 +8,19 @@ use hyper::{Method, StatusCode};
 use crate::cli::Location;
 use crate::http::{Endpoint, HttpClient};
 
+/// Writes a line to stdout. A reader that went away (`sesame status | head -c1`) is not an error
+/// worth a panic: the rest of the output is simply not wanted.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// Writes a line to stderr, quietly when stderr is gone.
+fn say_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// Exit statuses of the clients.
 const OK: i32 = 0;
 const REFUSED: i32 = 1;
@@ -18,7 +31,7 @@ fn block_on<T>(future: impl Future<Output = T>) -> Option<T> {
     match runtime {
         Ok(runtime) => Some(runtime.block_on(future)),
         Err(e) => {
-            eprintln!("sesame: cannot start the runtime: {e}");
+            say_err(&format!("sesame: cannot start the runtime: {e}"));
             None
         }
     }
@@ -29,7 +42,7 @@ fn ask(location: &Location, method: Method, path: &str, timeout: Duration) -> Re
     match block_on(client.request(method, path)) {
         Some(Ok((status, body))) => Ok((status, String::from_utf8_lossy(&body).into_owned())),
         Some(Err(e)) => {
-            eprintln!("sesame: {e}");
+            say_err(&format!("sesame: {e}"));
             Err(UNREACHABLE)
         }
         None => Err(UNREACHABLE),
@@ -39,11 +52,11 @@ fn ask(location: &Location, method: Method, path: &str, timeout: Duration) -> Re
 pub fn shutdown(location: &Location, wait_timeout: Duration) -> i32 {
     match ask(location, Method::POST, "/shutdown", wait_timeout) {
         Ok((StatusCode::OK, _)) => {
-            println!("drained");
+            say("drained");
             OK
         }
         Ok((status, body)) => {
-            eprintln!("sesame: shutdown: {status}: {}", body.trim());
+            say_err(&format!("sesame: shutdown: {status}: {}", body.trim()));
             REFUSED
         }
         Err(code) => code,
@@ -54,7 +67,7 @@ pub fn reload(location: &Location, wait_timeout: Duration) -> i32 {
     match ask(location, Method::POST, "/reload", wait_timeout) {
         Ok((StatusCode::OK, body)) => {
             let epoch = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v.get("epoch")?.as_u64());
-            println!("epoch {} is LIVE", epoch.map_or_else(|| "?".into(), |e| e.to_string()));
+            say(&format!("epoch {} is LIVE", epoch.map_or_else(|| "?".into(), |e| e.to_string())));
             OK
         }
         Ok((status, body)) => {
@@ -62,7 +75,7 @@ pub fn reload(location: &Location, wait_timeout: Duration) -> i32 {
                 .ok()
                 .and_then(|v| Some(v.get("error")?.as_str()?.to_string()))
                 .unwrap_or(body);
-            eprintln!("sesame: reload failed ({status}): {}", reason.trim());
+            say_err(&format!("sesame: reload failed ({status}): {}", reason.trim()));
             REFUSED
         }
         Err(code) => code,
@@ -75,13 +88,13 @@ pub fn status(location: &Location, json: bool) -> i32 {
         Err(code) => return code,
     };
     let Ok(value) = serde_json::from_str::<serde_json::Value>(&body) else {
-        eprintln!("sesame: status: {status}: {}", body.trim());
+        say_err(&format!("sesame: status: {status}: {}", body.trim()));
         return UNREACHABLE;
     };
     if json {
-        println!("{body}");
+        say(&body);
     } else {
-        print!("{}", summary(&value));
+        say(summary(&value).trim_end());
     }
     if value.get("ready").and_then(serde_json::Value::as_bool) == Some(true) { OK } else { REFUSED }
 }
