@@ -41,7 +41,14 @@ use crate::cli::{Cli, Command};
 
 fn main() {
     signals::hold();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print and exit 0; a usage error prints what is wrong.
+            let _ = e.print();
+            std::process::exit(usage_error_status(&e));
+        }
+    };
     logging::init(&cli.log);
     let code = match cli.command {
         Command::Run(options) => run(&options),
@@ -50,6 +57,16 @@ fn main() {
         Command::Status { location, json } => client::status(&location, json),
     };
     std::process::exit(code);
+}
+
+/// A usage error of `sesame run` is "could not start" (1, as tini); the clients keep clap's 2,
+/// which they also use for "could not ask".
+fn usage_error_status(error: &clap::Error) -> i32 {
+    if !error.use_stderr() {
+        return 0;
+    }
+    let subcommand = std::env::args().skip(1).find(|a| ["run", "status", "reload", "shutdown"].contains(&a.as_str()));
+    if subcommand.as_deref() == Some("run") { 1 } else { 2 }
 }
 
 fn run(options: &cli::RunOptions) -> i32 {

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Launcher, Mode, alive, wait_for};
@@ -204,4 +205,38 @@ fn child_starts_with_a_clean_signal_mask_and_no_ignored_signals() {
     };
     assert_eq!(field("SigBlk:"), "0000000000000000", "nothing blocked in the child");
     assert_eq!(field("SigIgn:"), "0000000000000000", "nothing ignored in the child");
+}
+
+#[test]
+fn usage_errors_exit_1_for_run_and_2_for_the_clients() {
+    let run = Command::new(common::SESAME).args(["run", "--no-such-option"]).output().expect("sesame run");
+    assert_eq!(run.status.code(), Some(1), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("--no-such-option"));
+    let run = Command::new(common::SESAME).args(["--log-level", "info", "run", "--kill-timeout", "soon"]).output();
+    let run = run.expect("sesame run");
+    assert_eq!(run.status.code(), Some(1), "{}", String::from_utf8_lossy(&run.stderr));
+    let status = Command::new(common::SESAME).args(["status", "--no-such-option"]).output().expect("sesame status");
+    assert_eq!(status.status.code(), Some(2), "{}", String::from_utf8_lossy(&status.stderr));
+    let help = Command::new(common::SESAME).args(["run", "--help"]).output().expect("sesame run --help");
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--runtime-dir"));
+}
+
+#[test]
+fn a_client_whose_reader_went_away_exits_quietly() {
+    let launcher = Launcher::start(Mode::Plain, &[], &["sleep", "1000"]);
+    let socket = launcher.runtime_dir().join("control.sock");
+    wait_for(EXIT, "the control socket", || common::control(&socket, "GET", "/ready").is_ok());
+    // A pipe whose reader is gone: every write to it fails with EPIPE.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let output = Command::new(common::SESAME)
+        .args(["status", "--json", "--runtime-dir"])
+        .arg(launcher.runtime_dir())
+        .stdout(writer)
+        .output()
+        .expect("sesame status");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.code(), Some(0), "the answer is still the readiness: {stderr}");
 }
