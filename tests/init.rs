@@ -240,3 +240,18 @@ fn a_client_whose_reader_went_away_exits_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(output.status.code(), Some(0), "the answer is still the readiness: {stderr}");
 }
+
+#[test]
+fn an_empty_http_token_file_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "  \n").expect("token");
+    let token = token.to_string_lossy().into_owned();
+    let port = common::free_port().to_string();
+    let http = format!("127.0.0.1:{port}");
+    let mut launcher = Launcher::start(Mode::Plain, &["--http", &http, "--http-token", &token], &["sleep", "1000"]);
+    assert_eq!(launcher.exit_code(EXIT), 1, "{}", launcher.log());
+    let expected = format!("--http-token {token} is empty");
+    assert!(launcher.log().contains(&expected), "{}", launcher.log());
+    assert!(!launcher.log().contains("started sleep"), "nothing was started:\n{}", launcher.log());
+}
