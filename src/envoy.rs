@@ -88,6 +88,12 @@ pub fn flag_value(args: &[OsString], names: &[&str]) -> Option<OsString> {
     found
 }
 
+/// The file of Envoy's hot-restart shared memory for `base_id` (its name multiplies the id by 10,
+/// leaving room for the epochs' domain sockets).
+pub fn shared_memory_path(base_id: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/shm/envoy_shared_memory_{}", u64::from(base_id) * 10))
+}
+
 /// The base id file of a command: the user's `--base-id-path` when they asked for a dynamic base
 /// id with one, `default` when the launcher picks dynamically, None when `--base-id` fixes it.
 pub fn base_id_file(command: &[OsString], default: &Path) -> Option<PathBuf> {

@@ -42,6 +42,22 @@ impl Launch {
         self.envoy.is_some()
     }
 
+    /// The base id of the Envoy family: the one epoch 0 picked (read from its file), or the
+    /// command's `--base-id`.
+    pub fn base_id(&self) -> Option<u32> {
+        let envoy = self.envoy.as_ref()?;
+        let text = match &envoy.base_id_file {
+            Some(file) => std::fs::read_to_string(file).ok()?,
+            None => envoy::flag_value(&self.command, &["--base-id"])?.into_string().ok()?,
+        };
+        text.trim().parse().ok()
+    }
+
+    /// The hot-restart shared memory of the Envoy family, under /dev/shm.
+    pub fn shared_memory(&self) -> Option<PathBuf> {
+        self.base_id().map(|id| envoy::shared_memory_path(id))
+    }
+
     /// Envoy's admin API, when there is one to talk to.
     pub fn admin(&self) -> Option<AdminClient> {
         self.envoy.as_ref()?.admin.clone()

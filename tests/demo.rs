@@ -38,11 +38,22 @@ fn demo_serves_http_and_https_and_sigterm_ends_everything() {
     assert_eq!(envoy_pids.len(), 1, "one Envoy under the launcher");
     let log = launcher.log();
     assert!(log.contains("--restart-epoch 0 --use-dynamic-base-id --base-id-path"), "{log}");
+    let base_id: u64 = std::fs::read_to_string(launcher.runtime_dir().join("envoy-base-id"))
+        .expect("base id file")
+        .trim()
+        .parse()
+        .expect("a number");
+    let shared_memory = std::path::PathBuf::from(format!("/dev/shm/envoy_shared_memory_{}", base_id * 10));
+    assert!(shared_memory.exists(), "Envoy's hot-restart memory is {}", shared_memory.display());
+    let control_socket = launcher.runtime_dir().join("control.sock");
+    assert!(control_socket.exists());
 
     launcher.signal(Signal::SIGTERM);
     assert_eq!(launcher.exit_code(Duration::from_secs(20)), 0, "log:\n{}", launcher.log());
     assert!(!alive(envoy_pids[0]), "Envoy is gone");
     assert_eq!(http_get(http), None, "nothing listens on the demo port any more");
+    assert!(!shared_memory.exists(), "the launcher removed {} once no epoch was left", shared_memory.display());
+    assert!(!control_socket.exists(), "the launcher removed its control socket");
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! and accept errors (out of file descriptors, say) are backed off and logged at most once a second.
 
 use std::io;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -159,7 +160,7 @@ impl Throttle {
 }
 
 /// Binds the control socket: parent directory created, a stale socket replaced, mode 0600.
-pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+pub fn bind_unix(path: &Path) -> anyhow::Result<(UnixListener, ControlSocket)> {
     use anyhow::Context;
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = path.parent() {
@@ -174,7 +175,25 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("cannot bind the control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot chmod {}", path.display()))?;
-    Ok(listener)
+    let inode = std::fs::symlink_metadata(path).with_context(|| format!("cannot stat {}", path.display()))?.ino();
+    Ok((listener, ControlSocket { path: path.to_path_buf(), inode }))
+}
+
+/// The control socket's file, as bound: removed when the launcher exits, unless something else
+/// has been put at its path meanwhile.
+#[derive(Debug)]
+pub struct ControlSocket {
+    path: PathBuf,
+    inode: u64,
+}
+
+impl ControlSocket {
+    pub fn remove(self) {
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|meta| meta.ino() == self.inode);
+        if ours && let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!("cannot remove the control socket {}: {e}", self.path.display());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@ use crate::watch::{self, WatchSpec};
 
 mod listener;
 
+pub use listener::ControlSocket;
+
 /// Where the control API listens.
 #[derive(Debug, Clone)]
 pub struct ControlSettings {
@@ -55,17 +57,17 @@ fn refusal_status(refusal: &Refusal) -> StatusCode {
 }
 
 /// Binds the control socket (and `--http`) and serves them from tasks of their own.
-pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) -> anyhow::Result<ControlSocket> {
     use anyhow::Context;
     let token = match &settings.http_token {
         Some(file) => Some(read_token(file)?),
         None => None,
     };
     let api = ControlApi { ask, metrics, token: token.clone().map(Arc::from) };
-    let listener = listener::bind_unix(&settings.socket)?;
+    let (listener, socket) = listener::bind_unix(&settings.socket)?;
     tracing::info!("control API on unix:{}", settings.socket.display());
     tokio::spawn(listener::serve_unix(api.clone(), listener));
-    let Some(address) = &settings.http else { return Ok(()) };
+    let Some(address) = &settings.http else { return Ok(socket) };
     let listener =
         tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot bind --http {address}"))?;
     let local = listener.local_addr().context("--http address")?;
@@ -81,7 +83,7 @@ pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) 
     }
     tracing::info!("control API on {}://{local}", if acceptor.is_some() { "https" } else { "http" });
     tokio::spawn(listener::serve_tcp(api, listener, acceptor));
-    Ok(())
+    Ok(socket)
 }
 
 /// The TLS side of `--http`: the certificate is re-read whenever its files change, and a bad new

@@ -128,18 +128,26 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
     let metrics = Arc::new(Metrics::new());
     let control_events = events_tx.clone();
     let ask: control::Ask = Arc::new(move |request| control_events.send(Event::Control(request)).is_ok());
-    if let Err(e) = control::start(&settings.control, ask, metrics.clone()).await {
-        tracing::error!("{e:#}");
-        return 1;
-    }
+    let control_socket = match control::start(&settings.control, ask, metrics.clone()).await {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return 1;
+        }
+    };
     let processes = System { mode, first_child: None };
     let mut supervisor = match Supervisor::start(launch, settings, processes, events_tx, metrics, Notifier::from_env())
     {
         Ok(supervisor) => supervisor,
-        Err(code) => return code,
+        Err(code) => {
+            control_socket.remove();
+            return code;
+        }
     };
     let exit = supervisor.supervise(&mut events).await;
     supervisor.stop_leftovers(&mut events).await;
+    control_socket.remove();
+    supervisor.remove_shared_memory();
     exit.status_code()
 }
 

@@ -210,6 +210,17 @@ impl<P: Processes> Supervisor<P> {
         }
     }
 
+    /// Once no epoch is left, the hot-restart shared memory of their base id goes too (Envoy leaves
+    /// it behind, 4 KiB a cold start). Before the first epoch wrote its base id there is none.
+    pub(super) fn remove_shared_memory(&self) {
+        let Some(path) = self.launch.shared_memory() else { return };
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::debug!("removed {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove Envoy's shared memory {}: {e}", path.display()),
+        }
+    }
+
     /// Reaps what has exited; true when no child is left.
     fn reap_until_none(&mut self) -> bool {
         let reaped = self.processes.reap();
