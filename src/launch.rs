@@ -55,7 +55,7 @@ impl Launch {
 
     /// The hot-restart shared memory of the Envoy family, under /dev/shm.
     pub fn shared_memory(&self) -> Option<PathBuf> {
-        self.base_id().map(|id| envoy::shared_memory_path(id))
+        self.base_id().map(envoy::shared_memory_path)
     }
 
     /// Envoy's admin API, when there is one to talk to.
