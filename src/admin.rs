@@ -76,6 +76,28 @@ impl AdminClient {
     }
 }
 
+/// What a health probe reads from Envoy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoyHealth {
+    pub state: String,
+    pub restart_epoch: u32,
+    /// `listener_manager.listener_stopped`: listeners stopped through `/drain_listeners`, which
+    /// refuse connections while `/server_info` still says LIVE. (A hot restart's old epoch does not
+    /// add to the new epoch's count.)
+    pub listeners_stopped: u64,
+}
+
+impl AdminClient {
+    pub async fn health(&self) -> Result<EnvoyHealth, HttpError> {
+        let info = self.server_info().await?;
+        const PATH: &str = "/stats?format=json&filter=%5Elistener_manager%5C.listener_stopped%24";
+        let body = self.expect_ok(Method::GET, PATH).await?;
+        let listeners_stopped = sum_stats(&body, |name| name == "listener_manager.listener_stopped")
+            .ok_or_else(|| self.http.unreadable(PATH, &body))?;
+        Ok(EnvoyHealth { state: info.state, restart_epoch: info.restart_epoch, listeners_stopped })
+    }
+}
+
 fn parse_server_info(body: &[u8]) -> Option<ServerInfo> {
     let info: serde_json::Value = serde_json::from_slice(body).ok()?;
     let epoch = info.pointer("/command_line_options/restart_epoch")?;

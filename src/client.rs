@@ -99,22 +99,32 @@ pub fn status(location: &Location, json: bool) -> i32 {
     if value.get("ready").and_then(serde_json::Value::as_bool) == Some(true) { OK } else { REFUSED }
 }
 
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
 /// The human summary of /status.
 fn summary(status: &serde_json::Value) -> String {
     let text = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
-    let mut out = format!(
-        "state: {}{}\ncurrent epoch: {}\n",
-        text(&status["state"]),
-        if status["ready"].as_bool() == Some(true) { " (ready)" } else { " (not ready)" },
-        status["current_epoch"]
-    );
+    let readiness = match status["not_ready"].as_str() {
+        _ if status["ready"].as_bool() == Some(true) => " (ready)".to_string(),
+        Some(why) => format!(" (not ready: {why})"),
+        None => " (not ready)".to_string(),
+    };
+    let mut out = format!("state: {}{readiness}\ncurrent epoch: {}\n", text(&status["state"]), status["current_epoch"]);
     for epoch in status["epochs"].as_array().into_iter().flatten() {
-        out += &format!(
-            "  epoch {} pid {}{}\n",
-            epoch["epoch"],
-            epoch["pid"],
-            if epoch["live"].as_bool() == Some(true) { " LIVE" } else { "" }
-        );
+        let exits = epoch["exits_by_unix"].as_u64().map(|at| format!(", exits by {}", rfc3339(at))).unwrap_or_default();
+        out += &format!("  epoch {} pid {} {}{exits}\n", epoch["epoch"], epoch["pid"], text(&epoch["state"]));
+    }
+    let envoy = &status["envoy"];
+    if let Some(state) = envoy["state"].as_str() {
+        out += &format!("Envoy says: {state} (epoch {})\n", envoy["restart_epoch"]);
+    } else if let Some(error) = envoy["error"].as_str() {
+        let last = envoy["answered_unix"].as_u64().map_or_else(|| "never".to_string(), rfc3339);
+        out += &format!("Envoy's admin does not answer: {error} (last answer: {last})\n");
+    }
+    for warning in status["warnings"].as_array().into_iter().flatten() {
+        out += &format!("WARNING: {}\n", text(warning));
     }
     if let Some(step) = status["reload"].as_str() {
         out += &format!("reload under way: {step}\n");

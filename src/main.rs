@@ -22,6 +22,7 @@ mod demo;
 mod drain;
 mod envoy;
 mod files;
+mod health;
 mod http;
 mod launch;
 mod lock;

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub drain_seconds: Histogram,
     pub connections_at_sigterm: Gauge,
     pub reaped: Family<KindLabel, Counter>,
+    pub draining_epochs_lost: Counter,
+    pub expected_abort: Gauge,
 }
 
 impl Metrics {
@@ -49,6 +51,8 @@ impl Metrics {
             drain_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             connections_at_sigterm: Gauge::default(),
             reaped: Family::default(),
+            draining_epochs_lost: Counter::default(),
+            expected_abort: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("epochs_started", "Envoy epochs started", metrics.epochs_started.clone());
@@ -68,6 +72,16 @@ impl Metrics {
             metrics.connections_at_sigterm.clone(),
         );
         registry.register("reaped_children", "Processes reaped, by kind", metrics.reaped.clone());
+        registry.register(
+            "draining_epochs_lost",
+            "Draining epochs that ended before their successor told them to (killed, say)",
+            metrics.draining_epochs_lost.clone(),
+        );
+        registry.register(
+            "expected_abort_timestamp_seconds",
+            "When Envoy's current epoch is expected to abort because its draining parent is gone (0: not expected)",
+            metrics.expected_abort.clone(),
+        );
         Metrics { registry, ..metrics }
     }
 

@@ -1,21 +1,33 @@
-//! What `/status` shows: the launcher's state as the supervisor sees it at the moment it is asked.
+//! What `/status` shows: the launcher's state as the supervisor sees it at the moment it is asked,
+//! with what Envoy's admin said when it was probed for the same answer.
 
 use serde::Serialize;
 
-/// What `/status` shows.
+use crate::health::{EnvoyReport, ProbeTarget};
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     /// starting, running, draining or stopping.
     pub state: &'static str,
-    /// The current epoch is LIVE and no drain is under way.
+    /// The current epoch is LIVE (as the supervisor saw it, and as Envoy says now) and no drain is
+    /// under way.
     pub ready: bool,
+    /// Why not ready.
+    pub not_ready: Option<String>,
     pub degraded: Option<String>,
+    /// What will happen, and when, that the operator should know about now.
+    pub warnings: Vec<String>,
     pub current_epoch: u32,
     pub epochs: Vec<EpochStatus>,
     /// The step of the reload under way, if any.
     pub reload: Option<&'static str>,
     pub last_reload: Option<ReloadStatus>,
     pub drain: Option<DrainStatus>,
+    /// What Envoy's admin said when asked for this answer; None without an admin.
+    pub envoy: Option<EnvoyReport>,
+    /// Whose admin to ask, filled by the supervisor and asked by the control API.
+    #[serde(skip)]
+    pub probe: Option<ProbeTarget>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -23,7 +35,12 @@ pub struct EpochStatus {
     pub epoch: u32,
     pub pid: i32,
     pub started_unix: u64,
-    pub live: bool,
+    /// starting (not LIVE yet), live (it serves), or draining (an older epoch, finishing its
+    /// connections).
+    pub state: &'static str,
+    /// For a draining epoch: when it is told to exit (its successor's start plus the parent
+    /// shutdown time).
+    pub exits_by_unix: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -1,12 +1,10 @@
 //! systemd's notify protocol: READY, RELOADING (with MONOTONIC_USEC, as Type=notify-reload wants),
-//! STOPPING, STATUS lines for `systemctl status`, and watchdog pings while Envoy answers its admin
-//! API. Everything here is a no-op when NOTIFY_SOCKET is not set.
+//! STOPPING, STATUS lines for `systemctl status`, and the watchdog's period and ping (the control
+//! API decides when to ping). Everything here is a no-op when NOTIFY_SOCKET is not set.
 
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-
-use crate::admin::AdminClient;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Notifier {
@@ -47,24 +45,11 @@ impl Notifier {
     }
 }
 
-/// Pings the watchdog at half its period, while Envoy's admin answers (always, without an admin).
-pub fn spawn_watchdog(admin: Option<AdminClient>) {
-    let Some(period) = sd_notify::watchdog_enabled() else { return };
-    let interval = (period / 2).max(Duration::from_millis(10));
-    tracing::info!("systemd watchdog every {period:?}: pinging every {interval:?} while Envoy answers");
-    tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(interval);
-        loop {
-            ticks.tick().await;
-            let alive = match &admin {
-                Some(admin) => admin.server_info().await.is_ok(),
-                None => true,
-            };
-            if alive {
-                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
-            } else {
-                tracing::warn!("Envoy's admin does not answer: no watchdog ping");
-            }
-        }
-    });
+/// The watchdog period systemd asks for (`WatchdogSec=`), if any.
+pub fn watchdog_period() -> Option<Duration> {
+    sd_notify::watchdog_enabled()
+}
+
+pub fn ping_watchdog() {
+    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
 }

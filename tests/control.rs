@@ -92,7 +92,8 @@ fn control_socket_endpoints_follow_reloads_and_drains() {
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
     assert_eq!(json["state"], "running");
-    assert_eq!(json["epochs"][0]["live"], true);
+    assert_eq!(json["epochs"][0]["state"], "live");
+    assert_eq!(json["envoy"]["state"], "LIVE", "{json:#}");
     assert_eq!(tls.get("/nonexistent").0, 404);
 
     let (status, body) = control(&tls.socket(), "POST", "/reload").expect("reload");

@@ -14,12 +14,14 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::certs::{ReloadingCert, TlsPair};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::reload::Refusal;
 use crate::status::Status;
 use crate::watch::{self, WatchSpec};
 
 mod listener;
+mod probes;
 
 pub use listener::ControlSocket;
 
@@ -63,7 +65,8 @@ pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) 
         Some(file) => Some(read_token(file)?),
         None => None,
     };
-    let api = ControlApi { ask, metrics, token: token.clone().map(Arc::from) };
+    let api = ControlApi { ask, metrics, token: token.clone().map(Arc::from), health: Arc::new(Health::default()) };
+    probes::spawn_watchdog(api.clone());
     let (listener, socket) = listener::bind_unix(&settings.socket)?;
     tracing::info!("control API on unix:{}", settings.socket.display());
     tokio::spawn(listener::serve_unix(api.clone(), listener));
@@ -111,6 +114,8 @@ struct ControlApi {
     metrics: Arc<Metrics>,
     /// Bearer token required on TCP for the endpoints that change something.
     token: Option<Arc<str>>,
+    /// Envoy's health, probed when asked.
+    health: Arc<Health>,
 }
 
 impl ControlApi {
@@ -129,10 +134,16 @@ impl ControlApi {
             return text(StatusCode::UNAUTHORIZED, "a valid Authorization: Bearer token is required\n");
         }
         match (method, path.as_str()) {
-            (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-            (Method::GET, "/ready") => match self.ask(ControlRequest::Status).await {
+            (Method::GET, "/healthz") => match self.liveness().await {
+                Ok(()) => text(StatusCode::OK, "ok\n"),
+                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("{why}\n")),
+            },
+            (Method::GET, "/ready") => match self.checked_status().await {
                 Some(status) if status.ready => text(StatusCode::OK, "ready\n"),
-                Some(status) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {}\n", status.state)),
+                Some(status) => {
+                    let why = status.not_ready.unwrap_or_else(|| status.state.to_string());
+                    text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {why}\n"))
+                }
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: stopping\n"),
             },
             (Method::GET | Method::POST, "/shutdown") => match self.ask(ControlRequest::Shutdown).await {
@@ -146,7 +157,7 @@ impl ControlApi {
                 }
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"),
             },
-            (Method::GET, "/status") => match self.ask(ControlRequest::Status).await {
+            (Method::GET, "/status") => match self.checked_status().await {
                 Some(status) => json(StatusCode::OK, &status),
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"),
             },

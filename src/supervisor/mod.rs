@@ -20,6 +20,7 @@
 mod epochs;
 mod reload;
 mod reload_state;
+mod report;
 mod shutdown;
 #[cfg(test)]
 mod tests;
@@ -31,7 +32,6 @@ use std::time::Duration;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
-use crate::clock::unix_seconds;
 use crate::control::{self, ControlRequest, ControlSettings};
 use crate::drain::{DrainEnd, DrainSettings};
 use crate::launch::Launch;
@@ -39,8 +39,8 @@ use crate::metrics::Metrics;
 use crate::process::{self, Exit, InitMode, Processes, System, signal_name};
 use crate::reload::Preflight;
 use crate::signals::{self, Intent, Running};
-use crate::status::{DrainStatus, EpochStatus, ReloadStatus, Status};
-use crate::systemd::{self, Notifier};
+use crate::status::ReloadStatus;
+use crate::systemd::Notifier;
 use crate::watch::{self, WatchSpec};
 
 use epochs::{Epoch, Epochs};
@@ -105,6 +105,8 @@ struct Supervisor<P: Processes> {
     drained: Option<bool>,
     /// The last generation handed out.
     generation: Generation,
+    /// A draining epoch ended before its successor told it to: what Envoy will do about it.
+    lost_parent: Option<String>,
 }
 
 /// Runs `launch` to completion and returns the status the launcher exits with.
@@ -180,7 +182,6 @@ impl<P: Processes> Supervisor<P> {
             }
         }
         let admin = launch.admin();
-        systemd::spawn_watchdog(admin.clone());
         let mut supervisor = Supervisor {
             epochs: Epochs::new(Epoch::new(0, pid, admin.is_none())),
             launch,
@@ -195,6 +196,7 @@ impl<P: Processes> Supervisor<P> {
             shutdown_waiters: Vec::new(),
             drained: None,
             generation: 0,
+            lost_parent: None,
         };
         match admin {
             // Ready once Envoy says it is LIVE, however long its initialisation (xDS, say) takes.
@@ -350,6 +352,9 @@ impl<P: Processes> Supervisor<P> {
         if self.on_reload_epoch_exit(&epoch, exit) {
             return None;
         }
+        if epoch.number < self.epochs.current_number() {
+            self.on_draining_epoch_exit(&epoch, exit);
+        }
         if exit == Exit::Code(0) {
             tracing::info!(pid = epoch.pid.as_raw(), "epoch {} drained and exited after {lived:.1?}", epoch.number)
         } else {
@@ -367,41 +372,6 @@ impl<P: Processes> Supervisor<P> {
             ControlRequest::Reload(reply) => {
                 let _ = self.request_reload("control API".into(), Some(reply));
             }
-        }
-    }
-
-    fn status(&self) -> Status {
-        let current_live = self.epochs.current_is_live();
-        let state = match self.phase {
-            Phase::Running if current_live => "running",
-            Phase::Running => "starting",
-            Phase::Draining { .. } => "draining",
-            Phase::Stopping { .. } => "stopping",
-        };
-        Status {
-            state,
-            ready: matches!(self.phase, Phase::Running) && current_live,
-            degraded: self.reload.blocked().map(str::to_string),
-            current_epoch: self.epochs.current_number(),
-            epochs: self
-                .epochs
-                .iter()
-                .map(|e| EpochStatus {
-                    epoch: e.number,
-                    pid: e.pid.as_raw(),
-                    started_unix: unix_seconds(e.started_at),
-                    live: e.live,
-                })
-                .collect(),
-            reload: self.reload.step_name(),
-            last_reload: self.last_reload.clone(),
-            drain: match &self.phase {
-                Phase::Draining { started, progress, .. } => Some(DrainStatus {
-                    elapsed_seconds: started.elapsed().as_secs_f64(),
-                    connections: *progress.borrow(),
-                }),
-                _ => None,
-            },
         }
     }
 }

@@ -186,6 +186,7 @@ impl<P: Processes> Supervisor<P> {
                     self.epochs.current_number()
                 );
                 self.epochs.promote(epoch);
+                self.forget_lost_parent();
                 self.metrics.current_epoch.set(i64::from(epoch));
                 self.reload_ended("success", Ok(epoch), format!("epoch {epoch} is LIVE"));
             }

@@ -503,3 +503,11 @@ impl Launcher {
         text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0)
     }
 }
+
+/// A POST to Envoy's admin API over its unix socket: the status, or None when it does not answer.
+pub fn admin_post(socket: &Path, path: &str) -> Option<u16> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "POST {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").ok()?;
+    read_response(&mut stream).ok()
+}

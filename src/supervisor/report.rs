@@ -1,0 +1,112 @@
+//! What the supervisor reports: `/status` as it stands, and what a draining epoch's early end
+//! means for the epoch that serves.
+
+use std::time::{Duration, SystemTime};
+
+use super::Supervisor;
+use super::epochs::Epoch;
+use super::reload_state::Step;
+use super::shutdown::Phase;
+use crate::clock::unix_seconds;
+use crate::health::ProbeTarget;
+use crate::process::{Exit, Processes};
+use crate::status::{DrainStatus, EpochStatus, Status};
+
+/// How long Envoy's current epoch blocks before it aborts when its parent is gone at the parent
+/// shutdown time (docs/ARCHITECTURE.md, "Envoy facts").
+const ORPHANED_EPOCH_BLOCK: Duration = Duration::from_secs(10);
+
+impl<P: Processes> Supervisor<P> {
+    pub(super) fn status(&self) -> Status {
+        let current_live = self.epochs.current_is_live();
+        let (state, not_ready) = match self.phase {
+            Phase::Running if current_live => ("running", None),
+            Phase::Running => ("starting", Some(format!("epoch {} is not LIVE yet", self.epochs.current_number()))),
+            Phase::Draining { .. } => ("draining", Some("draining for shutdown".to_string())),
+            Phase::Stopping { .. } => ("stopping", Some("stopping".to_string())),
+        };
+        let starting = match self.reload.step() {
+            Some(Step::Starting { epoch, .. }) => Some(*epoch),
+            _ => None,
+        };
+        let probe =
+            self.launch.admin().map(|admin| ProbeTarget { admin, current: self.epochs.current_number(), starting });
+        Status {
+            state,
+            ready: not_ready.is_none(),
+            not_ready,
+            degraded: self.reload.blocked().map(str::to_string),
+            warnings: self.lost_parent.iter().cloned().collect(),
+            current_epoch: self.epochs.current_number(),
+            epochs: self.epochs.iter().map(|e| self.epoch_status(e)).collect(),
+            reload: self.reload.step_name(),
+            last_reload: self.last_reload.clone(),
+            drain: match &self.phase {
+                Phase::Draining { started, progress, .. } => Some(DrainStatus {
+                    elapsed_seconds: started.elapsed().as_secs_f64(),
+                    connections: *progress.borrow(),
+                }),
+                _ => None,
+            },
+            envoy: None,
+            probe,
+        }
+    }
+
+    fn epoch_status(&self, epoch: &Epoch) -> EpochStatus {
+        let current = self.epochs.current_number();
+        let state = match epoch.number {
+            n if n < current => "draining",
+            n if n == current && epoch.live => "live",
+            _ => "starting",
+        };
+        let exits_by_unix = (epoch.number < current).then(|| self.parent_told_to_exit_at()).flatten().map(unix_seconds);
+        EpochStatus {
+            epoch: epoch.number,
+            pid: epoch.pid.as_raw(),
+            started_unix: unix_seconds(epoch.started_at),
+            state,
+            exits_by_unix,
+        }
+    }
+
+    /// When the current epoch tells its parent to exit: its start plus the parent shutdown time.
+    fn parent_told_to_exit_at(&self) -> Option<SystemTime> {
+        let current = self.epochs.find(self.epochs.current_number())?;
+        Some(current.started_at + self.launch.envoy.as_ref()?.parent_shutdown_time)
+    }
+
+    /// A draining epoch exited. At its time (told to by its successor) that is the end of a hot
+    /// restart; before it, Envoy's current epoch will find its parent gone when it tells it to
+    /// exit, block, and abort: said at once, with when.
+    pub(super) fn on_draining_epoch_exit(&mut self, epoch: &Epoch, exit: Exit) {
+        let Some(told_at) = self.parent_told_to_exit_at() else { return };
+        // Within a second of the time it is told, the exit is the normal one.
+        let early = told_at.duration_since(SystemTime::now()).is_ok_and(|left| left > Duration::from_secs(1));
+        if !early {
+            return;
+        }
+        let abort_at = told_at + ORPHANED_EPOCH_BLOCK;
+        let current = self.epochs.current_number();
+        let warning = format!(
+            "draining epoch {} ended early ({exit}): Envoy's epoch {current} will find it gone at {} \
+             (its parent shutdown time), block for {}s and abort at about {}, or abort at the next hot restart",
+            epoch.number,
+            humantime::format_rfc3339_seconds(told_at),
+            ORPHANED_EPOCH_BLOCK.as_secs(),
+            humantime::format_rfc3339_seconds(abort_at),
+        );
+        tracing::error!("{warning}");
+        self.metrics.draining_epochs_lost.inc();
+        self.metrics.expected_abort.set(unix_seconds(abort_at) as i64);
+        self.systemd.status(&warning);
+        self.lost_parent = Some(warning);
+    }
+
+    /// A new epoch serves: what was said about the one before no longer holds.
+    pub(super) fn forget_lost_parent(&mut self) {
+        if self.lost_parent.take().is_some() {
+            self.metrics.expected_abort.set(0);
+        }
+    }
+}
