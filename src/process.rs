@@ -70,10 +70,10 @@ impl std::fmt::Display for SpawnError {
 }
 
 /// Starts `argv` in a process group of its own, with default dispositions for every signal and an
-/// empty signal mask, whatever the launcher inherited or installed. With `foreground`, the child's
-/// group takes the terminal (if there is one), as tini does, so that an interactive child can read it.
+/// empty signal mask, whatever the launcher inherited or installed. With `take_terminal`, the
+/// child's group takes the terminal, as tini does, so that an interactive child can read it.
 /// With `output`, its stdout and stderr go there instead of the launcher's.
-pub fn spawn(argv: &[OsString], foreground: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError> {
+fn spawn(argv: &[OsString], take_terminal: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError> {
     let program = argv.first().cloned().unwrap_or_default();
     let last_signal = libc::SIGRTMAX();
     let mut command = Command::new(&program);
@@ -86,7 +86,7 @@ pub fn spawn(argv: &[OsString], foreground: bool, output: Option<std::fs::File>)
     // functions (tcsetpgrp, getpgrp, sigaction, sigprocmask), allocating nothing.
     unsafe {
         command.pre_exec(move || {
-            if foreground {
+            if take_terminal {
                 // SIGTTOU is still ignored here (inherited from the launcher), so taking the
                 // terminal from the background cannot stop us; ENOTTY just means no terminal.
                 libc::tcsetpgrp(libc::STDIN_FILENO, libc::getpgrp());
@@ -127,9 +127,23 @@ pub fn ignore_tty_stop_signals() {
     }
 }
 
+/// Whether the launcher's process group is the foreground group of the terminal on stdin: false
+/// without a terminal, and false when a shell started it in the background (`sesame run -- CMD &`),
+/// where taking the terminal would steal it from the shell.
+fn owns_terminal() -> bool {
+    nix::unistd::tcgetpgrp(std::io::stdin()).is_ok_and(|group| group == nix::unistd::getpgrp())
+}
+
+/// Hands the terminal to `group` (SIGTTOU is ignored, so a background launcher is not stopped).
+fn give_terminal(group: Pid) {
+    if let Err(e) = nix::unistd::tcsetpgrp(std::io::stdin(), group) {
+        tracing::debug!("cannot hand the terminal to process group {group}: {e}");
+    }
+}
+
 /// Sends `sig` to one process. A process that is already gone (ESRCH) is the normal race with its
 /// exit, not an error.
-pub fn send(pid: Pid, sig: i32) -> nix::Result<()> {
+fn send(pid: Pid, sig: i32) -> nix::Result<()> {
     // SAFETY: kill(2) with a raw signal number: real-time signals have no nix `Signal` variant.
     match Errno::result(unsafe { libc::kill(pid.as_raw(), sig) }) {
         Ok(_) | Err(Errno::ESRCH) => Ok(()),
@@ -141,19 +155,22 @@ pub fn send(pid: Pid, sig: i32) -> nix::Result<()> {
 #[derive(Debug, Default)]
 pub struct Reaped {
     pub exits: Vec<(Pid, Exit)>,
+    /// Children that stopped, with the signal that stopped them (job control: Ctrl-Z).
+    pub stopped: Vec<(Pid, i32)>,
     /// waitpid answered ECHILD: the launcher has no child left at all.
     pub no_children: bool,
 }
 
-/// Reaps every exited child, known or adopted, without blocking.
-pub fn reap_all() -> Reaped {
+/// Reaps every exited child, known or adopted, without blocking; also reports children that stopped.
+fn reap_all() -> Reaped {
     let mut reaped = Reaped::default();
     loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED)) {
             Ok(WaitStatus::Exited(pid, code)) => reaped.exits.push((pid, Exit::Code(code))),
             Ok(WaitStatus::Signaled(pid, sig, _)) => reaped.exits.push((pid, Exit::Signal(sig as i32))),
+            Ok(WaitStatus::Stopped(pid, sig)) => reaped.stopped.push((pid, sig as i32)),
             Ok(WaitStatus::StillAlive) => return reaped,
-            // Stops and continues are not asked for (no WUNTRACED); keep draining.
+            // Continues are not asked for (no WCONTINUED); keep draining.
             Ok(_) => {}
             // EINTR: a signal landed mid-call; the next iteration simply asks again.
             Err(Errno::EINTR) => {}
@@ -179,6 +196,12 @@ pub trait Processes {
     fn reap(&mut self) -> Reaped;
     /// Sends `sig` to every descendant still alive (the processes a child left behind).
     fn signal_descendants(&mut self, sig: Signal);
+    /// Job control: stops the launcher itself, as a shell's Ctrl-Z asks, after taking back the
+    /// terminal from the child it handed it to. Returns once the launcher is continued.
+    fn suspend(&mut self);
+    /// Continued after a stop: hands the terminal back to the child that had it, when the
+    /// launcher's own group is in the foreground again (`fg`, not `bg`).
+    fn resume(&mut self);
 }
 
 /// The real process layer.
@@ -187,12 +210,18 @@ pub struct System {
     pub mode: InitMode,
     /// The first child's process group: what can still be named when /proc is not ours.
     pub first_child: Option<Pid>,
+    /// The child whose process group was handed the terminal.
+    pub terminal_child: Option<Pid>,
 }
 
 impl Processes for System {
     fn spawn(&mut self, argv: &[OsString], foreground: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError> {
-        let pid = spawn(argv, foreground, output)?;
+        let take_terminal = foreground && owns_terminal();
+        let pid = spawn(argv, take_terminal, output)?;
         self.first_child.get_or_insert(pid);
+        if take_terminal {
+            self.terminal_child = Some(pid);
+        }
         Ok(pid)
     }
 
@@ -209,6 +238,26 @@ impl Processes for System {
 
     fn signal_descendants(&mut self, sig: Signal) {
         signal_descendants(self.mode, sig, self.first_child);
+    }
+
+    fn suspend(&mut self) {
+        // PID 1 of a namespace cannot be stopped from inside it, and has no shell to return to.
+        if self.mode == InitMode::Pid1 {
+            return;
+        }
+        if self.terminal_child.is_some() {
+            give_terminal(nix::unistd::getpgrp());
+        }
+        tracing::debug!("stopping, as job control asks");
+        let _ = signal::kill(nix::unistd::getpid(), Signal::SIGSTOP);
+    }
+
+    fn resume(&mut self) {
+        if let Some(child) = self.terminal_child
+            && owns_terminal()
+        {
+            give_terminal(child);
+        }
     }
 }
 

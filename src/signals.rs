@@ -78,6 +78,12 @@ pub enum Intent {
     Reload,
     /// Pass it on to every live epoch (SIGUSR1: every epoch reopens its access logs).
     ForwardToAll,
+    /// Job control stop (SIGTSTP): pass it on to every epoch, then stop the launcher itself, so
+    /// that the shell sees its job stopped.
+    Suspend,
+    /// Continued (SIGCONT): hand the terminal back to the child that had it, and pass it on to
+    /// every epoch.
+    Resume,
     /// Pass it on to the current epoch (or the plain command).
     ForwardToCurrent,
     /// Nothing to do.
@@ -91,6 +97,8 @@ pub fn intent(sig: i32, running: Running) -> Intent {
         (SIGTERM | SIGINT, Running::Envoy | Running::Leftovers) => Intent::Stop,
         (_, Running::Leftovers) => Intent::Ignore,
         (SIGHUP, Running::Envoy) => Intent::Reload,
+        (SIGTSTP, _) => Intent::Suspend,
+        (SIGCONT, _) => Intent::Resume,
         (SIGUSR1, _) => Intent::ForwardToAll,
         _ => Intent::ForwardToCurrent,
     }
@@ -125,6 +133,8 @@ mod tests {
             (SIGUSR2, [ForwardToCurrent, ForwardToCurrent, Ignore]),
             (SIGQUIT, [ForwardToCurrent, ForwardToCurrent, Ignore]),
             (SIGWINCH, [ForwardToCurrent, ForwardToCurrent, Ignore]),
+            (SIGTSTP, [Suspend, Suspend, Ignore]),
+            (SIGCONT, [Resume, Resume, Ignore]),
             (libc::SIGRTMIN(), [ForwardToCurrent, ForwardToCurrent, Ignore]),
         ];
         for (sig, expected) in table {

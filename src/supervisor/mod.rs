@@ -137,7 +137,7 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
             return 1;
         }
     };
-    let processes = System { mode, first_child: None };
+    let processes = System { mode, first_child: None, terminal_child: None };
     let mut supervisor = match Supervisor::start(launch, settings, processes, events_tx, metrics, Notifier::from_env())
     {
         Ok(supervisor) => supervisor,
@@ -265,6 +265,14 @@ impl<P: Processes> Supervisor<P> {
                 }
             }
             Intent::ForwardToAll => self.epochs.signal_all(&mut self.processes, sig),
+            Intent::Suspend => {
+                self.epochs.signal_all(&mut self.processes, sig);
+                self.processes.suspend();
+            }
+            Intent::Resume => {
+                self.processes.resume();
+                self.epochs.signal_all(&mut self.processes, sig);
+            }
             Intent::ForwardToCurrent => self.epochs.signal_current(&mut self.processes, sig),
             Intent::Ignore => {}
         }
@@ -312,7 +320,16 @@ impl<P: Processes> Supervisor<P> {
     /// Reaps everything that exited; returns the current epoch's exit if it was among them.
     fn reap(&mut self) -> Option<Exit> {
         let mut current_exit = None;
-        for (pid, exit) in self.processes.reap().exits {
+        let reaped = self.processes.reap();
+        for (pid, sig) in reaped.stopped {
+            // A plain command stopped by job control (Ctrl-Z reaches its group, which holds the
+            // terminal): the launcher stops too, so that the shell sees its job stopped.
+            let job_control = matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU);
+            if job_control && !self.launch.is_envoy() && self.epochs.find(0).is_some_and(|e| e.pid == pid) {
+                self.processes.suspend();
+            }
+        }
+        for (pid, exit) in reaped.exits {
             if let Some(epoch) = self.epochs.remove(pid) {
                 self.metrics.reaped("epoch");
                 self.metrics.live_epochs.set(self.epochs.len() as i64);

@@ -38,6 +38,8 @@ struct World {
     descendants: Vec<Signal>,
     alive: BTreeSet<i32>,
     exited: Vec<(Pid, Exit)>,
+    stopped: Vec<(Pid, i32)>,
+    job_control: Vec<&'static str>,
 }
 
 #[derive(Clone, Default)]
@@ -59,7 +61,16 @@ impl Processes for Fake {
 
     fn reap(&mut self) -> Reaped {
         let mut world = self.0.borrow_mut();
-        Reaped { exits: std::mem::take(&mut world.exited), no_children: world.alive.is_empty() }
+        let (exits, stopped) = (std::mem::take(&mut world.exited), std::mem::take(&mut world.stopped));
+        Reaped { exits, stopped, no_children: world.alive.is_empty() }
+    }
+
+    fn suspend(&mut self) {
+        self.0.borrow_mut().job_control.push("suspend");
+    }
+
+    fn resume(&mut self) {
+        self.0.borrow_mut().job_control.push("resume");
     }
 
     fn signal_descendants(&mut self, sig: Signal) {

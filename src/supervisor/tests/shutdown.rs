@@ -155,3 +155,40 @@ async fn a_stop_signal_skips_the_wait_for_leftovers() {
     assert_eq!(h.world.0.borrow().descendants, vec![Signal::SIGTERM, Signal::SIGKILL]);
     assert!(h.world.signals().is_empty(), "SIGHUP is not passed on to leftovers");
 }
+
+// Job control.
+
+#[tokio::test(start_paused = true)]
+async fn ctrl_z_stops_every_epoch_then_the_launcher_and_fg_continues_both() {
+    let mut h = Harness::serving();
+    let new = h.validated_after_sighup().await;
+    let epoch0 = h.pid_of(0);
+    h.signal(libc::SIGTSTP);
+    assert_eq!(h.world.signals(), vec![(epoch0, libc::SIGTSTP), (new, libc::SIGTSTP)]);
+    assert_eq!(h.world.0.borrow().job_control, vec!["suspend"], "stopped after the epochs");
+    h.signal(libc::SIGCONT);
+    assert_eq!(h.world.0.borrow().job_control, vec!["suspend", "resume"]);
+    assert_eq!(h.world.signals()[2..], [(epoch0, libc::SIGCONT), (new, libc::SIGCONT)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_plain_command_stopped_by_job_control_stops_the_launcher() {
+    let mut h = Harness::start(false);
+    let child = h.pid_of(0);
+    for (sig, suspends) in [(libc::SIGSTOP, false), (libc::SIGTSTP, true), (libc::SIGTTIN, true)] {
+        h.world.0.borrow_mut().stopped.push((child, sig));
+        assert_eq!(h.signal(libc::SIGCHLD), None, "a stop is not an exit");
+        let expected: usize = if suspends { 1 } else { 0 };
+        assert_eq!(h.world.0.borrow_mut().job_control.drain(..).count(), expected, "stopped by signal {sig}");
+    }
+    assert!(h.world.signals().is_empty(), "{:?}", h.world.signals());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_envoy_epoch_stopped_by_someone_does_not_stop_the_launcher() {
+    let mut h = Harness::serving();
+    let epoch0 = h.pid_of(0);
+    h.world.0.borrow_mut().stopped.push((epoch0, libc::SIGTSTP));
+    assert_eq!(h.signal(libc::SIGCHLD), None);
+    assert!(h.world.0.borrow().job_control.is_empty());
+}
