@@ -116,9 +116,11 @@ impl Bootstrap {
     pub fn tls_pairs(&self) -> Vec<TlsPair> {
         let mut pairs = Vec::new();
         visit(&self.value, &mut |object| {
-            let file = |key: &str| object.get(key)?.get("filename")?.as_str().map(PathBuf::from);
+            let object = Value::Object(object.clone());
+            let file = |key: &str| field(&object, key)?.get("filename")?.as_str().map(PathBuf::from);
             if let (Some(cert), Some(key)) = (file("certificate_chain"), file("private_key")) {
-                pairs.push(TlsPair { cert, key });
+                let key_password = field(&object, "password").is_some_and(|p| !p.is_null());
+                pairs.push(TlsPair { cert, key, key_password });
             }
         });
         pairs.dedup();
@@ -280,7 +282,8 @@ static_resources:
         let loaded = loaded.expect("some");
         let files: Vec<PathBuf> = ["/c/a.crt", "/c/a.key", "/c/ca.crt"].iter().map(PathBuf::from).collect();
         assert_eq!(loaded.referenced_files(), files);
-        assert_eq!(loaded.tls_pairs(), vec![TlsPair { cert: "/c/a.crt".into(), key: "/c/a.key".into() }]);
+        let pair = TlsPair { cert: "/c/a.crt".into(), key: "/c/a.key".into(), key_password: false };
+        assert_eq!(loaded.tls_pairs(), vec![pair]);
         assert_eq!(loaded.path, Some(path));
     }
 
@@ -292,5 +295,18 @@ static_resources:
         let path = write(dir.path(), "b.yaml", "admin: [unclosed\n");
         let err = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect_err("broken");
         assert!(format!("{err:#}").contains("cannot parse the bootstrap"), "{err:#}");
+    }
+
+    #[test]
+    fn finds_camel_case_tls_pairs_and_their_password() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = r#"{"staticResources":{"listeners":[{"filterChains":[{"transportSocket":{"typedConfig":{
+            "commonTlsContext":{"tlsCertificates":[
+                {"certificateChain":{"filename":"/c/a.crt"},"privateKey":{"filename":"/c/a.key"},
+                 "password":{"inlineString":"s3cret"}}]}}}}]}]}}"#;
+        let path = write(dir.path(), "b.json", json);
+        let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
+        let pair = TlsPair { cert: "/c/a.crt".into(), key: "/c/a.key".into(), key_password: true };
+        assert_eq!(loaded.expect("some").tls_pairs(), vec![pair]);
     }
 }

@@ -18,27 +18,40 @@ use rustls::sign::CertifiedKey;
 pub struct TlsPair {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The bootstrap gives a password for an encrypted key.
+    pub key_password: bool,
 }
 
 /// A pair that passed: when its leaf expires.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Checked {
     pub expires_in: Duration,
+    /// Why the key was not matched against the certificate: a key beyond sesame's checks (a curve
+    /// that ring does not do, an encrypted key), left to `envoy --mode validate`, which reads it as
+    /// Envoy will.
+    pub key_left_to_envoy: Option<String>,
 }
 
-/// Checks one pair at `now`; the error is one line naming the file at fault.
+/// Checks one pair at `now`; the error is one line naming the file at fault. Never refuses what
+/// Envoy accepts: what it cannot judge, it leaves to Envoy's validator and says so.
 pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, String> {
     let chain = read_chain(&pair.cert)?;
-    let key = read_key(&pair.key)?;
-    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| format!("private key {}: unsupported key: {e}", pair.key.display()))?;
     let leaf = chain[0].clone();
-    rustls::sign::CertifiedKey::new(chain, signing_key).keys_match().map_err(|e| match e {
-        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-            format!("private key {} does not match certificate {}", pair.key.display(), pair.cert.display())
-        }
-        other => format!("certificate {}: {other}", pair.cert.display()),
-    })?;
+    let key_left_to_envoy = match read_key(pair)? {
+        Key::Encrypted => Some("the key is encrypted (the bootstrap gives its password)".to_string()),
+        Key::Plain(key) => match rustls::crypto::ring::sign::any_supported_type(&key) {
+            Err(e) => Some(format!("its type is beyond sesame's checks ({e})")),
+            Ok(signing_key) => {
+                rustls::sign::CertifiedKey::new(chain, signing_key).keys_match().map_err(|e| match e {
+                    rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                        format!("private key {} does not match certificate {}", pair.key.display(), pair.cert.display())
+                    }
+                    other => format!("certificate {}: {other}", pair.cert.display()),
+                })?;
+                None
+            }
+        },
+    };
     let (not_before, not_after) = validity(&leaf).map_err(|e| format!("certificate {}: {e}", pair.cert.display()))?;
     let now_secs = crate::clock::unix_seconds(now) as i64;
     if now_secs < not_before {
@@ -47,23 +60,62 @@ pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, String> {
     if now_secs > not_after {
         return Err(format!("certificate {} expired on {}", pair.cert.display(), format_time(not_after)));
     }
-    Ok(Checked { expires_in: Duration::from_secs((not_after - now_secs) as u64) })
+    Ok(Checked { expires_in: Duration::from_secs((not_after - now_secs) as u64), key_left_to_envoy })
 }
 
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("certificate {}: cannot read: {e}", path.display()))?;
     let chain: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate {}: bad PEM: {e}", path.display()))?;
+        .map_err(|e| format!("certificate {}: {}", path.display(), pem_fault(&e)))?;
     if chain.is_empty() {
         return Err(format!("certificate {}: no PEM CERTIFICATE block", path.display()));
     }
     Ok(chain)
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+enum Key {
+    Plain(PrivateKeyDer<'static>),
+    /// Encrypted, with a password in the bootstrap: only Envoy can open it.
+    Encrypted,
+}
+
+fn read_key(pair: &TlsPair) -> Result<Key, String> {
+    let path = &pair.key;
     let bytes = std::fs::read(path).map_err(|e| format!("private key {}: cannot read: {e}", path.display()))?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| format!("private key {}: no usable PEM key: {e}", path.display()))
+    let text = String::from_utf8_lossy(&bytes);
+    // PKCS#8 "ENCRYPTED PRIVATE KEY", or the legacy OpenSSL header of an encrypted PKCS#1/SEC1 key.
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") || text.contains("Proc-Type: 4,ENCRYPTED") {
+        if pair.key_password {
+            return Ok(Key::Encrypted);
+        }
+        return Err(format!("private key {} is encrypted and the bootstrap gives no password for it", path.display()));
+    }
+    match PrivateKeyDer::from_pem_slice(&bytes) {
+        Ok(key) => Ok(Key::Plain(key)),
+        Err(rustls::pki_types::pem::Error::NoItemsFound) => {
+            Err(format!("private key {}: no PEM PRIVATE KEY block", path.display()))
+        }
+        Err(e) => Err(format!("private key {}: {}", path.display(), pem_fault(&e))),
+    }
+}
+
+/// What is wrong with a PEM file, in words (the library's own text shows bytes as numbers).
+fn pem_fault(error: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match error {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "a PEM block has no end line (-----END {}-----): is the file half written?",
+            String::from_utf8_lossy(end_marker).trim()
+        ),
+        Error::IllegalSectionStart { line } => {
+            format!("bad PEM: a BEGIN line is malformed ({:?})", String::from_utf8_lossy(line).trim())
+        }
+        Error::Base64Decode(e) => format!("bad PEM: the base64 between BEGIN and END does not decode ({e})"),
+        Error::SectionTooLarge => "bad PEM: a block is larger than 256 MB".to_string(),
+        Error::NoItemsFound => "no PEM block of the expected kind".to_string(),
+        other => format!("bad PEM: {other}"),
+    }
 }
 
 /// notBefore and notAfter of a certificate, in seconds since the epoch.
@@ -97,11 +149,12 @@ impl ReloadingCert {
         check_pair(pair, SystemTime::now())?;
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pair.cert)
             .and_then(|certs| certs.collect())
-            .map_err(|e| format!("certificate {}: {e}", pair.cert.display()))?;
-        let key =
-            PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| format!("private key {}: {e}", pair.key.display()))?;
-        let key = rustls::crypto::ring::sign::any_supported_type(&key)
-            .map_err(|e| format!("private key {}: {e}", pair.key.display()))?;
+            .map_err(|e| format!("certificate {}: {}", pair.cert.display(), pem_fault(&e)))?;
+        let key = PrivateKeyDer::from_pem_file(&pair.key)
+            .map_err(|e| format!("private key {}: {}", pair.key.display(), pem_fault(&e)))?;
+        let key = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
+            format!("private key {}: the control API cannot serve with this key type ({e})", pair.key.display())
+        })?;
         Ok(Arc::new(CertifiedKey::new(chain, key)))
     }
 
@@ -138,7 +191,7 @@ mod tests {
     use super::*;
 
     fn write_pair(dir: &Path, cert_pem: &str, key_pem: &str) -> TlsPair {
-        let pair = TlsPair { cert: dir.join("cert.pem"), key: dir.join("key.pem") };
+        let pair = TlsPair { cert: dir.join("cert.pem"), key: dir.join("key.pem"), key_password: false };
         std::fs::write(&pair.cert, cert_pem).expect("write cert");
         std::fs::write(&pair.key, key_pem).expect("write key");
         pair
@@ -178,5 +231,56 @@ mod tests {
         let far_future = SystemTime::now() + Duration::from_secs(86_400 * 365 * 5000);
         let err = check_pair(&pair, far_future).expect_err("expired");
         assert!(err.contains("expired on"), "{err}");
+    }
+
+    #[test]
+    fn a_half_written_pem_says_so_in_words() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = generated();
+        let cert = a.cert.pem();
+        let pair = write_pair(dir.path(), &cert[..cert.len() / 2], &a.signing_key.serialize_pem());
+        let err = check_pair(&pair, SystemTime::now()).expect_err("half written");
+        let expected = format!(
+            "certificate {}: a PEM block has no end line (-----END CERTIFICATE-----): is the file half written?",
+            pair.cert.display()
+        );
+        assert_eq!(err, expected);
+        let key = a.signing_key.serialize_pem();
+        let pair = write_pair(dir.path(), &cert, &key[..key.len() - 40]);
+        let err = check_pair(&pair, SystemTime::now()).expect_err("half written key");
+        assert!(err.contains("has no end line") && err.starts_with("private key"), "{err}");
+        let pair = write_pair(dir.path(), &cert, "not a key\n");
+        let err = check_pair(&pair, SystemTime::now()).expect_err("no key");
+        assert_eq!(err, format!("private key {}: no PEM PRIVATE KEY block", pair.key.display()));
+    }
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+    fn fixture_pair(name: &str, key_password: bool) -> TlsPair {
+        let file = |kind: &str| PathBuf::from(format!("{FIXTURES}/{name}-{kind}.pem"));
+        TlsPair { cert: file("cert"), key: file("key"), key_password }
+    }
+
+    #[test]
+    fn a_key_beyond_sesames_checks_is_left_to_envoy() {
+        let checked = check_pair(&fixture_pair("p521", false), SystemTime::now()).expect("P-521 is Envoy's to judge");
+        let why = checked.key_left_to_envoy.expect("left to envoy");
+        assert!(why.starts_with("its type is beyond sesame's checks"), "{why}");
+        // The certificate's own checks still hold.
+        let far_future = SystemTime::now() + Duration::from_secs(86_400 * 365 * 200);
+        let err = check_pair(&fixture_pair("p521", false), far_future).expect_err("expired");
+        assert!(err.contains("expired on"), "{err}");
+    }
+
+    #[test]
+    fn an_encrypted_key_needs_its_password_in_the_bootstrap() {
+        let pair = fixture_pair("encrypted", false);
+        let err = check_pair(&pair, SystemTime::now()).expect_err("no password");
+        assert_eq!(
+            err,
+            format!("private key {} is encrypted and the bootstrap gives no password for it", pair.key.display())
+        );
+        let checked = check_pair(&fixture_pair("encrypted", true), SystemTime::now()).expect("with its password");
+        assert!(checked.key_left_to_envoy.is_some_and(|why| why.contains("encrypted")));
     }
 }

@@ -117,7 +117,7 @@ fn run(options: &cli::RunOptions) -> i32 {
                 .http_tls_cert
                 .clone()
                 .zip(options.http_tls_key.clone())
-                .map(|(cert, key)| certs::TlsPair { cert, key }),
+                .map(|(cert, key)| certs::TlsPair { cert, key, key_password: false }),
             http_token: options.http_token.clone(),
             debounce: options.reload.reload_debounce,
         },

@@ -63,10 +63,33 @@ impl std::fmt::Display for SpawnError {
             return write!(f, "cannot execute '{program}': it is a directory");
         }
         match self.error.kind() {
-            io::ErrorKind::NotFound => write!(f, "cannot execute '{program}': command not found"),
+            // ENOENT also means a script's interpreter is missing: say which, not "not found".
+            io::ErrorKind::NotFound => match missing_interpreter(&self.program) {
+                Some(interpreter) => {
+                    write!(f, "cannot execute '{program}': its interpreter '{interpreter}' is not found")
+                }
+                None => write!(f, "cannot execute '{program}': command not found"),
+            },
             _ => write!(f, "cannot execute '{program}': {}", self.error),
         }
     }
+}
+
+/// The `#!` interpreter of `program` (found as exec finds it: a path, or in PATH), when the
+/// program exists and its interpreter does not.
+fn missing_interpreter(program: &std::ffi::OsStr) -> Option<String> {
+    use std::io::Read;
+    let path = std::path::Path::new(program);
+    let found = if path.components().count() > 1 {
+        Some(path.to_path_buf())
+    } else {
+        std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(path)).find(|p| p.is_file())
+    }?;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(found).ok()?.read(&mut head).ok()?;
+    let line = String::from_utf8_lossy(&head[..n]).lines().next()?.to_string();
+    let interpreter = line.strip_prefix("#!")?.split_whitespace().next()?.to_string();
+    (!std::path::Path::new(&interpreter).exists()).then_some(interpreter)
 }
 
 /// Starts `argv` in a process group of its own, with default dispositions for every signal and an
@@ -384,5 +407,15 @@ mod tests {
         let dir = spawn(&["/".into()], false, None).expect_err("directory");
         assert_eq!(dir.status_code(), 126);
         assert!(dir.to_string().contains("is a directory"), "{dir}");
+
+        let scripts = tempfile::tempdir().expect("tempdir");
+        let script = scripts.path().join("run.sh");
+        std::fs::write(&script, "#!/nonexistent/bash -e\necho hi\n").expect("script");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let missing = spawn(&[script.clone().into()], false, None).expect_err("no interpreter");
+        assert_eq!(missing.status_code(), 127);
+        let expected =
+            format!("cannot execute '{}': its interpreter '/nonexistent/bash' is not found", script.display());
+        assert_eq!(missing.to_string(), expected);
     }
 }

@@ -55,6 +55,13 @@ pub fn preflight(
     let now = SystemTime::now();
     for pair in &pairs {
         let checked = certs::check_pair(pair, now)?;
+        if let Some(why) = &checked.key_left_to_envoy {
+            tracing::info!(
+                "private key {}: not matched against {} by sesame, {why}: envoy --mode validate judges it",
+                pair.key.display(),
+                pair.cert.display()
+            );
+        }
         if checked.expires_in < expiry_warn {
             tracing::warn!(
                 "certificate {} expires in {}",

@@ -255,3 +255,16 @@ fn an_empty_http_token_file_is_refused_at_start() {
     assert!(launcher.log().contains(&expected), "{}", launcher.log());
     assert!(!launcher.log().contains("started sleep"), "nothing was started:\n{}", launcher.log());
 }
+
+#[test]
+fn a_script_whose_interpreter_is_missing_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("start.sh");
+    std::fs::write(&script, "#!/nonexistent/bash\necho hi\n").expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let script = script.to_string_lossy().into_owned();
+    let mut launcher = Launcher::start(Mode::Pid1, &[], &[&script]);
+    assert_eq!(launcher.exit_code(EXIT), 127);
+    let expected = format!("cannot execute '{script}': its interpreter '/nonexistent/bash' is not found");
+    assert!(launcher.log().contains(&expected), "{}", launcher.log());
+}

@@ -344,3 +344,73 @@ fn sigterm_during_a_hot_restart_ends_both_epochs() {
         assert!(!common::alive(pid), "epoch 0 (pid {pid}) is gone");
     }
 }
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!("{FIXTURES}/{name}")).expect("fixture")
+}
+
+#[test]
+fn a_key_type_beyond_sesames_checks_is_left_to_envoy_and_rotated_in() {
+    let tls = start_tls(false, &[]);
+    // P-521: Envoy serves it, ring (sesame's check) cannot load it.
+    replace_file(&tls.key, &fixture("p521-key.pem"));
+    replace_file(&tls.cert, &fixture("p521-cert.pem"));
+    tls.wait_for_epoch(1);
+    assert_eq!(tls.restarts(), 1, "{}", tls.launcher.log());
+    let certs = common::admin_body(&tls.admin(), "/certs").expect("/certs");
+    assert!(certs.contains("\"serial_number\": \"0209\""), "Envoy serves the P-521 certificate (serial 521): {certs}");
+    tls.launcher.wait_for_log("not matched against");
+    assert!(tls.launcher.log().contains("its type is beyond sesame's checks"), "{}", tls.launcher.log());
+    tls.stop();
+}
+
+#[test]
+fn a_half_written_certificate_is_named_in_words() {
+    bad_input_changes_nothing(
+        |tls| {
+            let (cert, _) = certificate(12);
+            replace_file(&tls.cert, &cert[..cert.len() / 2]);
+        },
+        "a PEM block has no end line (-----END CERTIFICATE-----): is the file half written?",
+    );
+}
+
+#[test]
+fn an_encrypted_key_without_its_password_is_refused_with_the_reason() {
+    bad_input_changes_nothing(
+        |tls| {
+            replace_file(&tls.key, &fixture("encrypted-key.pem"));
+            replace_file(&tls.cert, &fixture("encrypted-cert.pem"));
+        },
+        "is encrypted and the bootstrap gives no password for it",
+    );
+}
+
+#[test]
+fn a_camel_case_json_bootstrap_gets_the_same_pair_checks() {
+    // Envoy reads the proto's JSON names too; an expired certificate, which Envoy itself would
+    // load and serve, must be refused all the same.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (cert_pem, key_pem) = certificate(1);
+    std::fs::write(&cert, cert_pem).expect("cert");
+    std::fs::write(&key, key_pem).expect("key");
+    let port = free_port();
+    let yaml = tls_bootstrap(dir.path(), port, &cert, &key, None)
+        .replace("certificate_chain:", "certificateChain:")
+        .replace("private_key:", "privateKey:")
+        .replace("tls_certificates:", "tlsCertificates:");
+    let json: serde_json::Value = serde_saphyr::from_str(&yaml).expect("yaml");
+    let bootstrap = dir.path().join("envoy.json");
+    std::fs::write(&bootstrap, json.to_string()).expect("json");
+    let launcher = Launcher::start_envoy_with(Mode::Pid1, OPTIONS, &bootstrap, &["--concurrency", "1"]);
+    let (expired_cert, expired_key) = certificate_valid(4, Some(2));
+    replace_file(&key, &expired_key);
+    replace_file(&cert, &expired_cert);
+    let status = launcher.wait_for_status("the reload to be refused", |s| s["last_reload"]["result"] == "refused");
+    let detail = status["last_reload"]["detail"].as_str().expect("detail");
+    assert!(detail.contains(&format!("certificate {} expired on", cert.display())), "{detail}");
+    assert_eq!(status["current_epoch"], 0);
+}

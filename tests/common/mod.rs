@@ -511,3 +511,15 @@ pub fn admin_post(socket: &Path, path: &str) -> Option<u16> {
     write!(stream, "POST {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").ok()?;
     read_response(&mut stream).ok()
 }
+
+/// A GET to Envoy's admin API over its unix socket: the body of a 200 answer, read to the end of
+/// the connection (Envoy may send it chunked; the chunk sizes are left in, harmless for a search).
+pub fn admin_body(socket: &Path, path: &str) -> Option<String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
