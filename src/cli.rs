@@ -212,6 +212,10 @@ pub struct ReloadOptions {
     #[arg(long, env = "SESAME_RELOAD_DEBOUNCE", default_value = "500ms", value_parser = parse_duration)]
     pub reload_debounce: Duration,
 
+    /// The longest wait from a file's first change to the reload, however often the files change.
+    #[arg(long, env = "SESAME_RELOAD_DEBOUNCE_MAX", default_value = "5s", value_parser = parse_duration)]
+    pub reload_debounce_max: Duration,
+
     /// How long a new epoch has to answer LIVE on the admin API.
     #[arg(long, env = "SESAME_RELOAD_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub reload_timeout: Duration,

@@ -99,6 +99,7 @@ fn run(options: &cli::RunOptions) -> i32 {
         envoy_command: (!options.reload.no_auto_watch).then(|| launch.command.clone()),
         extra: options.reload.watch.clone(),
         debounce: options.reload.reload_debounce,
+        debounce_max: options.reload.reload_debounce_max,
     };
     let mut drain = options.drain.settings();
     if let Some(envoy) = &launch.envoy {

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::hash::{DefaultHasher, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -22,7 +23,38 @@ pub struct WatchSpec {
     pub envoy_command: Option<Vec<OsString>>,
     /// `--watch` paths: files, or directories whose files are all watched.
     pub extra: Vec<PathBuf>,
+    /// Quiet time after the last change before it is reported.
     pub debounce: Duration,
+    /// The longest wait from the first change, however busy the files stay.
+    pub debounce_max: Duration,
+}
+
+/// Which paths count as a change: the watched files, anything in a `--watch` directory, and the
+/// `..data`-style entries of a Kubernetes volume next to a watched file (its symlink swap touches
+/// only those). Anything else in a watched directory (an access log, say) is not a change.
+#[derive(Debug, Default)]
+struct Relevant {
+    files: BTreeSet<PathBuf>,
+    file_dirs: BTreeSet<PathBuf>,
+    watch_dirs: BTreeSet<PathBuf>,
+}
+
+impl Relevant {
+    fn new(spec: &WatchSpec, files: &[PathBuf]) -> Relevant {
+        let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        let files: BTreeSet<PathBuf> = files.iter().map(absolute).collect();
+        let file_dirs = files.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
+        let watch_dirs = spec.extra.iter().filter(|p| p.is_dir()).map(absolute).collect();
+        Relevant { files, file_dirs, watch_dirs }
+    }
+
+    fn counts(&self, path: &Path) -> bool {
+        let parent = path.parent();
+        let volume_internal = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".."));
+        self.files.contains(path)
+            || parent.is_some_and(|dir| self.watch_dirs.contains(dir))
+            || (volume_internal && parent.is_some_and(|dir| self.file_dirs.contains(dir)))
+    }
 }
 
 /// Content hash of each watched file; None when it cannot be read (missing, for instance).
@@ -104,13 +136,21 @@ pub fn start(
     mut changed_files: impl FnMut(Vec<PathBuf>) -> bool + Send + 'static,
 ) -> notify::Result<()> {
     let (notify_tx, mut notifications) = mpsc::unbounded_channel::<()>();
+    let files = spec.files();
+    let relevant = Arc::new(Mutex::new(Relevant::new(&spec, &files)));
+    let filter = relevant.clone();
     let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
-        // Any event in a watched directory may matter; the hashes decide after the debounce.
-        if result.as_ref().is_ok_and(|event| !event.kind.is_access()) {
+        // Only events on what is watched count (the hashes decide after the debounce): a busy
+        // neighbour in the same directory must not hold the debounce open.
+        let Ok(event) = result else { return };
+        let counts = !event.kind.is_access() && {
+            let relevant = filter.lock().unwrap_or_else(|p| p.into_inner());
+            event.paths.iter().any(|p| relevant.counts(p))
+        };
+        if counts {
             let _ = notify_tx.send(());
         }
     })?;
-    let files = spec.files();
     let mut watched = BTreeSet::new();
     watch_directories(&mut watcher, &spec.directories(&files), &mut watched);
     tracing::info!("watching {} files in {} directories for changes", files.len(), watched.len());
@@ -119,11 +159,15 @@ pub fn start(
 
     tokio::spawn(async move {
         while notifications.recv().await.is_some() {
-            // Debounce: wait until the directory has been quiet for the whole debounce time.
+            // Debounce: wait until the watched files have been quiet for the debounce time, but
+            // never longer than the cap from the first change.
+            let cap = tokio::time::sleep(spec.debounce_max);
+            tokio::pin!(cap);
             loop {
                 tokio::select! {
                     more = notifications.recv() => if more.is_none() { return },
                     _ = tokio::time::sleep(spec.debounce) => break,
+                    _ = &mut cap => break,
                 }
             }
             let spec_now = spec.clone();
@@ -137,6 +181,7 @@ pub fn start(
                 continue;
             };
             watch_directories(&mut watcher, &spec.directories(&files), &mut watched);
+            *relevant.lock().unwrap_or_else(|p| p.into_inner()) = Relevant::new(&spec, &files);
             let changed = changed(&last, &current);
             last = current;
             if !changed.is_empty() && !changed_files(changed) {
@@ -186,5 +231,27 @@ mod tests {
         std::os::unix::fs::symlink("..2026_11_27", dir.path().join("..data")).expect("symlink");
         std::os::unix::fs::symlink("..data/tls.crt", dir.path().join("tls.crt")).expect("symlink");
         assert_eq!(files_in(dir.path()), vec![dir.path().join("tls.crt")]);
+    }
+
+    #[test]
+    fn only_watched_paths_and_volume_swaps_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra = dir.path().join("extra");
+        std::fs::create_dir(&extra).expect("mkdir");
+        let spec = WatchSpec {
+            envoy_command: None,
+            extra: vec![extra.clone()],
+            debounce: Duration::from_millis(500),
+            debounce_max: Duration::from_secs(5),
+        };
+        let cert = dir.path().join("certs/tls.crt");
+        let relevant = Relevant::new(&spec, &[cert.clone()]);
+        assert!(relevant.counts(&cert));
+        assert!(relevant.counts(&dir.path().join("certs/..data")), "a Kubernetes symlink swap");
+        assert!(relevant.counts(&dir.path().join("certs/..2026_11_27_10_00_00.123")));
+        assert!(!relevant.counts(&dir.path().join("certs/access.log")), "a busy neighbour");
+        assert!(!relevant.counts(&dir.path().join("certs/tls.crt.swp")));
+        assert!(relevant.counts(&extra.join("anything")), "a --watch directory counts whole");
+        assert!(!relevant.counts(&extra.join("sub/deeper")), "not recursive");
     }
 }

@@ -414,3 +414,50 @@ fn a_camel_case_json_bootstrap_gets_the_same_pair_checks() {
     assert!(detail.contains(&format!("certificate {} expired on", cert.display())), "{detail}");
     assert_eq!(status["current_epoch"], 0);
 }
+
+/// Writes `file` every `every` until the returned flag is set.
+fn keep_writing(file: PathBuf, every: Duration) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !flag.load(Ordering::SeqCst) {
+            n += 1;
+            std::fs::write(&file, format!("line {n}\n")).expect("write");
+            std::thread::sleep(every);
+        }
+    });
+    (stop, writer)
+}
+
+#[test]
+fn a_busy_neighbour_in_the_certificate_directory_does_not_hold_the_reload() {
+    let tls = start_tls(false, &[]);
+    // An access log written every 100 ms next to the certificate.
+    let (stop, writer) = keep_writing(tls.cert.with_file_name("access.log"), Duration::from_millis(100));
+    let (cert, key) = certificate(2);
+    replace_file(&tls.key, &key);
+    replace_file(&tls.cert, &cert);
+    tls.wait_for_serial(2, DEBOUNCE + Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    writer.join().expect("writer");
+    assert_eq!(tls.restarts(), 1);
+    tls.stop();
+}
+
+#[test]
+fn a_watched_file_that_never_rests_is_reloaded_at_the_debounce_cap() {
+    // A --watch directory whose file changes every 100 ms: the debounce never sees quiet, and the
+    // cap (1 s here) ends the wait.
+    let busy = tempfile::tempdir().expect("tempdir");
+    let busy_dir = busy.path().to_string_lossy().into_owned();
+    let tls = start_tls(false, &["--watch", &busy_dir, "--reload-debounce-max", "1s"]);
+    let (stop, writer) = keep_writing(busy.path().join("config.txt"), Duration::from_millis(100));
+    let (cert, key) = certificate(2);
+    replace_file(&tls.key, &key);
+    replace_file(&tls.cert, &cert);
+    tls.wait_for_serial(2, Duration::from_secs(1) + Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    writer.join().expect("writer");
+    tls.stop();
+}

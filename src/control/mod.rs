@@ -94,7 +94,7 @@ pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) 
 fn https_acceptor(pair: TlsPair, debounce: Duration) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use anyhow::Context;
     let cert = ReloadingCert::load(pair).map_err(|e| anyhow::anyhow!("--http-tls: {e}"))?;
-    let spec = WatchSpec { envoy_command: None, extra: cert.files(), debounce };
+    let spec = WatchSpec { envoy_command: None, extra: cert.files(), debounce, debounce_max: debounce * 10 };
     let watched = cert.clone();
     watch::start(spec, move |files| {
         match watched.reload() {

@@ -141,7 +141,12 @@ fn settings(dir: &std::path::Path) -> Settings {
         },
         reload_timeout: RELOAD_TIMEOUT,
         cert_expiry_warn: Duration::from_secs(86_400),
-        watch: WatchSpec { envoy_command: None, extra: vec![], debounce: Duration::from_millis(500) },
+        watch: WatchSpec {
+            envoy_command: None,
+            extra: vec![],
+            debounce: Duration::from_millis(500),
+            debounce_max: Duration::from_secs(5),
+        },
         control: ControlSettings {
             socket: dir.join("control.sock"),
             http: None,
