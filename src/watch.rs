@@ -245,7 +245,7 @@ mod tests {
             debounce_max: Duration::from_secs(5),
         };
         let cert = dir.path().join("certs/tls.crt");
-        let relevant = Relevant::new(&spec, &[cert.clone()]);
+        let relevant = Relevant::new(&spec, std::slice::from_ref(&cert));
         assert!(relevant.counts(&cert));
         assert!(relevant.counts(&dir.path().join("certs/..data")), "a Kubernetes symlink swap");
         assert!(relevant.counts(&dir.path().join("certs/..2026_11_27_10_00_00.123")));
