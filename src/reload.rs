@@ -38,10 +38,42 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// What the preflight learned: the base id later epochs must reuse (None when the command sets it).
+/// What the preflight learned: the base id later epochs must reuse (None when the command sets it),
+/// and the input it checked, so that the new epoch is started only on that same input.
 #[derive(Debug, Clone)]
 pub struct Preflight {
     pub base_id: Option<u32>,
+    pub input: Input,
+}
+
+/// The files a new epoch reads (the bootstrap and every file it names) and their contents when
+/// they were checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    pub files: Vec<PathBuf>,
+    pub fingerprint: u64,
+}
+
+impl Input {
+    fn read(files: Vec<PathBuf>) -> Input {
+        let fingerprint = fingerprint(&files);
+        Input { files, fingerprint }
+    }
+
+    /// Whether the files still hold what was checked. Blocking, but a few small files.
+    pub fn unchanged(&self) -> bool {
+        fingerprint(&self.files) == self.fingerprint
+    }
+}
+
+fn fingerprint(files: &[PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    for file in files {
+        file.hash(&mut hasher);
+        std::fs::read(file).ok().hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 /// Blocking: reads the bootstrap, checks every certificate/key pair, reads the base id epoch 0 picked.
@@ -51,6 +83,10 @@ pub fn preflight(
     expiry_warn: Duration,
 ) -> Result<Preflight, String> {
     let bootstrap = Bootstrap::from_command(command).map_err(|e| format!("{e:#}"))?;
+    // Read before anything is checked: a change from now on shows when the epoch is started.
+    let mut files: Vec<PathBuf> = bootstrap.iter().flat_map(|b| b.path.clone()).collect();
+    files.extend(bootstrap.iter().flat_map(Bootstrap::referenced_files));
+    let input = Input::read(files);
     let pairs = bootstrap.map(|b| b.tls_pairs()).unwrap_or_default();
     let now = SystemTime::now();
     for pair in &pairs {
@@ -79,7 +115,7 @@ pub fn preflight(
             Some(text.trim().parse().map_err(|_| format!("base id file {}: not a number: {text:?}", file.display()))?)
         }
     };
-    Ok(Preflight { base_id })
+    Ok(Preflight { base_id, input })
 }
 
 /// Reads what `envoy --mode validate` printed and turns its exit into the verdict.

@@ -461,3 +461,34 @@ fn a_watched_file_that_never_rests_is_reloaded_at_the_debounce_cap() {
     writer.join().expect("writer");
     tls.stop();
 }
+
+#[test]
+fn a_pair_changed_while_the_reload_waits_for_the_draining_epoch_is_checked_again() {
+    let tls = start_tls(false, &[]);
+    let (cert, key) = certificate(2);
+    replace_file(&tls.key, &key);
+    replace_file(&tls.cert, &cert);
+    tls.wait_for_epoch(1);
+    // The next rotation is validated, then waits for epoch 0 (parent shutdown time 3 s) ...
+    let (cert, key) = certificate(3);
+    replace_file(&tls.key, &key);
+    replace_file(&tls.cert, &cert);
+    tls.launcher
+        .wait_for_status("the reload to wait for epoch 0", |s| s["reload"] == "waiting for the draining epoch to exit");
+    // ... while a key that does not match is written.
+    let (_, wrong_key) = certificate(9);
+    replace_file(&tls.key, &wrong_key);
+    let status = tls.launcher.wait_for_status("the changed pair to be refused", |s| {
+        s["last_reload"]["result"] == "refused" && s["reload"].is_null()
+    });
+    let detail = status["last_reload"]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("does not match"), "{status:#}");
+    assert_eq!((status["current_epoch"].as_u64(), status["degraded"].is_null()), (Some(1), true), "{status:#}");
+    assert_eq!(tls.serial(), 2, "epoch 1 still serves the last good pair");
+    // The next good pair goes through.
+    let (cert, key) = certificate(4);
+    replace_file(&tls.key, &key);
+    replace_file(&tls.cert, &cert);
+    tls.wait_for_serial(4, DEBOUNCE + Duration::from_secs(8));
+    tls.stop();
+}

@@ -5,7 +5,7 @@
 use nix::unistd::Pid;
 
 use super::epochs::Epoch;
-use super::reload_state::{Admission, ReloadReply, Step};
+use super::reload_state::{Admission, Checked, ReloadReply, Step};
 use super::shutdown::{Phase, REAP_AFTER_KILL_TIMEOUT};
 use super::{Event, Generation, Supervisor, shell_words};
 use crate::clock::unix_seconds;
@@ -54,10 +54,22 @@ impl<P: Processes> Supervisor<P> {
     }
 
     fn start_reload(&mut self, trigger: &str, waiters: Vec<ReloadReply>) {
-        let Some(envoy) = &self.launch.envoy else { return };
         let next = self.epochs.next_number();
         tracing::info!("{trigger}: validating for a hot restart to epoch {next}");
         self.systemd.reloading(&format!("hot restart to epoch {next}"));
+        let attempt = self.spawn_preflight();
+        self.reload.begin(attempt, waiters);
+    }
+
+    /// The reload under way checks its input again, from the first step.
+    fn preflight_again(&mut self) {
+        let attempt = self.spawn_preflight();
+        self.reload.begin_again(attempt);
+    }
+
+    /// Runs the preflight off the runtime thread; its result comes back as the returned attempt.
+    fn spawn_preflight(&mut self) -> Generation {
+        let Some(envoy) = &self.launch.envoy else { return 0 };
         let command = self.launch.command.clone();
         let base_id_file = envoy.base_id_file.clone();
         let expiry_warn = self.settings.cert_expiry_warn;
@@ -67,7 +79,7 @@ impl<P: Processes> Supervisor<P> {
             let result = reload::preflight(&command, base_id_file.as_deref(), expiry_warn);
             let _ = events.send(Event::Preflight { attempt, result });
         });
-        self.reload.begin(attempt, waiters);
+        attempt
     }
 
     pub(super) fn on_preflight(&mut self, attempt: Generation, result: Result<Preflight, String>) {
@@ -91,7 +103,8 @@ impl<P: Processes> Supervisor<P> {
                 // A validator that hangs must not hold the reload (and its callers) for ever.
                 let deadline = self.schedule(self.settings.reload_timeout);
                 if let Some(busy) = self.reload.attempt(attempt) {
-                    busy.step = Step::Validating { pid, output, base_id: preflight.base_id, deadline, killed: false };
+                    let checked = Checked { base_id: preflight.base_id, input: preflight.input };
+                    busy.step = Step::Validating { pid, output, checked, deadline, killed: false };
                 }
             }
             Err(e) => self.reload_refused(&e.to_string()),
@@ -116,16 +129,17 @@ impl<P: Processes> Supervisor<P> {
 
     pub(super) fn on_validated(&mut self, attempt: Generation, result: Result<(), String>) {
         let Some(busy) = self.reload.attempt(attempt) else { return };
-        let Step::Validating { base_id, .. } = busy.step else { return };
+        let Step::Validating { checked, .. } = &busy.step else { return };
+        let checked = checked.clone();
         match result {
-            Ok(()) => self.start_next_epoch(base_id),
+            Ok(()) => self.start_next_epoch(checked),
             Err(reason) => self.reload_refused(&reason),
         }
     }
 
     /// Starts epoch N+1, once no draining epoch is left besides the current one: Envoy keeps at
     /// most two processes, and so does the launcher.
-    fn start_next_epoch(&mut self, base_id: Option<u32>) {
+    fn start_next_epoch(&mut self, checked: Checked) {
         let Some(envoy) = &self.launch.envoy else { return };
         if let Some(oldest) = self.epochs.older() {
             // The current epoch tells its parent to terminate parent_shutdown_time after it started.
@@ -140,12 +154,20 @@ impl<P: Processes> Supervisor<P> {
             let oldest = oldest.pid;
             let deadline = self.schedule(wait);
             if let Some(busy) = self.reload.busy() {
-                busy.step = Step::WaitingForDraining { oldest, base_id, deadline };
+                busy.step = Step::WaitingForDraining { oldest, checked, deadline };
             }
             return;
         }
         let epoch = self.epochs.next_number();
-        let argv = self.launch.epoch_argv(epoch, base_id);
+        // What the new epoch reads must be what was checked: a change since (a rotation during
+        // the wait for a draining epoch, a copy that straddled it) is checked again first.
+        if !checked.input.unchanged() {
+            tracing::info!(
+                "the files changed since they were checked: checking them again before epoch {epoch} starts"
+            );
+            return self.preflight_again();
+        }
+        let argv = self.launch.epoch_argv(epoch, checked.base_id);
         let pid = match self.processes.spawn(&argv, false, None) {
             Ok(pid) => pid,
             Err(e) => return self.reload_refused(&e.to_string()),
@@ -236,10 +258,10 @@ impl<P: Processes> Supervisor<P> {
                 self.reload_failed_after_start(epoch.number, format!("it exited with {exit} before it was LIVE"));
                 true
             }
-            Step::WaitingForDraining { oldest, base_id, .. } if *oldest == epoch.pid => {
+            Step::WaitingForDraining { oldest, checked, .. } if *oldest == epoch.pid => {
                 tracing::info!("epoch {} drained and exited with {exit}: the next one starts", epoch.number);
-                let base_id = *base_id;
-                self.start_next_epoch(base_id);
+                let checked = checked.clone();
+                self.start_next_epoch(checked);
                 true
             }
             _ => false,

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Generation;
-use crate::reload::Refusal;
+use crate::reload::{Input, Refusal};
 
 /// A caller of `/reload`, answered with the new epoch or why there is none.
 pub type ReloadReply = oneshot::Sender<Result<u32, Refusal>>;
@@ -49,11 +49,11 @@ pub enum Step {
     Preflight,
     /// `envoy --mode validate` runs as our child, SIGKILLed at `deadline`; once `killed`, the
     /// reload is refused at the next `deadline` if it has still not exited.
-    Validating { pid: Pid, output: PathBuf, base_id: Option<u32>, deadline: Generation, killed: bool },
+    Validating { pid: Pid, output: PathBuf, checked: Checked, deadline: Generation, killed: bool },
     /// The previous epoch still drains: the new one waits for it, so that there are never three.
     /// (Ending it early is no option: Envoy's current epoch must tell it to terminate itself when
     /// the next one starts, and aborts when it cannot.) Refused at `deadline`.
-    WaitingForDraining { oldest: Pid, base_id: Option<u32>, deadline: Generation },
+    WaitingForDraining { oldest: Pid, checked: Checked, deadline: Generation },
     /// Epoch `epoch` runs; `poll` asks its admin until it is LIVE and answers as `live_poll`.
     Starting { epoch: u32, pid: Pid, poll: Option<JoinHandle<()>>, live_poll: Generation },
 }
@@ -67,6 +67,14 @@ impl Step {
             Step::Starting { .. } => "starting the new epoch",
         }
     }
+}
+
+/// What the preflight found, carried to the new epoch's start: the base id it reuses and the
+/// input that was checked.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub base_id: Option<u32>,
+    pub input: Input,
 }
 
 /// What becomes of a trigger.
@@ -102,6 +110,15 @@ impl ReloadState {
     pub fn begin(&mut self, attempt: Generation, waiters: Vec<ReloadReply>) {
         *self =
             ReloadState::Busy(Busy { attempt, started: Instant::now(), step: Step::Preflight, waiters, queued: None });
+    }
+
+    /// The reload under way starts over at its first step, as attempt `attempt`, for the same
+    /// callers (its input changed after it was checked).
+    pub fn begin_again(&mut self, attempt: Generation) {
+        if let ReloadState::Busy(busy) = self {
+            busy.attempt = attempt;
+            busy.step = Step::Preflight;
+        }
     }
 
     /// The reload under way, if it is attempt `attempt`.

@@ -211,3 +211,28 @@ async fn the_serving_epoch_exiting_answers_the_reload_callers_at_once() {
     assert_eq!(caller.try_recv(), Ok(Err(Refusal::ShuttingDown)));
     assert_eq!(h.world.signals(), vec![(validator, libc::SIGKILL)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn input_changed_while_waiting_for_the_draining_epoch_is_checked_again() {
+    let mut h = Harness::serving();
+    h.validated_after_sighup().await;
+    h.live(1);
+    let mut caller = h.reload_request();
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    h.exit(h.world.last_with("validate"), Exit::Code(0));
+    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    assert_eq!(h.sup.status().reload, Some("waiting for the draining epoch to exit"));
+    // A new bootstrap is written during the wait.
+    std::fs::write(h.dir.path().join("envoy.yaml"), "static_resources: { listeners: [] }\n").expect("write");
+    let spawned = h.world.spawned().len();
+    h.exit(h.pid_of(0), Exit::Code(0));
+    assert_eq!(h.world.spawned().len(), spawned, "no epoch on input that was not checked");
+    assert_eq!(h.sup.status().reload, Some("checking certificates"), "checked again");
+    assert!(caller.try_recv().is_err(), "the caller waits for the new check");
+    h.until("the second preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    h.exit(h.world.last_with("validate"), Exit::Code(0));
+    h.until("the second verdict", |e| matches!(e, Event::Validated { .. })).await;
+    assert_eq!(h.sup.status().reload, Some("starting the new epoch"), "unchanged since: started");
+    h.live(2);
+    assert_eq!(caller.try_recv(), Ok(Ok(2)));
+}
