@@ -48,6 +48,30 @@ pub struct ServerInfo {
     /// LIVE, DRAINING, PRE_INITIALIZING or INITIALIZING.
     pub state: String,
     pub restart_epoch: u32,
+    /// Which hot-restart family the answering Envoy belongs to.
+    pub family: Family,
+}
+
+/// A hot-restart family as Envoy reports it in `/server_info`: with `--use-dynamic-base-id` (epoch
+/// 0) its `--base-id-path`, otherwise its `--base-id`. Another Envoy can answer on the same admin
+/// address (a stale one still dying, a second launcher's on a shared bootstrap); this tells them
+/// apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Family {
+    pub base_id_path: Option<String>,
+    pub base_id: Option<u32>,
+}
+
+impl Family {
+    /// Whether `answered` (a family as Envoy reported it) is this one; true when this one is not
+    /// known well enough to tell.
+    pub fn owns(&self, answered: &Family) -> bool {
+        match (&answered.base_id_path, answered.base_id) {
+            (Some(path), _) if self.base_id_path.is_some() => self.base_id_path.as_ref() == Some(path),
+            (None, Some(id)) if self.base_id.is_some() => self.base_id == Some(id),
+            _ => true,
+        }
+    }
 }
 
 impl AdminClient {
@@ -85,6 +109,7 @@ pub struct EnvoyHealth {
     /// refuse connections while `/server_info` still says LIVE. (A hot restart's old epoch does not
     /// add to the new epoch's count.)
     pub listeners_stopped: u64,
+    pub family: Family,
 }
 
 impl AdminClient {
@@ -94,7 +119,7 @@ impl AdminClient {
         let body = self.expect_ok(Method::GET, PATH).await?;
         let listeners_stopped = sum_stats(&body, |name| name == "listener_manager.listener_stopped")
             .ok_or_else(|| self.http.unreadable(PATH, &body))?;
-        Ok(EnvoyHealth { state: info.state, restart_epoch: info.restart_epoch, listeners_stopped })
+        Ok(EnvoyHealth { state: info.state, restart_epoch: info.restart_epoch, listeners_stopped, family: info.family })
     }
 }
 
@@ -102,9 +127,18 @@ fn parse_server_info(body: &[u8]) -> Option<ServerInfo> {
     let info: serde_json::Value = serde_json::from_slice(body).ok()?;
     let epoch = info.pointer("/command_line_options/restart_epoch")?;
     let restart_epoch = epoch.as_u64().or_else(|| epoch.as_str()?.parse().ok())?;
+    let options = info.get("command_line_options")?;
+    let family = if options.get("use_dynamic_base_id").and_then(serde_json::Value::as_bool) == Some(true) {
+        Family { base_id_path: options.get("base_id_path").and_then(|p| p.as_str()).map(str::to_string), base_id: None }
+    } else {
+        let id = options.get("base_id");
+        let id = id.and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok())).and_then(|v| u32::try_from(v).ok());
+        Family { base_id_path: None, base_id: id }
+    };
     Some(ServerInfo {
         state: info.get("state")?.as_str()?.to_string(),
         restart_epoch: u32::try_from(restart_epoch).ok()?,
+        family,
     })
 }
 
@@ -180,8 +214,26 @@ mod tests {
 
     #[test]
     fn reads_state_and_epoch_from_server_info() {
-        let body = br#"{"state":"LIVE","command_line_options":{"restart_epoch":2,"base_id":"0"}}"#;
-        assert_eq!(parse_server_info(body), Some(ServerInfo { state: "LIVE".into(), restart_epoch: 2 }));
+        let body = br#"{"state":"LIVE","command_line_options":{"restart_epoch":2,"base_id":"7"}}"#;
+        let family = Family { base_id_path: None, base_id: Some(7) };
+        assert_eq!(parse_server_info(body), Some(ServerInfo { state: "LIVE".into(), restart_epoch: 2, family }));
         assert_eq!(parse_server_info(br#"{"state":"LIVE"}"#), None);
+        let body = br#"{"state":"LIVE","command_line_options":{"restart_epoch":0,"base_id":"0",
+            "use_dynamic_base_id":true,"base_id_path":"/run/s/envoy-base-id"}}"#;
+        let family = parse_server_info(body).expect("parsed").family;
+        assert_eq!(family, Family { base_id_path: Some("/run/s/envoy-base-id".into()), base_id: None });
+    }
+
+    #[test]
+    fn a_family_is_told_from_another() {
+        let ours = Family { base_id_path: Some("/run/a/envoy-base-id".into()), base_id: Some(41) };
+        let epoch0 = Family { base_id_path: Some("/run/a/envoy-base-id".into()), base_id: None };
+        let other0 = Family { base_id_path: Some("/run/b/envoy-base-id".into()), base_id: None };
+        assert!(ours.owns(&epoch0));
+        assert!(!ours.owns(&other0), "another launcher's Envoy on the same admin address");
+        assert!(ours.owns(&Family { base_id_path: None, base_id: Some(41) }), "a later epoch passes --base-id");
+        assert!(!ours.owns(&Family { base_id_path: None, base_id: Some(42) }));
+        let unknown_id = Family { base_id_path: Some("/run/a/envoy-base-id".into()), base_id: None };
+        assert!(unknown_id.owns(&Family { base_id_path: None, base_id: Some(42) }), "cannot tell: owned");
     }
 }

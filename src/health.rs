@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::admin::{AdminClient, EnvoyHealth};
+use crate::admin::{AdminClient, EnvoyHealth, Family};
 use crate::clock::unix_seconds;
 
 /// How long Envoy's admin has to answer a probe: Envoy answers in milliseconds, so a second means
@@ -31,6 +31,8 @@ pub struct ProbeTarget {
     /// A newer epoch that a reload started and that is not LIVE yet: while it initializes, the
     /// admin answers for it and the current epoch still serves.
     pub starting: Option<u32>,
+    /// The hot-restart family of the launcher's Envoy: an answer from another is not Envoy's.
+    pub family: Family,
 }
 
 /// What the last probe found, as `/status` shows it.
@@ -137,6 +139,13 @@ pub fn ready(target: &ProbeTarget, answer: &Result<EnvoyHealth, String>) -> Resu
         Err(_) if target.starting.is_some() => return Ok(()),
         Err(e) => return Err(format!("Envoy's admin did not answer: {e}")),
     };
+    if !target.family.owns(&health.family) {
+        return Err(format!(
+            "{} is answered by an Envoy of another hot-restart family ({:?})",
+            target.admin.address(),
+            health.family
+        ));
+    }
     let initializing = matches!(health.state.as_str(), "PRE_INITIALIZING" | "INITIALIZING");
     if initializing && target.starting == Some(health.restart_epoch) {
         return Ok(());
@@ -172,11 +181,18 @@ mod tests {
     use crate::http::Endpoint;
 
     fn target(current: u32, starting: Option<u32>) -> ProbeTarget {
-        ProbeTarget { admin: AdminClient::new(Endpoint::Unix("/nonexistent/admin.sock".into())), current, starting }
+        let family = Family { base_id_path: Some("/run/s/envoy-base-id".into()), base_id: Some(41) };
+        ProbeTarget {
+            admin: AdminClient::new(Endpoint::Unix("/nonexistent/admin.sock".into())),
+            current,
+            starting,
+            family,
+        }
     }
 
     fn answer(state: &str, restart_epoch: u32, listeners_stopped: u64) -> Result<EnvoyHealth, String> {
-        Ok(EnvoyHealth { state: state.into(), restart_epoch, listeners_stopped })
+        let family = Family { base_id_path: None, base_id: Some(41) };
+        Ok(EnvoyHealth { state: state.into(), restart_epoch, listeners_stopped, family })
     }
 
     #[test]
@@ -204,6 +220,13 @@ mod tests {
         let stranger = ready(&target(3, None), &answer("LIVE", 7, 0)).expect_err("stranger");
         assert!(stranger.contains("epoch 7 answers"), "{stranger}");
         assert!(ready(&target(3, None), &answer("INITIALIZING", 4, 0)).is_err(), "no reload started epoch 4");
+        // Another launcher's Envoy on the same admin address.
+        let mut foreign = answer("LIVE", 3, 0);
+        if let Ok(health) = foreign.as_mut() {
+            health.family = Family { base_id_path: Some("/run/other/envoy-base-id".into()), base_id: None };
+        }
+        let other = ready(&target(3, None), &foreign).expect_err("another family");
+        assert!(other.contains("another hot-restart family"), "{other}");
         // The admin address between the old epoch closing it and the new one binding it.
         assert_eq!(ready(&target(3, Some(4)), &Err("connection refused".into())), Ok(()));
     }

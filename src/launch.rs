@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::admin::{AdminClient, Listeners};
+use crate::admin::{AdminClient, Family, Listeners};
 use crate::bootstrap::Bootstrap;
 use crate::cli::RunOptions;
 use crate::demo::Demo;
@@ -56,6 +56,16 @@ impl Launch {
     /// The hot-restart shared memory of the Envoy family, under /dev/shm.
     pub fn shared_memory(&self) -> Option<PathBuf> {
         self.base_id().map(envoy::shared_memory_path)
+    }
+
+    /// The hot-restart family as far as the command line tells it: the base id path of a dynamic
+    /// base id (its id is known once epoch 0 has written it), or the command's `--base-id`.
+    pub fn family(&self) -> Family {
+        let Some(envoy) = &self.envoy else { return Family::default() };
+        match &envoy.base_id_file {
+            Some(file) => Family { base_id_path: Some(file.to_string_lossy().into_owned()), base_id: None },
+            None => Family { base_id_path: None, base_id: self.base_id() },
+        }
     }
 
     /// Envoy's admin API, when there is one to talk to.

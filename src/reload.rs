@@ -4,10 +4,10 @@
 //! starts or signals a process. Also why a reload did not happen, as the control API reports it.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use crate::admin::AdminClient;
+use crate::admin::{AdminClient, Family};
 use crate::bootstrap::Bootstrap;
 use crate::certs;
 use crate::process::Exit;
@@ -38,11 +38,10 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// What the preflight learned: the base id later epochs must reuse (None when the command sets it),
-/// and the input it checked, so that the new epoch is started only on that same input.
+/// What the preflight learned: the input it checked, so that the new epoch is started only on
+/// that same input.
 #[derive(Debug, Clone)]
 pub struct Preflight {
-    pub base_id: Option<u32>,
     pub input: Input,
 }
 
@@ -76,12 +75,8 @@ fn fingerprint(files: &[PathBuf]) -> u64 {
     hasher.finish()
 }
 
-/// Blocking: reads the bootstrap, checks every certificate/key pair, reads the base id epoch 0 picked.
-pub fn preflight(
-    command: &[OsString],
-    base_id_file: Option<&Path>,
-    expiry_warn: Duration,
-) -> Result<Preflight, String> {
+/// Blocking: reads the bootstrap and checks every certificate/key pair.
+pub fn preflight(command: &[OsString], expiry_warn: Duration) -> Result<Preflight, String> {
     let bootstrap = Bootstrap::from_command(command).map_err(|e| format!("{e:#}"))?;
     // Read before anything is checked: a change from now on shows when the epoch is started.
     let mut files: Vec<PathBuf> = bootstrap.iter().flat_map(|b| b.path.clone()).collect();
@@ -107,15 +102,7 @@ pub fn preflight(
         }
     }
     tracing::debug!("{} certificate/key pairs checked", pairs.len());
-    let base_id = match base_id_file {
-        None => None,
-        Some(file) => {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| format!("base id file {}: {e} (has epoch 0 started?)", file.display()))?;
-            Some(text.trim().parse().map_err(|_| format!("base id file {}: not a number: {text:?}", file.display()))?)
-        }
-    };
-    Ok(Preflight { base_id, input })
+    Ok(Preflight { input })
 }
 
 /// Reads what `envoy --mode validate` printed and turns its exit into the verdict.
@@ -138,12 +125,21 @@ fn last_error_line(text: &str) -> String {
 const LIVE_POLL: Duration = Duration::from_millis(50);
 
 /// Polls the admin until it answers as `epoch` in state LIVE, or `timeout` passes (None: no limit).
-pub async fn await_live(admin: AdminClient, epoch: u32, timeout: Option<Duration>) -> Result<(), String> {
+pub async fn await_live(
+    admin: AdminClient,
+    epoch: u32,
+    family: Family,
+    timeout: Option<Duration>,
+) -> Result<(), String> {
     // Also ends when a later epoch holds the admin: this one will never answer there again, and a
     // poll that never ends would wake the launcher 20 times a second for good.
     let poll = async {
         loop {
-            if let Ok(info) = admin.server_info().await {
+            // An Envoy of another family on the same address (one still dying, another launcher's)
+            // is no answer at all.
+            if let Ok(info) = admin.server_info().await
+                && family.owns(&info.family)
+            {
                 if info.restart_epoch == epoch && info.state == "LIVE" {
                     return Ok(());
                 }

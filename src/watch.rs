@@ -64,11 +64,12 @@ impl WatchSpec {
     /// The files watched now: re-read each time, since the bootstrap may name new ones.
     fn files(&self) -> Vec<PathBuf> {
         let mut files = BTreeSet::new();
-        if let Some(command) = &self.envoy_command
-            && let Ok(Some(bootstrap)) = Bootstrap::from_command(command)
-        {
-            files.extend(bootstrap.path.clone());
-            files.extend(bootstrap.referenced_files());
+        if let Some(command) = &self.envoy_command {
+            // The bootstrap is watched even when it does not parse: its repair must be seen.
+            files.extend(crate::envoy::flag_value(command, &["-c", "--config-path"]).map(PathBuf::from));
+            if let Ok(Some(bootstrap)) = Bootstrap::from_command(command) {
+                files.extend(bootstrap.referenced_files());
+            }
         }
         for path in &self.extra {
             if path.is_dir() {
@@ -253,5 +254,19 @@ mod tests {
         assert!(!relevant.counts(&dir.path().join("certs/tls.crt.swp")));
         assert!(relevant.counts(&extra.join("anything")), "a --watch directory counts whole");
         assert!(!relevant.counts(&extra.join("sub/deeper")), "not recursive");
+    }
+
+    #[test]
+    fn a_broken_bootstrap_is_still_watched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bootstrap = dir.path().join("envoy.yaml");
+        std::fs::write(&bootstrap, "admin: [unclosed\n").expect("write");
+        let spec = WatchSpec {
+            envoy_command: Some(vec!["envoy".into(), "-c".into(), bootstrap.clone().into()]),
+            extra: vec![],
+            debounce: Duration::from_millis(500),
+            debounce_max: Duration::from_secs(5),
+        };
+        assert_eq!(spec.files(), vec![bootstrap]);
     }
 }

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
-use crate::process::Processes;
+use crate::process::{Processes, signal_name};
 
 /// One Envoy process (or, for a plain command, the command itself as epoch 0).
 #[derive(Debug)]
@@ -20,11 +20,22 @@ pub struct Epoch {
     /// It was sent the stop signal: never twice, since a second SIGTERM during its shutdown finds
     /// Envoy's handler gone and kills it (status 143).
     stopped: bool,
+    /// Signals to pass on once it is LIVE: before, its handlers may not be installed, and a signal
+    /// whose default action is to terminate (SIGUSR1 from logrotate, say) would kill it.
+    held: Vec<i32>,
 }
 
 impl Epoch {
     pub fn new(number: u32, pid: Pid, live: bool) -> Epoch {
-        Epoch { number, pid, started: Instant::now(), started_at: SystemTime::now(), live, stopped: false }
+        Epoch {
+            number,
+            pid,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            live,
+            stopped: false,
+            held: vec![],
+        }
     }
 }
 
@@ -74,16 +85,21 @@ impl Epochs {
         Some(self.list.remove(i))
     }
 
-    /// Marks `number` LIVE; returns it unless it was LIVE already.
-    pub fn mark_live(&mut self, number: u32) -> Option<&Epoch> {
+    /// Marks `number` LIVE and passes on the signals held for it; returns it unless it was LIVE
+    /// already.
+    pub fn mark_live(&mut self, number: u32, processes: &mut impl Processes) -> Option<&Epoch> {
         let epoch = self.list.iter_mut().find(|e| e.number == number && !e.live)?;
         epoch.live = true;
+        for sig in std::mem::take(&mut epoch.held) {
+            tracing::info!("epoch {number} is LIVE: passing on the {} held for it", signal_name(sig));
+            processes.signal(epoch.pid, sig);
+        }
         Some(epoch)
     }
 
     /// A new epoch answered LIVE: it serves from now on.
-    pub fn promote(&mut self, number: u32) {
-        self.mark_live(number);
+    pub fn promote(&mut self, number: u32, processes: &mut impl Processes) {
+        self.mark_live(number, processes);
         self.current = number;
     }
 
@@ -101,9 +117,18 @@ impl Epochs {
         }
     }
 
-    pub fn signal_current(&self, processes: &mut impl Processes, sig: i32) {
-        if let Some(epoch) = self.find(self.current) {
-            processes.signal(epoch.pid, sig);
+    /// Passes a user's signal on to every epoch; one that is not LIVE yet gets it when it is.
+    pub fn forward_to_all(&mut self, processes: &mut impl Processes, sig: i32) {
+        for epoch in &mut self.list {
+            forward(epoch, processes, sig);
+        }
+    }
+
+    /// Passes a user's signal on to the current epoch, or holds it until the epoch is LIVE.
+    pub fn forward_to_current(&mut self, processes: &mut impl Processes, sig: i32) {
+        let current = self.current;
+        if let Some(epoch) = self.list.iter_mut().find(|e| e.number == current) {
+            forward(epoch, processes, sig);
         }
     }
 
@@ -124,6 +149,16 @@ impl Epochs {
     }
 }
 
+fn forward(epoch: &mut Epoch, processes: &mut impl Processes, sig: i32) {
+    if epoch.live {
+        processes.signal(epoch.pid, sig);
+    } else if !epoch.held.contains(&sig) {
+        // Like the kernel, one pending instance of each signal.
+        tracing::info!("{} held for epoch {} until it is LIVE", signal_name(sig), epoch.number);
+        epoch.held.push(sig);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,13 +171,14 @@ mod tests {
     fn the_current_epoch_changes_only_when_promoted() {
         let mut epochs = Epochs::new(Epoch::new(0, pid(10), false));
         assert!(!epochs.current_is_live());
-        assert_eq!(epochs.mark_live(0).map(|e| e.pid), Some(pid(10)));
-        assert!(epochs.mark_live(0).is_none(), "LIVE once");
+        let mut processes = Recorded::default();
+        assert_eq!(epochs.mark_live(0, &mut processes).map(|e| e.pid), Some(pid(10)));
+        assert!(epochs.mark_live(0, &mut processes).is_none(), "LIVE once");
         assert_eq!(epochs.next_number(), 1);
         epochs.add(Epoch::new(1, pid(11), false));
         assert_eq!((epochs.current_number(), epochs.next_number()), (0, 2));
         assert!(epochs.older().is_none(), "a starting epoch is newer, not older");
-        epochs.promote(1);
+        epochs.promote(1, &mut processes);
         assert_eq!(epochs.current_number(), 1);
         assert!(epochs.current_is_live());
         assert_eq!(epochs.older().map(|e| e.number), Some(0));
@@ -157,5 +193,48 @@ mod tests {
         epochs.add(Epoch::new(1, pid(11), false));
         epochs.remove(pid(11));
         assert_eq!(epochs.next_number(), 1, "no epoch 1 ran to the end: the number is free again");
+    }
+
+    /// Records the signals sent.
+    #[derive(Default)]
+    struct Recorded(Vec<(Pid, i32)>);
+
+    impl Processes for Recorded {
+        fn spawn(
+            &mut self,
+            _: &[std::ffi::OsString],
+            _: bool,
+            _: Option<std::fs::File>,
+        ) -> Result<Pid, crate::process::SpawnError> {
+            unreachable!("epochs never spawn")
+        }
+        fn signal(&mut self, pid: Pid, sig: i32) {
+            self.0.push((pid, sig));
+        }
+        fn reap(&mut self) -> crate::process::Reaped {
+            unreachable!("epochs never reap")
+        }
+        fn signal_descendants(&mut self, _: nix::sys::signal::Signal) {}
+        fn suspend(&mut self) {}
+        fn resume(&mut self) {}
+    }
+
+    #[test]
+    fn signals_for_an_epoch_that_is_not_live_wait_for_it() {
+        let mut processes = Recorded::default();
+        let mut epochs = Epochs::new(Epoch::new(0, pid(10), true));
+        epochs.add(Epoch::new(1, pid(11), false));
+        epochs.forward_to_all(&mut processes, libc::SIGUSR1);
+        epochs.forward_to_all(&mut processes, libc::SIGUSR1);
+        epochs.forward_to_all(&mut processes, libc::SIGUSR2);
+        assert_eq!(processes.0, vec![(pid(10), libc::SIGUSR1), (pid(10), libc::SIGUSR1), (pid(10), libc::SIGUSR2)]);
+        processes.0.clear();
+        epochs.promote(1, &mut processes);
+        assert_eq!(processes.0, vec![(pid(11), libc::SIGUSR1), (pid(11), libc::SIGUSR2)], "once each, in order");
+        processes.0.clear();
+        epochs.forward_to_current(&mut processes, libc::SIGWINCH);
+        assert_eq!(processes.0, vec![(pid(11), libc::SIGWINCH)]);
+        epochs.signal_all(&mut processes, libc::SIGKILL);
+        assert_eq!(processes.0.len(), 3, "SIGKILL is never held");
     }
 }

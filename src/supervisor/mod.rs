@@ -32,6 +32,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
+use crate::admin::Family;
 use crate::control::{self, ControlRequest, ControlSettings};
 use crate::drain::{DrainEnd, DrainSettings};
 use crate::launch::Launch;
@@ -107,6 +108,9 @@ struct Supervisor<P: Processes> {
     generation: Generation,
     /// A draining epoch ended before its successor told it to: what Envoy will do about it.
     lost_parent: Option<String>,
+    /// The hot-restart family of our Envoy; its base id is read once, when epoch 0 is LIVE, and
+    /// kept (the runtime directory may be deleted under us).
+    family: Family,
 }
 
 /// Runs `launch` to completion and returns the status the launcher exits with.
@@ -182,6 +186,7 @@ impl<P: Processes> Supervisor<P> {
             }
         }
         let admin = launch.admin();
+        let family = launch.family();
         let mut supervisor = Supervisor {
             epochs: Epochs::new(Epoch::new(0, pid, admin.is_none())),
             launch,
@@ -197,6 +202,7 @@ impl<P: Processes> Supervisor<P> {
             drained: None,
             generation: 0,
             lost_parent: None,
+            family,
         };
         match admin {
             // Ready once Envoy says it is LIVE, however long its initialisation (xDS, say) takes.
@@ -264,7 +270,7 @@ impl<P: Processes> Supervisor<P> {
                     self.systemd.ready(&format!("reload refused: {refusal}"));
                 }
             }
-            Intent::ForwardToAll => self.epochs.signal_all(&mut self.processes, sig),
+            Intent::ForwardToAll => self.epochs.forward_to_all(&mut self.processes, sig),
             Intent::Suspend => {
                 self.epochs.signal_all(&mut self.processes, sig);
                 self.processes.suspend();
@@ -273,7 +279,7 @@ impl<P: Processes> Supervisor<P> {
                 self.processes.resume();
                 self.epochs.signal_all(&mut self.processes, sig);
             }
-            Intent::ForwardToCurrent => self.epochs.signal_current(&mut self.processes, sig),
+            Intent::ForwardToCurrent => self.epochs.forward_to_current(&mut self.processes, sig),
             Intent::Ignore => {}
         }
         None
@@ -309,9 +315,9 @@ impl<P: Processes> Supervisor<P> {
     fn poll_live(&mut self, epoch: u32, timeout: Option<Duration>) -> (Generation, Option<JoinHandle<()>>) {
         let poll = self.next_generation();
         let Some(admin) = self.launch.admin() else { return (poll, None) };
-        let events = self.events.clone();
+        let (events, family) = (self.events.clone(), self.family.clone());
         let task = tokio::spawn(async move {
-            let result = crate::reload::await_live(admin, epoch, timeout).await;
+            let result = crate::reload::await_live(admin, epoch, family, timeout).await;
             let _ = events.send(Event::EpochLive { epoch, poll, result });
         });
         (poll, Some(task))

@@ -35,10 +35,20 @@ impl<P: Processes> Supervisor<P> {
             }
             return Err(refusal);
         }
-        match self.reload.admit(waiter) {
+        match self.reload.admit(waiter, self.epochs.current_is_live()) {
             Admission::Refused(refusal) => {
                 tracing::error!("{trigger}: {refusal}");
                 Err(refusal)
+            }
+            Admission::Held { first } => {
+                if first {
+                    tracing::info!(
+                        "{trigger}: epoch {} is not LIVE yet, and Envoy refuses a hot restart while it initializes: \
+                         the reload starts once it is LIVE",
+                        self.epochs.current_number()
+                    );
+                }
+                Ok(())
             }
             Admission::Queued { first } => {
                 if first {
@@ -69,14 +79,12 @@ impl<P: Processes> Supervisor<P> {
 
     /// Runs the preflight off the runtime thread; its result comes back as the returned attempt.
     fn spawn_preflight(&mut self) -> Generation {
-        let Some(envoy) = &self.launch.envoy else { return 0 };
         let command = self.launch.command.clone();
-        let base_id_file = envoy.base_id_file.clone();
         let expiry_warn = self.settings.cert_expiry_warn;
         let attempt = self.next_generation();
         let events = self.events.clone();
         tokio::task::spawn_blocking(move || {
-            let result = reload::preflight(&command, base_id_file.as_deref(), expiry_warn);
+            let result = reload::preflight(&command, expiry_warn);
             let _ = events.send(Event::Preflight { attempt, result });
         });
         attempt
@@ -91,6 +99,10 @@ impl<P: Processes> Supervisor<P> {
             Err(reason) => return self.reload_refused(&reason),
         };
         let Some(envoy) = &self.launch.envoy else { return };
+        if envoy.base_id_file.is_some() && self.family.base_id.is_none() {
+            let file = envoy.base_id_file.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
+            return self.reload_refused(&format!("the base id epoch 0 picked is not known: {file} could not be read"));
+        }
         let argv = envoy::validate_command(&self.launch.command);
         let output = envoy.runtime_dir.join("envoy-validate.log");
         let file = match std::fs::File::create(&output) {
@@ -103,7 +115,7 @@ impl<P: Processes> Supervisor<P> {
                 // A validator that hangs must not hold the reload (and its callers) for ever.
                 let deadline = self.schedule(self.settings.reload_timeout);
                 if let Some(busy) = self.reload.attempt(attempt) {
-                    let checked = Checked { base_id: preflight.base_id, input: preflight.input };
+                    let checked = Checked { base_id: self.family.base_id, input: preflight.input };
                     busy.step = Step::Validating { pid, output, checked, deadline, killed: false };
                 }
             }
@@ -188,9 +200,17 @@ impl<P: Processes> Supervisor<P> {
 
     pub(super) fn on_epoch_live(&mut self, epoch: u32, live_poll: Generation, result: Result<(), String>) {
         if epoch == self.epochs.current_number() && result.is_ok() {
-            if let Some(serving) = self.epochs.mark_live(epoch) {
+            if let Some(serving) = self.epochs.mark_live(epoch, &mut self.processes) {
                 tracing::info!(pid = serving.pid.as_raw(), "Envoy epoch {epoch} is LIVE");
                 self.systemd.ready(&format!("serving: epoch {epoch} is LIVE"));
+            }
+            if self.family.base_id.is_none() {
+                // Once, now that epoch 0 has written it: later epochs need it even if the runtime
+                // directory is deleted under us.
+                self.family.base_id = self.launch.base_id();
+            }
+            if let Some(waiters) = self.reload.release_held() {
+                self.start_reload(&format!("epoch {epoch} is LIVE; the held trigger"), waiters);
             }
             return;
         }
@@ -207,7 +227,7 @@ impl<P: Processes> Supervisor<P> {
                     busy.started.elapsed(),
                     self.epochs.current_number()
                 );
-                self.epochs.promote(epoch);
+                self.epochs.promote(epoch, &mut self.processes);
                 self.forget_lost_parent();
                 self.metrics.current_epoch.set(i64::from(epoch));
                 self.reload_ended("success", Ok(epoch), format!("epoch {epoch} is LIVE"));

@@ -26,6 +26,12 @@ pub enum ReloadState {
     Blocked {
         why: String,
     },
+    /// A trigger arrived while the current epoch is not LIVE: Envoy refuses a hot restart while
+    /// its current epoch initializes ("previous envoy process is still initializing"), so the
+    /// reload starts once it is LIVE, for these callers.
+    Held {
+        waiters: Vec<ReloadReply>,
+    },
     Busy(Busy),
 }
 
@@ -84,15 +90,25 @@ pub enum Admission {
     Start(Vec<ReloadReply>),
     /// Queued behind the reload under way; `first` when nothing was queued before.
     Queued { first: bool },
+    /// Held until the current epoch is LIVE; `first` when nothing was held before.
+    Held { first: bool },
     /// Refused; the caller has been answered.
     Refused(Refusal),
 }
 
 impl ReloadState {
-    /// Admits a trigger (with its caller, for `/reload`).
-    pub fn admit(&mut self, waiter: Option<ReloadReply>) -> Admission {
+    /// Admits a trigger (with its caller, for `/reload`), knowing whether the current epoch is LIVE.
+    pub fn admit(&mut self, waiter: Option<ReloadReply>, current_live: bool) -> Admission {
         match self {
-            ReloadState::Idle => Admission::Start(waiter.into_iter().collect()),
+            ReloadState::Idle if current_live => Admission::Start(waiter.into_iter().collect()),
+            ReloadState::Idle => {
+                *self = ReloadState::Held { waiters: waiter.into_iter().collect() };
+                Admission::Held { first: true }
+            }
+            ReloadState::Held { waiters } => {
+                waiters.extend(waiter);
+                Admission::Held { first: false }
+            }
             ReloadState::Blocked { why } => {
                 let refusal = Refusal::Blocked(why.clone());
                 answer(waiter, &Err(refusal.clone()));
@@ -144,7 +160,21 @@ impl ReloadState {
     }
 
     pub fn step_name(&self) -> Option<&'static str> {
-        self.step().map(Step::name)
+        match self {
+            ReloadState::Held { .. } => Some("waiting for the current epoch to be LIVE"),
+            _ => self.step().map(Step::name),
+        }
+    }
+
+    /// The current epoch is LIVE: a held trigger's callers, whose reload is to start now.
+    pub fn release_held(&mut self) -> Option<Vec<ReloadReply>> {
+        match std::mem::take(self) {
+            ReloadState::Held { waiters } => Some(waiters),
+            other => {
+                *self = other;
+                None
+            }
+        }
     }
 
     /// Why hot restarts are blocked, if they are.
@@ -178,6 +208,10 @@ impl ReloadState {
     /// supervisor to end what it started; a block stays (it is still true).
     pub fn cancel(&mut self) -> Option<Step> {
         match std::mem::take(self) {
+            ReloadState::Held { waiters } => {
+                waiters.into_iter().for_each(|w| answer(Some(w), &Err(Refusal::ShuttingDown)));
+                None
+            }
             ReloadState::Busy(busy) => {
                 let shutting_down = Err(Refusal::ShuttingDown);
                 busy.waiters
@@ -213,12 +247,12 @@ mod tests {
     async fn an_idle_state_starts_and_a_busy_one_queues_once() {
         let mut state = ReloadState::Idle;
         let (first, mut first_rx) = caller();
-        let Admission::Start(waiters) = state.admit(Some(first)) else { panic!("idle starts") };
+        let Admission::Start(waiters) = state.admit(Some(first), true) else { panic!("idle starts") };
         state.begin(1, waiters);
         assert_eq!(state.step_name(), Some("checking certificates"));
-        assert!(matches!(state.admit(None), Admission::Queued { first: true }));
+        assert!(matches!(state.admit(None, true), Admission::Queued { first: true }));
         let (second, mut second_rx) = caller();
-        assert!(matches!(state.admit(Some(second)), Admission::Queued { first: false }));
+        assert!(matches!(state.admit(Some(second), true), Admission::Queued { first: false }));
         assert!(state.attempt(2).is_none(), "a stale attempt finds nothing");
         assert!(state.attempt(1).is_some());
 
@@ -236,15 +270,15 @@ mod tests {
         let mut state = ReloadState::Idle;
         let (first, mut first_rx) = caller();
         let (queued, mut queued_rx) = caller();
-        let Admission::Start(waiters) = state.admit(Some(first)) else { panic!("idle starts") };
+        let Admission::Start(waiters) = state.admit(Some(first), true) else { panic!("idle starts") };
         state.begin(1, waiters);
-        state.admit(Some(queued));
+        state.admit(Some(queued), true);
         state.block("epoch 1 failed".into(), Refusal::Failed("epoch 1 failed".into()));
         assert_eq!(first_rx.try_recv().expect("answered"), Err(Refusal::Failed("epoch 1 failed".into())));
         assert_eq!(queued_rx.try_recv().expect("answered"), Err(Refusal::Blocked("epoch 1 failed".into())));
         assert_eq!(state.blocked(), Some("epoch 1 failed"));
         let (later, mut later_rx) = caller();
-        assert!(matches!(state.admit(Some(later)), Admission::Refused(Refusal::Blocked(_))));
+        assert!(matches!(state.admit(Some(later), true), Admission::Refused(Refusal::Blocked(_))));
         assert_eq!(later_rx.try_recv().expect("answered"), Err(Refusal::Blocked("epoch 1 failed".into())));
         assert!(state.cancel().is_none(), "a block survives the shutdown");
         assert_eq!(state.blocked(), Some("epoch 1 failed"));
@@ -255,12 +289,32 @@ mod tests {
         let mut state = ReloadState::Idle;
         let (first, mut first_rx) = caller();
         let (queued, mut queued_rx) = caller();
-        let Admission::Start(waiters) = state.admit(Some(first)) else { panic!("idle starts") };
+        let Admission::Start(waiters) = state.admit(Some(first), true) else { panic!("idle starts") };
         state.begin(1, waiters);
-        state.admit(Some(queued));
+        state.admit(Some(queued), true);
         assert!(matches!(state.cancel(), Some(Step::Preflight)));
         assert_eq!(first_rx.try_recv().expect("answered"), Err(Refusal::ShuttingDown));
         assert_eq!(queued_rx.try_recv().expect("answered"), Err(Refusal::ShuttingDown));
         assert!(matches!(state, ReloadState::Idle));
+    }
+
+    #[tokio::test]
+    async fn a_trigger_before_the_current_epoch_is_live_is_held_until_it_is() {
+        let mut state = ReloadState::Idle;
+        let (first, mut first_rx) = caller();
+        assert!(matches!(state.admit(Some(first), false), Admission::Held { first: true }));
+        assert!(matches!(state.admit(None, false), Admission::Held { first: false }));
+        assert_eq!(state.step_name(), Some("waiting for the current epoch to be LIVE"));
+        let waiters = state.release_held().expect("held");
+        assert!(matches!(state, ReloadState::Idle));
+        assert!(state.release_held().is_none(), "once");
+        state.begin(1, waiters);
+        state.finish(&Ok(1));
+        assert_eq!(first_rx.try_recv().expect("answered"), Ok(1));
+
+        let (held, mut held_rx) = caller();
+        state.admit(Some(held), false);
+        assert!(state.cancel().is_none());
+        assert_eq!(held_rx.try_recv().expect("answered"), Err(Refusal::ShuttingDown));
     }
 }

@@ -29,8 +29,12 @@ impl<P: Processes> Supervisor<P> {
             Some(Step::Starting { epoch, .. }) => Some(*epoch),
             _ => None,
         };
-        let probe =
-            self.launch.admin().map(|admin| ProbeTarget { admin, current: self.epochs.current_number(), starting });
+        let probe = self.launch.admin().map(|admin| ProbeTarget {
+            admin,
+            current: self.epochs.current_number(),
+            starting,
+            family: self.family.clone(),
+        });
         Status {
             state,
             ready: not_ready.is_none(),

@@ -61,17 +61,27 @@ async fn triggers_during_a_reload_make_one_more_reload() {
 #[tokio::test(start_paused = true)]
 async fn a_refused_reload_changes_nothing_and_the_next_may_succeed() {
     let mut h = Harness::serving();
-    std::fs::remove_file(h.dir.path().join("envoy-base-id")).expect("rm");
+    let bootstrap = h.dir.path().join("envoy.yaml");
+    std::fs::write(&bootstrap, "admin: [unclosed\n").expect("break the bootstrap");
     let mut caller = h.reload_request();
     h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
     let Ok(Err(Refusal::Invalid(reason))) = caller.try_recv() else { panic!("refused as invalid") };
-    assert!(reason.contains("envoy-base-id"), "{reason}");
+    assert!(reason.contains("cannot parse the bootstrap"), "{reason}");
     assert_eq!(h.world.spawned().len(), 1, "nothing was started");
     assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some("refused"));
 
-    std::fs::write(h.dir.path().join("envoy-base-id"), "7").expect("base id");
+    std::fs::write(&bootstrap, "static_resources: {}\n").expect("mend it");
     h.signal(libc::SIGHUP);
     h.validated().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_base_id_is_kept_when_its_file_is_deleted() {
+    let mut h = Harness::serving();
+    std::fs::remove_file(h.dir.path().join("envoy-base-id")).expect("rm");
+    h.validated_after_sighup().await;
+    let argv = h.world.spawned().last().expect("epoch 1").1.clone();
+    assert!(argv.ends_with(&["--base-id".into(), "7".into()]), "read once when epoch 0 was LIVE: {argv:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -235,4 +245,24 @@ async fn input_changed_while_waiting_for_the_draining_epoch_is_checked_again() {
     assert_eq!(h.sup.status().reload, Some("starting the new epoch"), "unchanged since: started");
     h.live(2);
     assert_eq!(caller.try_recv(), Ok(Ok(2)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trigger_while_the_current_epoch_initializes_waits_for_it() {
+    let mut h = Harness::start(true);
+    let epoch0 = h.pid_of(0);
+    let mut caller = h.reload_request();
+    h.signal(libc::SIGHUP);
+    h.signal(libc::SIGUSR1);
+    assert_eq!(h.sup.status().reload, Some("waiting for the current epoch to be LIVE"));
+    assert_eq!(h.world.spawned().len(), 1, "no validator, no epoch 1 while epoch 0 initializes");
+    assert!(h.world.signals().is_empty(), "SIGUSR1 is held for epoch 0 too");
+    h.live(0);
+    assert_eq!(h.world.signals(), vec![(epoch0, libc::SIGUSR1)]);
+    assert_eq!(h.sup.status().reload, Some("checking certificates"), "the held trigger runs");
+    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    h.exit(h.world.last_with("validate"), Exit::Code(0));
+    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.live(1);
+    assert_eq!(caller.try_recv(), Ok(Ok(1)), "the caller waited for it");
 }

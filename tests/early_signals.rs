@@ -1,0 +1,145 @@
+//! Signals and triggers at unlucky milliseconds: an epoch that has not installed its signal
+//! handlers yet is killed by a SIGUSR1 (logrotate's `kill -USR1`), so sesame holds forwarded
+//! signals until the epoch is LIVE; Envoy refuses a hot restart while its current epoch
+//! initializes, so sesame holds a trigger until it is LIVE. Each case is swept over several delays.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Launcher, Mode, Upstream, alive, children_of, envoy_bin, free_port, proxy_bootstrap, wait_for};
+use nix::sys::signal::Signal;
+
+const DELAYS_MS: [u64; 4] = [0, 5, 20, 50];
+const OPTIONS: &[&str] = &["--envoy-drain-time", "1s", "--envoy-parent-shutdown-time", "1s"];
+
+/// The pid of Envoy epoch `epoch` under the launcher (the validator is not one), once it runs.
+fn epoch_pid(launcher: &Launcher, epoch: u32) -> i32 {
+    let wanted = format!("--restart-epoch\0{epoch}\0");
+    let mut found = 0;
+    wait_for(Duration::from_secs(30), &format!("epoch {epoch} to be spawned"), || {
+        found = children_of(launcher.pid())
+            .into_iter()
+            .find(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| contains(&c, wanted.as_bytes())))
+            .unwrap_or(0);
+        found != 0
+    });
+    found
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn start(bootstrap: &Path) -> Launcher {
+    let envoy = envoy_bin().to_string_lossy().into_owned();
+    let bootstrap = bootstrap.to_string_lossy().into_owned();
+    Launcher::start(Mode::Pid1, OPTIONS, &[&envoy, "-c", &bootstrap, "--concurrency", "1"])
+}
+
+fn proxy() -> (tempfile::TempDir, PathBuf, Upstream) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = Upstream::start(Duration::ZERO);
+    let bootstrap = proxy_bootstrap(dir.path(), free_port(), upstream.port);
+    (dir, bootstrap, upstream)
+}
+
+fn wait_for_epoch(launcher: &Launcher, epoch: u64) -> serde_json::Value {
+    launcher.wait_for_status(&format!("epoch {epoch} to serve alone"), |s| {
+        s["current_epoch"] == epoch && s["ready"] == true && s["epochs"].as_array().is_some_and(|e| e.len() == 1)
+    })
+}
+
+#[test]
+fn sigusr1_just_after_a_new_epoch_is_spawned_does_not_kill_it() {
+    let (_dir, bootstrap, _upstream) = proxy();
+    let launcher = start(&bootstrap);
+    wait_for_epoch(&launcher, 0);
+    for (i, delay) in DELAYS_MS.into_iter().enumerate() {
+        let epoch = i as u32 + 1;
+        launcher.signal(Signal::SIGHUP);
+        let pid = epoch_pid(&launcher, epoch);
+        std::thread::sleep(Duration::from_millis(delay));
+        launcher.signal(Signal::SIGUSR1);
+        let status = wait_for_epoch(&launcher, u64::from(epoch));
+        assert!(status["degraded"].is_null(), "SIGUSR1 {delay} ms after epoch {epoch} was spawned: {status:#}");
+        assert!(alive(pid), "epoch {epoch} survived SIGUSR1 {delay} ms after its spawn");
+        assert_eq!(launcher.reloads("success"), u64::from(epoch));
+    }
+    assert!(launcher.log().contains("SIGUSR1 held for epoch"), "{}", launcher.log());
+}
+
+#[test]
+fn sigusr1_just_after_the_first_epoch_is_spawned_does_not_kill_it() {
+    let (_dir, bootstrap, _upstream) = proxy();
+    for delay in DELAYS_MS {
+        let launcher = start(&bootstrap);
+        let pid = epoch_pid(&launcher, 0);
+        std::thread::sleep(Duration::from_millis(delay));
+        launcher.signal(Signal::SIGUSR1);
+        wait_for_epoch(&launcher, 0);
+        assert!(alive(pid), "epoch 0 survived SIGUSR1 {delay} ms after its spawn");
+    }
+}
+
+#[test]
+fn sighup_just_after_the_start_waits_for_the_first_epoch() {
+    let (_dir, bootstrap, _upstream) = proxy();
+    for delay in DELAYS_MS {
+        let launcher = start(&bootstrap);
+        epoch_pid(&launcher, 0);
+        std::thread::sleep(Duration::from_millis(delay));
+        launcher.signal(Signal::SIGHUP);
+        let status = wait_for_epoch(&launcher, 1);
+        assert_eq!(status["last_reload"]["result"], "success", "SIGHUP {delay} ms after the start: {status:#}");
+        assert_eq!(launcher.reloads("refused") + launcher.reloads("failed"), 0, "{}", launcher.log());
+    }
+}
+
+/// Envoy with its listeners from an xDS server that does not answer: it initializes until
+/// `initial_fetch_timeout`, as under Contour, Envoy Gateway or consul-dataplane with a slow server.
+fn slow_xds_bootstrap(dir: &Path, fetch_timeout: &str) -> PathBuf {
+    let yaml = format!(
+        r#"
+node: {{ id: sesame-test, cluster: sesame-test }}
+admin: {{ address: {{ pipe: {{ path: "{admin}" }} }} }}
+dynamic_resources:
+  ads_config: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}] }}
+  lds_config: {{ ads: {{}}, resource_api_version: V3, initial_fetch_timeout: {fetch_timeout} }}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]
+"#,
+        admin = dir.join("admin.sock").display(),
+        port = free_port(),
+    );
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, yaml).expect("bootstrap");
+    path
+}
+
+#[test]
+fn a_trigger_while_the_xds_server_is_slow_waits_for_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bootstrap = slow_xds_bootstrap(dir.path(), "3s");
+    let launcher = start(&bootstrap);
+    launcher.wait_for_status("Envoy's admin to say INITIALIZING", |s| s["envoy"]["state"] == "INITIALIZING");
+    launcher.signal(Signal::SIGHUP);
+    let status = launcher.wait_for_status("the trigger to be held", |s| !s["reload"].is_null());
+    assert_eq!(status["reload"], "waiting for the current epoch to be LIVE", "{status:#}");
+    assert_eq!(status["ready"], false);
+    // Epoch 0 goes LIVE at its fetch timeout; then epoch 1 starts, and goes LIVE at its own.
+    let status = wait_for_epoch(&launcher, 1);
+    assert!(status["degraded"].is_null(), "{status:#}");
+    assert_eq!(launcher.reloads("success"), 1, "{}", launcher.log());
+}
