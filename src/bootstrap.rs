@@ -58,6 +58,18 @@ impl Bootstrap {
     }
 }
 
+/// Envoy's stats flush interval when the bootstrap does not set one.
+pub const DEFAULT_STATS_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Bootstrap {
+    /// `stats_flush_interval` (a proto JSON duration such as "10s" or "0.5s").
+    pub fn stats_flush_interval(&self) -> Option<std::time::Duration> {
+        let text = field(&self.value, "stats_flush_interval")?.as_str()?;
+        let secs: f64 = text.strip_suffix('s')?.parse().ok()?;
+        std::time::Duration::try_from_secs_f64(secs).ok()
+    }
+}
+
 /// A field by its proto name (snake_case) or its JSON name (camelCase), both of which Envoy reads.
 fn field<'a>(object: &'a Value, snake: &str) -> Option<&'a Value> {
     object.get(snake).or_else(|| object.get(camel_case(snake)))
@@ -308,5 +320,16 @@ static_resources:
         let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
         let pair = TlsPair { cert: "/c/a.crt".into(), key: "/c/a.key".into(), key_password: true };
         assert_eq!(loaded.expect("some").tls_pairs(), vec![pair]);
+    }
+
+    #[test]
+    fn reads_the_stats_flush_interval() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(dir.path(), "b.yaml", "stats_flush_interval: 2.5s\n");
+        let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
+        assert_eq!(loaded.expect("some").stats_flush_interval(), Some(std::time::Duration::from_millis(2500)));
+        let path = write(dir.path(), "c.yaml", "static_resources: {}\n");
+        let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
+        assert_eq!(loaded.expect("some").stats_flush_interval(), None);
     }
 }

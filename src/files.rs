@@ -17,6 +17,12 @@ pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .create(dir)
         .with_context(|| format!("cannot create the directory {}", dir.display()))?;
     let meta = fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        anyhow::bail!(
+            "directory {} is not safe for keys and sockets: it is a symbolic link (give the directory it points to)",
+            dir.display()
+        );
+    }
     let euid = nix::unistd::geteuid().as_raw();
     if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
         anyhow::bail!(

@@ -33,6 +33,8 @@ pub struct ProbeTarget {
     pub starting: Option<u32>,
     /// The hot-restart family of the launcher's Envoy: an answer from another is not Envoy's.
     pub family: Family,
+    /// An older epoch lives, or exited moments ago: its counters are still being merged in.
+    pub older_epoch_recently: bool,
 }
 
 /// What the last probe found, as `/status` shows it.
@@ -42,7 +44,8 @@ pub struct EnvoyReport {
     pub state: Option<String>,
     /// The epoch that answered on the admin address.
     pub restart_epoch: Option<u32>,
-    /// Listeners stopped through the admin (`/drain_listeners`): they refuse connections.
+    /// Listeners the serving epoch stopped through the admin (`/drain_listeners`): they refuse
+    /// connections. (Those its draining parent stopped, merged into its count, are left out.)
     pub listeners_stopped: Option<u64>,
     /// Why the admin did not answer.
     pub error: Option<String>,
@@ -52,63 +55,97 @@ pub struct EnvoyReport {
 
 #[derive(Debug, Clone)]
 struct Answer {
-    asked: Instant,
+    /// When the answer (or the failure) arrived: it serves every asker for `PROBE_TTL` from then.
+    at: Instant,
     /// What was expected when it was asked: an answer about an epoch the supervisor has moved on
     /// from is stale, however young.
     expected: (u32, Option<u32>),
     result: Result<EnvoyHealth, String>,
 }
 
+/// What the probes have seen over time.
+#[derive(Debug, Default)]
+struct Record {
+    /// When the admin last answered.
+    answered_at: Option<SystemTime>,
+    /// Since when every probe has failed (None while the last one succeeded).
+    failing_since: Option<Instant>,
+    /// `listener_manager.listener_stopped` is a counter that a hot restart merges from the draining
+    /// epoch into the new one: stops counted while an older epoch lived are its own, not the
+    /// current epoch's. (The epoch, and the count that is not its own.)
+    stopped_baseline: Option<(u32, u64)>,
+}
+
 /// The probe, shared by every asker.
 #[derive(Debug)]
 pub struct Health {
     last: Mutex<Option<Answer>>,
-    /// When the admin last answered (the launcher's start until it has).
-    answered: std::sync::Mutex<(Instant, SystemTime)>,
-    answered_ever: std::sync::atomic::AtomicBool,
+    record: std::sync::Mutex<Record>,
 }
 
 impl Default for Health {
     fn default() -> Self {
-        Health {
-            last: Mutex::new(None),
-            answered: std::sync::Mutex::new((Instant::now(), SystemTime::now())),
-            answered_ever: Default::default(),
-        }
+        Health { last: Mutex::new(None), record: std::sync::Mutex::new(Record::default()) }
     }
 }
 
 impl Health {
-    /// Envoy's answer, at most `PROBE_TTL` old. Concurrent askers wait for one request.
+    /// Envoy's answer, at most `PROBE_TTL` old. Concurrent askers wait for one request, and share
+    /// its answer (or its failure).
     pub async fn probe(&self, target: &ProbeTarget) -> Result<EnvoyHealth, String> {
         let expected = (target.current, target.starting);
         let mut last = self.last.lock().await;
-        if let Some(answer) = last.as_ref().filter(|a| a.asked.elapsed() < PROBE_TTL && a.expected == expected) {
+        if let Some(answer) = last.as_ref().filter(|a| a.at.elapsed() < PROBE_TTL && a.expected == expected) {
             return answer.result.clone();
         }
-        let asked = Instant::now();
         let result = match tokio::time::timeout(PROBE_TIMEOUT, target.admin.health()).await {
             Ok(Ok(health)) => Ok(health),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("{} did not answer within {PROBE_TIMEOUT:?}", target.admin.address())),
         };
-        if result.is_ok() {
-            *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = (Instant::now(), SystemTime::now());
-            self.answered_ever.store(true, std::sync::atomic::Ordering::Relaxed);
+        {
+            let mut record = self.record();
+            match &result {
+                Ok(_) => {
+                    record.answered_at = Some(SystemTime::now());
+                    record.failing_since = None;
+                }
+                Err(_) => {
+                    record.failing_since.get_or_insert_with(Instant::now);
+                }
+            }
         }
-        *last = Some(Answer { asked, expected, result: result.clone() });
+        *last = Some(Answer { at: Instant::now(), expected, result: result.clone() });
         result
     }
 
-    /// How long ago the admin last answered (since the launcher started, until it has).
-    pub fn silent_for(&self) -> Duration {
-        self.answered.lock().unwrap_or_else(|p| p.into_inner()).0.elapsed()
+    fn record(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long every probe has failed; zero while the last one succeeded.
+    pub fn failing_for(&self) -> Duration {
+        self.record().failing_since.map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    /// The listeners the current epoch itself has stopped, out of what Envoy counts.
+    pub fn stopped_by_current(&self, target: &ProbeTarget, counted: u64) -> u64 {
+        let mut record = self.record();
+        let baseline = match record.stopped_baseline {
+            // While an older epoch lives (and a little after), its stops are merged in.
+            Some((epoch, _)) if epoch == target.current && target.older_epoch_recently => counted,
+            // The count went down: its counters were reset.
+            Some((epoch, base)) if epoch == target.current => base.min(counted),
+            // A family's first epoch has no parent; a later one starts with its parent's count.
+            _ if target.current == 0 => 0,
+            _ => counted,
+        };
+        record.stopped_baseline = Some((target.current, baseline));
+        counted - baseline
     }
 
     pub fn report(&self, result: &Result<EnvoyHealth, String>) -> EnvoyReport {
-        let answered_ever = self.answered_ever.load(std::sync::atomic::Ordering::Relaxed);
-        let answered_at = self.answered.lock().unwrap_or_else(|p| p.into_inner()).1;
-        let answered_unix = answered_ever.then(|| unix_seconds(answered_at));
+        let answered_unix = self.record().answered_at.map(unix_seconds);
         match result {
             Ok(h) => EnvoyReport {
                 state: Some(h.state.clone()),
@@ -167,12 +204,12 @@ pub fn ready(target: &ProbeTarget, answer: &Result<EnvoyHealth, String>) -> Resu
     }
 }
 
-/// The liveness rule: Envoy's admin answered within the last `LIVENESS_GRACE`.
-pub fn alive(silent_for: Duration) -> Result<(), String> {
-    if silent_for < LIVENESS_GRACE {
+/// The liveness rule: Envoy's admin has not failed every probe for `LIVENESS_GRACE` or more.
+pub fn alive(failing_for: Duration) -> Result<(), String> {
+    if failing_for < LIVENESS_GRACE {
         return Ok(());
     }
-    Err(format!("Envoy's admin has not answered for {}s", silent_for.as_secs()))
+    Err(format!("Envoy's admin has not answered for {}s", failing_for.as_secs()))
 }
 
 #[cfg(test)]
@@ -187,6 +224,7 @@ mod tests {
             current,
             starting,
             family,
+            older_epoch_recently: false,
         }
     }
 
@@ -243,7 +281,7 @@ mod tests {
         let health = Health::default();
         let target = target(0, None);
         let first = health.probe(&target).await.expect_err("nobody listens");
-        let cached = Answer { asked: Instant::now(), expected: (0, None), result: answer("LIVE", 0, 0) };
+        let cached = Answer { at: Instant::now(), expected: (0, None), result: answer("LIVE", 0, 0) };
         *health.last.lock().await = Some(cached.clone());
         assert!(health.probe(&target).await.is_ok(), "cached, not asked again");
         let promoted = super::tests::target(1, None);
@@ -251,6 +289,34 @@ mod tests {
         *health.last.lock().await = Some(cached);
         tokio::time::advance(PROBE_TTL).await;
         assert_eq!(health.probe(&target).await.expect_err("asked again"), first);
-        assert!(health.silent_for() >= PROBE_TTL, "never answered: silent since the start");
+        assert!(health.failing_for() >= PROBE_TTL, "failing since the first failed probe");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_spell_is_not_silence() {
+        let health = Health::default();
+        assert_eq!(health.failing_for(), Duration::ZERO, "nothing failed yet");
+        *health.last.lock().await = None;
+        health.record().failing_since = None;
+        health.record().answered_at = Some(SystemTime::now());
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(health.failing_for(), Duration::ZERO, "no probe for 30 s is not 30 s of silence");
+        let _ = health.probe(&target(0, None)).await;
+        assert!(health.failing_for() < LIVENESS_GRACE, "one failed probe is not a hung Envoy");
+    }
+
+    #[test]
+    fn stops_merged_from_a_draining_epoch_are_not_the_current_ones() {
+        let health = Health::default();
+        assert_eq!(health.stopped_by_current(&target(0, None), 0), 0);
+        assert_eq!(health.stopped_by_current(&target(0, None), 1), 1, "epoch 0 has no parent: its own");
+        // Epoch 1 starts with its parent's count, and absorbs what is merged while the parent lives.
+        let mut with_parent = target(1, None);
+        with_parent.older_epoch_recently = true;
+        assert_eq!(health.stopped_by_current(&with_parent, 1), 0);
+        assert_eq!(health.stopped_by_current(&with_parent, 2), 0, "the parent stopped its listeners");
+        assert_eq!(health.stopped_by_current(&target(1, None), 2), 0, "the parent is gone");
+        assert_eq!(health.stopped_by_current(&target(1, None), 3), 1, "epoch 1 stopped one itself");
+        assert_eq!(health.stopped_by_current(&target(1, None), 0), 0, "counters reset");
     }
 }

@@ -35,6 +35,8 @@ pub struct EnvoyLaunch {
     pub runtime_dir: PathBuf,
     /// The listeners a drain waits for: all, or the INBOUND ones with --drain-inbound-only.
     pub drained_listeners: Listeners,
+    /// How often Envoy flushes (and, during a hot restart, merges) its stats.
+    pub stats_flush_interval: Duration,
 }
 
 impl Launch {
@@ -150,6 +152,10 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         base_id_file: envoy::base_id_file(&command, &runtime_dir.join("envoy-base-id")),
         flags,
         parent_shutdown_time: Duration::from_secs(parent_shutdown_secs),
+        stats_flush_interval: bootstrap
+            .as_ref()
+            .and_then(Bootstrap::stats_flush_interval)
+            .unwrap_or(crate::bootstrap::DEFAULT_STATS_FLUSH),
         runtime_dir,
     };
     Ok(Launch { command, envoy: Some(envoy) })

@@ -43,8 +43,17 @@ pub fn lock_runtime_dir(dir: &Path) -> anyhow::Result<RuntimeLock> {
             Ok(RuntimeLock { _file: locked })
         }
         Err((_, Errno::EWOULDBLOCK)) => {
-            let pid = std::fs::read_to_string(&path).unwrap_or_default();
-            let pid = if pid.trim().is_empty() { "unknown" } else { pid.trim() };
+            // The holder writes its pid just after it locks: a launcher that lost a race by a
+            // hair may read the file before that.
+            let mut pid = String::new();
+            for _ in 0..20 {
+                pid = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+                if !pid.is_empty() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let pid = if pid.is_empty() { "unknown" } else { pid.as_str() };
             anyhow::bail!("runtime directory {} is in use by sesame (pid {pid})", dir.display())
         }
         Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),

@@ -179,3 +179,31 @@ fn out_of_file_descriptors_the_launcher_backs_off_and_recovers() {
     launcher.signal(Signal::SIGTERM);
     assert_eq!(launcher.exit_code(Duration::from_secs(10)), 143, "{}", launcher.log());
 }
+
+#[test]
+fn the_last_burst_over_the_cap_is_counted_in_the_log() {
+    raise_own_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime: PathBuf = dir.path().join("run");
+    let port = free_port();
+    let mut launcher = start(&runtime, port, 1024);
+    // 300 connections at once (fewer than the listen backlog), and nothing after them.
+    let flood = flood(port, &runtime.join("control.sock"), 300, 0, 0);
+    let refused = (300 - MAX_CONNECTIONS) as u64;
+    let counted = || -> u64 {
+        let log = launcher.log();
+        let counts = log.lines().filter_map(|l| l.split_once("--http: ")?.1.split_once(" connections closed at once"));
+        counts.filter_map(|(count, _)| count.parse::<u64>().ok()).sum()
+    };
+    wait_for(Duration::from_secs(5), "every refused connection to be counted, the last ones too", || {
+        counted() == refused
+    });
+    assert_eq!(
+        launcher.log().matches("connections closed at once").count(),
+        2,
+        "the first at once, the rest a second later"
+    );
+    drop(flood);
+    launcher.signal(Signal::SIGTERM);
+    assert_eq!(launcher.exit_code(Duration::from_secs(10)), 143, "{}", launcher.log());
+}

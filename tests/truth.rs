@@ -104,8 +104,26 @@ fn a_removed_admin_socket_is_not_ready_and_says_why() {
 fn a_frozen_envoy_is_not_ready_at_once_and_not_alive_after_the_grace() {
     let proxy = start(&[]);
     let envoy = Pid::from_raw(proxy.envoy_pid());
+    // A quiet spell without probes is not silence: nobody asked.
+    let quiet = std::time::Instant::now() + Duration::from_secs(11);
+    wait_for(Duration::from_secs(15), "a quiet spell of 11 s", || std::time::Instant::now() >= quiet);
     kill(envoy, Signal::SIGSTOP).expect("SIGSTOP Envoy");
-    proxy.wait_not_ready("did not answer within 1s");
+    // A storm of probes at a frozen admin: every asker shares one request's verdict.
+    let socket = proxy.launcher.runtime_dir().join("control.sock");
+    let storm: Vec<_> = (0..20)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let asked = std::time::Instant::now();
+                (control(&socket, "GET", "/ready").map(|(status, _)| status), asked.elapsed())
+            })
+        })
+        .collect();
+    for asker in storm {
+        let (status, took) = asker.join().expect("asker");
+        assert_eq!(status, Ok(503), "a frozen Envoy is not ready");
+        assert!(took < Duration::from_secs(4), "one admin request for the whole storm, not one each: {took:?}");
+    }
     assert_eq!(proxy.client_status().0, Some(1), "sesame status answers, not ready");
     assert_eq!(proxy.get("/healthz").0, 200, "one silent second is not a hung Envoy");
     wait_for(Duration::from_secs(20), "/healthz to fail after 10 s of silence", || {
@@ -119,7 +137,9 @@ fn a_frozen_envoy_is_not_ready_at_once_and_not_alive_after_the_grace() {
 
 #[test]
 fn readiness_does_not_flap_during_a_reload() {
-    let proxy = start(&["--envoy-drain-time", "1s", "--envoy-parent-shutdown-time", "2s"]);
+    // Epoch 0 stops its listeners at the end of its drain time (1 s), and lives on until 7 s:
+    // epoch 1's stats flush at 5 s merges that stop into epoch 1's count.
+    let proxy = start(&["--envoy-drain-time", "1s", "--envoy-parent-shutdown-time", "7s"]);
     let socket = proxy.launcher.runtime_dir().join("control.sock");
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
@@ -137,6 +157,11 @@ fn readiness_does_not_flap_during_a_reload() {
     proxy.launcher.wait_for_status("epoch 1 to serve alone", |s| {
         s["current_epoch"] == 1 && s["epochs"].as_array().is_some_and(|e| e.len() == 1)
     });
+    // Readiness must not take the merged stop for epoch 1's own, then or after.
+    let after = std::time::Instant::now() + Duration::from_secs(2);
+    wait_for(Duration::from_secs(5), "2 s more of polling", || std::time::Instant::now() >= after);
+    let metrics = common::admin_body(&proxy.admin(), "/stats?filter=listener_manager.listener_stopped");
+    assert!(metrics.as_deref().is_some_and(|m| !m.contains("listener_stopped: 0")), "the stop was merged: {metrics:?}");
     stop.store(true, Ordering::SeqCst);
     let answers = watcher.join().expect("watcher");
     let not_ready: Vec<_> = answers.iter().filter(|a| !matches!(a, Ok((200, _)))).collect();
@@ -162,7 +187,18 @@ fn a_draining_epoch_is_shown_as_draining_and_its_early_end_is_reported() {
     let status = proxy.launcher.wait_for_status("the warning", |s| !s["warnings"].as_array().is_none_or(Vec::is_empty));
     let warning = status["warnings"][0].as_str().expect("text");
     assert!(warning.contains("draining epoch 0 ended early (signal 9 (SIGKILL))"), "{warning}");
-    assert!(warning.contains("will find it gone at") && warning.contains("abort at about"), "{warning}");
+    assert!(
+        warning.contains("will fail to reach it at its next stats flush") && warning.contains("abort, by about"),
+        "{warning}"
+    );
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let (_, metrics) = proxy.get("/metrics");
+    let abort_by: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sesame_expected_abort_timestamp_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the expected abort");
+    assert!((now + 10..=now + 16).contains(&abort_by), "within a stats flush and 10 s: {abort_by} vs {now}");
     let (_, metrics) = proxy.get("/metrics");
     assert!(metrics.contains("sesame_draining_epochs_lost_total 1"), "{metrics}");
     assert!(!metrics.contains("sesame_expected_abort_timestamp_seconds 0\n"), "{metrics}");

@@ -35,13 +35,16 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub async fn serve_unix(api: ControlApi, listener: UnixListener) {
     let mut gate = Gate::new("control socket");
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                if let Some(permit) = gate.admit() {
-                    spawn_connection(api.clone(), stream, false, permit);
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    if let Some(permit) = gate.admit() {
+                        spawn_connection(api.clone(), stream, false, permit);
+                    }
                 }
-            }
-            Err(e) => gate.accept_failed(e).await,
+                Err(e) => gate.accept_failed(e).await,
+            },
+            _ = gate.report_due() => gate.report(),
         }
     }
 }
@@ -50,7 +53,14 @@ pub async fn serve_unix(api: ControlApi, listener: UnixListener) {
 pub async fn serve_tcp(api: ControlApi, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
     let mut gate = Gate::new("--http");
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = gate.report_due() => {
+                gate.report();
+                continue;
+            }
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 gate.accept_failed(e).await;
@@ -102,6 +112,8 @@ struct Gate {
     permits: Arc<Semaphore>,
     refused: Throttle,
     failed: Throttle,
+    /// The last accept error, for the report.
+    last_error: String,
 }
 
 impl Gate {
@@ -111,6 +123,7 @@ impl Gate {
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             refused: Throttle::default(),
             failed: Throttle::default(),
+            last_error: String::new(),
         }
     }
 
@@ -121,14 +134,41 @@ impl Gate {
         if permit.is_none()
             && let Some(count) = self.refused.hit()
         {
-            tracing::warn!("{}: {count} connections closed at once: {MAX_CONNECTIONS} are open already", self.name);
+            self.report_refused(count);
         }
         permit
     }
 
+    fn report_refused(&self, count: u64) {
+        tracing::warn!("{}: {count} connections closed at once: {MAX_CONNECTIONS} are open already", self.name);
+    }
+
+    fn report_failed(&self, count: u64) {
+        tracing::warn!("{}: accept failed {count} times since the last report: {}", self.name, self.last_error);
+    }
+
+    /// When the counts held back since the last report are due; never while none are.
+    async fn report_due(&self) {
+        match [self.refused.due(), self.failed.due()].into_iter().flatten().min() {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Reports what was held back, so that the last burst is counted too.
+    fn report(&mut self) {
+        if let Some(count) = self.refused.flush() {
+            self.report_refused(count);
+        }
+        if let Some(count) = self.failed.flush() {
+            self.report_failed(count);
+        }
+    }
+
     async fn accept_failed(&mut self, e: io::Error) {
+        self.last_error = e.to_string();
         if let Some(count) = self.failed.hit() {
-            tracing::warn!("{}: accept failed {count} times since the last report: {e}", self.name);
+            self.report_failed(count);
         }
         let out_of_resources =
             matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM));
@@ -152,6 +192,19 @@ impl Throttle {
     fn hit(&mut self) -> Option<u64> {
         self.count += 1;
         if self.last_report.is_some_and(|at| at.elapsed() < REPORT_EVERY) {
+            return None;
+        }
+        self.flush()
+    }
+
+    /// When the events held back are to be reported.
+    fn due(&self) -> Option<Instant> {
+        (self.count > 0).then(|| self.last_report.map_or_else(Instant::now, |at| at + REPORT_EVERY))
+    }
+
+    /// Reports now what was held back, if anything.
+    fn flush(&mut self) -> Option<u64> {
+        if self.count == 0 {
             return None;
         }
         self.last_report = Some(Instant::now());
@@ -207,8 +260,13 @@ mod tests {
         for _ in 0..999 {
             assert_eq!(throttle.hit(), None);
         }
+        let due = throttle.due().expect("999 held back");
+        assert_eq!(due - Instant::now(), REPORT_EVERY);
         tokio::time::advance(REPORT_EVERY).await;
-        assert_eq!(throttle.hit(), Some(1000), "then the count since the last report");
-        assert_eq!(throttle.hit(), None);
+        assert_eq!(throttle.flush(), Some(999), "the held-back burst is reported when due");
+        assert_eq!(throttle.due(), None);
+        assert_eq!(throttle.hit(), None, "within a second of that report");
+        tokio::time::advance(REPORT_EVERY).await;
+        assert_eq!(throttle.hit(), Some(2), "then the count since the last report");
     }
 }

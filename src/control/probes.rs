@@ -13,7 +13,10 @@ impl ControlApi {
     pub(super) async fn checked_status(&self) -> Option<Status> {
         let mut status = self.ask(ControlRequest::Status).await?;
         if let Some(target) = status.probe.clone() {
-            let answer = self.health.probe(&target).await;
+            let mut answer = self.health.probe(&target).await;
+            if let Ok(health) = answer.as_mut() {
+                health.listeners_stopped = self.health.stopped_by_current(&target, health.listeners_stopped);
+            }
             status.envoy = Some(self.health.report(&answer));
             if status.ready
                 && let Err(why) = health::ready(&target, &answer)
@@ -32,7 +35,7 @@ impl ControlApi {
         let Some(status) = self.ask(ControlRequest::Status).await else { return Ok(()) };
         let Some(target) = status.probe else { return Ok(()) };
         let _ = self.health.probe(&target).await;
-        health::alive(self.health.silent_for())
+        health::alive(self.health.failing_for())
     }
 }
 

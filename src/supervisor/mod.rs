@@ -108,6 +108,8 @@ struct Supervisor<P: Processes> {
     generation: Generation,
     /// A draining epoch ended before its successor told it to: what Envoy will do about it.
     lost_parent: Option<String>,
+    /// When an older (draining) epoch last exited.
+    older_exited: Option<tokio::time::Instant>,
     /// The hot-restart family of our Envoy; its base id is read once, when epoch 0 is LIVE, and
     /// kept (the runtime directory may be deleted under us).
     family: Family,
@@ -202,6 +204,7 @@ impl<P: Processes> Supervisor<P> {
             drained: None,
             generation: 0,
             lost_parent: None,
+            older_exited: None,
             family,
         };
         match admin {
@@ -372,11 +375,12 @@ impl<P: Processes> Supervisor<P> {
             // (a SIGTERM before its handlers were installed does that), the parent is next.
             self.epochs.stop_newest(&mut self.processes, stop_signal);
         }
+        if epoch.number < self.epochs.current_number() {
+            self.older_exited = Some(tokio::time::Instant::now());
+            self.on_draining_epoch_exit(&epoch, exit);
+        }
         if self.on_reload_epoch_exit(&epoch, exit) {
             return None;
-        }
-        if epoch.number < self.epochs.current_number() {
-            self.on_draining_epoch_exit(&epoch, exit);
         }
         if exit == Exit::Code(0) {
             tracing::info!(pid = epoch.pid.as_raw(), "epoch {} drained and exited after {lived:.1?}", epoch.number)

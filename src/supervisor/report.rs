@@ -7,14 +7,19 @@ use super::Supervisor;
 use super::epochs::Epoch;
 use super::reload_state::Step;
 use super::shutdown::Phase;
+use crate::bootstrap::DEFAULT_STATS_FLUSH;
 use crate::clock::unix_seconds;
 use crate::health::ProbeTarget;
 use crate::process::{Exit, Processes};
 use crate::status::{DrainStatus, EpochStatus, Status};
 
-/// How long Envoy's current epoch blocks before it aborts when its parent is gone at the parent
-/// shutdown time (docs/ARCHITECTURE.md, "Envoy facts").
+/// How long Envoy's current epoch retries before it aborts when its parent is gone
+/// (docs/ARCHITECTURE.md, "Envoy facts").
 const ORPHANED_EPOCH_BLOCK: Duration = Duration::from_secs(10);
+
+/// How long after an older epoch exits its counters may still arrive in the current one (the
+/// current epoch merges them at its stats flushes, every 5 s by default).
+const OLDER_EPOCH_STATS_MERGE: Duration = Duration::from_secs(10);
 
 impl<P: Processes> Supervisor<P> {
     pub(super) fn status(&self) -> Status {
@@ -34,6 +39,8 @@ impl<P: Processes> Supervisor<P> {
             current: self.epochs.current_number(),
             starting,
             family: self.family.clone(),
+            older_epoch_recently: self.epochs.older().is_some()
+                || self.older_exited.is_some_and(|at| at.elapsed() < OLDER_EPOCH_STATS_MERGE),
         });
         Status {
             state,
@@ -81,8 +88,8 @@ impl<P: Processes> Supervisor<P> {
     }
 
     /// A draining epoch exited. At its time (told to by its successor) that is the end of a hot
-    /// restart; before it, Envoy's current epoch will find its parent gone when it tells it to
-    /// exit, block, and abort: said at once, with when.
+    /// restart; before it, Envoy's current epoch will find its parent gone at its next stats flush
+    /// (it merges the parent's stats), retry for 10 s and abort: said at once, with when.
     pub(super) fn on_draining_epoch_exit(&mut self, epoch: &Epoch, exit: Exit) {
         let Some(told_at) = self.parent_told_to_exit_at() else { return };
         // Within a second of the time it is told, the exit is the normal one.
@@ -90,19 +97,20 @@ impl<P: Processes> Supervisor<P> {
         if !early {
             return;
         }
-        let abort_at = told_at + ORPHANED_EPOCH_BLOCK;
+        let flush = self.launch.envoy.as_ref().map_or(DEFAULT_STATS_FLUSH, |e| e.stats_flush_interval);
+        let abort_by = SystemTime::now() + flush + ORPHANED_EPOCH_BLOCK;
         let current = self.epochs.current_number();
         let warning = format!(
-            "draining epoch {} ended early ({exit}): Envoy's epoch {current} will find it gone at {} \
-             (its parent shutdown time), block for {}s and abort at about {}, or abort at the next hot restart",
+            "draining epoch {} ended early ({exit}): Envoy's epoch {current} will fail to reach it at its next \
+             stats flush (within {}s), retry for {}s and abort, by about {}; a hot restart before then fails too",
             epoch.number,
-            humantime::format_rfc3339_seconds(told_at),
+            flush.as_secs(),
             ORPHANED_EPOCH_BLOCK.as_secs(),
-            humantime::format_rfc3339_seconds(abort_at),
+            humantime::format_rfc3339_seconds(abort_by),
         );
         tracing::error!("{warning}");
         self.metrics.draining_epochs_lost.inc();
-        self.metrics.expected_abort.set(unix_seconds(abort_at) as i64);
+        self.metrics.expected_abort.set(unix_seconds(abort_by) as i64);
         self.systemd.status(&warning);
         self.lost_parent = Some(warning);
     }

@@ -122,6 +122,7 @@ fn launch(dir: &std::path::Path, envoy: bool) -> Launch {
         parent_shutdown_time: PARENT_SHUTDOWN,
         runtime_dir: dir.to_path_buf(),
         drained_listeners: Listeners::All,
+        stats_flush_interval: Duration::from_secs(5),
     };
     Launch { command, envoy: Some(envoy) }
 }
