@@ -63,13 +63,14 @@ pub struct Family {
 }
 
 impl Family {
-    /// Whether `answered` (a family as Envoy reported it) is this one; true when this one is not
-    /// known well enough to tell.
+    /// Whether `answered` (a family as Envoy reported it) is this one. A later epoch (started with
+    /// `--base-id`) is ours only once our base id is known: none of ours runs before. An answer
+    /// that names no family (an Envoy that does not report it) is taken for ours.
     pub fn owns(&self, answered: &Family) -> bool {
         match (&answered.base_id_path, answered.base_id) {
-            (Some(path), _) if self.base_id_path.is_some() => self.base_id_path.as_ref() == Some(path),
-            (None, Some(id)) if self.base_id.is_some() => self.base_id == Some(id),
-            _ => true,
+            (Some(path), _) => self.base_id_path.as_ref() == Some(path),
+            (None, Some(id)) => self.base_id == Some(id),
+            (None, None) => true,
         }
     }
 }
@@ -234,6 +235,10 @@ mod tests {
         assert!(ours.owns(&Family { base_id_path: None, base_id: Some(41) }), "a later epoch passes --base-id");
         assert!(!ours.owns(&Family { base_id_path: None, base_id: Some(42) }));
         let unknown_id = Family { base_id_path: Some("/run/a/envoy-base-id".into()), base_id: None };
-        assert!(unknown_id.owns(&Family { base_id_path: None, base_id: Some(42) }), "cannot tell: owned");
+        let later_epoch = Family { base_id_path: None, base_id: Some(42) };
+        assert!(!unknown_id.owns(&later_epoch), "another family's epoch 1 while ours is at epoch 0");
+        assert!(ours.owns(&Family::default()), "an Envoy that names no family");
+        let fixed = Family { base_id_path: None, base_id: Some(7) };
+        assert!(!fixed.owns(&epoch0), "a dynamic family is not a fixed one");
     }
 }
