@@ -16,6 +16,9 @@ use crate::http::Endpoint;
 pub struct Bootstrap {
     /// The `-c` file, None when the whole config is given with `--config-yaml`.
     pub path: Option<PathBuf>,
+    /// The `-c` file is a protobuf (`.pb`, `.pb_text`), which Envoy reads and sesame does not:
+    /// only the `--config-yaml` over it is known.
+    pub opaque: bool,
     value: Value,
 }
 
@@ -27,15 +30,16 @@ impl Bootstrap {
         if path.is_none() && inline.is_none() {
             return Ok(None);
         }
+        let opaque = path.as_deref().is_some_and(is_protobuf);
         let mut value = match &path {
-            Some(path) => parse_file(path)?,
-            None => Value::Object(Default::default()),
+            Some(path) if !opaque => parse_file(path)?,
+            _ => Value::Object(Default::default()),
         };
         if let Some(yaml) = inline {
             let overlay: Value = serde_saphyr::from_str(&yaml).context("--config-yaml is not valid YAML")?;
             merge(&mut value, overlay);
         }
-        Ok(Some(Bootstrap { path, value }))
+        Ok(Some(Bootstrap { path, opaque, value }))
     }
 
     /// The admin address: `admin.address.pipe.path` or `admin.address.socket_address` (Envoy also
@@ -150,6 +154,12 @@ fn visit(value: &Value, f: &mut impl FnMut(&serde_json::Map<String, Value>)) {
         Value::Array(items) => items.iter().for_each(|v| visit(v, f)),
         _ => {}
     }
+}
+
+/// Envoy reads a bootstrap by its extension: `.pb` as binary protobuf, `.pb_text` as text protobuf,
+/// anything else as YAML or JSON.
+fn is_protobuf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "pb" || e == "pb_text")
 }
 
 fn parse_file(path: &Path) -> anyhow::Result<Value> {
@@ -331,5 +341,19 @@ static_resources:
         let path = write(dir.path(), "c.yaml", "static_resources: {}\n");
         let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path.to_str().expect("utf8")])).expect("load");
         assert_eq!(loaded.expect("some").stats_flush_interval(), None);
+    }
+
+    #[test]
+    fn a_protobuf_bootstrap_is_opaque_and_config_yaml_still_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = write(dir.path(), "b.pb_text", "admin { address { pipe { path: \"/x\" } } }\n");
+        let path = path.to_str().expect("utf8");
+        let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path])).expect("no parse error").expect("some");
+        assert!(loaded.opaque);
+        assert_eq!(loaded.admin_address(), None, "what sesame cannot read it does not guess");
+        assert!(loaded.referenced_files().is_empty());
+        let overlay = "admin: { address: { pipe: { path: /run/a.sock } } }";
+        let loaded = Bootstrap::from_command(&argv(&["envoy", "-c", path, "--config-yaml", overlay])).expect("load");
+        assert_eq!(loaded.expect("some").admin_address(), Some(Endpoint::Unix("/run/a.sock".into())));
     }
 }

@@ -75,11 +75,14 @@ impl std::fmt::Display for DrainEnd {
 /// What the supervisor knows about the epochs when the drain starts.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DrainContext {
-    /// An older epoch (from a hot restart) still serves its last connections: count them too.
-    pub older_epoch_alive: bool,
     /// A failed hot restart may have taken the admin API away: then drain by time, do not give up.
     pub degraded: bool,
 }
+
+/// Whether an older epoch (from a hot restart) still serves its last connections, as the
+/// supervisor sees it now: while one does, its connections are counted too (through
+/// `server.total_connections`, which keeps its last share once it is gone, so only while it lives).
+pub type OlderEpoch = watch::Receiver<bool>;
 
 /// What one poll means: done (and why), or poll again. `connections` is None when the poll failed.
 pub fn after_poll(
@@ -102,10 +105,16 @@ pub fn after_poll(
 }
 
 /// Runs the drain, publishing each poll's count in `progress`; returns how it ended.
-pub async fn run(admin: AdminClient, settings: DrainSettings, context: DrainContext, progress: Progress) -> DrainEnd {
+pub async fn run(
+    admin: AdminClient,
+    settings: DrainSettings,
+    context: DrainContext,
+    older: OlderEpoch,
+    progress: Progress,
+) -> DrainEnd {
     let started = Instant::now();
     let deadline = started + settings.timeout;
-    let steps = drain_steps(&admin, &settings, context, started, &progress);
+    let steps = drain_steps(&admin, &settings, context, &older, started, &progress);
     tokio::time::timeout_at(deadline, steps).await.unwrap_or(DrainEnd::Timeout)
 }
 
@@ -113,6 +122,7 @@ async fn drain_steps(
     admin: &AdminClient,
     settings: &DrainSettings,
     context: DrainContext,
+    older: &OlderEpoch,
     started: Instant,
     progress: &Progress,
 ) -> DrainEnd {
@@ -128,7 +138,8 @@ async fn drain_steps(
         if settings.inbound_only { "/drain_listeners?graceful&inboundonly" } else { "/drain_listeners?graceful" };
     post(admin, path, &mut consecutive_errors).await;
     loop {
-        let connections = match admin.connections_across_epochs(&settings.counted, context.older_epoch_alive).await {
+        let older_alive = *older.borrow();
+        let connections = match admin.connections_across_epochs(&settings.counted, older_alive).await {
             Ok(open) => {
                 consecutive_errors = 0;
                 Some(open)
@@ -199,7 +210,7 @@ mod tests {
         assert_eq!(after_poll(&s, c, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT), unreachable);
         assert_eq!(after_poll(&s, c, Duration::from_secs(60), Some(5), 0), Some(DrainEnd::Timeout));
         // Degraded: an unreachable admin is waited out until the timeout.
-        let degraded = DrainContext { degraded: true, ..c };
+        let degraded = DrainContext { degraded: true };
         assert_eq!(after_poll(&s, degraded, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT), None);
         assert_eq!(after_poll(&s, degraded, Duration::from_secs(60), None, 50), Some(DrainEnd::Timeout));
     }
@@ -210,7 +221,8 @@ mod tests {
         let admin = AdminClient::new(Endpoint::Unix(dir.path().join("missing.sock")));
         let (progress, polls) = watch::channel(Some(7));
         let started = Instant::now();
-        let end = run(admin, settings(), DrainContext::default(), progress).await;
+        let (_older, older_alive) = watch::channel(false);
+        let end = run(admin, settings(), DrainContext::default(), older_alive, progress).await;
         assert_eq!(end, DrainEnd::AdminUnreachable);
         // Two failed POSTs, then polls 100 ms apart until five failures in a row: the third poll.
         assert_eq!(started.elapsed(), Duration::from_millis(200));

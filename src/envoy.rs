@@ -131,6 +131,28 @@ pub fn epoch_command(command: &[OsString], epoch: u32, base_id: &BaseId, flags: 
     argv
 }
 
+/// `command` with an admin on the unix socket `socket`, given through `--config-yaml` (which Envoy
+/// merges over the bootstrap). Envoy takes one `--config-yaml` only: the user's is merged into it.
+/// Err when the user's `--config-yaml` is not YAML.
+pub fn with_admin(command: &[OsString], socket: &Path) -> Result<Vec<OsString>, String> {
+    let mut overlay: serde_json::Value = match flag_value(command, &["--config-yaml"]) {
+        Some(yaml) => serde_saphyr::from_str(&yaml.to_string_lossy())
+            .map_err(|e| format!("--config-yaml is not valid YAML: {e}"))?,
+        None => serde_json::json!({}),
+    };
+    let admin = serde_json::json!({ "address": { "pipe": { "path": socket.to_string_lossy() } } });
+    match overlay.as_object_mut() {
+        Some(object) => {
+            object.insert("admin".into(), admin);
+        }
+        None => overlay = serde_json::json!({ "admin": admin }),
+    }
+    let mut argv = without_flag(command, "--config-yaml");
+    // JSON is YAML: Envoy reads it as it reads any --config-yaml.
+    argv.extend(["--config-yaml".into(), overlay.to_string().into()]);
+    Ok(argv)
+}
+
 /// The command for `envoy --mode validate`: the user's configuration, none of the hot-restart flags
 /// (validation must not touch the shared memory of the serving epochs).
 pub fn validate_command(command: &[OsString]) -> Vec<OsString> {
@@ -236,5 +258,20 @@ mod tests {
         assert!(has_flag(&args(&["--base-id", "1"]), "--base-id"));
         assert!(has_flag(&args(&["--base-id=1"]), "--base-id"));
         assert!(!has_flag(&args(&["--base-id-path", "/p"]), "--base-id"));
+    }
+
+    #[test]
+    fn an_admin_is_given_through_config_yaml_merged_with_the_users() {
+        let socket = Path::new("/run/s/admin.sock");
+        let argv = with_admin(&args(&["envoy", "-c", "b.yaml"]), socket).expect("merged");
+        let expected = r#"{"admin":{"address":{"pipe":{"path":"/run/s/admin.sock"}}}}"#;
+        assert_eq!(argv, args(&["envoy", "-c", "b.yaml", "--config-yaml", expected]));
+        let users = args(&["envoy", "-c", "b.yaml", "--config-yaml", "stats_flush_interval: 7s"]);
+        let argv = with_admin(&users, socket).expect("merged");
+        assert_eq!(argv.iter().filter(|a| *a == "--config-yaml").count(), 1, "one --config-yaml only: {argv:?}");
+        let merged: serde_json::Value = serde_json::from_str(&argv[4].to_string_lossy()).expect("json");
+        assert_eq!(merged["stats_flush_interval"], "7s");
+        assert_eq!(merged["admin"]["address"]["pipe"]["path"], "/run/s/admin.sock");
+        assert!(with_admin(&args(&["envoy", "--config-yaml", "[unclosed"]), socket).is_err());
     }
 }

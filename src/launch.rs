@@ -110,7 +110,7 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         return Ok(Launch { command, envoy: None });
     }
     create_private_dir(&runtime_dir)?;
-    let bootstrap = match Bootstrap::from_command(&command) {
+    let read = |command: &[OsString]| match Bootstrap::from_command(command) {
         Ok(bootstrap) => bootstrap,
         Err(e) => {
             // Envoy will refuse a broken bootstrap itself, with its own reason; ours is a hint.
@@ -118,13 +118,35 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
             None
         }
     };
-    let admin = options.admin.clone().or_else(|| bootstrap.as_ref()?.admin_address());
-    match &admin {
-        Some(address) => tracing::info!("Envoy's admin API: {address}"),
-        None => tracing::warn!(
-            "no admin address found (give --admin, or an admin.address in the bootstrap): \
-             SIGTERM will reach Envoy without a graceful drain, and hot restarts cannot be confirmed"
-        ),
+    let mut command = command;
+    let mut bootstrap = read(&command);
+    if let Some(file) = bootstrap.as_ref().filter(|b| b.opaque).and_then(|b| b.path.clone()) {
+        tracing::warn!(
+            "sesame cannot read the protobuf bootstrap {}: the files it names are not watched for changes (give \
+             them with --watch) and sesame does not check its certificates (envoy --mode validate still does)",
+            file.display()
+        );
+    }
+    let mut admin = options.admin.clone().or_else(|| bootstrap.as_ref()?.admin_address());
+    if admin.is_none() {
+        // Without an admin there is no drain and no way to see a new epoch LIVE: give Envoy one.
+        let socket = runtime_dir.join("envoy-admin-sesame.sock");
+        command = envoy::with_admin(&command, &socket).map_err(anyhow::Error::msg)?;
+        let replaced = if bootstrap.as_ref().is_some_and(|b| b.opaque) {
+            " (it replaces any admin of the protobuf bootstrap: give --admin ADDR to keep yours)"
+        } else {
+            ""
+        };
+        tracing::info!(
+            "the bootstrap names no admin: sesame gives Envoy one on unix:{} through --config-yaml, to drain it \
+             and to see new epochs LIVE{replaced}",
+            socket.display()
+        );
+        bootstrap = read(&command);
+        admin = bootstrap.as_ref().and_then(Bootstrap::admin_address);
+    }
+    if let Some(address) = &admin {
+        tracing::info!("Envoy's admin API: {address}");
     }
     let flags = options.envoy_flags.flags();
     let parent_shutdown_secs = envoy::flag_value(&command, &["--parent-shutdown-time-s"])

@@ -175,23 +175,42 @@ fn envoy_killed_during_the_drain_ends_the_launcher_with_137() {
     assert!(log.contains("drain ended: Envoy exited"), "{log}");
 }
 
-#[test]
-fn no_admin_address_means_plain_sigterm_with_a_warning() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let bootstrap = proxy_bootstrap(dir.path(), port, free_port());
-    // The same listener, without an admin section: Envoy runs, sesame cannot drain it.
-    let text = std::fs::read_to_string(&bootstrap).expect("read");
+/// `bootstrap` without its admin section, as Envoy's own `configs/envoy-demo.yaml` is written.
+fn without_admin(bootstrap: &std::path::Path) {
+    let text = std::fs::read_to_string(bootstrap).expect("read");
     let without_admin = text.split_once("static_resources:").map(|(_, rest)| format!("static_resources:{rest}"));
-    std::fs::write(&bootstrap, without_admin.expect("split")).expect("write");
-    let envoy = common::envoy_bin();
-    let bootstrap_arg = bootstrap.to_string_lossy().into_owned();
-    let mut launcher = Launcher::start(Mode::Pid1, &[], &[&envoy.to_string_lossy(), "-c", &bootstrap_arg]);
-    wait_for(Duration::from_secs(30), "Envoy to serve", || request(port, "/direct") == Ok(200));
-    launcher.signal(Signal::SIGTERM);
-    assert_eq!(launcher.exit_code(Duration::from_secs(20)), 0);
-    let log = launcher.log();
-    assert!(log.contains("no admin address found") && log.contains("passing SIGTERM on to Envoy (no drain)"), "{log}");
+    std::fs::write(bootstrap, without_admin.expect("split")).expect("write");
+}
+
+#[test]
+fn a_bootstrap_without_admin_gets_one_and_is_drained_and_reloaded() {
+    for user_config_yaml in [None, Some("stats_flush_interval: 7s")] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let bootstrap = proxy_bootstrap(dir.path(), port, free_port());
+        without_admin(&bootstrap);
+        let envoy = common::envoy_bin().to_string_lossy().into_owned();
+        let bootstrap_arg = bootstrap.to_string_lossy().into_owned();
+        let mut command = vec![envoy.as_str(), "-c", &bootstrap_arg];
+        command.extend(user_config_yaml.iter().flat_map(|yaml| ["--config-yaml", *yaml]));
+        let options = ["--envoy-drain-time", "1s", "--envoy-parent-shutdown-time", "1s"];
+        let mut launcher = Launcher::start(Mode::Pid1, &options, &command);
+        launcher.wait_for_status("Envoy to be ready through the given admin", |s| s["ready"] == true);
+        assert_eq!(request(port, "/direct"), Ok(200));
+        launcher.wait_for_log("the bootstrap names no admin: sesame gives Envoy one on unix:");
+        // A reload is confirmed LIVE through it, never trusted.
+        launcher.signal(Signal::SIGHUP);
+        launcher.wait_for_status("epoch 1 to be seen LIVE", |s| s["current_epoch"] == 1 && s["ready"] == true);
+        assert_eq!(launcher.reloads("success"), 1);
+        launcher.signal(Signal::SIGTERM);
+        assert_eq!(launcher.exit_code(Duration::from_secs(20)), 0, "{}", launcher.log());
+        let log = launcher.log();
+        assert!(
+            log.contains("draining Envoy through its admin unix:") && log.contains("envoy-admin-sesame.sock"),
+            "{log}"
+        );
+        assert!(log.contains("drain ended: connections reached the threshold"), "{log}");
+    }
 }
 
 #[test]

@@ -110,6 +110,8 @@ struct Supervisor<P: Processes> {
     lost_parent: Option<String>,
     /// When an older (draining) epoch last exited.
     older_exited: Option<tokio::time::Instant>,
+    /// Whether more than one epoch lives, for the drain.
+    older_alive: tokio::sync::watch::Sender<bool>,
     /// The hot-restart family of our Envoy; its base id is read once, when epoch 0 is LIVE, and
     /// kept (the runtime directory may be deleted under us).
     family: Family,
@@ -205,6 +207,7 @@ impl<P: Processes> Supervisor<P> {
             generation: 0,
             lost_parent: None,
             older_exited: None,
+            older_alive: tokio::sync::watch::Sender::new(false),
             family,
         };
         match admin {
@@ -242,6 +245,13 @@ impl<P: Processes> Supervisor<P> {
 
     /// Handles one event; returns the current epoch's exit once there is one.
     fn handle(&mut self, event: Event) -> Option<Exit> {
+        let exit = self.handle_event(event);
+        let older = self.epochs.len() > 1;
+        self.older_alive.send_if_modified(|alive| std::mem::replace(alive, older) != older);
+        exit
+    }
+
+    fn handle_event(&mut self, event: Event) -> Option<Exit> {
         match event {
             Event::Signal(sig) => return self.on_signal(sig),
             Event::Deadline(generation) => return self.on_deadline(generation),

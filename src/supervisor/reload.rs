@@ -22,6 +22,10 @@ impl<P: Processes> Supervisor<P> {
             Some(Refusal::ShuttingDown)
         } else if !self.launch.is_envoy() {
             Some(Refusal::NotEnvoy)
+        } else if self.launch.admin().is_none() {
+            // Never confirm an epoch that was not seen LIVE (sesame gives Envoy an admin when the
+            // bootstrap names none, so this is an admin it could not reach at all).
+            Some(Refusal::Invalid("Envoy has no admin to see a new epoch LIVE".into()))
         } else {
             None
         };
@@ -189,10 +193,6 @@ impl<P: Processes> Supervisor<P> {
         self.metrics.epochs_started.inc();
         self.metrics.live_epochs.set(self.epochs.len() as i64);
         let (live_poll, poll) = self.poll_live(epoch, Some(self.settings.reload_timeout));
-        if poll.is_none() {
-            // Without an admin API there is no way to see the new epoch LIVE: trust its start.
-            let _ = self.events.send(Event::EpochLive { epoch, poll: live_poll, result: Ok(()) });
-        }
         if let Some(busy) = self.reload.busy() {
             busy.step = Step::Starting { epoch, pid, poll, live_poll };
         }

@@ -61,14 +61,12 @@ impl<P: Processes> Supervisor<P> {
                             admin.address(),
                             self.settings.drain.timeout
                         );
-                        let context = DrainContext {
-                            older_epoch_alive: self.epochs.len() > 1,
-                            degraded: self.reload.blocked().is_some(),
-                        };
+                        let context = DrainContext { degraded: self.reload.blocked().is_some() };
+                        let older = self.older_alive.subscribe();
                         let (publish, progress) = watch::channel(None);
                         let (settings, events) = (self.settings.drain.clone(), self.events.clone());
                         let task = tokio::spawn(async move {
-                            let end = drain::run(admin, settings, context, publish).await;
+                            let end = drain::run(admin, settings, context, older, publish).await;
                             let _ = events.send(Event::DrainEnded(end));
                         });
                         self.phase = Phase::Draining { started: Instant::now(), task, progress };
