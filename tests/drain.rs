@@ -243,3 +243,68 @@ fn inbound_only_drains_wait_for_inbound_connections_only() {
         "{log}"
     );
 }
+
+#[test]
+fn a_protobuf_bootstrap_is_drained_and_reloaded_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [port, admin_port] = common::free_ports();
+    let text =
+        PB_TEXT_BOOTSTRAP.replace("ADMIN_PORT", &admin_port.to_string()).replace("LISTENER_PORT", &port.to_string());
+    let bootstrap = dir.path().join("envoy.pb_text");
+    std::fs::write(&bootstrap, text).expect("bootstrap");
+    let envoy = common::envoy_bin().to_string_lossy().into_owned();
+    let bootstrap_arg = bootstrap.to_string_lossy().into_owned();
+    let options = ["--envoy-drain-time", "1s", "--envoy-parent-shutdown-time", "1s"];
+    let mut launcher = Launcher::start(Mode::Pid1, &options, &[&envoy, "-c", &bootstrap_arg]);
+    launcher.wait_for_status("Envoy to be ready", |s| s["ready"] == true);
+    assert_eq!(request(port, "/"), Ok(200));
+    let log = launcher.log();
+    assert!(log.contains(&format!("sesame cannot read the protobuf bootstrap {bootstrap_arg}")), "{log}");
+    assert!(
+        log.contains("give them with --watch") && log.contains("replaces any admin of the protobuf bootstrap"),
+        "{log}"
+    );
+    launcher.signal(Signal::SIGHUP);
+    launcher.wait_for_status("epoch 1 to be seen LIVE", |s| s["current_epoch"] == 1 && s["ready"] == true);
+    launcher.signal(Signal::SIGTERM);
+    assert_eq!(launcher.exit_code(Duration::from_secs(20)), 0, "{}", launcher.log());
+    assert!(launcher.log().contains("drain ended: connections reached the threshold"), "{}", launcher.log());
+}
+
+/// A text-protobuf bootstrap, as Envoy reads a `.pb_text` file: an admin on TCP, one listener.
+const PB_TEXT_BOOTSTRAP: &str = r#"admin {
+  address { socket_address { address: "127.0.0.1" port_value: ADMIN_PORT } }
+}
+static_resources {
+  listeners {
+    name: "l1"
+    address { socket_address { address: "127.0.0.1" port_value: LISTENER_PORT } }
+    filter_chains {
+      filters {
+        name: "envoy.filters.network.http_connection_manager"
+        typed_config {
+          [type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager] {
+            stat_prefix: "hcm"
+            route_config {
+              virtual_hosts {
+                name: "vh"
+                domains: "*"
+                routes {
+                  match { prefix: "/" }
+                  direct_response { status: 200 body { inline_string: "pbtext\n" } }
+                }
+              }
+            }
+            http_filters {
+              name: "envoy.filters.http.router"
+              typed_config {
+                [type.googleapis.com/envoy.extensions.filters.http.router.v3.Router] {}
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+"#;
