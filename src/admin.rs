@@ -17,6 +17,33 @@ pub struct AdminClient {
     http: HttpClient,
 }
 
+/// Where an epoch's admin is: an address, or, for an admin on port 0, the file Envoy writes the
+/// address it bound to (`--admin-address-path`), once it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddress {
+    At(Endpoint),
+    InFile(std::path::PathBuf),
+}
+
+impl AdminAddress {
+    /// The address now: None while the file is not written yet.
+    pub fn resolve(&self) -> Option<Endpoint> {
+        match self {
+            AdminAddress::At(endpoint) => Some(endpoint.clone()),
+            AdminAddress::InFile(file) => std::fs::read_to_string(file).ok()?.trim().parse().ok(),
+        }
+    }
+}
+
+impl std::fmt::Display for AdminAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminAddress::At(endpoint) => write!(f, "{endpoint}"),
+            AdminAddress::InFile(file) => write!(f, "the address Envoy writes to {}", file.display()),
+        }
+    }
+}
+
 impl AdminClient {
     pub fn new(address: Endpoint) -> Self {
         AdminClient { http: HttpClient::new(address, REQUEST_TIMEOUT) }
@@ -121,6 +148,16 @@ impl AdminClient {
         let listeners_stopped = sum_stats(&body, |name| name == "listener_manager.listener_stopped")
             .ok_or_else(|| self.http.unreadable(PATH, &body))?;
         Ok(EnvoyHealth { state: info.state, restart_epoch: info.restart_epoch, listeners_stopped, family: info.family })
+    }
+
+    /// Whether this Envoy has started its workers, which it does in the same moment it tells its
+    /// parent epoch to drain its listeners: from then on it is the one that serves.
+    pub async fn workers_started(&self) -> Result<bool, HttpError> {
+        const PATH: &str = "/stats?format=json&filter=%5Elistener_manager%5C.workers_started%24";
+        let body = self.expect_ok(Method::GET, PATH).await?;
+        let started = sum_stats(&body, |name| name == "listener_manager.workers_started")
+            .ok_or_else(|| self.http.unreadable(PATH, &body))?;
+        Ok(started > 0)
     }
 }
 

@@ -5,12 +5,13 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::admin::{AdminClient, Family, Listeners};
+use crate::admin::{AdminAddress, Family, Listeners};
 use crate::bootstrap::Bootstrap;
 use crate::cli::RunOptions;
 use crate::demo::Demo;
 use crate::envoy::{self, BaseId, EnvoyFlags};
 use crate::files::create_private_dir;
+use crate::http::Endpoint;
 
 /// The command the supervisor starts, and whether it is Envoy (drain and hot restart apply) or any
 /// other program (a plain init).
@@ -24,8 +25,11 @@ pub struct Launch {
 /// What the launcher knows about an Envoy command.
 #[derive(Debug, Clone)]
 pub struct EnvoyLaunch {
-    /// Envoy's admin API; None when no admin address is known.
-    pub admin: Option<AdminClient>,
+    /// Epoch 0's admin (later epochs' come from the bootstrap they start with); None when no admin
+    /// address is known.
+    pub admin: Option<AdminAddress>,
+    /// `--admin` was given: every epoch's admin is there, whatever the bootstrap says.
+    pub admin_override: bool,
     /// Where Envoy writes the base id it picked; None when the command fixes it with --base-id.
     pub base_id_file: Option<PathBuf>,
     pub flags: EnvoyFlags,
@@ -70,9 +74,25 @@ impl Launch {
         }
     }
 
-    /// Envoy's admin API, when there is one to talk to.
-    pub fn admin(&self) -> Option<AdminClient> {
+    /// Epoch 0's admin, when there is one.
+    pub fn admin(&self) -> Option<AdminAddress> {
         self.envoy.as_ref()?.admin.clone()
+    }
+
+    /// The admin of an epoch whose bootstrap names `from_bootstrap`: `--admin` when given; for an
+    /// admin on port 0, the file Envoy writes the bound address to.
+    pub fn admin_address(&self, from_bootstrap: Option<Endpoint>) -> Option<AdminAddress> {
+        let envoy = self.envoy.as_ref()?;
+        if envoy.admin_override {
+            return envoy.admin.clone();
+        }
+        match from_bootstrap? {
+            Endpoint::Tcp(_, 0) => {
+                let file = envoy::flag_value(&self.command, &["--admin-address-path"])?;
+                Some(AdminAddress::InFile(PathBuf::from(file)))
+            }
+            endpoint => Some(AdminAddress::At(endpoint)),
+        }
     }
 
     /// The command line of an epoch. Later epochs reuse the base id that epoch 0 picked.
@@ -145,6 +165,10 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         bootstrap = read(&command);
         admin = bootstrap.as_ref().and_then(Bootstrap::admin_address);
     }
+    if matches!(admin, Some(Endpoint::Tcp(_, 0))) && envoy::flag_value(&command, &["--admin-address-path"]).is_none() {
+        // An admin on port 0 is found through the file Envoy writes its address to.
+        command.extend(["--admin-address-path".into(), runtime_dir.join("envoy-admin-address").into()]);
+    }
     if let Some(address) = &admin {
         tracing::info!("Envoy's admin API: {address}");
     }
@@ -168,9 +192,11 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
     } else {
         Listeners::All
     };
+    let admin_override = options.admin.is_some();
     let envoy = EnvoyLaunch {
         drained_listeners,
-        admin: admin.map(AdminClient::new),
+        admin: None,
+        admin_override,
         base_id_file: envoy::base_id_file(&command, &runtime_dir.join("envoy-base-id")),
         flags,
         parent_shutdown_time: Duration::from_secs(parent_shutdown_secs),
@@ -180,5 +206,10 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
             .unwrap_or(crate::bootstrap::DEFAULT_STATS_FLUSH),
         runtime_dir,
     };
-    Ok(Launch { command, envoy: Some(envoy) })
+    let mut launch = Launch { command, envoy: Some(envoy) };
+    let epoch0_admin = if admin_override { admin.map(AdminAddress::At) } else { launch.admin_address(admin) };
+    if let Some(envoy) = launch.envoy.as_mut() {
+        envoy.admin = epoch0_admin;
+    }
+    Ok(launch)
 }

@@ -7,9 +7,10 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use crate::admin::{AdminClient, Family};
+use crate::admin::{AdminAddress, AdminClient, Family};
 use crate::bootstrap::Bootstrap;
 use crate::certs;
+use crate::http::Endpoint;
 use crate::process::Exit;
 
 /// Why a reload did not happen (or did not succeed).
@@ -43,6 +44,8 @@ impl std::fmt::Display for Refusal {
 #[derive(Debug, Clone)]
 pub struct Preflight {
     pub input: Input,
+    /// The admin address the bootstrap (with `--config-yaml`) names now.
+    pub admin: Option<Endpoint>,
 }
 
 /// The files a new epoch reads (the bootstrap and every file it names) and their contents when
@@ -82,6 +85,7 @@ pub fn preflight(command: &[OsString], expiry_warn: Duration) -> Result<Prefligh
     let mut files: Vec<PathBuf> = bootstrap.iter().flat_map(|b| b.path.clone()).collect();
     files.extend(bootstrap.iter().flat_map(Bootstrap::referenced_files));
     let input = Input::read(files);
+    let admin = bootstrap.as_ref().and_then(Bootstrap::admin_address);
     let pairs = bootstrap.map(|b| b.tls_pairs()).unwrap_or_default();
     let now = SystemTime::now();
     for pair in &pairs {
@@ -102,7 +106,7 @@ pub fn preflight(command: &[OsString], expiry_warn: Duration) -> Result<Prefligh
         }
     }
     tracing::debug!("{} certificate/key pairs checked", pairs.len());
-    Ok(Preflight { input })
+    Ok(Preflight { input, admin })
 }
 
 /// Reads what `envoy --mode validate` printed and turns its exit into the verdict.
@@ -125,23 +129,30 @@ fn last_error_line(text: &str) -> String {
 const LIVE_POLL: Duration = Duration::from_millis(50);
 
 /// Polls the admin until it answers as `epoch` in state LIVE, or `timeout` passes (None: no limit).
+/// Polls `address` until it answers as `epoch` of `family` in state LIVE, or `timeout` passes
+/// (None: no limit); returns the address it answered on.
 pub async fn await_live(
-    admin: AdminClient,
+    address: AdminAddress,
     epoch: u32,
     family: Family,
     timeout: Option<Duration>,
-) -> Result<(), String> {
+) -> Result<Endpoint, String> {
     // Also ends when a later epoch holds the admin: this one will never answer there again, and a
     // poll that never ends would wake the launcher 20 times a second for good.
     let poll = async {
         loop {
-            // An Envoy of another family on the same address (one still dying, another launcher's)
-            // is no answer at all.
-            if let Ok(info) = admin.server_info().await
+            // An admin on port 0 is found once Envoy has written its address; an Envoy of another
+            // family on the same address (one still dying, another launcher's) is no answer at all.
+            let endpoint = address.resolve();
+            let answer = match &endpoint {
+                Some(endpoint) => AdminClient::new(endpoint.clone()).server_info().await.ok(),
+                None => None,
+            };
+            if let (Some(endpoint), Some(info)) = (endpoint, answer)
                 && family.owns(&info.family)
             {
                 if info.restart_epoch == epoch && info.state == "LIVE" {
-                    return Ok(());
+                    return Ok(endpoint);
                 }
                 if info.restart_epoch > epoch {
                     return Err(format!(
@@ -153,11 +164,28 @@ pub async fn await_live(
             tokio::time::sleep(LIVE_POLL).await;
         }
     };
-    match timeout {
-        Some(timeout) => tokio::time::timeout(timeout, poll)
-            .await
-            .unwrap_or_else(|_| Err(format!("epoch {epoch} did not answer LIVE on the admin API within {timeout:?}"))),
-        None => poll.await,
+    let Some(timeout) = timeout else { return poll.await };
+    match tokio::time::timeout(timeout, poll).await {
+        Ok(result) => result,
+        Err(_) => {
+            // Not LIVE in time; but once it has started its workers it has told the old epoch to
+            // drain its listeners, and it is the one that serves: it must not be killed then.
+            let serving = match address.resolve() {
+                Some(endpoint) => {
+                    AdminClient::new(endpoint.clone()).workers_started().await.is_ok_and(|s| s).then_some(endpoint)
+                }
+                None => None,
+            };
+            match serving {
+                Some(endpoint) => {
+                    tracing::warn!(
+                        "epoch {epoch} was not LIVE within {timeout:?}, but it has started its workers and serves"
+                    );
+                    Ok(endpoint)
+                }
+                None => Err(format!("epoch {epoch} did not answer LIVE on {address} within {timeout:?}")),
+            }
+        }
     }
 }
 

@@ -41,6 +41,8 @@ pub struct EpochStatus {
     /// For a draining epoch: when it is told to exit (its successor's start plus the parent
     /// shutdown time).
     pub exits_by_unix: Option<u64>,
+    /// Its admin: where it answered LIVE, or where its bootstrap says it is.
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -308,3 +308,63 @@ static_resources {
   }
 }
 "#;
+
+/// The proxy bootstrap with its admin on TCP `127.0.0.1:admin_port` instead of the unix socket.
+fn with_tcp_admin(bootstrap: &std::path::Path, admin_port: u16) {
+    let text = std::fs::read_to_string(bootstrap).expect("read");
+    let (_, rest) = text.split_once("static_resources:").expect("split");
+    let admin =
+        format!("admin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}\n");
+    std::fs::write(bootstrap, format!("{admin}static_resources:{rest}")).expect("write");
+}
+
+#[test]
+fn an_admin_address_changed_with_the_bootstrap_is_followed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [port, first, second] = common::free_ports();
+    let bootstrap = proxy_bootstrap(dir.path(), port, free_port());
+    with_tcp_admin(&bootstrap, first);
+    let envoy = common::envoy_bin().to_string_lossy().into_owned();
+    let bootstrap_arg = bootstrap.to_string_lossy().into_owned();
+    let options = ["--envoy-drain-time", "1s", "--envoy-parent-shutdown-time", "1s"];
+    let mut launcher = Launcher::start(Mode::Pid1, &options, &[&envoy, "-c", &bootstrap_arg]);
+    launcher.wait_for_status("Envoy to be ready", |s| s["ready"] == true);
+    // The edited bootstrap moves the admin: the new epoch is polled there, and serves.
+    with_tcp_admin(&bootstrap, second);
+    let status = launcher.wait_for_status("epoch 1 to serve alone, ready", |s| {
+        s["current_epoch"] == 1 && s["ready"] == true && s["epochs"].as_array().is_some_and(|e| e.len() == 1)
+    });
+    assert_eq!(status["epochs"][0]["admin"], format!("127.0.0.1:{second}"), "{status:#}");
+    assert_eq!(status["envoy"]["state"], "LIVE");
+    assert!(status["degraded"].is_null(), "{status:#}");
+    assert_eq!(request(port, "/direct"), Ok(200), "the listener serves");
+    launcher.signal(Signal::SIGTERM);
+    assert_eq!(launcher.exit_code(Duration::from_secs(20)), 0, "{}", launcher.log());
+    let log = launcher.log();
+    assert!(log.contains(&format!("draining Envoy through its admin 127.0.0.1:{second}")), "{log}");
+    assert!(log.contains("drain ended: connections reached the threshold"), "{log}");
+}
+
+#[test]
+fn an_admin_on_port_0_is_found_through_the_address_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let bootstrap = proxy_bootstrap(dir.path(), port, free_port());
+    with_tcp_admin(&bootstrap, 0);
+    let envoy = common::envoy_bin().to_string_lossy().into_owned();
+    let bootstrap_arg = bootstrap.to_string_lossy().into_owned();
+    let options = ["--envoy-drain-time", "1s", "--envoy-parent-shutdown-time", "1s"];
+    let mut launcher = Launcher::start(Mode::Pid1, &options, &[&envoy, "-c", &bootstrap_arg]);
+    let status = launcher.wait_for_status("Envoy to be ready", |s| s["ready"] == true);
+    let first = status["epochs"][0]["admin"].as_str().expect("admin").to_string();
+    assert!(first.starts_with("127.0.0.1:") && !first.ends_with(":0"), "the bound address: {first}");
+    launcher.signal(Signal::SIGHUP);
+    let status = launcher.wait_for_status("epoch 1 to serve alone, ready", |s| {
+        s["current_epoch"] == 1 && s["ready"] == true && s["epochs"].as_array().is_some_and(|e| e.len() == 1)
+    });
+    let second = status["epochs"][0]["admin"].as_str().expect("admin").to_string();
+    assert_ne!(first, second, "each epoch binds a port of its own");
+    launcher.signal(Signal::SIGTERM);
+    assert_eq!(launcher.exit_code(Duration::from_secs(20)), 0, "{}", launcher.log());
+    assert!(launcher.log().contains(&format!("draining Envoy through its admin {second}")), "{}", launcher.log());
+}

@@ -6,6 +6,8 @@ use std::time::SystemTime;
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
+use crate::admin::{AdminAddress, AdminClient};
+use crate::http::Endpoint;
 use crate::process::{Processes, signal_name};
 
 /// One Envoy process (or, for a plain command, the command itself as epoch 0).
@@ -23,6 +25,10 @@ pub struct Epoch {
     /// Signals to pass on once it is LIVE: before, its handlers may not be installed, and a signal
     /// whose default action is to terminate (SIGUSR1 from logrotate, say) would kill it.
     held: Vec<i32>,
+    /// Where its admin is, from the bootstrap it was started with.
+    pub admin: Option<AdminAddress>,
+    /// The address its admin answered LIVE on (for an admin on port 0, read from its file).
+    pub admin_answered: Option<Endpoint>,
 }
 
 impl Epoch {
@@ -35,7 +41,19 @@ impl Epoch {
             live,
             stopped: false,
             held: vec![],
+            admin: None,
+            admin_answered: None,
         }
+    }
+
+    pub fn with_admin(self, admin: Option<AdminAddress>) -> Epoch {
+        Epoch { admin, ..self }
+    }
+
+    /// Its admin: where it answered LIVE, or where its bootstrap says it is.
+    pub fn admin_client(&self) -> Option<AdminClient> {
+        let endpoint = self.admin_answered.clone().or_else(|| self.admin.as_ref()?.resolve())?;
+        Some(AdminClient::new(endpoint))
     }
 }
 
@@ -68,6 +86,18 @@ impl Epochs {
 
     pub fn find(&self, number: u32) -> Option<&Epoch> {
         self.list.iter().find(|e| e.number == number)
+    }
+
+    /// The admin of the epoch that serves.
+    pub fn current_admin(&self) -> Option<AdminClient> {
+        self.find(self.current)?.admin_client()
+    }
+
+    /// Records where `number`'s admin answered LIVE.
+    pub fn answered_on(&mut self, number: u32, endpoint: Endpoint) {
+        if let Some(epoch) = self.list.iter_mut().find(|e| e.number == number) {
+            epoch.admin_answered = Some(endpoint);
+        }
     }
 
     /// The number the next epoch gets: one above every epoch started so far.

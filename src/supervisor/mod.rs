@@ -32,9 +32,10 @@ use std::time::Duration;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
-use crate::admin::Family;
+use crate::admin::{AdminAddress, Family};
 use crate::control::{self, ControlRequest, ControlSettings};
 use crate::drain::{DrainEnd, DrainSettings};
+use crate::http::Endpoint;
 use crate::launch::Launch;
 use crate::metrics::Metrics;
 use crate::process::{self, Exit, InitMode, Processes, System, signal_name};
@@ -66,11 +67,11 @@ enum Event {
         attempt: Generation,
         result: Result<(), String>,
     },
-    /// The LIVE poll `poll` of an epoch ended: it answered LIVE, or why not.
+    /// The LIVE poll `poll` of an epoch ended: it answered LIVE (on this address), or why not.
     EpochLive {
         epoch: u32,
         poll: Generation,
-        result: Result<(), String>,
+        result: Result<Endpoint, String>,
     },
     /// A timer set by `schedule` ran out.
     Deadline(Generation),
@@ -173,6 +174,8 @@ impl<P: Processes> Supervisor<P> {
         systemd: Notifier,
     ) -> Result<Self, i32> {
         let argv = launch.epoch_argv(0, None);
+        let admin = launch.admin();
+        forget_admin_address_file(admin.as_ref());
         // A plain command gets the terminal as under tini; Envoy does not, so that Ctrl-C reaches the launcher.
         let pid = processes.spawn(&argv, !launch.is_envoy(), None).map_err(|e| {
             tracing::error!("{e}");
@@ -189,10 +192,9 @@ impl<P: Processes> Supervisor<P> {
                 tracing::warn!("cannot watch files for changes ({e}): hot restarts only on SIGHUP");
             }
         }
-        let admin = launch.admin();
         let family = launch.family();
         let mut supervisor = Supervisor {
-            epochs: Epochs::new(Epoch::new(0, pid, admin.is_none())),
+            epochs: Epochs::new(Epoch::new(0, pid, admin.is_none()).with_admin(admin.clone())),
             launch,
             settings,
             processes,
@@ -327,7 +329,7 @@ impl<P: Processes> Supervisor<P> {
     /// `Event::EpochLive` with the poll's generation. No task when there is no admin to poll.
     fn poll_live(&mut self, epoch: u32, timeout: Option<Duration>) -> (Generation, Option<JoinHandle<()>>) {
         let poll = self.next_generation();
-        let Some(admin) = self.launch.admin() else { return (poll, None) };
+        let Some(admin) = self.epochs.find(epoch).and_then(|e| e.admin.clone()) else { return (poll, None) };
         let (events, family) = (self.events.clone(), self.family.clone());
         let task = tokio::spawn(async move {
             let result = crate::reload::await_live(admin, epoch, family, timeout).await;
@@ -410,6 +412,17 @@ impl<P: Processes> Supervisor<P> {
                 let _ = self.request_reload("control API".into(), Some(reply));
             }
         }
+    }
+}
+
+/// For an admin on port 0: the file Envoy writes the bound address to is removed before an epoch
+/// starts, so that what is read from it next is that epoch's.
+fn forget_admin_address_file(admin: Option<&AdminAddress>) {
+    if let Some(AdminAddress::InFile(file)) = admin
+        && let Err(e) = std::fs::remove_file(file)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("cannot remove the admin address file {}: {e}", file.display());
     }
 }
 

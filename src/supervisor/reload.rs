@@ -10,6 +10,7 @@ use super::shutdown::{Phase, REAP_AFTER_KILL_TIMEOUT};
 use super::{Event, Generation, Supervisor, shell_words};
 use crate::clock::unix_seconds;
 use crate::envoy;
+use crate::http::Endpoint;
 use crate::process::{Exit, Processes};
 use crate::reload::{self, Preflight, Refusal};
 use crate::status::ReloadStatus;
@@ -119,7 +120,8 @@ impl<P: Processes> Supervisor<P> {
                 // A validator that hangs must not hold the reload (and its callers) for ever.
                 let deadline = self.schedule(self.settings.reload_timeout);
                 if let Some(busy) = self.reload.attempt(attempt) {
-                    let checked = Checked { base_id: self.family.base_id, input: preflight.input };
+                    let admin = self.launch.admin_address(preflight.admin);
+                    let checked = Checked { base_id: self.family.base_id, input: preflight.input, admin };
                     busy.step = Step::Validating { pid, output, checked, deadline, killed: false };
                 }
             }
@@ -183,13 +185,17 @@ impl<P: Processes> Supervisor<P> {
             );
             return self.preflight_again();
         }
+        if checked.admin.is_none() {
+            return self.reload_refused("the bootstrap names no admin (sesame gives one only at its start)");
+        }
+        super::forget_admin_address_file(checked.admin.as_ref());
         let argv = self.launch.epoch_argv(epoch, checked.base_id);
         let pid = match self.processes.spawn(&argv, false, None) {
             Ok(pid) => pid,
             Err(e) => return self.reload_refused(&e.to_string()),
         };
         tracing::info!(pid = pid.as_raw(), "hot restart: started epoch {epoch}: {}", shell_words(&argv));
-        self.epochs.add(Epoch::new(epoch, pid, false));
+        self.epochs.add(Epoch::new(epoch, pid, false).with_admin(checked.admin.clone()));
         self.metrics.epochs_started.inc();
         self.metrics.live_epochs.set(self.epochs.len() as i64);
         let (live_poll, poll) = self.poll_live(epoch, Some(self.settings.reload_timeout));
@@ -198,7 +204,10 @@ impl<P: Processes> Supervisor<P> {
         }
     }
 
-    pub(super) fn on_epoch_live(&mut self, epoch: u32, live_poll: Generation, result: Result<(), String>) {
+    pub(super) fn on_epoch_live(&mut self, epoch: u32, live_poll: Generation, result: Result<Endpoint, String>) {
+        if let Ok(endpoint) = &result {
+            self.epochs.answered_on(epoch, endpoint.clone());
+        }
         if epoch == self.epochs.current_number() && result.is_ok() {
             if let Some(serving) = self.epochs.mark_live(epoch, &mut self.processes) {
                 tracing::info!(pid = serving.pid.as_raw(), "Envoy epoch {epoch} is LIVE");
@@ -220,7 +229,7 @@ impl<P: Processes> Supervisor<P> {
             return;
         }
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(
                     pid = pid.as_raw(),
                     "hot restart done: epoch {epoch} is LIVE, {:.2?} after the trigger; epoch {} drains and exits on its own",

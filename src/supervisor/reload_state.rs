@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Generation;
+use crate::admin::AdminAddress;
 use crate::reload::{Input, Refusal};
 
 /// A caller of `/reload`, answered with the new epoch or why there is none.
@@ -81,6 +82,8 @@ impl Step {
 pub struct Checked {
     pub base_id: Option<u32>,
     pub input: Input,
+    /// Where the new epoch's admin will be, from the bootstrap that was checked.
+    pub admin: Option<AdminAddress>,
 }
 
 /// What becomes of a trigger.

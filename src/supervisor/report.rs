@@ -34,7 +34,7 @@ impl<P: Processes> Supervisor<P> {
             Some(Step::Starting { epoch, .. }) => Some(*epoch),
             _ => None,
         };
-        let probe = self.launch.admin().map(|admin| ProbeTarget {
+        let probe = self.epochs.current_admin().map(|admin| ProbeTarget {
             admin,
             current: self.epochs.current_number(),
             starting,
@@ -78,6 +78,7 @@ impl<P: Processes> Supervisor<P> {
             started_unix: unix_seconds(epoch.started_at),
             state,
             exits_by_unix,
+            admin: epoch.admin_client().map(|admin| admin.address().to_string()),
         }
     }
 

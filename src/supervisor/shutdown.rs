@@ -54,7 +54,7 @@ impl<P: Processes> Supervisor<P> {
         match &self.phase {
             Phase::Running => {
                 self.cancel_reload();
-                match self.launch.admin() {
+                match self.epochs.current_admin() {
                     Some(admin) if !self.settings.drain.timeout.is_zero() => {
                         tracing::info!(
                             "{trigger}: draining Envoy through its admin {} (at most {:?})",

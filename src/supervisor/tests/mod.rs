@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::reload_state::Step;
 use super::*;
-use crate::admin::{AdminClient, Listeners};
+use crate::admin::{AdminAddress, Listeners};
 use crate::envoy::EnvoyFlags;
 use crate::http::Endpoint;
 use crate::launch::EnvoyLaunch;
@@ -116,7 +116,8 @@ fn launch(dir: &std::path::Path, envoy: bool) -> Launch {
     }
     let flags = EnvoyFlags { drain_time_s: 30, drain_strategy: "immediate", parent_shutdown_time_s: 45 };
     let envoy = EnvoyLaunch {
-        admin: Some(AdminClient::new(Endpoint::Unix(dir.join("nobody-listens.sock")))),
+        admin: Some(AdminAddress::At(Endpoint::Unix(dir.join("nobody-listens.sock")))),
+        admin_override: true,
         base_id_file: Some(dir.join("envoy-base-id")),
         flags,
         parent_shutdown_time: PARENT_SHUTDOWN,
@@ -189,7 +190,8 @@ impl Harness {
             Some(Step::Starting { epoch: starting, live_poll, .. }) if *starting == epoch => *live_poll,
             _ => 0,
         };
-        self.sup.handle(Event::EpochLive { epoch, poll, result: Ok(()) })
+        let answered = Endpoint::Unix(self.dir.path().join("nobody-listens.sock"));
+        self.sup.handle(Event::EpochLive { epoch, poll, result: Ok(answered) })
     }
 
     fn pid_of(&self, epoch: u32) -> Pid {

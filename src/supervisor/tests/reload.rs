@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::http::Endpoint;
 
 #[tokio::test(start_paused = true)]
 async fn a_reload_runs_every_step_and_the_new_epoch_serves() {
@@ -203,7 +204,7 @@ async fn a_live_answer_from_another_poll_is_stale() {
     h.validated_after_sighup().await;
     let Some(Step::Starting { live_poll, .. }) = h.sup.reload.step() else { panic!("starting") };
     let stale = live_poll - 1;
-    h.sup.handle(Event::EpochLive { epoch: 1, poll: stale, result: Ok(()) });
+    h.sup.handle(Event::EpochLive { epoch: 1, poll: stale, result: Ok(Endpoint::Unix("/x".into())) });
     assert_eq!(h.sup.epochs.current_number(), 0, "a stale answer promotes nobody");
     h.sup.handle(Event::EpochLive { epoch: 1, poll: stale, result: Err("gone".into()) });
     assert!(h.world.signals().is_empty() && h.sup.reload.blocked().is_none(), "nor fails anybody");
