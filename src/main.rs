@@ -113,6 +113,7 @@ fn run(options: &cli::RunOptions) -> i32 {
         watch,
         control: control::ControlSettings {
             socket: options.location.control_socket(),
+            runtime_dir: options.runtime_dir(),
             http: options.http.clone(),
             http_tls: options
                 .http_tls_cert

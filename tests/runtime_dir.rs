@@ -71,3 +71,38 @@ fn a_second_launcher_on_the_same_runtime_directory_exits_at_once_and_touches_not
     third.signal(Signal::SIGTERM);
     assert_eq!(third.exit_code(Duration::from_secs(30)), 0, "{}", third.log());
 }
+
+#[test]
+fn a_deleted_runtime_directory_is_created_again_and_hot_restarts_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = common::Upstream::start(Duration::ZERO);
+    let port = common::free_port();
+    // Envoy's admin outside the runtime directory, as in most real bootstraps.
+    let bootstrap = common::proxy_bootstrap(dir.path(), port, upstream.port);
+    let options = ["--envoy-drain-time", "1s", "--envoy-parent-shutdown-time", "1s"];
+    let launcher = Launcher::start_envoy(Mode::Pid1, &options, &bootstrap);
+    let runtime = launcher.runtime_dir();
+    launcher.wait_for_status("ready", |s| s["ready"] == true);
+
+    std::fs::remove_dir_all(&runtime).expect("rm -rf the runtime directory");
+    launcher.wait_for_log("was removed: created again, with the control socket and the lock");
+    launcher.wait_for_status("the control socket to answer again", |s| s["ready"] == true);
+    assert!(runtime.join("sesame.lock").exists(), "the lock is taken again");
+
+    // The base id was kept: the next hot restart goes through, though its file is gone.
+    launcher.signal(Signal::SIGHUP);
+    let status = launcher.wait_for_status("epoch 1 to serve", |s| s["current_epoch"] == 1 && s["ready"] == true);
+    assert!(status["degraded"].is_null(), "{status:#}");
+    assert_eq!(launcher.reloads("success"), 1, "{}", launcher.log());
+
+    // And the directory is still one launcher's.
+    let envoy = envoy_bin().to_string_lossy().into_owned();
+    let runtime_arg = runtime.to_string_lossy().into_owned();
+    let mut second = Launcher::start_program(
+        Mode::Plain,
+        Path::new(SESAME),
+        &["run", "--runtime-dir", &runtime_arg, "--envoy-bin", &envoy],
+    );
+    assert_eq!(second.exit_code(Duration::from_secs(10)), 1, "{}", second.log());
+    assert!(second.log().contains("is in use by sesame"), "{}", second.log());
+}

@@ -229,20 +229,27 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<(UnixListener, ControlSocket)> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot chmod {}", path.display()))?;
     let inode = std::fs::symlink_metadata(path).with_context(|| format!("cannot stat {}", path.display()))?.ino();
-    Ok((listener, ControlSocket { path: path.to_path_buf(), inode }))
+    let socket = ControlSocket { path: path.to_path_buf(), inode: Arc::new(std::sync::atomic::AtomicU64::new(inode)) };
+    Ok((listener, socket))
 }
 
-/// The control socket's file, as bound: removed when the launcher exits, unless something else
-/// has been put at its path meanwhile.
-#[derive(Debug)]
+/// The control socket's file, as bound (and bound again, should it be removed): removed when the
+/// launcher exits, unless something else has been put at its path meanwhile.
+#[derive(Debug, Clone)]
 pub struct ControlSocket {
-    path: PathBuf,
-    inode: u64,
+    pub path: PathBuf,
+    pub inode: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ControlSocket {
+    /// Whether the file at the path is still the socket the launcher bound.
+    pub fn is_there(&self) -> bool {
+        let inode = self.inode.load(std::sync::atomic::Ordering::Relaxed);
+        std::fs::symlink_metadata(&self.path).is_ok_and(|meta| meta.ino() == inode)
+    }
+
     pub fn remove(self) {
-        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|meta| meta.ino() == self.inode);
+        let ours = self.is_there();
         if ours && let Err(e) = std::fs::remove_file(&self.path) {
             tracing::warn!("cannot remove the control socket {}: {e}", self.path.display());
         }

@@ -20,6 +20,7 @@ use crate::reload::Refusal;
 use crate::status::Status;
 use crate::watch::{self, WatchSpec};
 
+mod keeper;
 mod listener;
 mod probes;
 
@@ -29,6 +30,8 @@ pub use listener::ControlSocket;
 #[derive(Debug, Clone)]
 pub struct ControlSettings {
     pub socket: PathBuf,
+    /// The runtime directory: when it is removed with the socket, its lock is taken again.
+    pub runtime_dir: PathBuf,
     pub http: Option<String>,
     pub http_tls: Option<TlsPair>,
     pub http_token: Option<PathBuf>,
@@ -69,7 +72,10 @@ pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) 
     probes::spawn_watchdog(api.clone());
     let (listener, socket) = listener::bind_unix(&settings.socket)?;
     tracing::info!("control API on unix:{}", settings.socket.display());
-    tokio::spawn(listener::serve_unix(api.clone(), listener));
+    let serving = tokio::spawn(listener::serve_unix(api.clone(), listener));
+    if let Err(e) = keeper::keep(api.clone(), socket.clone(), settings.runtime_dir.clone(), serving) {
+        tracing::warn!("cannot watch the control socket's directory ({e}): a removed socket is not bound again");
+    }
     let Some(address) = &settings.http else { return Ok(socket) };
     let listener =
         tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot bind --http {address}"))?;

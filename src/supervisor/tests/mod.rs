@@ -151,6 +151,7 @@ fn settings(dir: &std::path::Path) -> Settings {
         },
         control: ControlSettings {
             socket: dir.join("control.sock"),
+            runtime_dir: dir.to_path_buf(),
             http: None,
             http_tls: None,
             http_token: None,

@@ -1,0 +1,82 @@
+//! Keeps the control socket where the clients look for it. A tmp cleaner, or the removal of
+//! `$XDG_RUNTIME_DIR` at logout, can delete it (with the whole runtime directory): the launcher
+//! then binds it again (and takes the directory's lock again), and says what was lost. It watches
+//! the directory (inotify): no wake-up while nothing happens.
+
+use std::path::{Path, PathBuf};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::ControlApi;
+use super::listener::{self, ControlSocket};
+
+/// Watches `socket`'s directory; when the socket is gone, binds it again and serves it in place of
+/// `serving`. When the directory is the runtime directory, its lock is taken again with it.
+pub fn keep(
+    api: ControlApi,
+    socket: ControlSocket,
+    runtime_dir: PathBuf,
+    serving: JoinHandle<()>,
+) -> notify::Result<()> {
+    let (tx, mut changes) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| e.kind.is_remove() || e.kind.is_modify() || e.kind.is_other()) {
+            let _ = tx.send(());
+        }
+    })?;
+    let Some(dir) = socket.path.parent().map(Path::to_path_buf) else { return Ok(()) };
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    tokio::spawn(async move {
+        let mut serving = serving;
+        let mut _lock = None;
+        while changes.recv().await.is_some() {
+            if socket.is_there() {
+                continue;
+            }
+            let dir_was_removed = !dir.exists();
+            if dir_was_removed && dir == runtime_dir {
+                match crate::lock::lock_runtime_dir(&runtime_dir) {
+                    Ok(lock) => _lock = Some(lock),
+                    Err(e) => {
+                        tracing::error!(
+                            "the runtime directory {} was removed and cannot be locked again: {e:#}",
+                            dir.display()
+                        );
+                        continue;
+                    }
+                }
+            }
+            match listener::bind_unix(&socket.path) {
+                Ok((listener, bound)) => {
+                    serving.abort();
+                    serving = tokio::spawn(listener::serve_unix(api.clone(), listener));
+                    socket.inode.store(
+                        bound.inode.load(std::sync::atomic::Ordering::Relaxed),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                        tracing::warn!("cannot watch {} again: {e}", dir.display());
+                    }
+                    if dir_was_removed {
+                        tracing::warn!(
+                            "the directory {} was removed: created again, with the control socket{}; the rest of it is \
+                             lost (Envoy's admin socket, if it was there, comes back with the next hot restart; the base \
+                             id is kept in memory)",
+                            dir.display(),
+                            if dir == runtime_dir { " and the lock" } else { "" }
+                        );
+                    } else {
+                        tracing::warn!("the control socket {} was removed: bound again", socket.path.display());
+                    }
+                }
+                Err(e) => tracing::error!(
+                    "the control socket {} was removed and cannot be bound again: {e:#}",
+                    socket.path.display()
+                ),
+            }
+        }
+    });
+    Ok(())
+}
