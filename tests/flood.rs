@@ -188,6 +188,7 @@ fn the_last_burst_over_the_cap_is_counted_in_the_log() {
     let port = free_port();
     let mut launcher = start(&runtime, port, 1024);
     // 300 connections at once (fewer than the listen backlog), and nothing after them.
+    let flooded = Instant::now();
     let flood = flood(port, &runtime.join("control.sock"), 300, 0, 0);
     let refused = (300 - MAX_CONNECTIONS) as u64;
     let counted = || -> u64 {
@@ -198,11 +199,9 @@ fn the_last_burst_over_the_cap_is_counted_in_the_log() {
     wait_for(Duration::from_secs(5), "every refused connection to be counted, the last ones too", || {
         counted() == refused
     });
-    assert_eq!(
-        launcher.log().matches("connections closed at once").count(),
-        2,
-        "the first at once, the rest a second later"
-    );
+    // At most one line a second (a loaded machine may spread the accepts over a few).
+    let lines = launcher.log().matches("connections closed at once").count() as u64;
+    assert!(lines <= 2 + flooded.elapsed().as_secs(), "{lines} lines in {:?}:\n{}", flooded.elapsed(), launcher.log());
     drop(flood);
     launcher.signal(Signal::SIGTERM);
     assert_eq!(launcher.exit_code(Duration::from_secs(10)), 143, "{}", launcher.log());
