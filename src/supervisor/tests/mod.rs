@@ -238,12 +238,17 @@ impl Harness {
     }
 
     /// A reload through to `Starting`: preflight and validator pass; returns the new epoch's pid.
-    async fn validated(&mut self) -> Pid {
+    /// The reload under way passes its preflight and its validator.
+    async fn validator_passes(&mut self) {
         self.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
         let validator = self.world.last_with("validate");
         assert_eq!(self.sup.status().reload, Some("validating"));
         self.exit(validator, Exit::Code(0));
         self.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    }
+
+    async fn validated(&mut self) -> Pid {
+        self.validator_passes().await;
         let Some(Step::Starting { pid, .. }) = self.sup.reload.step() else {
             panic!("not starting: {:?}", self.sup.reload.step())
         };

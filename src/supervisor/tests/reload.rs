@@ -46,9 +46,7 @@ async fn triggers_during_a_reload_make_one_more_reload() {
     assert!(queued.try_recv().is_err(), "the queued caller waits for its own reload");
 
     // Epoch 0 still drains: epoch 2 waits for it.
-    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
-    h.exit(h.world.last_with("validate"), Exit::Code(0));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.validator_passes().await;
     assert_eq!(h.sup.status().reload, Some("waiting for the draining epoch to exit"));
     h.exit(h.pid_of(0), Exit::Code(0));
     assert_eq!(h.sup.status().reload, Some("starting the new epoch"));
@@ -152,9 +150,7 @@ async fn a_draining_epoch_that_outlives_its_parent_shutdown_time_refuses_the_rel
     h.validated().await;
     h.live(1);
     let mut caller = h.reload_request();
-    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
-    h.exit(h.world.last_with("validate"), Exit::Code(0));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.validator_passes().await;
     assert_eq!(h.sup.status().reload, Some("waiting for the draining epoch to exit"));
     let started = tokio::time::Instant::now();
     h.until_state("the draining epoch's deadline", |sup| sup.reload.step().is_none()).await;
@@ -229,9 +225,7 @@ async fn input_changed_while_waiting_for_the_draining_epoch_is_checked_again() {
     h.validated_after_sighup().await;
     h.live(1);
     let mut caller = h.reload_request();
-    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
-    h.exit(h.world.last_with("validate"), Exit::Code(0));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.validator_passes().await;
     assert_eq!(h.sup.status().reload, Some("waiting for the draining epoch to exit"));
     // A new bootstrap is written during the wait.
     std::fs::write(h.dir.path().join("envoy.yaml"), "static_resources: { listeners: [] }\n").expect("write");
@@ -240,9 +234,7 @@ async fn input_changed_while_waiting_for_the_draining_epoch_is_checked_again() {
     assert_eq!(h.world.spawned().len(), spawned, "no epoch on input that was not checked");
     assert_eq!(h.sup.status().reload, Some("checking certificates"), "checked again");
     assert!(caller.try_recv().is_err(), "the caller waits for the new check");
-    h.until("the second preflight", |e| matches!(e, Event::Preflight { .. })).await;
-    h.exit(h.world.last_with("validate"), Exit::Code(0));
-    h.until("the second verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.validator_passes().await;
     assert_eq!(h.sup.status().reload, Some("starting the new epoch"), "unchanged since: started");
     h.live(2);
     assert_eq!(caller.try_recv(), Ok(Ok(2)));
@@ -261,9 +253,7 @@ async fn a_trigger_while_the_current_epoch_initializes_waits_for_it() {
     h.live(0);
     assert_eq!(h.world.signals(), vec![(epoch0, libc::SIGUSR1)]);
     assert_eq!(h.sup.status().reload, Some("checking certificates"), "the held trigger runs");
-    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
-    h.exit(h.world.last_with("validate"), Exit::Code(0));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.validator_passes().await;
     h.live(1);
     assert_eq!(caller.try_recv(), Ok(Ok(1)), "the caller waited for it");
 }
