@@ -91,8 +91,13 @@ pub fn after_poll(
     elapsed: Duration,
     connections: Option<u64>,
     consecutive_errors: u32,
+    older_alive: bool,
 ) -> Option<DrainEnd> {
-    if connections.is_some_and(|open| open <= settings.connections) && elapsed >= settings.min {
+    // While an older epoch lives, its connections are not counted in time (they reach the current
+    // epoch's stats at its next flush, seconds later): the drain waits for it to exit, which it
+    // does on its own at its parent shutdown time.
+    let done = connections.is_some_and(|open| open <= settings.connections) && !older_alive;
+    if done && elapsed >= settings.min {
         return Some(DrainEnd::Threshold);
     }
     if consecutive_errors >= ADMIN_ERROR_LIMIT && !context.degraded {
@@ -156,7 +161,8 @@ async fn drain_steps(
             }
         };
         progress.send_replace(connections);
-        if let Some(end) = after_poll(settings, context, started.elapsed(), connections, consecutive_errors) {
+        let ended = after_poll(settings, context, started.elapsed(), connections, consecutive_errors, older_alive);
+        if let Some(end) = ended {
             return end;
         }
         tokio::time::sleep(settings.poll).await;
@@ -195,24 +201,25 @@ mod tests {
     #[test]
     fn threshold_counts_only_after_the_minimum() {
         let (s, c) = (settings(), DrainContext::default());
-        assert_eq!(after_poll(&s, c, Duration::from_secs(1), Some(0), 0), None);
-        assert_eq!(after_poll(&s, c, Duration::from_secs(2), Some(0), 0), Some(DrainEnd::Threshold));
-        assert_eq!(after_poll(&s, c, Duration::from_secs(3), Some(1), 0), None);
+        assert_eq!(after_poll(&s, c, Duration::from_secs(1), Some(0), 0, false), None);
+        assert_eq!(after_poll(&s, c, Duration::from_secs(2), Some(0), 0, false), Some(DrainEnd::Threshold));
+        assert_eq!(after_poll(&s, c, Duration::from_secs(3), Some(1), 0, false), None);
+        assert_eq!(after_poll(&s, c, Duration::from_secs(3), Some(0), 0, true), None, "an older epoch lives");
         let s = DrainSettings { connections: 1, ..s };
-        assert_eq!(after_poll(&s, c, Duration::from_secs(3), Some(1), 0), Some(DrainEnd::Threshold));
+        assert_eq!(after_poll(&s, c, Duration::from_secs(3), Some(1), 0, false), Some(DrainEnd::Threshold));
     }
 
     #[test]
     fn admin_errors_and_time_are_bounded() {
         let (s, c) = (settings(), DrainContext::default());
-        assert_eq!(after_poll(&s, c, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT - 1), None);
+        assert_eq!(after_poll(&s, c, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT - 1, false), None);
         let unreachable = Some(DrainEnd::AdminUnreachable);
-        assert_eq!(after_poll(&s, c, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT), unreachable);
-        assert_eq!(after_poll(&s, c, Duration::from_secs(60), Some(5), 0), Some(DrainEnd::Timeout));
+        assert_eq!(after_poll(&s, c, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT, false), unreachable);
+        assert_eq!(after_poll(&s, c, Duration::from_secs(60), Some(5), 0, false), Some(DrainEnd::Timeout));
         // Degraded: an unreachable admin is waited out until the timeout.
         let degraded = DrainContext { degraded: true };
-        assert_eq!(after_poll(&s, degraded, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT), None);
-        assert_eq!(after_poll(&s, degraded, Duration::from_secs(60), None, 50), Some(DrainEnd::Timeout));
+        assert_eq!(after_poll(&s, degraded, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT, false), None);
+        assert_eq!(after_poll(&s, degraded, Duration::from_secs(60), None, 50, false), Some(DrainEnd::Timeout));
     }
 
     #[tokio::test(start_paused = true)]

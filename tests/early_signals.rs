@@ -143,3 +143,54 @@ fn a_trigger_while_the_xds_server_is_slow_waits_for_live() {
     assert!(status["degraded"].is_null(), "{status:#}");
     assert_eq!(launcher.reloads("success"), 1, "{}", launcher.log());
 }
+
+/// Adds to a static bootstrap a CDS over ADS from a server that does not answer: each epoch
+/// initializes for `fetch_timeout`, holding the admin while the epoch before it still serves.
+fn with_slow_cds(bootstrap: &Path, fetch_timeout: &str) {
+    let text = std::fs::read_to_string(bootstrap).expect("read");
+    let xds = format!(
+        r#"  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]
+node: {{ id: sesame-test, cluster: sesame-test }}
+dynamic_resources:
+  ads_config: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}] }}
+  cds_config: {{ ads: {{}}, resource_api_version: V3, initial_fetch_timeout: {fetch_timeout} }}
+"#,
+        port = free_port(),
+    );
+    std::fs::write(bootstrap, format!("{}\n{xds}", text.trim_end())).expect("write");
+}
+
+#[test]
+fn sigterm_just_after_a_new_epoch_is_spawned_drops_no_request() {
+    for delay in DELAYS_MS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let upstream = Upstream::start(Duration::from_secs(2));
+        let port = free_port();
+        let bootstrap = proxy_bootstrap(dir.path(), port, upstream.port);
+        with_slow_cds(&bootstrap, "2s");
+        let envoy = envoy_bin().to_string_lossy().into_owned();
+        let bootstrap_arg = bootstrap.to_string_lossy().into_owned();
+        let options = ["--envoy-drain-time", "1s", "--envoy-parent-shutdown-time", "3s", "--drain-timeout", "20s"];
+        let mut launcher = Launcher::start(Mode::Pid1, &options, &[&envoy, "-c", &bootstrap_arg, "--concurrency", "1"]);
+        wait_for_epoch(&launcher, 0);
+        // Requests in flight on epoch 0 (the upstream holds each for 2 s).
+        let in_flight: Vec<_> = (0..5).map(|_| std::thread::spawn(move || common::request(port, "/slow"))).collect();
+        wait_for(Duration::from_secs(10), "the requests to reach the upstream", || upstream.arrived() >= 5);
+        launcher.signal(Signal::SIGHUP);
+        epoch_pid(&launcher, 1);
+        std::thread::sleep(Duration::from_millis(delay));
+        launcher.signal(Signal::SIGTERM);
+        let answers: Vec<_> = in_flight.into_iter().map(|t| t.join().expect("request")).collect();
+        assert!(answers.iter().all(|a| *a == Ok(200)), "SIGTERM {delay} ms after epoch 1 was spawned: {answers:?}");
+        assert_eq!(launcher.exit_code(Duration::from_secs(30)), 0, "{}", launcher.log());
+    }
+}

@@ -240,12 +240,14 @@ impl<P: Processes> Supervisor<P> {
                 self.forget_lost_parent();
                 self.metrics.current_epoch.set(i64::from(epoch));
                 self.reload_ended("success", Ok(epoch), format!("epoch {epoch} is LIVE"));
+                self.resume_stop();
             }
             Err(reason) => {
                 // Never SIGTERM a new epoch: Envoy's shutdown would take its parent, the serving
                 // epoch, down with it. SIGKILL ends it alone.
                 self.processes.signal(pid, libc::SIGKILL);
                 self.reload_failed_after_start(epoch, reason);
+                self.resume_stop();
             }
         }
     }
@@ -285,6 +287,7 @@ impl<P: Processes> Supervisor<P> {
                     poll.abort();
                 }
                 self.reload_failed_after_start(epoch.number, format!("it exited with {exit} before it was LIVE"));
+                self.resume_stop();
                 true
             }
             Step::WaitingForDraining { oldest, checked, .. } if *oldest == epoch.pid => {

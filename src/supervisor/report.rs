@@ -28,6 +28,7 @@ impl<P: Processes> Supervisor<P> {
             Phase::Running if current_live => ("running", None),
             Phase::Running => ("starting", Some(format!("epoch {} is not LIVE yet", self.epochs.current_number()))),
             Phase::Draining { .. } => ("draining", Some("draining for shutdown".to_string())),
+            Phase::AwaitingNewEpoch { .. } => ("draining", Some("a new epoch starts; the drain follows".to_string())),
             Phase::Stopping { .. } => ("stopping", Some("stopping".to_string())),
         };
         let starting = match self.reload.step() {
@@ -92,6 +93,10 @@ impl<P: Processes> Supervisor<P> {
     /// restart; before it, Envoy's current epoch will find its parent gone at its next stats flush
     /// (it merges the parent's stats), retry for 10 s and abort: said at once, with when.
     pub(super) fn on_draining_epoch_exit(&mut self, epoch: &Epoch, exit: Exit) {
+        // While the launcher stops, the newest epoch tells its parent to exit: that is no loss.
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
         let Some(told_at) = self.parent_told_to_exit_at() else { return };
         // Within a second of the time it is told, the exit is the normal one.
         let early = told_at.duration_since(SystemTime::now()).is_ok_and(|left| left > Duration::from_secs(1));

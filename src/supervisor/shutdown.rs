@@ -14,6 +14,8 @@ use crate::drain::{self, DrainContext, DrainEnd};
 use crate::process::{Exit, Processes, signal_name};
 use crate::signals::{self, Intent, Running};
 
+use super::reload_state::Step;
+
 /// How long to wait for SIGKILLed processes to be reaped before giving up on them (a process in
 /// uninterruptible sleep can outlive SIGKILL; the launcher must still exit).
 pub const REAP_AFTER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -22,6 +24,12 @@ pub const REAP_AFTER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub enum Phase {
     Running,
+    /// A stop was asked for while a new epoch starts: it holds Envoy's admin (the old epoch closed
+    /// its own), so the drain waits until it is LIVE, or has failed, to go through the right one.
+    AwaitingNewEpoch {
+        trigger: String,
+        sig: i32,
+    },
     /// A stop was asked for; the drain task is talking to Envoy's admin.
     Draining {
         started: Instant,
@@ -53,6 +61,15 @@ impl<P: Processes> Supervisor<P> {
     pub(super) fn on_stop(&mut self, trigger: &str, sig: i32) {
         match &self.phase {
             Phase::Running => {
+                if let Some(Step::Starting { epoch, .. }) = self.reload.step() {
+                    tracing::info!(
+                        "{trigger}: epoch {epoch} is starting and holds Envoy's admin: the drain starts once it is \
+                         LIVE or has failed (within --reload-timeout)"
+                    );
+                    self.systemd.stopping(&format!("waiting for epoch {epoch} to start, then draining"));
+                    self.phase = Phase::AwaitingNewEpoch { trigger: trigger.to_string(), sig };
+                    return;
+                }
                 self.cancel_reload();
                 match self.epochs.current_admin() {
                     Some(admin) if !self.settings.drain.timeout.is_zero() => {
@@ -84,7 +101,21 @@ impl<P: Processes> Supervisor<P> {
                 self.end_drain(DrainEnd::SecondSignal);
                 self.terminate(libc::SIGTERM);
             }
+            Phase::AwaitingNewEpoch { .. } => {
+                // A second signal skips the rest, as it skips the rest of a drain.
+                tracing::info!("{trigger}: no more waiting for the starting epoch: stopping");
+                self.cancel_reload();
+                self.answer_shutdown_waiters(false);
+                self.terminate(libc::SIGTERM);
+            }
             Phase::Stopping { .. } => self.epochs.signal_newest(&mut self.processes, sig),
+        }
+    }
+
+    /// The starting epoch is LIVE, or has failed: a stop that waited for it goes on.
+    pub(super) fn resume_stop(&mut self) {
+        if let Phase::AwaitingNewEpoch { trigger, sig } = std::mem::replace(&mut self.phase, Phase::Running) {
+            self.on_stop(&trigger, sig);
         }
     }
 

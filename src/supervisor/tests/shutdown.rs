@@ -6,6 +6,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::*;
+use crate::supervisor::shutdown::Phase;
 #[tokio::test(start_paused = true)]
 async fn sigterm_drains_then_stops_the_newest_epoch() {
     let mut h = Harness::serving();
@@ -57,16 +58,43 @@ async fn sigkill_follows_the_kill_timeout_and_the_launcher_gives_up_after_it() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn sigterm_during_a_reload_cancels_it_and_stops_the_newest_epoch() {
+async fn sigterm_while_a_new_epoch_starts_drains_once_it_is_live() {
     let mut h = Harness::serving();
     let mut caller = h.reload_request();
     let new = h.validated().await;
-    h.signal(libc::SIGTERM);
-    assert_eq!(caller.try_recv(), Ok(Err(Refusal::ShuttingDown)));
-    assert_eq!(h.sup.status().reload, None);
+    let mut shutdown = h.shutdown_request();
+    // The starting epoch holds Envoy's admin: the drain waits for it.
+    let status = h.sup.status();
+    assert_eq!((status.state, status.ready), ("draining", false));
+    assert!(matches!(h.sup.phase, Phase::AwaitingNewEpoch { .. }));
     let mut later = h.reload_request();
     assert_eq!(later.try_recv(), Ok(Err(Refusal::ShuttingDown)));
+    h.live(1);
+    assert_eq!(caller.try_recv(), Ok(Ok(1)), "the reload finished");
+    assert!(matches!(h.sup.phase, Phase::Draining { .. }), "then the drain, through epoch 1's admin");
     h.sup.handle(Event::DrainEnded(DrainEnd::Threshold));
+    assert_eq!(shutdown.try_recv(), Ok(true));
+    assert_eq!(h.world.signals(), vec![(new, libc::SIGTERM)], "the newest epoch takes its parent down");
+    assert_eq!(h.exit(new, Exit::Code(0)), Some(Exit::Code(0)), "the serving epoch's exit ends the launcher");
+}
+
+#[tokio::test(start_paused = true)]
+async fn sigterm_while_a_new_epoch_starts_waits_for_its_failure_too() {
+    let mut h = Harness::serving();
+    let new = h.validated_after_sighup().await;
+    h.signal(libc::SIGTERM);
+    assert!(matches!(h.sup.phase, Phase::AwaitingNewEpoch { .. }));
+    h.exit(new, Exit::Code(1));
+    assert!(matches!(h.sup.phase, Phase::Draining { .. }), "the drain goes on through the serving epoch");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_signal_ends_the_wait_for_a_starting_epoch() {
+    let mut h = Harness::serving();
+    let new = h.validated_after_sighup().await;
+    h.signal(libc::SIGTERM);
+    h.signal(libc::SIGTERM);
+    assert!(matches!(h.sup.phase, Phase::Stopping { .. }));
     assert_eq!(h.world.signals(), vec![(new, libc::SIGTERM)], "the newest epoch takes its parent down");
     // The newest died before telling its parent: the parent is next, once.
     h.exit(new, Exit::Signal(libc::SIGTERM));
@@ -194,4 +222,26 @@ async fn an_envoy_epoch_stopped_by_someone_does_not_stop_the_launcher() {
     h.world.0.borrow_mut().stopped.push((epoch0, libc::SIGTSTP));
     assert_eq!(h.signal(libc::SIGCHLD), None);
     assert!(h.world.0.borrow().job_control.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_epoch_told_to_exit_by_a_stop_is_no_loss() {
+    let mut h = Harness::serving();
+    h.validated_after_sighup().await;
+    h.live(1);
+    h.signal(libc::SIGTERM);
+    h.sup.handle(Event::DrainEnded(DrainEnd::Threshold));
+    // The newest epoch's shutdown tells its parent to exit, long before its parent shutdown time.
+    h.exit(h.pid_of(0), Exit::Code(0));
+    assert!(h.sup.status().warnings.is_empty(), "{:?}", h.sup.status().warnings);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_epoch_killed_while_serving_is_reported() {
+    let mut h = Harness::serving();
+    h.validated_after_sighup().await;
+    h.live(1);
+    h.exit(h.pid_of(0), Exit::Signal(libc::SIGKILL));
+    let warnings = h.sup.status().warnings;
+    assert!(warnings.first().is_some_and(|w| w.contains("draining epoch 0 ended early")), "{warnings:?}");
 }
