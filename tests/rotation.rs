@@ -493,3 +493,23 @@ fn a_pair_changed_while_the_reload_waits_for_the_draining_epoch_is_checked_again
     tls.wait_for_serial(4, DEBOUNCE + Duration::from_secs(8));
     tls.stop();
 }
+
+#[test]
+fn a_copy_that_straddles_the_draining_epochs_exit_is_checked_again() {
+    let tls = start_tls(false, &[]);
+    tls.launcher.signal(Signal::SIGHUP);
+    tls.wait_for_epoch(1);
+    tls.launcher.signal(Signal::SIGHUP);
+    tls.launcher
+        .wait_for_status("the reload to wait for epoch 0", |s| s["reload"] == "waiting for the draining epoch to exit");
+    // `cp cert; cp key`, the first the moment epoch 0 has exited, the second 60 ms later.
+    tls.launcher.wait_for_status("epoch 0 to exit", |s| s["epochs"].as_array().is_some_and(|e| e.len() == 1));
+    let (cert, key) = certificate(3);
+    replace_file(&tls.cert, &cert);
+    std::thread::sleep(Duration::from_millis(60));
+    replace_file(&tls.key, &key);
+    tls.wait_for_serial(3, Duration::from_secs(10));
+    let status = tls.launcher.status();
+    assert!(status["degraded"].is_null(), "{status:#}");
+    tls.stop();
+}

@@ -269,6 +269,10 @@ impl<P: Processes> Supervisor<P> {
                     (*deadline, *killed) = (after_kill, true);
                 }
             }
+            Some(Step::Settling { checked, deadline }) if *deadline == generation => {
+                let checked = checked.clone();
+                self.start_next_epoch(checked);
+            }
             Some(Step::WaitingForDraining { oldest, deadline, .. }) if *deadline == generation => {
                 let reason = format!("the draining epoch (pid {oldest}) outlived its parent shutdown time");
                 self.reload_refused(&reason);
@@ -291,9 +295,25 @@ impl<P: Processes> Supervisor<P> {
                 true
             }
             Step::WaitingForDraining { oldest, checked, .. } if *oldest == epoch.pid => {
-                tracing::info!("epoch {} drained and exited with {exit}: the next one starts", epoch.number);
                 let checked = checked.clone();
-                self.start_next_epoch(checked);
+                if !checked.input.unchanged() {
+                    tracing::info!(
+                        "the files changed while the reload waited for epoch {}: checking them again",
+                        epoch.number
+                    );
+                    self.preflight_again();
+                    return true;
+                }
+                let settle = self.settings.watch.debounce;
+                tracing::info!(
+                    "epoch {} drained and exited with {exit}: the next one starts once the files have stayed as \
+                     checked for {settle:?}",
+                    epoch.number
+                );
+                let deadline = self.schedule(settle);
+                if let Some(busy) = self.reload.busy() {
+                    busy.step = Step::Settling { checked, deadline };
+                }
                 true
             }
             _ => false,

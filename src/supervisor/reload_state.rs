@@ -61,6 +61,9 @@ pub enum Step {
     /// (Ending it early is no option: Envoy's current epoch must tell it to terminate itself when
     /// the next one starts, and aborts when it cannot.) Refused at `deadline`.
     WaitingForDraining { oldest: Pid, checked: Checked, deadline: Generation },
+    /// The draining epoch has exited: the files must stay as checked for a debounce (a `cp cert;
+    /// cp key` may have begun the moment it exited) before the new epoch reads them, at `deadline`.
+    Settling { checked: Checked, deadline: Generation },
     /// Epoch `epoch` runs; `poll` asks its admin until it is LIVE and answers as `live_poll`.
     Starting { epoch: u32, pid: Pid, poll: Option<JoinHandle<()>>, live_poll: Generation },
 }
@@ -71,6 +74,7 @@ impl Step {
             Step::Preflight => "checking certificates",
             Step::Validating { .. } => "validating",
             Step::WaitingForDraining { .. } => "waiting for the draining epoch to exit",
+            Step::Settling { .. } => "letting the files settle",
             Step::Starting { .. } => "starting the new epoch",
         }
     }

@@ -49,7 +49,8 @@ async fn triggers_during_a_reload_make_one_more_reload() {
     h.validator_passes().await;
     assert_eq!(h.sup.status().reload, Some("waiting for the draining epoch to exit"));
     h.exit(h.pid_of(0), Exit::Code(0));
-    assert_eq!(h.sup.status().reload, Some("starting the new epoch"));
+    assert_eq!(h.sup.status().reload, Some("letting the files settle"));
+    h.until_state("the files to settle", |sup| matches!(sup.reload.step(), Some(Step::Starting { .. }))).await;
     h.live(2);
     assert_eq!(queued.try_recv().expect("answered"), Ok(2));
     assert_eq!(h.sup.status().reload, None, "three triggers during a reload made one more, not three");
@@ -256,4 +257,21 @@ async fn a_trigger_while_the_current_epoch_initializes_waits_for_it() {
     h.validator_passes().await;
     h.live(1);
     assert_eq!(caller.try_recv(), Ok(Ok(1)), "the caller waited for it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_copy_that_begins_as_the_draining_epoch_exits_is_checked_again() {
+    let mut h = Harness::serving();
+    h.validated_after_sighup().await;
+    h.live(1);
+    h.signal(libc::SIGHUP);
+    h.validator_passes().await;
+    assert_eq!(h.sup.status().reload, Some("waiting for the draining epoch to exit"));
+    let spawned = h.world.spawned().len();
+    h.exit(h.pid_of(0), Exit::Code(0));
+    // `cp cert` lands a few milliseconds after the exit: within the settling time.
+    std::fs::write(h.dir.path().join("envoy.yaml"), "static_resources: { clusters: [] }\n").expect("write");
+    h.until_state("the settling time to end", |sup| sup.reload.step_name() != Some("letting the files settle")).await;
+    assert_eq!(h.sup.status().reload, Some("checking certificates"), "checked again");
+    assert_eq!(h.world.spawned().len(), spawned, "no epoch on files that moved");
 }
