@@ -6,7 +6,7 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 
 use crate::cli::Location;
-use crate::http::{Endpoint, HttpClient};
+use crate::http::{Endpoint, HttpClient, HttpError};
 
 /// Writes a line to stdout. A reader that went away (`sesame status | head -c1`) is not an error
 /// worth a panic: the rest of the output is simply not wanted.
@@ -41,6 +41,19 @@ fn ask(location: &Location, method: Method, path: &str, timeout: Duration) -> Re
     let client = HttpClient::new(Endpoint::Unix(location.control_socket()), timeout);
     match block_on(client.request(method, path)) {
         Some(Ok((status, body))) => Ok((status, String::from_utf8_lossy(&body).into_owned())),
+        // The launcher is there but the answer takes longer than the caller waits (a reload held
+        // while Envoy initializes, say): that is an answer not given yet, not an absent launcher.
+        Some(Err(HttpError::Timeout(..))) if path != "/status" => {
+            let step = ask(location, Method::GET, "/status", Duration::from_secs(2))
+                .ok()
+                .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+                .and_then(|status| status["reload"].as_str().map(str::to_string));
+            match step {
+                Some(step) => say_err(&format!("sesame: {path} not finished within {timeout:?}: {step}")),
+                None => say_err(&format!("sesame: {path} not finished within {timeout:?}")),
+            }
+            Err(REFUSED)
+        }
         Some(Err(e)) => {
             say_err(&format!("sesame: {e}"));
             Err(UNREACHABLE)

@@ -65,6 +65,11 @@ impl std::fmt::Display for SpawnError {
         match self.error.kind() {
             // ENOENT also means a script's interpreter is missing: say which, not "not found".
             io::ErrorKind::NotFound => match missing_interpreter(&self.program) {
+                Some(interpreter) if interpreter.ends_with('\r') => write!(
+                    f,
+                    "cannot execute '{program}': its interpreter '{}' is not found (the script has Windows line ends)",
+                    interpreter.escape_debug()
+                ),
                 Some(interpreter) => {
                     write!(f, "cannot execute '{program}': its interpreter '{interpreter}' is not found")
                 }
@@ -87,8 +92,10 @@ fn missing_interpreter(program: &std::ffi::OsStr) -> Option<String> {
     }?;
     let mut head = [0u8; 256];
     let n = std::fs::File::open(found).ok()?.read(&mut head).ok()?;
-    let line = String::from_utf8_lossy(&head[..n]).lines().next()?.to_string();
-    let interpreter = line.strip_prefix("#!")?.split_whitespace().next()?.to_string();
+    let head = String::from_utf8_lossy(&head[..n]);
+    let line = head.split('\n').next()?;
+    // As the kernel reads it: up to the first space or tab, a '\r' included.
+    let interpreter = line.strip_prefix("#!")?.trim_start_matches([' ', '\t']).split([' ', '\t']).next()?.to_string();
     (!std::path::Path::new(&interpreter).exists()).then_some(interpreter)
 }
 
@@ -417,5 +424,13 @@ mod tests {
         let expected =
             format!("cannot execute '{}': its interpreter '/nonexistent/bash' is not found", script.display());
         assert_eq!(missing.to_string(), expected);
+
+        std::fs::write(&script, "#!/bin/sh\r\necho hi\r\n").expect("script");
+        let crlf = spawn(&[script.clone().into()], false, None).expect_err("CRLF");
+        let expected = format!(
+            "cannot execute '{}': its interpreter '/bin/sh\\r' is not found (the script has Windows line ends)",
+            script.display()
+        );
+        assert_eq!(crlf.to_string(), expected);
     }
 }

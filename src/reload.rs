@@ -139,6 +139,7 @@ pub async fn await_live(
 ) -> Result<Endpoint, String> {
     // Also ends when a later epoch holds the admin: this one will never answer there again, and a
     // poll that never ends would wake the launcher 20 times a second for good.
+    let last_state = std::sync::Mutex::new(None::<String>);
     let poll = async {
         loop {
             // An admin on port 0 is found once Envoy has written its address; an Envoy of another
@@ -153,6 +154,9 @@ pub async fn await_live(
             {
                 if info.restart_epoch == epoch && info.state == "LIVE" {
                     return Ok(endpoint);
+                }
+                if info.restart_epoch == epoch {
+                    *last_state.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.state);
                 }
                 if info.restart_epoch > epoch {
                     return Err(format!(
@@ -183,7 +187,16 @@ pub async fn await_live(
                     );
                     Ok(endpoint)
                 }
-                None => Err(format!("epoch {epoch} did not answer LIVE on {address} within {timeout:?}")),
+                None => {
+                    let last = last_state.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    Err(match last {
+                        Some(state) => format!(
+                            "epoch {epoch} was still {state} after {timeout:?} (--reload-timeout; an xDS server's \
+                             initial_fetch_timeout longer than it needs a longer one)"
+                        ),
+                        None => format!("epoch {epoch} did not answer on {address} within {timeout:?}"),
+                    })
+                }
             }
         }
     }

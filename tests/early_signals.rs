@@ -138,6 +138,15 @@ fn a_trigger_while_the_xds_server_is_slow_waits_for_live() {
     let status = launcher.wait_for_status("the trigger to be held", |s| !s["reload"].is_null());
     assert_eq!(status["reload"], "waiting for the current epoch to be LIVE", "{status:#}");
     assert_eq!(status["ready"], false);
+    // A client that waits less than Envoy's initialization hears why, not "unreachable".
+    let client = std::process::Command::new(common::SESAME)
+        .args(["reload", "--wait-timeout", "500ms", "--runtime-dir"])
+        .arg(launcher.runtime_dir())
+        .output()
+        .expect("sesame reload");
+    let stderr = String::from_utf8_lossy(&client.stderr);
+    assert_eq!(client.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not finished within 500ms: waiting for the current epoch to be LIVE"), "{stderr}");
     // Epoch 0 goes LIVE at its fetch timeout; then epoch 1 starts, and goes LIVE at its own.
     let status = wait_for_epoch(&launcher, 1);
     assert!(status["degraded"].is_null(), "{status:#}");

@@ -140,7 +140,7 @@ async fn a_new_epoch_not_live_in_time_is_sigkilled_alone() {
     h.until("the LIVE poll to give up", |e| matches!(e, Event::EpochLive { epoch: 1, .. })).await;
     assert!(started.elapsed() >= RELOAD_TIMEOUT, "{:?}", started.elapsed());
     assert_eq!(h.world.signals(), vec![(new, libc::SIGKILL)], "SIGKILL to the new epoch only");
-    assert!(h.sup.status().degraded.expect("degraded").contains("did not answer LIVE"));
+    assert!(h.sup.status().degraded.expect("degraded").contains("did not answer on"));
     assert_eq!(h.sup.epochs.current_number(), 0);
 }
 
