@@ -12,6 +12,9 @@ use tokio::task::JoinHandle;
 use super::ControlApi;
 use super::listener::{self, ControlSocket};
 
+/// How long a removal has to finish before the socket is bound again.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Watches `socket`'s directory; when the socket is gone, binds it again and serves it in place of
 /// `serving`. When the directory is the runtime directory, its lock is taken again with it.
 pub fn keep(
@@ -32,6 +35,13 @@ pub fn keep(
         let mut serving = serving;
         let mut _lock = None;
         while changes.recv().await.is_some() {
+            if socket.is_there() {
+                continue;
+            }
+            // A removal is seldom one event (`rm -rf` empties the directory, then removes it):
+            // let it finish, or the socket is bound into a directory about to go.
+            tokio::time::sleep(SETTLE).await;
+            while changes.try_recv().is_ok() {}
             if socket.is_there() {
                 continue;
             }
