@@ -97,19 +97,12 @@ fn sighup_just_after_the_start_waits_for_the_first_epoch() {
     }
 }
 
-/// Envoy with its listeners from an xDS server that does not answer: it initializes until
-/// `initial_fetch_timeout`, as under Contour, Envoy Gateway or consul-dataplane with a slow server.
-fn slow_xds_bootstrap(dir: &Path, fetch_timeout: &str) -> PathBuf {
-    let yaml = format!(
-        r#"
-node: {{ id: sesame-test, cluster: sesame-test }}
-admin: {{ address: {{ pipe: {{ path: "{admin}" }} }} }}
-dynamic_resources:
-  ads_config: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}] }}
-  lds_config: {{ ads: {{}}, resource_api_version: V3, initial_fetch_timeout: {fetch_timeout} }}
-static_resources:
-  clusters:
-  - name: xds
+/// A cluster `xds` at a port where nothing listens, and an ADS over it: `resource` (`lds_config`,
+/// `cds_config`) comes from it, so each epoch initializes for `fetch_timeout`, as under Contour,
+/// Envoy Gateway or consul-dataplane with a slow server. Appended to a `clusters:` list.
+fn dead_xds(resource: &str, fetch_timeout: &str) -> String {
+    format!(
+        r#"  - name: xds
     type: STATIC
     connect_timeout: 1s
     typed_extension_protocol_options:
@@ -119,9 +112,21 @@ static_resources:
     load_assignment:
       cluster_name: xds
       endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]
+node: {{ id: sesame-test, cluster: sesame-test }}
+dynamic_resources:
+  ads_config: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}] }}
+  {resource}: {{ ads: {{}}, resource_api_version: V3, initial_fetch_timeout: {fetch_timeout} }}
 "#,
-        admin = dir.join("admin.sock").display(),
         port = free_port(),
+    )
+}
+
+/// Envoy with its listeners (LDS) from an xDS server that does not answer.
+fn slow_xds_bootstrap(dir: &Path, fetch_timeout: &str) -> PathBuf {
+    let yaml = format!(
+        "admin: {{ address: {{ pipe: {{ path: \"{}\" }} }} }}\nstatic_resources:\n  clusters:\n{}",
+        dir.join("admin.sock").display(),
+        dead_xds("lds_config", fetch_timeout)
     );
     let path = dir.join("envoy.yaml");
     std::fs::write(&path, yaml).expect("bootstrap");
@@ -157,24 +162,7 @@ fn a_trigger_while_the_xds_server_is_slow_waits_for_live() {
 /// initializes for `fetch_timeout`, holding the admin while the epoch before it still serves.
 fn with_slow_cds(bootstrap: &Path, fetch_timeout: &str) {
     let text = std::fs::read_to_string(bootstrap).expect("read");
-    let xds = format!(
-        r#"  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]
-node: {{ id: sesame-test, cluster: sesame-test }}
-dynamic_resources:
-  ads_config: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}] }}
-  cds_config: {{ ads: {{}}, resource_api_version: V3, initial_fetch_timeout: {fetch_timeout} }}
-"#,
-        port = free_port(),
-    );
+    let xds = dead_xds("cds_config", fetch_timeout);
     std::fs::write(bootstrap, format!("{}\n{xds}", text.trim_end())).expect("write");
 }
 

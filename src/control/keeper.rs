@@ -47,7 +47,10 @@ pub fn keep(
             }
             let dir_was_removed = !dir.exists();
             if dir_was_removed && dir == runtime_dir {
-                match crate::lock::lock_runtime_dir(&runtime_dir) {
+                // Off the runtime thread: a contended lock waits a moment for the holder's pid.
+                let dir_to_lock = runtime_dir.clone();
+                let locked = tokio::task::spawn_blocking(move || crate::lock::lock_runtime_dir(&dir_to_lock)).await;
+                match locked.unwrap_or_else(|e| Err(anyhow::anyhow!("the lock task failed: {e}"))) {
                     Ok(lock) => _lock = Some(lock),
                     Err(e) => {
                         tracing::error!(
