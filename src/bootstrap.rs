@@ -128,6 +128,36 @@ impl Bootstrap {
         )
     }
 
+    /// The TCP addresses the static listeners bind, with whether each lets a second process bind
+    /// beside it (`enable_reuse_port`, true unless set false). Listeners from LDS are not known.
+    pub fn listener_binds(&self) -> Vec<ListenerBind> {
+        let Some(listeners) =
+            field(&self.value, "static_resources").and_then(|r| field(r, "listeners")).and_then(Value::as_array)
+        else {
+            return Vec::new();
+        };
+        listeners
+            .iter()
+            .filter_map(|l| {
+                let socket = field(l.get("address")?, "socket_address")?;
+                if socket.get("protocol").and_then(Value::as_str) == Some("UDP") {
+                    return None;
+                }
+                let port = field(socket, "port_value")?;
+                let port = port.as_u64().or_else(|| port.as_str()?.parse().ok())?;
+                let host = socket.get("address").and_then(Value::as_str).unwrap_or("0.0.0.0");
+                let name = l.get("name").and_then(Value::as_str).unwrap_or("(unnamed)");
+                let reuse_port = field(l, "enable_reuse_port").and_then(Value::as_bool).unwrap_or(true);
+                Some(ListenerBind {
+                    name: name.to_string(),
+                    host: host.to_string(),
+                    port: u16::try_from(port).ok()?,
+                    reuse_port,
+                })
+            })
+            .collect()
+    }
+
     /// The certificate/key pairs of every `tls_certificates` entry given by file name.
     pub fn tls_pairs(&self) -> Vec<TlsPair> {
         let mut pairs = Vec::new();
@@ -154,6 +184,15 @@ fn visit(value: &Value, f: &mut impl FnMut(&serde_json::Map<String, Value>)) {
         Value::Array(items) => items.iter().for_each(|v| visit(v, f)),
         _ => {}
     }
+}
+
+/// A TCP address a static listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerBind {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub reuse_port: bool,
 }
 
 /// Envoy reads a bootstrap by its extension: `.pb` as binary protobuf, `.pb_text` as text protobuf,

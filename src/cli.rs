@@ -42,6 +42,11 @@ pub enum Command {
     Reload {
         #[command(flatten)]
         location: Location,
+        /// A cold handover instead: a new Envoy family starts beside the serving one, which is then
+        /// drained and stopped (the way out when hot restarts are blocked, or for an Envoy binary
+        /// whose hot restart is incompatible).
+        #[arg(long)]
+        cold: bool,
         /// Give up waiting after this long (exit 1).
         #[arg(long, env = "SESAME_WAIT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
         wait_timeout: Duration,
@@ -223,6 +228,20 @@ pub struct ReloadOptions {
     /// Warn when a served certificate expires within this time.
     #[arg(long, env = "SESAME_CERT_EXPIRY_WARN", default_value = "7d", value_parser = parse_duration)]
     pub cert_expiry_warn: Duration,
+
+    /// While hot restarts are blocked, the first cold handover is tried after this long; the delay
+    /// doubles after each one that fails, up to --recover-backoff-max.
+    #[arg(long, env = "SESAME_RECOVER_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    pub recover_backoff: Duration,
+
+    /// The longest delay between two cold handovers while hot restarts stay blocked.
+    #[arg(long, env = "SESAME_RECOVER_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub recover_backoff_max: Duration,
+
+    /// Never start a cold handover by itself: a blocked hot restart stays blocked until a cold
+    /// start or `sesame reload --cold`.
+    #[arg(long, env = "SESAME_NO_RECOVER")]
+    pub no_recover: bool,
 }
 
 /// Envoy's own drain flags, added to an Envoy command only where the user gave none.

@@ -76,8 +76,9 @@ pub fn shutdown(location: &Location, wait_timeout: Duration) -> i32 {
     }
 }
 
-pub fn reload(location: &Location, wait_timeout: Duration) -> i32 {
-    match ask(location, Method::POST, "/reload", wait_timeout) {
+pub fn reload(location: &Location, cold: bool, wait_timeout: Duration) -> i32 {
+    let path = if cold { "/reload?cold=true" } else { "/reload" };
+    match ask(location, Method::POST, path, wait_timeout) {
         Ok((StatusCode::OK, body)) => {
             let epoch = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v.get("epoch")?.as_u64());
             say(&format!("epoch {} is LIVE", epoch.map_or_else(|| "?".into(), |e| e.to_string())));

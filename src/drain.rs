@@ -169,6 +169,35 @@ async fn drain_steps(
     }
 }
 
+/// Drains an Envoy family that a new family has replaced in a cold handover (the new family already
+/// accepts on the same ports): the old one fails its health check (its responses ask clients to
+/// close), starts its drain sequence without exiting, and stops accepting at once, as a hot
+/// restart's parent does. Ends when at most `settings.connections` are open (the old family's own
+/// epochs, `older_alive` when it has two), at `until`, or when its admin is gone.
+pub async fn old_family(admin: AdminClient, settings: DrainSettings, older_alive: bool, until: Instant) -> DrainEnd {
+    let steps = async {
+        let mut consecutive_errors = 0;
+        post(&admin, "/healthcheck/fail", &mut consecutive_errors).await;
+        post(&admin, "/drain_listeners?graceful&skip_exit", &mut consecutive_errors).await;
+        post(&admin, "/drain_listeners", &mut consecutive_errors).await;
+        loop {
+            match admin.connections_across_epochs(&settings.counted, older_alive).await {
+                Ok(open) if open <= settings.connections => return DrainEnd::Threshold,
+                Ok(_) => consecutive_errors = 0,
+                Err(e) => {
+                    consecutive_errors += 1;
+                    tracing::debug!("drain of the old family: {e}");
+                    if consecutive_errors >= ADMIN_ERROR_LIMIT {
+                        return DrainEnd::AdminUnreachable;
+                    }
+                }
+            }
+            tokio::time::sleep(settings.poll).await;
+        }
+    };
+    tokio::time::timeout_at(until, steps).await.unwrap_or(DrainEnd::Timeout)
+}
+
 /// A drain step that may fail: the failure is logged and counted, and the drain goes on.
 async fn post(admin: &AdminClient, path: &str, consecutive_errors: &mut u32) {
     match admin.expect_ok(Method::POST, path).await {

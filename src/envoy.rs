@@ -114,12 +114,11 @@ pub fn epoch_command(command: &[OsString], epoch: u32, base_id: &BaseId, flags: 
     match base_id {
         BaseId::FromCommand => {}
         BaseId::Dynamic(path) => {
-            if !has_flag(&argv, "--use-dynamic-base-id") {
-                argv.push("--use-dynamic-base-id".into());
-            }
-            if !has_flag(&argv, "--base-id-path") {
-                argv.extend(["--base-id-path".into(), path.into()]);
-            }
+            // The path is the user's --base-id-path for the first family; a later family (a cold
+            // handover) replaces it and any --base-id with its own.
+            argv = without_flag(&without_flag(&argv, "--base-id-path"), "--base-id");
+            argv.retain(|arg| arg != "--use-dynamic-base-id");
+            argv.extend(["--use-dynamic-base-id".into(), "--base-id-path".into(), path.into()]);
         }
         BaseId::Picked(id) => {
             // --use-dynamic-base-id is refused for epochs above 0.
@@ -208,9 +207,18 @@ mod tests {
 
         let command = args(&["envoy", "--use-dynamic-base-id", "--base-id-path", "/mine", "--restart-epoch", "0"]);
         assert_eq!(base_id_file(&command, Path::new("/x")), Some("/mine".into()));
-        let argv = epoch_command(&command, 0, &BaseId::Dynamic("/x".into()), &FLAGS);
-        let head = ["envoy", "--use-dynamic-base-id", "--base-id-path", "/mine"];
-        assert_eq!(argv, with_drain_flags(&head, &["--restart-epoch", "0"]));
+        let argv = epoch_command(&command, 0, &BaseId::Dynamic("/mine".into()), &FLAGS);
+        let tail = ["--restart-epoch", "0", "--use-dynamic-base-id", "--base-id-path", "/mine"];
+        assert_eq!(argv, with_drain_flags(&["envoy"], &tail));
+    }
+
+    #[test]
+    fn a_new_family_replaces_any_base_id_with_its_own() {
+        for command in [&["envoy", "--base-id", "7"][..], &["envoy", "--use-dynamic-base-id", "--base-id-path=/mine"]] {
+            let argv = epoch_command(&args(command), 0, &BaseId::Dynamic("/run/s/family-1".into()), &FLAGS);
+            let tail = ["--restart-epoch", "0", "--use-dynamic-base-id", "--base-id-path", "/run/s/family-1"];
+            assert_eq!(argv, with_drain_flags(&["envoy"], &tail), "{command:?}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! embedded demo when no command is given; and, for Envoy, where its admin API is.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::admin::{AdminAddress, Family, Listeners};
@@ -48,30 +48,28 @@ impl Launch {
         self.envoy.is_some()
     }
 
-    /// The base id of the Envoy family: the one epoch 0 picked (read from its file), or the
-    /// command's `--base-id`.
-    pub fn base_id(&self) -> Option<u32> {
-        let envoy = self.envoy.as_ref()?;
-        let text = match &envoy.base_id_file {
+    /// The base id of `family`: the one its epoch 0 picked (read from its file), or the command's
+    /// `--base-id`.
+    pub fn base_id(&self, family: &Family) -> Option<u32> {
+        let text = match &family.base_id_path {
             Some(file) => std::fs::read_to_string(file).ok()?,
             None => envoy::flag_value(&self.command, &["--base-id"])?.into_string().ok()?,
         };
         text.trim().parse().ok()
     }
 
-    /// The hot-restart shared memory of the Envoy family, under /dev/shm.
-    pub fn shared_memory(&self) -> Option<PathBuf> {
-        self.base_id().map(envoy::shared_memory_path)
-    }
-
-    /// The hot-restart family as far as the command line tells it: the base id path of a dynamic
-    /// base id (its id is known once epoch 0 has written it), or the command's `--base-id`.
-    pub fn family(&self) -> Family {
+    /// The hot-restart family `number` as far as the command line tells it: the base id path of a
+    /// dynamic base id (its id is known once its epoch 0 has written it), or, for the first family,
+    /// the command's `--base-id`. Every family after the first (a cold handover) picks its own id
+    /// dynamically: it must not share the hot-restart memory of the one it replaces.
+    pub fn family(&self, number: u32) -> Family {
         let Some(envoy) = &self.envoy else { return Family::default() };
-        match &envoy.base_id_file {
-            Some(file) => Family { base_id_path: Some(file.to_string_lossy().into_owned()), base_id: None },
-            None => Family { base_id_path: None, base_id: self.base_id() },
-        }
+        let file = match (&envoy.base_id_file, number) {
+            (Some(file), 0) => file.clone(),
+            (None, 0) => return Family { base_id_path: None, base_id: self.base_id(&Family::default()) },
+            (_, n) => envoy.runtime_dir.join(format!("envoy-base-id.family-{n}")),
+        };
+        Family { base_id_path: Some(file.to_string_lossy().into_owned()), base_id: None }
     }
 
     /// Epoch 0's admin, when there is one.
@@ -95,15 +93,22 @@ impl Launch {
         }
     }
 
-    /// The command line of an epoch. Later epochs reuse the base id that epoch 0 picked.
-    pub fn epoch_argv(&self, epoch: u32, picked_base_id: Option<u32>) -> Vec<OsString> {
+    /// The command line of restart epoch `restart_epoch` of `family`. Later epochs reuse the base
+    /// id that the family's epoch 0 picked.
+    pub fn epoch_argv(&self, family: &Family, restart_epoch: u32) -> Vec<OsString> {
         let Some(envoy) = &self.envoy else { return self.command.clone() };
-        let base_id = match (&envoy.base_id_file, picked_base_id) {
+        let base_id = match (&family.base_id_path, family.base_id) {
             (None, _) => BaseId::FromCommand,
-            (Some(_), Some(id)) if epoch > 0 => BaseId::Picked(id),
-            (Some(file), _) => BaseId::Dynamic(file.clone()),
+            (Some(_), Some(id)) if restart_epoch > 0 => BaseId::Picked(id),
+            (Some(file), _) => BaseId::Dynamic(PathBuf::from(file)),
         };
-        envoy::epoch_command(&self.command, epoch, &base_id, &envoy.flags)
+        envoy::epoch_command(&self.command, restart_epoch, &base_id, &envoy.flags)
+    }
+
+    /// The command line of the first epoch of a new family in a cold handover: its admin on
+    /// `private_admin` (through `--config-yaml`), since the old family still holds the configured one.
+    pub fn handover_argv(&self, family: &Family, private_admin: &Path) -> Result<Vec<OsString>, String> {
+        envoy::with_admin(&self.epoch_argv(family, 0), private_admin)
     }
 }
 

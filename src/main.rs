@@ -7,7 +7,10 @@
 //!   `reload` (the steps), `shutdown` (drain, stop, leftovers).
 //! - workers, which return or publish results: `signals` (the signal table), `drain`, `reload`
 //!   (preflight, verdict, LIVE poll), `watch`, `control` (the control API), `systemd`.
-//! - Envoy: `envoy` (its command line), `bootstrap` (its config), `admin` (its admin API).
+//!   `supervisor::handover` and `supervisor::recovery`: the cold handover to a new Envoy family,
+//!   and when it runs by itself.
+//! - Envoy: `envoy` (its command line), `bootstrap` (its config), `admin` (its admin API),
+//!   `ports` (whether a new family can bind beside the serving one).
 //! - leaves: `process` (spawn, signal, reap), `http`, `certs`, `status`, `metrics`, `demo`,
 //!   `files`, `clock`, `logging`.
 
@@ -28,6 +31,7 @@ mod launch;
 mod lock;
 mod logging;
 mod metrics;
+mod ports;
 mod process;
 mod reload;
 mod signals;
@@ -54,7 +58,7 @@ fn main() {
     let code = match cli.command {
         Command::Run(options) => run(&options),
         Command::Shutdown { location, wait_timeout } => client::shutdown(&location, wait_timeout),
-        Command::Reload { location, wait_timeout } => client::reload(&location, wait_timeout),
+        Command::Reload { location, cold, wait_timeout } => client::reload(&location, cold, wait_timeout),
         Command::Status { location, json } => client::status(&location, json),
     };
     std::process::exit(code);
@@ -122,6 +126,11 @@ fn run(options: &cli::RunOptions) -> i32 {
                 .map(|(cert, key)| certs::TlsPair { cert, key, key_password: false }),
             http_token: options.http_token.clone(),
             debounce: options.reload.reload_debounce,
+        },
+        recover: supervisor::RecoverSettings {
+            enabled: !options.reload.no_recover,
+            backoff: options.reload.recover_backoff,
+            backoff_max: options.reload.recover_backoff_max,
         },
     };
     runtime.block_on(supervisor::run(launch, settings))

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub current_epoch: Gauge,
     pub degraded: Gauge,
     pub reloads: Family<ResultLabel, Counter>,
+    pub recoveries: Family<ResultLabel, Counter>,
     pub drains: Family<ReasonLabel, Counter>,
     pub drain_seconds: Histogram,
     pub connections_at_sigterm: Gauge,
@@ -47,6 +48,7 @@ impl Metrics {
             current_epoch: Gauge::default(),
             degraded: Gauge::default(),
             reloads: Family::default(),
+            recoveries: Family::default(),
             drains: Family::default(),
             drain_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             connections_at_sigterm: Gauge::default(),
@@ -58,11 +60,20 @@ impl Metrics {
         registry.register("epochs_started", "Envoy epochs started", metrics.epochs_started.clone());
         registry.register("live_epochs", "Envoy processes alive now", metrics.live_epochs.clone());
         registry.register("current_epoch", "Restart epoch of the serving Envoy", metrics.current_epoch.clone());
-        registry.register("degraded", "1 after a new epoch failed: hot restarts are blocked", metrics.degraded.clone());
+        registry.register(
+            "degraded",
+            "1 while Envoy's hot restart is blocked (until a cold handover)",
+            metrics.degraded.clone(),
+        );
         registry.register(
             "reloads",
             "Reloads by result (success, refused before any start, failed after start)",
             metrics.reloads.clone(),
+        );
+        registry.register(
+            "recoveries",
+            "Cold handovers to a new Envoy family by result (success, refused before any start, failed after start)",
+            metrics.recoveries.clone(),
         );
         registry.register("drains", "Drains by the reason they ended", metrics.drains.clone());
         registry.register("drain_seconds", "Duration of drains", metrics.drain_seconds.clone());
@@ -87,6 +98,10 @@ impl Metrics {
 
     pub fn reload(&self, result: &str) {
         self.reloads.get_or_create(&ResultLabel { result: result.into() }).inc();
+    }
+
+    pub fn recovery(&self, result: &str) {
+        self.recoveries.get_or_create(&ResultLabel { result: result.into() }).inc();
     }
 
     pub fn reaped(&self, kind: &str) {

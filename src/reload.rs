@@ -78,9 +78,17 @@ fn fingerprint(files: &[PathBuf]) -> u64 {
     hasher.finish()
 }
 
-/// Blocking: reads the bootstrap and checks every certificate/key pair.
-pub fn preflight(command: &[OsString], expiry_warn: Duration) -> Result<Preflight, String> {
+/// Blocking: reads the bootstrap and checks every certificate/key pair; for a cold handover
+/// (`handover_beside`: the pids of the serving epochs), also that its listeners can bind beside them.
+pub fn preflight(
+    command: &[OsString],
+    expiry_warn: Duration,
+    handover_beside: Option<&[i32]>,
+) -> Result<Preflight, String> {
     let bootstrap = Bootstrap::from_command(command).map_err(|e| format!("{e:#}"))?;
+    if let (Some(ours), Some(bootstrap)) = (handover_beside, &bootstrap) {
+        crate::ports::check_handover(&bootstrap.listener_binds(), ours)?;
+    }
     // Read before anything is checked: a change from now on shows when the epoch is started.
     let mut files: Vec<PathBuf> = bootstrap.iter().flat_map(|b| b.path.clone()).collect();
     files.extend(bootstrap.iter().flat_map(Bootstrap::referenced_files));

@@ -14,7 +14,10 @@ pub struct Status {
     pub ready: bool,
     /// Why not ready.
     pub not_ready: Option<String>,
+    /// Why Envoy's hot restart is blocked, if it is (until a cold handover).
     pub degraded: Option<String>,
+    /// The recovery from a blocked hot restart: shown while blocked, and once one has run.
+    pub recovery: Option<RecoveryStatus>,
     /// What will happen, and when, that the operator should know about now.
     pub warnings: Vec<String>,
     pub current_epoch: u32,
@@ -33,6 +36,9 @@ pub struct Status {
 #[derive(Debug, Clone, Serialize)]
 pub struct EpochStatus {
     pub epoch: u32,
+    /// Its hot-restart family (one more for each cold handover) and its restart epoch in it.
+    pub family: u32,
+    pub restart_epoch: u32,
     pub pid: i32,
     pub started_unix: u64,
     /// starting (not LIVE yet), live (it serves), or draining (an older epoch, finishing its
@@ -51,6 +57,17 @@ pub struct ReloadStatus {
     pub result: &'static str,
     pub detail: String,
     pub at_unix: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoveryStatus {
+    /// Off with --no-recover.
+    pub enabled: bool,
+    /// When the next cold handover is tried, if one is scheduled.
+    pub next_attempt_in_seconds: Option<f64>,
+    pub failures_in_a_row: u32,
+    /// The last cold handover: its result, why it ran and how long it took.
+    pub last: Option<ReloadStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]

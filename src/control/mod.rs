@@ -46,7 +46,11 @@ pub enum ControlRequest {
     /// Start the drain (if not started); answer true once drained, false when it timed out.
     Shutdown(oneshot::Sender<bool>),
     /// A reload: the new epoch, or why it did not happen.
-    Reload(oneshot::Sender<Result<u32, Refusal>>),
+    /// `cold`: a cold handover to a new Envoy family rather than a hot restart.
+    Reload {
+        reply: oneshot::Sender<Result<u32, Refusal>>,
+        cold: bool,
+    },
 }
 
 /// Hands a request to the supervisor; false once the supervisor is gone.
@@ -156,13 +160,15 @@ impl ControlApi {
                 Some(true) => text(StatusCode::OK, "drained\n"),
                 _ => text(StatusCode::SERVICE_UNAVAILABLE, "the drain ended before the connections did\n"),
             },
-            (Method::POST, "/reload") => match self.ask(ControlRequest::Reload).await {
-                Some(Ok(epoch)) => json(StatusCode::OK, &serde_json::json!({ "epoch": epoch })),
-                Some(Err(refusal)) => {
-                    json(refusal_status(&refusal), &serde_json::json!({ "error": refusal.to_string() }))
+            (Method::POST, "/reload") => {
+                match self.ask(|reply| ControlRequest::Reload { reply, cold: cold(&request) }).await {
+                    Some(Ok(epoch)) => json(StatusCode::OK, &serde_json::json!({ "epoch": epoch })),
+                    Some(Err(refusal)) => {
+                        json(refusal_status(&refusal), &serde_json::json!({ "error": refusal.to_string() }))
+                    }
+                    None => text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"),
                 }
-                None => text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"),
-            },
+            }
             (Method::GET, "/status") => match self.checked_status().await {
                 Some(status) => json(StatusCode::OK, &status),
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"),
@@ -189,6 +195,12 @@ impl ControlApi {
         let header = request.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         header.and_then(bearer_token).is_some_and(|given| constant_time_eq(given, token))
     }
+}
+
+/// `?cold=true` (or `?cold`, `?cold=1`) on `/reload`.
+fn cold(request: &Request<Incoming>) -> bool {
+    let query = request.uri().query().unwrap_or_default();
+    query.split('&').any(|pair| matches!(pair, "cold" | "cold=true" | "cold=1"))
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -13,7 +13,12 @@ use crate::process::{Processes, signal_name};
 /// One Envoy process (or, for a plain command, the command itself as epoch 0).
 #[derive(Debug)]
 pub struct Epoch {
+    /// The launcher's number for it: one above every epoch before it, across families.
     pub number: u32,
+    /// Its hot-restart family: 0 for the first, one more for each cold handover.
+    pub family: u32,
+    /// Its `--restart-epoch` within its family.
+    pub restart_epoch: u32,
     pub pid: Pid,
     pub started: Instant,
     pub started_at: SystemTime,
@@ -35,6 +40,8 @@ impl Epoch {
     pub fn new(number: u32, pid: Pid, live: bool) -> Epoch {
         Epoch {
             number,
+            family: 0,
+            restart_epoch: number,
             pid,
             started: Instant::now(),
             started_at: SystemTime::now(),
@@ -48,6 +55,11 @@ impl Epoch {
 
     pub fn with_admin(self, admin: Option<AdminAddress>) -> Epoch {
         Epoch { admin, ..self }
+    }
+
+    /// Restart epoch `restart_epoch` of family `family`.
+    pub fn in_family(self, family: u32, restart_epoch: u32) -> Epoch {
+        Epoch { family, restart_epoch, ..self }
     }
 
     /// Its admin: where it answered LIVE, or where its bootstrap says it is.
@@ -79,9 +91,15 @@ impl Epochs {
         self.find(self.current).is_some_and(|e| e.live)
     }
 
-    /// An older epoch that still drains after a hot restart.
+    /// An older epoch of the current family that still drains after a hot restart.
     pub fn older(&self) -> Option<&Epoch> {
-        self.list.iter().find(|e| e.number < self.current)
+        let family = self.current_family();
+        self.list.iter().find(|e| e.number < self.current && e.family == family)
+    }
+
+    #[cfg(test)]
+    pub fn find_pid(&self, pid: Pid) -> Option<&Epoch> {
+        self.list.iter().find(|e| e.pid == pid)
     }
 
     pub fn find(&self, number: u32) -> Option<&Epoch> {
@@ -97,6 +115,39 @@ impl Epochs {
     pub fn answered_on(&mut self, number: u32, endpoint: Endpoint) {
         if let Some(epoch) = self.list.iter_mut().find(|e| e.number == number) {
             epoch.admin_answered = Some(endpoint);
+        }
+    }
+
+    /// The family of the epoch that serves.
+    pub fn current_family(&self) -> u32 {
+        self.find(self.current).map_or(0, |e| e.family)
+    }
+
+    /// The `--restart-epoch` of the next hot restart: one above the current family's newest.
+    pub fn next_restart_epoch(&self) -> u32 {
+        let family = self.current_family();
+        self.list.iter().filter(|e| e.family == family).map(|e| e.restart_epoch + 1).max().unwrap_or(0)
+    }
+
+    /// The epochs of families older than the current one (during a cold handover).
+    pub fn of_older_families(&self) -> impl Iterator<Item = &Epoch> {
+        let family = self.current_family();
+        self.list.iter().filter(move |e| e.family < family)
+    }
+
+    /// Sends `sig` to the newest epoch of each family older than the current one that was not sent
+    /// its stop signal yet: the newest of a family tells its parent to terminate.
+    pub fn stop_older_families(&mut self, processes: &mut impl Processes, sig: i32) {
+        let family = self.current_family();
+        let mut families: Vec<u32> = self.list.iter().filter(|e| e.family < family).map(|e| e.family).collect();
+        families.dedup();
+        for old in families {
+            if let Some(newest) =
+                self.list.iter_mut().filter(|e| e.family == old && !e.stopped).max_by_key(|e| e.number)
+            {
+                newest.stopped = true;
+                processes.signal(newest.pid, sig);
+            }
         }
     }
 

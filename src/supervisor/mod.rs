@@ -18,6 +18,8 @@
 //! layer and tokio's paused time.
 
 mod epochs;
+mod handover;
+mod recovery;
 mod reload;
 mod reload_state;
 mod report;
@@ -75,6 +77,11 @@ enum Event {
     },
     /// A timer set by `schedule` ran out.
     Deadline(Generation),
+    /// The drain of the old family in the cold handover `attempt` ended.
+    FamilyDrained {
+        attempt: Generation,
+        end: DrainEnd,
+    },
     /// A request on the control API.
     Control(ControlRequest),
 }
@@ -88,6 +95,15 @@ pub struct Settings {
     pub cert_expiry_warn: Duration,
     pub watch: WatchSpec,
     pub control: ControlSettings,
+    pub recover: RecoverSettings,
+}
+
+/// When hot restarts are blocked: a cold handover after `backoff`, doubling to `backoff_max`.
+#[derive(Debug, Clone)]
+pub struct RecoverSettings {
+    pub enabled: bool,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
 }
 
 struct Supervisor<P: Processes> {
@@ -113,9 +129,16 @@ struct Supervisor<P: Processes> {
     older_exited: Option<tokio::time::Instant>,
     /// Whether more than one epoch lives, for the drain.
     older_alive: tokio::sync::watch::Sender<bool>,
-    /// The hot-restart family of our Envoy; its base id is read once, when epoch 0 is LIVE, and
-    /// kept (the runtime directory may be deleted under us).
+    /// The hot-restart family of the epoch that serves; its base id is read once, when its epoch 0
+    /// is LIVE, and kept (the runtime directory may be deleted under us).
     family: Family,
+    /// How many families were started (the next one's number).
+    families: u32,
+    /// Why Envoy's hot restart is blocked (until a cold handover), if it is.
+    blocked: Option<String>,
+    /// When the current epoch will abort, its draining parent having died early.
+    expected_abort: Option<tokio::time::Instant>,
+    recovery: recovery::Recovery,
 }
 
 /// Runs `launch` to completion and returns the status the launcher exits with.
@@ -173,7 +196,8 @@ impl<P: Processes> Supervisor<P> {
         metrics: Arc<Metrics>,
         systemd: Notifier,
     ) -> Result<Self, i32> {
-        let argv = launch.epoch_argv(0, None);
+        let family = launch.family(0);
+        let argv = launch.epoch_argv(&family, 0);
         let admin = launch.admin();
         forget_admin_address_file(admin.as_ref());
         // A plain command gets the terminal as under tini; Envoy does not, so that Ctrl-C reaches the launcher.
@@ -192,7 +216,7 @@ impl<P: Processes> Supervisor<P> {
                 tracing::warn!("cannot watch files for changes ({e}): hot restarts only on SIGHUP");
             }
         }
-        let family = launch.family();
+        let recovery = recovery::Recovery::new(&settings.recover);
         let mut supervisor = Supervisor {
             epochs: Epochs::new(Epoch::new(0, pid, admin.is_none()).with_admin(admin.clone())),
             launch,
@@ -211,12 +235,17 @@ impl<P: Processes> Supervisor<P> {
             older_exited: None,
             older_alive: tokio::sync::watch::Sender::new(false),
             family,
+            families: 1,
+            blocked: None,
+            expected_abort: None,
+            recovery,
         };
         match admin {
             // Ready once Envoy says it is LIVE, however long its initialisation (xDS, say) takes.
             Some(_) => {
                 supervisor.systemd.status("Envoy epoch 0 is starting");
-                supervisor.poll_live(0, None);
+                let family = supervisor.family.clone();
+                supervisor.poll_live(0, family, None);
             }
             None => {
                 let program = argv.first().map(|p| p.to_string_lossy()).unwrap_or_default();
@@ -248,7 +277,7 @@ impl<P: Processes> Supervisor<P> {
     /// Handles one event; returns the current epoch's exit once there is one.
     fn handle(&mut self, event: Event) -> Option<Exit> {
         let exit = self.handle_event(event);
-        let older = self.epochs.len() > 1;
+        let older = self.epochs.older().is_some();
         self.older_alive.send_if_modified(|alive| std::mem::replace(alive, older) != older);
         exit
     }
@@ -258,9 +287,10 @@ impl<P: Processes> Supervisor<P> {
             Event::Signal(sig) => return self.on_signal(sig),
             Event::Deadline(generation) => return self.on_deadline(generation),
             Event::DrainEnded(end) => self.on_drain_ended(end),
+            Event::FamilyDrained { attempt, end } => self.on_family_drained(attempt, end),
             Event::FilesChanged(files) => {
                 let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-                let _ = self.request_reload(format!("changed: {}", names.join(", ")), None);
+                let _ = self.request_reload(format!("changed: {}", names.join(", ")), None, false);
             }
             Event::Preflight { attempt, result } => self.on_preflight(attempt, result),
             Event::Validated { attempt, result } => self.on_validated(attempt, result),
@@ -279,7 +309,7 @@ impl<P: Processes> Supervisor<P> {
             Intent::Reap => return self.reap(),
             Intent::Stop => self.on_stop(&signal_name(sig), sig),
             Intent::Reload => {
-                if let Err(refusal) = self.request_reload("SIGHUP".into(), None) {
+                if let Err(refusal) = self.request_reload("SIGHUP".into(), None, false) {
                     // systemd's notify-reload waits for RELOADING=1 then READY=1 after a SIGHUP.
                     self.systemd.reloading("reload refused");
                     self.systemd.ready(&format!("reload refused: {refusal}"));
@@ -321,18 +351,31 @@ impl<P: Processes> Supervisor<P> {
         if self.phase.deadline() == Some(generation) {
             return self.on_stop_deadline();
         }
+        if self.recovery.due(generation) {
+            self.recover_now();
+            return None;
+        }
         self.on_reload_deadline(generation);
         None
     }
 
     /// Polls the admin until `epoch` answers LIVE (or `timeout` passes); the answer comes back as
     /// `Event::EpochLive` with the poll's generation. No task when there is no admin to poll.
-    fn poll_live(&mut self, epoch: u32, timeout: Option<Duration>) -> (Generation, Option<JoinHandle<()>>) {
+    fn poll_live(
+        &mut self,
+        epoch: u32,
+        family: Family,
+        timeout: Option<Duration>,
+    ) -> (Generation, Option<JoinHandle<()>>) {
         let poll = self.next_generation();
-        let Some(admin) = self.epochs.find(epoch).and_then(|e| e.admin.clone()) else { return (poll, None) };
-        let (events, family) = (self.events.clone(), self.family.clone());
+        let Some((admin, restart_epoch)) =
+            self.epochs.find(epoch).and_then(|e| Some((e.admin.clone()?, e.restart_epoch)))
+        else {
+            return (poll, None);
+        };
+        let events = self.events.clone();
         let task = tokio::spawn(async move {
-            let result = crate::reload::await_live(admin, epoch, family, timeout).await;
+            let result = crate::reload::await_live(admin, restart_epoch, family, timeout).await;
             let _ = events.send(Event::EpochLive { epoch, poll, result });
         });
         (poll, Some(task))
@@ -387,7 +430,7 @@ impl<P: Processes> Supervisor<P> {
             // (a SIGTERM before its handlers were installed does that), the parent is next.
             self.epochs.stop_newest(&mut self.processes, stop_signal);
         }
-        if epoch.number < self.epochs.current_number() {
+        if epoch.number < self.epochs.current_number() && epoch.family == self.epochs.current_family() {
             self.older_exited = Some(tokio::time::Instant::now());
             self.on_draining_epoch_exit(&epoch, exit);
         }
@@ -408,8 +451,9 @@ impl<P: Processes> Supervisor<P> {
                 let _ = reply.send(self.status());
             }
             ControlRequest::Shutdown(reply) => self.on_shutdown_request(reply),
-            ControlRequest::Reload(reply) => {
-                let _ = self.request_reload("control API".into(), Some(reply));
+            ControlRequest::Reload { reply, cold } => {
+                let trigger = if cold { "control API (cold)" } else { "control API" };
+                let _ = self.request_reload(trigger.into(), Some(reply), cold);
             }
         }
     }

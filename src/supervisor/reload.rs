@@ -18,7 +18,12 @@ use crate::status::ReloadStatus;
 impl<P: Processes> Supervisor<P> {
     /// Starts a reload, or queues one behind the reload under way; `waiter` (a `/reload` caller)
     /// is answered when it ends. Refused while shutting down or while hot restarts are blocked.
-    pub(super) fn request_reload(&mut self, trigger: String, waiter: Option<ReloadReply>) -> Result<(), Refusal> {
+    pub(super) fn request_reload(
+        &mut self,
+        trigger: String,
+        waiter: Option<ReloadReply>,
+        cold: bool,
+    ) -> Result<(), Refusal> {
         let refusal = if !matches!(self.phase, Phase::Running) {
             Some(Refusal::ShuttingDown)
         } else if !self.launch.is_envoy() {
@@ -28,11 +33,14 @@ impl<P: Processes> Supervisor<P> {
             // bootstrap names none, so this is an admin it could not reach at all).
             Some(Refusal::Invalid("Envoy has no admin to see a new epoch LIVE".into()))
         } else {
-            None
+            // With --no-recover, only a cold handover asked for by hand gets past a block.
+            let refused = !cold && !self.settings.recover.enabled;
+            self.blocked.as_ref().filter(|_| refused).map(|why| Refusal::Blocked(why.clone()))
         };
         if let Some(refusal) = refusal {
             match refusal {
                 Refusal::ShuttingDown => tracing::info!("{trigger}: no hot restart while shutting down"),
+                Refusal::Blocked(_) => tracing::error!("{trigger}: {refusal}"),
                 _ => tracing::debug!("{trigger}: no hot restart: {refusal}"),
             }
             if let Some(waiter) = waiter {
@@ -40,11 +48,13 @@ impl<P: Processes> Supervisor<P> {
             }
             return Err(refusal);
         }
-        match self.reload.admit(waiter, self.epochs.current_is_live()) {
-            Admission::Refused(refusal) => {
-                tracing::error!("{trigger}: {refusal}");
-                Err(refusal)
-            }
+        // While hot restarts are blocked, every trigger is applied the only way left: a cold handover.
+        let cold = match &self.blocked {
+            _ if cold => Some(trigger.clone()),
+            Some(why) => Some(format!("{trigger}, while hot restarts are blocked ({why})")),
+            None => None,
+        };
+        match self.reload.admit(waiter, self.epochs.current_is_live(), cold.as_deref()) {
             Admission::Held { first } => {
                 if first {
                     tracing::info!(
@@ -62,34 +72,43 @@ impl<P: Processes> Supervisor<P> {
                 Ok(())
             }
             Admission::Start(waiters) => {
-                self.start_reload(&trigger, waiters);
+                self.start_reload(&trigger, waiters, cold);
                 Ok(())
             }
         }
     }
 
-    fn start_reload(&mut self, trigger: &str, waiters: Vec<ReloadReply>) {
+    pub(super) fn start_reload(&mut self, trigger: &str, waiters: Vec<ReloadReply>, cold: Option<String>) {
         let next = self.epochs.next_number();
-        tracing::info!("{trigger}: validating for a hot restart to epoch {next}");
-        self.systemd.reloading(&format!("hot restart to epoch {next}"));
-        let attempt = self.spawn_preflight();
-        self.reload.begin(attempt, waiters);
+        if cold.is_some() {
+            self.recovery.cancel_timer();
+            tracing::info!("{trigger}: validating for a cold handover to a new Envoy family (epoch {next})");
+            self.systemd.status(&format!("cold handover to epoch {next}"));
+        } else {
+            tracing::info!("{trigger}: validating for a hot restart to epoch {next}");
+            self.systemd.reloading(&format!("hot restart to epoch {next}"));
+        }
+        let attempt = self.spawn_preflight(cold.is_some());
+        self.reload.begin(attempt, waiters, cold);
     }
 
     /// The reload under way checks its input again, from the first step.
-    fn preflight_again(&mut self) {
-        let attempt = self.spawn_preflight();
+    pub(super) fn preflight_again(&mut self) {
+        let attempt = self.spawn_preflight(self.reload.is_cold());
         self.reload.begin_again(attempt);
     }
 
     /// Runs the preflight off the runtime thread; its result comes back as the returned attempt.
-    fn spawn_preflight(&mut self) -> Generation {
+    fn spawn_preflight(&mut self, cold: bool) -> Generation {
         let command = self.launch.command.clone();
         let expiry_warn = self.settings.cert_expiry_warn;
         let attempt = self.next_generation();
         let events = self.events.clone();
+        // A new family binds every listener beside the serving one: what only the serving epochs
+        // may hold is found first.
+        let ours: Option<Vec<i32>> = cold.then(|| self.epochs.iter().map(|e| e.pid.as_raw()).collect());
         tokio::task::spawn_blocking(move || {
-            let result = reload::preflight(&command, expiry_warn);
+            let result = reload::preflight(&command, expiry_warn, ours.as_deref());
             let _ = events.send(Event::Preflight { attempt, result });
         });
         attempt
@@ -104,7 +123,8 @@ impl<P: Processes> Supervisor<P> {
             Err(reason) => return self.reload_refused(&reason),
         };
         let Some(envoy) = &self.launch.envoy else { return };
-        if envoy.base_id_file.is_some() && self.family.base_id.is_none() {
+        let cold = self.reload.is_cold();
+        if !cold && self.family.base_id_path.is_some() && self.family.base_id.is_none() {
             let file = envoy.base_id_file.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
             return self.reload_refused(&format!("the base id epoch 0 picked is not known: {file} could not be read"));
         }
@@ -121,7 +141,7 @@ impl<P: Processes> Supervisor<P> {
                 let deadline = self.schedule(self.settings.reload_timeout);
                 if let Some(busy) = self.reload.attempt(attempt) {
                     let admin = self.launch.admin_address(preflight.admin);
-                    let checked = Checked { base_id: self.family.base_id, input: preflight.input, admin };
+                    let checked = Checked { input: preflight.input, admin };
                     busy.step = Step::Validating { pid, output, checked, deadline, killed: false };
                 }
             }
@@ -149,7 +169,9 @@ impl<P: Processes> Supervisor<P> {
         let Some(busy) = self.reload.attempt(attempt) else { return };
         let Step::Validating { checked, .. } = &busy.step else { return };
         let checked = checked.clone();
+        let cold = busy.cold.is_some();
         match result {
+            Ok(()) if cold => self.start_new_family(checked),
             Ok(()) => self.start_next_epoch(checked),
             Err(reason) => self.reload_refused(&reason),
         }
@@ -157,7 +179,7 @@ impl<P: Processes> Supervisor<P> {
 
     /// Starts epoch N+1, once no draining epoch is left besides the current one: Envoy keeps at
     /// most two processes, and so does the launcher.
-    fn start_next_epoch(&mut self, checked: Checked) {
+    pub(super) fn start_next_epoch(&mut self, checked: Checked) {
         let Some(envoy) = &self.launch.envoy else { return };
         if let Some(oldest) = self.epochs.older() {
             // The current epoch tells its parent to terminate parent_shutdown_time after it started.
@@ -177,6 +199,7 @@ impl<P: Processes> Supervisor<P> {
             return;
         }
         let epoch = self.epochs.next_number();
+        let restart_epoch = self.epochs.next_restart_epoch();
         // What the new epoch reads must be what was checked: a change since (a rotation during
         // the wait for a draining epoch, a copy that straddled it) is checked again first.
         if !checked.input.unchanged() {
@@ -188,19 +211,25 @@ impl<P: Processes> Supervisor<P> {
         if checked.admin.is_none() {
             return self.reload_refused("the bootstrap names no admin (sesame gives one only at its start)");
         }
+        if let (Some(file), None) = (&self.family.base_id_path, self.family.base_id) {
+            return self
+                .reload_refused(&format!("the base id of the serving family is not known: {file} could not be read"));
+        }
         super::forget_admin_address_file(checked.admin.as_ref());
-        let argv = self.launch.epoch_argv(epoch, checked.base_id);
+        let argv = self.launch.epoch_argv(&self.family, restart_epoch);
         let pid = match self.processes.spawn(&argv, false, None) {
             Ok(pid) => pid,
             Err(e) => return self.reload_refused(&e.to_string()),
         };
         tracing::info!(pid = pid.as_raw(), "hot restart: started epoch {epoch}: {}", shell_words(&argv));
-        self.epochs.add(Epoch::new(epoch, pid, false).with_admin(checked.admin.clone()));
+        let family = self.epochs.current_family();
+        let epoch_of_family = Epoch::new(epoch, pid, false).in_family(family, restart_epoch);
+        self.epochs.add(epoch_of_family.with_admin(checked.admin.clone()));
         self.metrics.epochs_started.inc();
         self.metrics.live_epochs.set(self.epochs.len() as i64);
-        let (live_poll, poll) = self.poll_live(epoch, Some(self.settings.reload_timeout));
+        let (live_poll, poll) = self.poll_live(epoch, self.family.clone(), Some(self.settings.reload_timeout));
         if let Some(busy) = self.reload.busy() {
-            busy.step = Step::Starting { epoch, pid, poll, live_poll };
+            busy.step = Step::Starting { epoch, pid, poll, live_poll, family: None };
         }
     }
 
@@ -216,17 +245,20 @@ impl<P: Processes> Supervisor<P> {
             if self.family.base_id.is_none() {
                 // Once, now that epoch 0 has written it: later epochs need it even if the runtime
                 // directory is deleted under us.
-                self.family.base_id = self.launch.base_id();
+                self.family.base_id = self.launch.base_id(&self.family);
             }
             if let Some(waiters) = self.reload.release_held() {
-                self.start_reload(&format!("epoch {epoch} is LIVE; the held trigger"), waiters);
+                self.start_reload(&format!("epoch {epoch} is LIVE; the held trigger"), waiters, None);
             }
             return;
         }
         let Some(busy) = self.reload.busy() else { return };
-        let Step::Starting { epoch: starting, pid, live_poll: expected, .. } = busy.step else { return };
+        let Step::Starting { epoch: starting, pid, live_poll: expected, ref family, .. } = busy.step else { return };
         if starting != epoch || live_poll != expected {
             return;
+        }
+        if let Some(new_family) = family.clone() {
+            return self.on_new_family_live(epoch, pid, new_family, result);
         }
         match result {
             Ok(_) => {
@@ -273,6 +305,9 @@ impl<P: Processes> Supervisor<P> {
                 let checked = checked.clone();
                 self.start_next_epoch(checked);
             }
+            Some(Step::HandingOver { .. }) => {
+                self.on_handover_deadline(generation);
+            }
             Some(Step::WaitingForDraining { oldest, deadline, .. }) if *deadline == generation => {
                 let reason = format!("the draining epoch (pid {oldest}) outlived its parent shutdown time");
                 self.reload_refused(&reason);
@@ -284,6 +319,9 @@ impl<P: Processes> Supervisor<P> {
     /// An epoch other than the current one exited: the reload may have waited for it (a draining
     /// epoch) or started it (a new epoch that failed). True when the reload took it.
     pub(super) fn on_reload_epoch_exit(&mut self, epoch: &Epoch, exit: Exit) -> bool {
+        if self.on_old_family_exit(epoch, exit) {
+            return true;
+        }
         let Some(busy) = self.reload.busy() else { return false };
         match &busy.step {
             Step::Starting { epoch: starting, poll, .. } if *starting == epoch.number => {
@@ -321,16 +359,26 @@ impl<P: Processes> Supervisor<P> {
     }
 
     /// A reload that failed before any process was started: nothing changed, the next may succeed.
-    fn reload_refused(&mut self, reason: &str) {
-        tracing::error!("hot restart refused, epoch {} keeps serving: {reason}", self.epochs.current_number());
+    pub(super) fn reload_refused(&mut self, reason: &str) {
+        let what = if self.reload.is_cold() { "cold handover" } else { "hot restart" };
+        tracing::error!("{what} refused, epoch {} keeps serving: {reason}", self.epochs.current_number());
         self.reload_ended("refused", Err(Refusal::Invalid(reason.to_string())), format!("reload refused: {reason}"));
     }
 
     /// Records how a reload ended, answers its callers, and starts the queued one or tells systemd.
-    fn reload_ended(&mut self, result: &'static str, outcome: Result<u32, Refusal>, status: String) {
+    pub(super) fn reload_ended(&mut self, result: &'static str, outcome: Result<u32, Refusal>, status: String) {
+        let handover = self.reload.busy().and_then(|busy| Some((busy.cold.clone()?, busy.started.elapsed())));
         self.record_reload(result, &outcome);
+        if let Some((why, took)) = handover {
+            self.record_recovery(result, &outcome, why, took);
+        }
         match self.reload.finish(&outcome) {
-            Some(waiters) => self.start_reload("queued trigger", waiters),
+            Some(queued) => self.start_reload("queued trigger", queued.waiters, queued.cold),
+            None if self.blocked.is_some() => {
+                let why = self.blocked.clone().unwrap_or_default();
+                self.systemd.ready(&format!("degraded: {why}"));
+                self.schedule_recovery();
+            }
             None => self.systemd.ready(&status),
         }
     }
@@ -346,28 +394,52 @@ impl<P: Processes> Supervisor<P> {
 
     /// A new epoch failed after it started: the serving epoch is never signalled, but Envoy's hot
     /// restart is now blocked (its shared memory says a child is still initializing) and the
-    /// serving epoch may have lost its admin API. Until the next cold start the launcher refuses
-    /// hot restarts and drains by time on shutdown.
+    /// serving epoch may have lost its admin API. The way out is a cold handover to a new family
+    /// (after the recovery backoff, or at once for the next trigger); with --no-recover, hot
+    /// restarts are refused until the launcher restarts.
     fn reload_failed_after_start(&mut self, epoch: u32, reason: String) {
+        if self.reload.is_cold() {
+            return self.new_family_failed(epoch, reason);
+        }
         let current = self.epochs.current_number();
+        let way_out = if self.settings.recover.enabled {
+            "until a cold handover to a new Envoy family"
+        } else {
+            "until a cold start (restart sesame; --no-recover is set)"
+        };
         let why = format!(
-            "epoch {epoch} failed ({reason}); Envoy's hot restart is blocked until a cold start \
-             (restart sesame) and epoch {current}'s admin API may be gone"
+            "epoch {epoch} failed ({reason}); Envoy's hot restart is blocked {way_out}, and epoch {current}'s admin \
+             API may be gone"
         );
         tracing::error!("degraded: {why}; epoch {current} keeps serving");
         self.metrics.degraded.set(1);
         let failure = Refusal::Failed(why.clone());
         self.record_reload("failed", &Err(failure.clone()));
         self.systemd.ready(&format!("degraded: {why}"));
-        self.reload.block(why, failure);
+        let queued = self.reload.block(failure);
+        let blocked = Err(Refusal::Blocked(why.clone()));
+        queued.into_iter().for_each(|w| super::reload_state::answer(Some(w), &blocked));
+        self.blocked = Some(why);
+        self.schedule_recovery();
     }
 
     /// The launcher shuts down: the reload under way ends, and its callers hear why.
     pub(super) fn cancel_reload(&mut self) {
+        let cold = self.reload.is_cold();
         match self.reload.cancel() {
             Some(Step::Validating { pid, .. }) => self.processes.signal(pid, libc::SIGKILL),
-            Some(Step::Starting { poll: Some(poll), .. }) => poll.abort(),
+            Some(Step::Starting { poll, pid, .. }) => {
+                if let Some(poll) = poll {
+                    poll.abort();
+                }
+                // A new family serves nobody yet, and shares nothing with the serving one.
+                if cold {
+                    self.processes.signal(pid, libc::SIGKILL);
+                }
+            }
+            Some(Step::HandingOver { drain: Some(drain), .. }) => drain.abort(),
             _ => {}
         }
+        self.recovery.cancel_timer();
     }
 }

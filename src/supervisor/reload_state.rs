@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Generation;
-use crate::admin::AdminAddress;
+use crate::admin::{AdminAddress, Family};
 use crate::reload::{Input, Refusal};
 
 /// A caller of `/reload`, answered with the new epoch or why there is none.
@@ -22,18 +22,13 @@ pub enum ReloadState {
     /// Nothing under way; the next trigger starts a reload.
     #[default]
     Idle,
-    /// A new epoch failed: Envoy's hot restart is blocked until a cold start, and every trigger is
-    /// refused with this reason.
-    Blocked {
-        why: String,
-    },
     /// A trigger arrived while the current epoch is not LIVE: Envoy refuses a hot restart while
     /// its current epoch initializes ("previous envoy process is still initializing"), so the
     /// reload starts once it is LIVE, for these callers.
     Held {
         waiters: Vec<ReloadReply>,
     },
-    Busy(Busy),
+    Busy(Box<Busy>),
 }
 
 /// A reload under way.
@@ -43,10 +38,19 @@ pub struct Busy {
     pub attempt: Generation,
     pub started: Instant,
     pub step: Step,
+    /// A cold handover (a new Envoy family) rather than a hot restart, and why.
+    pub cold: Option<String>,
     /// Callers waiting for this attempt.
     waiters: Vec<ReloadReply>,
-    /// A trigger arrived meanwhile: one more reload follows, for these callers.
-    queued: Option<Vec<ReloadReply>>,
+    /// A trigger arrived meanwhile: one more reload follows, for these callers (cold if any of
+    /// the triggers asked for a cold handover).
+    queued: Option<Queued>,
+}
+
+#[derive(Debug, Default)]
+pub struct Queued {
+    pub waiters: Vec<ReloadReply>,
+    pub cold: Option<String>,
 }
 
 /// The steps of a reload, in order.
@@ -65,7 +69,24 @@ pub enum Step {
     /// cp key` may have begun the moment it exited) before the new epoch reads them, at `deadline`.
     Settling { checked: Checked, deadline: Generation },
     /// Epoch `epoch` runs; `poll` asks its admin until it is LIVE and answers as `live_poll`.
-    Starting { epoch: u32, pid: Pid, poll: Option<JoinHandle<()>>, live_poll: Generation },
+    /// For a cold handover, `family` is the new family, with what was checked for it.
+    Starting {
+        epoch: u32,
+        pid: Pid,
+        poll: Option<JoinHandle<()>>,
+        live_poll: Generation,
+        family: Option<(Family, Checked)>,
+    },
+    /// Cold handover: the new family serves; the old one is drained through its admin (`drain`),
+    /// then stopped (SIGTERM at the drain's end, SIGKILL at `deadline`). Once it is gone, the new
+    /// family is hot-restarted onto the configured admin address, with `checked`.
+    HandingOver {
+        drain: Option<JoinHandle<()>>,
+        deadline: Option<Generation>,
+        killed: bool,
+        checked: Checked,
+        old: Family,
+    },
 }
 
 impl Step {
@@ -76,15 +97,14 @@ impl Step {
             Step::WaitingForDraining { .. } => "waiting for the draining epoch to exit",
             Step::Settling { .. } => "letting the files settle",
             Step::Starting { .. } => "starting the new epoch",
+            Step::HandingOver { .. } => "draining the old Envoy family",
         }
     }
 }
 
-/// What the preflight found, carried to the new epoch's start: the base id it reuses and the
-/// input that was checked.
+/// What the preflight found, carried to the new epoch's start: the input that was checked.
 #[derive(Debug, Clone)]
 pub struct Checked {
-    pub base_id: Option<u32>,
     pub input: Input,
     /// Where the new epoch's admin will be, from the bootstrap that was checked.
     pub admin: Option<AdminAddress>,
@@ -99,40 +119,43 @@ pub enum Admission {
     Queued { first: bool },
     /// Held until the current epoch is LIVE; `first` when nothing was held before.
     Held { first: bool },
-    /// Refused; the caller has been answered.
-    Refused(Refusal),
 }
 
 impl ReloadState {
     /// Admits a trigger (with its caller, for `/reload`), knowing whether the current epoch is LIVE.
-    pub fn admit(&mut self, waiter: Option<ReloadReply>, current_live: bool) -> Admission {
+    /// A cold handover does not wait for the current epoch (it may never be LIVE again): it starts
+    /// unless a reload is under way.
+    pub fn admit(&mut self, waiter: Option<ReloadReply>, current_live: bool, cold: Option<&str>) -> Admission {
         match self {
-            ReloadState::Idle if current_live => Admission::Start(waiter.into_iter().collect()),
+            ReloadState::Idle if current_live || cold.is_some() => Admission::Start(waiter.into_iter().collect()),
             ReloadState::Idle => {
                 *self = ReloadState::Held { waiters: waiter.into_iter().collect() };
                 Admission::Held { first: true }
+            }
+            ReloadState::Held { waiters } if cold.is_some() => {
+                Admission::Start(std::mem::take(waiters).into_iter().chain(waiter).collect())
             }
             ReloadState::Held { waiters } => {
                 waiters.extend(waiter);
                 Admission::Held { first: false }
             }
-            ReloadState::Blocked { why } => {
-                let refusal = Refusal::Blocked(why.clone());
-                answer(waiter, &Err(refusal.clone()));
-                Admission::Refused(refusal)
-            }
             ReloadState::Busy(busy) => {
                 let first = busy.queued.is_none();
-                busy.queued.get_or_insert_with(Vec::new).extend(waiter);
+                let queued = busy.queued.get_or_insert_with(Queued::default);
+                queued.waiters.extend(waiter);
+                if queued.cold.is_none() {
+                    queued.cold = cold.map(str::to_string);
+                }
                 Admission::Queued { first }
             }
         }
     }
 
-    /// A reload starts at its first step.
-    pub fn begin(&mut self, attempt: Generation, waiters: Vec<ReloadReply>) {
+    /// A reload (cold when `cold` says why) starts at its first step.
+    pub fn begin(&mut self, attempt: Generation, waiters: Vec<ReloadReply>, cold: Option<String>) {
+        let step = Step::Preflight;
         *self =
-            ReloadState::Busy(Busy { attempt, started: Instant::now(), step: Step::Preflight, waiters, queued: None });
+            ReloadState::Busy(Box::new(Busy { attempt, started: Instant::now(), step, cold, waiters, queued: None }));
     }
 
     /// The reload under way starts over at its first step, as attempt `attempt`, for the same
@@ -184,31 +207,25 @@ impl ReloadState {
         }
     }
 
-    /// Why hot restarts are blocked, if they are.
-    pub fn blocked(&self) -> Option<&str> {
-        match self {
-            ReloadState::Blocked { why } => Some(why),
-            _ => None,
-        }
+    /// Whether the reload under way is a cold handover.
+    pub fn is_cold(&self) -> bool {
+        matches!(self, ReloadState::Busy(busy) if busy.cold.is_some())
     }
 
     /// The reload under way ended with `outcome`: its callers are answered. Returns the callers of
     /// the queued trigger when one was queued: that reload is to start now.
-    pub fn finish(&mut self, outcome: &Result<u32, Refusal>) -> Option<Vec<ReloadReply>> {
+    pub fn finish(&mut self, outcome: &Result<u32, Refusal>) -> Option<Queued> {
         let ReloadState::Busy(busy) = std::mem::take(self) else { return None };
         busy.waiters.into_iter().for_each(|w| answer(Some(w), outcome));
         busy.queued
     }
 
-    /// A new epoch failed: from now on hot restarts are refused with `why`. The callers of this
-    /// attempt hear `failure`, those of the queued one that hot restarts are blocked.
-    pub fn block(&mut self, why: String, failure: Refusal) {
-        if let ReloadState::Busy(busy) = std::mem::take(self) {
-            busy.waiters.into_iter().for_each(|w| answer(Some(w), &Err(failure.clone())));
-            let blocked = Err(Refusal::Blocked(why.clone()));
-            busy.queued.into_iter().flatten().for_each(|w| answer(Some(w), &blocked));
-        }
-        *self = ReloadState::Blocked { why };
+    /// A new epoch failed and Envoy's hot restart is blocked: the callers of this attempt hear
+    /// `failure`; those of the queued trigger are returned, for the recovery (or to be refused).
+    pub fn block(&mut self, failure: Refusal) -> Vec<ReloadReply> {
+        let ReloadState::Busy(busy) = std::mem::take(self) else { return Vec::new() };
+        busy.waiters.into_iter().for_each(|w| answer(Some(w), &Err(failure.clone())));
+        busy.queued.map(|q| q.waiters).unwrap_or_default()
     }
 
     /// The launcher shuts down: every caller hears so. Returns the step that was under way, for the
@@ -223,7 +240,7 @@ impl ReloadState {
                 let shutting_down = Err(Refusal::ShuttingDown);
                 busy.waiters
                     .into_iter()
-                    .chain(busy.queued.into_iter().flatten())
+                    .chain(busy.queued.into_iter().flat_map(|q| q.waiters))
                     .for_each(|w| answer(Some(w), &shutting_down));
                 Some(busy.step)
             }
@@ -235,7 +252,7 @@ impl ReloadState {
     }
 }
 
-fn answer(waiter: Option<ReloadReply>, outcome: &Result<u32, Refusal>) {
+pub fn answer(waiter: Option<ReloadReply>, outcome: &Result<u32, Refusal>) {
     if let Some(waiter) = waiter {
         // A caller that hung up is no longer interested.
         let _ = waiter.send(outcome.clone());
@@ -254,12 +271,12 @@ mod tests {
     async fn an_idle_state_starts_and_a_busy_one_queues_once() {
         let mut state = ReloadState::Idle;
         let (first, mut first_rx) = caller();
-        let Admission::Start(waiters) = state.admit(Some(first), true) else { panic!("idle starts") };
-        state.begin(1, waiters);
+        let Admission::Start(waiters) = state.admit(Some(first), true, None) else { panic!("idle starts") };
+        state.begin(1, waiters, None);
         assert_eq!(state.step_name(), Some("checking certificates"));
-        assert!(matches!(state.admit(None, true), Admission::Queued { first: true }));
+        assert!(matches!(state.admit(None, true, None), Admission::Queued { first: true }));
         let (second, mut second_rx) = caller();
-        assert!(matches!(state.admit(Some(second), true), Admission::Queued { first: false }));
+        assert!(matches!(state.admit(Some(second), true, None), Admission::Queued { first: false }));
         assert!(state.attempt(2).is_none(), "a stale attempt finds nothing");
         assert!(state.attempt(1).is_some());
 
@@ -267,28 +284,38 @@ mod tests {
         assert_eq!(first_rx.try_recv().expect("answered"), Ok(1));
         assert!(second_rx.try_recv().is_err(), "the queued caller waits for the next reload");
         assert!(matches!(state, ReloadState::Idle));
-        state.begin(2, queued);
+        state.begin(2, queued.waiters, None);
         assert!(state.finish(&Err(Refusal::Invalid("bad".into()))).is_none(), "nothing queued");
         assert_eq!(second_rx.try_recv().expect("answered"), Err(Refusal::Invalid("bad".into())));
     }
 
     #[tokio::test]
-    async fn a_failed_epoch_blocks_every_later_trigger() {
+    async fn a_failed_epoch_answers_its_callers_and_hands_back_the_queued_ones() {
         let mut state = ReloadState::Idle;
         let (first, mut first_rx) = caller();
         let (queued, mut queued_rx) = caller();
-        let Admission::Start(waiters) = state.admit(Some(first), true) else { panic!("idle starts") };
-        state.begin(1, waiters);
-        state.admit(Some(queued), true);
-        state.block("epoch 1 failed".into(), Refusal::Failed("epoch 1 failed".into()));
+        let Admission::Start(waiters) = state.admit(Some(first), true, None) else { panic!("idle starts") };
+        state.begin(1, waiters, None);
+        state.admit(Some(queued), true, None);
+        let handed_back = state.block(Refusal::Failed("epoch 1 failed".into()));
         assert_eq!(first_rx.try_recv().expect("answered"), Err(Refusal::Failed("epoch 1 failed".into())));
-        assert_eq!(queued_rx.try_recv().expect("answered"), Err(Refusal::Blocked("epoch 1 failed".into())));
-        assert_eq!(state.blocked(), Some("epoch 1 failed"));
-        let (later, mut later_rx) = caller();
-        assert!(matches!(state.admit(Some(later), true), Admission::Refused(Refusal::Blocked(_))));
-        assert_eq!(later_rx.try_recv().expect("answered"), Err(Refusal::Blocked("epoch 1 failed".into())));
-        assert!(state.cancel().is_none(), "a block survives the shutdown");
-        assert_eq!(state.blocked(), Some("epoch 1 failed"));
+        assert!(queued_rx.try_recv().is_err(), "the supervisor decides for the queued caller");
+        assert_eq!(handed_back.len(), 1);
+        assert!(matches!(state, ReloadState::Idle));
+    }
+
+    #[tokio::test]
+    async fn a_cold_trigger_does_not_wait_for_the_current_epoch_and_a_queued_one_stays_cold() {
+        let mut state = ReloadState::Idle;
+        assert!(matches!(state.admit(None, false, None), Admission::Held { first: true }));
+        let Admission::Start(waiters) = state.admit(None, false, Some("by hand")) else { panic!("cold starts") };
+        state.begin(1, waiters, Some("by hand".into()));
+        assert!(state.is_cold());
+        state.admit(None, true, None);
+        state.admit(None, true, Some("recovery"));
+        state.admit(None, true, Some("later"));
+        let queued = state.finish(&Ok(1)).expect("queued");
+        assert_eq!(queued.cold.as_deref(), Some("recovery"), "the first cold reason is kept");
     }
 
     #[tokio::test]
@@ -296,9 +323,9 @@ mod tests {
         let mut state = ReloadState::Idle;
         let (first, mut first_rx) = caller();
         let (queued, mut queued_rx) = caller();
-        let Admission::Start(waiters) = state.admit(Some(first), true) else { panic!("idle starts") };
-        state.begin(1, waiters);
-        state.admit(Some(queued), true);
+        let Admission::Start(waiters) = state.admit(Some(first), true, None) else { panic!("idle starts") };
+        state.begin(1, waiters, None);
+        state.admit(Some(queued), true, None);
         assert!(matches!(state.cancel(), Some(Step::Preflight)));
         assert_eq!(first_rx.try_recv().expect("answered"), Err(Refusal::ShuttingDown));
         assert_eq!(queued_rx.try_recv().expect("answered"), Err(Refusal::ShuttingDown));
@@ -309,18 +336,18 @@ mod tests {
     async fn a_trigger_before_the_current_epoch_is_live_is_held_until_it_is() {
         let mut state = ReloadState::Idle;
         let (first, mut first_rx) = caller();
-        assert!(matches!(state.admit(Some(first), false), Admission::Held { first: true }));
-        assert!(matches!(state.admit(None, false), Admission::Held { first: false }));
+        assert!(matches!(state.admit(Some(first), false, None), Admission::Held { first: true }));
+        assert!(matches!(state.admit(None, false, None), Admission::Held { first: false }));
         assert_eq!(state.step_name(), Some("waiting for the current epoch to be LIVE"));
         let waiters = state.release_held().expect("held");
         assert!(matches!(state, ReloadState::Idle));
         assert!(state.release_held().is_none(), "once");
-        state.begin(1, waiters);
+        state.begin(1, waiters, None);
         state.finish(&Ok(1));
         assert_eq!(first_rx.try_recv().expect("answered"), Ok(1));
 
         let (held, mut held_rx) = caller();
-        state.admit(Some(held), false);
+        state.admit(Some(held), false, None);
         assert!(state.cancel().is_none());
         assert_eq!(held_rx.try_recv().expect("answered"), Err(Refusal::ShuttingDown));
     }

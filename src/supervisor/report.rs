@@ -31,13 +31,16 @@ impl<P: Processes> Supervisor<P> {
             Phase::AwaitingNewEpoch { .. } => ("draining", Some("a new epoch starts; the drain follows".to_string())),
             Phase::Stopping { .. } => ("stopping", Some("stopping".to_string())),
         };
+        // The health probe compares with what Envoy reports: restart epochs, in the serving family
+        // (a new family's first epoch has its own admin, so it never answers on the current one's).
         let starting = match self.reload.step() {
-            Some(Step::Starting { epoch, .. }) => Some(*epoch),
+            Some(Step::Starting { epoch, family: None, .. }) => self.epochs.find(*epoch).map(|e| e.restart_epoch),
             _ => None,
         };
+        let current_restart_epoch = self.epochs.find(self.epochs.current_number()).map_or(0, |e| e.restart_epoch);
         let probe = self.epochs.current_admin().map(|admin| ProbeTarget {
             admin,
-            current: self.epochs.current_number(),
+            current: current_restart_epoch,
             starting,
             family: self.family.clone(),
             older_epoch_recently: self.epochs.older().is_some()
@@ -47,7 +50,8 @@ impl<P: Processes> Supervisor<P> {
             state,
             ready: not_ready.is_none(),
             not_ready,
-            degraded: self.reload.blocked().map(str::to_string),
+            degraded: self.blocked.clone(),
+            recovery: self.recovery.status(self.blocked.is_some()),
             warnings: self.lost_parent.iter().cloned().collect(),
             current_epoch: self.epochs.current_number(),
             epochs: self.epochs.iter().map(|e| self.epoch_status(e)).collect(),
@@ -75,6 +79,8 @@ impl<P: Processes> Supervisor<P> {
         let exits_by_unix = (epoch.number < current).then(|| self.parent_told_to_exit_at()).flatten().map(unix_seconds);
         EpochStatus {
             epoch: epoch.number,
+            family: epoch.family,
+            restart_epoch: epoch.restart_epoch,
             pid: epoch.pid.as_raw(),
             started_unix: unix_seconds(epoch.started_at),
             state,
@@ -97,14 +103,17 @@ impl<P: Processes> Supervisor<P> {
         if !matches!(self.phase, Phase::Running) {
             return;
         }
-        let Some(told_at) = self.parent_told_to_exit_at() else { return };
+        let Some(current) = self.epochs.find(self.epochs.current_number()) else { return };
+        let Some(envoy) = &self.launch.envoy else { return };
         // Within a second of the time it is told, the exit is the normal one.
-        let early = told_at.duration_since(SystemTime::now()).is_ok_and(|left| left > Duration::from_secs(1));
+        let told_at = current.started + envoy.parent_shutdown_time;
+        let early = told_at.saturating_duration_since(tokio::time::Instant::now()) > Duration::from_secs(1);
         if !early {
             return;
         }
         let flush = self.launch.envoy.as_ref().map_or(DEFAULT_STATS_FLUSH, |e| e.stats_flush_interval);
         let abort_by = SystemTime::now() + flush + ORPHANED_EPOCH_BLOCK;
+        self.expected_abort = Some(tokio::time::Instant::now() + flush + ORPHANED_EPOCH_BLOCK);
         let current = self.epochs.current_number();
         let warning = format!(
             "draining epoch {} ended early ({exit}): Envoy's epoch {current} will fail to reach it at its next \
@@ -118,11 +127,19 @@ impl<P: Processes> Supervisor<P> {
         self.metrics.draining_epochs_lost.inc();
         self.metrics.expected_abort.set(unix_seconds(abort_by) as i64);
         self.systemd.status(&warning);
-        self.lost_parent = Some(warning);
+        self.lost_parent = Some(warning.clone());
+        // The current epoch is doomed and cannot be hot-restarted: a new family must serve before it
+        // aborts, so no backoff.
+        self.blocked = Some(format!("draining epoch {} ended early and epoch {current} will abort", epoch.number));
+        self.metrics.degraded.set(1);
+        if self.settings.recover.enabled {
+            let _ = self.request_reload(format!("draining epoch {} ended early", epoch.number), None, true);
+        }
     }
 
     /// A new epoch serves: what was said about the one before no longer holds.
     pub(super) fn forget_lost_parent(&mut self) {
+        self.expected_abort = None;
         if self.lost_parent.take().is_some() {
             self.metrics.expected_abort.set(0);
         }

@@ -61,7 +61,8 @@ impl<P: Processes> Supervisor<P> {
     pub(super) fn on_stop(&mut self, trigger: &str, sig: i32) {
         match &self.phase {
             Phase::Running => {
-                if let Some(Step::Starting { epoch, .. }) = self.reload.step() {
+                // A new family's first epoch holds nothing of the serving one's: it is ended below.
+                if let Some(Step::Starting { epoch, family: None, .. }) = self.reload.step() {
                     tracing::info!(
                         "{trigger}: epoch {epoch} is starting and holds Envoy's admin: the drain starts once it is \
                          LIVE or has failed (within --reload-timeout)"
@@ -78,7 +79,7 @@ impl<P: Processes> Supervisor<P> {
                             admin.address(),
                             self.settings.drain.timeout
                         );
-                        let context = DrainContext { degraded: self.reload.blocked().is_some() };
+                        let context = DrainContext { degraded: self.blocked.is_some() };
                         let older = self.older_alive.subscribe();
                         let (publish, progress) = watch::channel(None);
                         let (settings, events) = (self.settings.drain.clone(), self.events.clone());
@@ -171,6 +172,8 @@ impl<P: Processes> Supervisor<P> {
     /// plain command this is plain forwarding: it decides how long it takes.
     fn terminate(&mut self, sig: i32) {
         self.epochs.stop_newest(&mut self.processes, sig);
+        // An old family still draining after a cold handover stops too.
+        self.epochs.stop_older_families(&mut self.processes, sig);
         let deadline = self.launch.is_envoy().then(|| self.schedule(self.settings.kill_timeout));
         self.phase = Phase::Stopping { deadline, killed: false, stop_signal: sig };
     }
@@ -242,7 +245,11 @@ impl<P: Processes> Supervisor<P> {
     /// Once no epoch is left, the hot-restart shared memory of their base id goes too (Envoy leaves
     /// it behind, 4 KiB a cold start). Before the first epoch wrote its base id there is none.
     pub(super) fn remove_shared_memory(&self) {
-        let Some(path) = self.launch.shared_memory() else { return };
+        let Some(path) =
+            self.family.base_id.or_else(|| self.launch.base_id(&self.family)).map(crate::envoy::shared_memory_path)
+        else {
+            return;
+        };
         match std::fs::remove_file(&path) {
             Ok(()) => tracing::debug!("removed {}", path.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

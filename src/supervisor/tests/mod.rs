@@ -23,12 +23,14 @@ use crate::launch::EnvoyLaunch;
 use crate::process::{Reaped, SpawnError};
 use crate::reload::Refusal;
 
+mod handover;
 mod reload;
 mod shutdown;
 
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 const PARENT_SHUTDOWN: Duration = Duration::from_secs(45);
+const RECOVER_BACKOFF: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct World {
@@ -157,6 +159,7 @@ fn settings(dir: &std::path::Path) -> Settings {
             http_token: None,
             debounce: Duration::from_millis(500),
         },
+        recover: RecoverSettings { enabled: true, backoff: RECOVER_BACKOFF, backoff_max: Duration::from_secs(8) },
     }
 }
 
@@ -262,7 +265,7 @@ impl Harness {
 
     fn reload_request(&mut self) -> oneshot::Receiver<Result<u32, Refusal>> {
         let (tx, rx) = oneshot::channel();
-        self.sup.handle(Event::Control(ControlRequest::Reload(tx)));
+        self.sup.handle(Event::Control(ControlRequest::Reload { reply: tx, cold: false }));
         rx
     }
 

@@ -48,6 +48,8 @@ async fn triggers_during_a_reload_make_one_more_reload() {
     // Epoch 0 still drains: epoch 2 waits for it.
     h.validator_passes().await;
     assert_eq!(h.sup.status().reload, Some("waiting for the draining epoch to exit"));
+    // Epoch 0 exits at its time, told to by epoch 1 (an earlier exit would be a lost parent).
+    tokio::time::advance(PARENT_SHUTDOWN).await;
     h.exit(h.pid_of(0), Exit::Code(0));
     assert_eq!(h.sup.status().reload, Some("letting the files settle"));
     h.until_state("the files to settle", |sup| matches!(sup.reload.step(), Some(Step::Starting { .. }))).await;
@@ -95,7 +97,7 @@ async fn a_failing_validator_is_a_refusal() {
     let answer = caller.try_recv().expect("answered");
     assert_eq!(answer, Err(Refusal::Invalid("envoy --mode validate failed (exit status 1): error: bad cert".into())));
     assert_eq!(h.world.spawned().len(), 2, "epoch 0 and the validator, no epoch 1");
-    assert!(h.sup.reload.blocked().is_none(), "a refusal does not block");
+    assert!(h.sup.blocked.is_none(), "a refusal does not block");
 }
 
 #[tokio::test(start_paused = true)]
@@ -126,10 +128,22 @@ async fn a_new_epoch_that_exits_blocks_hot_restarts_and_the_old_one_serves() {
     assert_eq!((status.current_epoch, status.ready, status.degraded.is_some()), (0, true, true));
     assert!(h.world.signals().is_empty(), "the serving epoch is never signalled");
 
+    // Any trigger while blocked is applied the only way left: a cold handover.
+    let _later = h.reload_request();
+    assert!(h.sup.reload.is_cold(), "{:?}", h.sup.reload.step());
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_recovery_a_blocked_hot_restart_refuses_every_trigger() {
+    let mut h = Harness::serving();
+    h.sup.settings.recover.enabled = false;
+    let new = h.validated_after_sighup().await;
+    h.exit(new, Exit::Code(1));
     let mut later = h.reload_request();
     assert!(matches!(later.try_recv(), Ok(Err(Refusal::Blocked(_)))));
     assert_eq!(h.signal(libc::SIGHUP), None);
     assert_eq!(h.world.spawned().len(), 3, "no validator, no epoch after the block");
+    assert!(h.sup.recovery.status(true).is_some_and(|r| r.next_attempt_in_seconds.is_none()), "no recovery armed");
 }
 
 #[tokio::test(start_paused = true)]
@@ -204,7 +218,7 @@ async fn a_live_answer_from_another_poll_is_stale() {
     h.sup.handle(Event::EpochLive { epoch: 1, poll: stale, result: Ok(Endpoint::Unix("/x".into())) });
     assert_eq!(h.sup.epochs.current_number(), 0, "a stale answer promotes nobody");
     h.sup.handle(Event::EpochLive { epoch: 1, poll: stale, result: Err("gone".into()) });
-    assert!(h.world.signals().is_empty() && h.sup.reload.blocked().is_none(), "nor fails anybody");
+    assert!(h.world.signals().is_empty() && h.sup.blocked.is_none(), "nor fails anybody");
     h.live(1);
     assert_eq!(h.sup.epochs.current_number(), 1);
 }
