@@ -7,7 +7,7 @@ use std::time::Duration;
 use hyper::Method;
 use hyper::body::Bytes;
 
-use crate::http::{Endpoint, HttpClient, HttpError};
+use crate::http::{Endpoint, HttpClient, HttpError, KeptConnection};
 
 /// How long one admin request may take. Envoy answers in milliseconds; a second means it is hung.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
@@ -47,6 +47,12 @@ impl std::fmt::Display for AdminAddress {
 impl AdminClient {
     pub fn new(address: Endpoint) -> Self {
         AdminClient { http: HttpClient::new(address, REQUEST_TIMEOUT) }
+    }
+
+    /// Falls back on `kept` (a connection opened while the admin listened) once the admin takes no
+    /// new connection: a hot-restart child closes its parent's admin listener early in its start.
+    pub fn with_kept(self, kept: KeptConnection) -> Self {
+        AdminClient { http: self.http.with_kept(kept) }
     }
 
     pub fn address(&self) -> &Endpoint {

@@ -1,9 +1,11 @@
 //! A small HTTP/1.1 client over a unix socket or TCP, for Envoy's admin API and the launcher's own
 //! control socket. Every request opens its own connection (a stale keep-alive connection to an admin
 //! that moved to a new epoch would fail) and is bounded by a timeout, so a hung peer never hangs us.
+//! The one exception is a `KeptConnection`, used only when no new connection can be made.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
@@ -67,11 +69,76 @@ pub enum HttpError {
 pub struct HttpClient {
     endpoint: Endpoint,
     timeout: Duration,
+    /// Asked when the endpoint takes no new connection.
+    kept: Option<KeptConnection>,
+}
+
+/// One HTTP/1.1 connection opened while the peer listened and kept idle (no traffic, no timer):
+/// Envoy closes its admin listener when a hot-restart child starts, but not the connections that
+/// are already open, so an epoch whose child died after that is still reachable through one.
+#[derive(Debug, Clone, Default)]
+pub struct KeptConnection(Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>>>);
+
+impl KeptConnection {
+    /// Opens it to `endpoint`, unless it is open already.
+    pub async fn open(&self, endpoint: &Endpoint) -> Result<(), HttpError> {
+        let mut kept = self.0.lock().await;
+        if kept.as_ref().is_some_and(|sender| !sender.is_closed()) {
+            return Ok(());
+        }
+        let connect_error = |e| HttpError::Connect(endpoint.clone(), e);
+        let http_error = |e| HttpError::Http(endpoint.clone(), e);
+        let sender = match endpoint {
+            Endpoint::Unix(socket) => {
+                let stream = connect_unix(socket).await.map_err(connect_error)?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_error)?;
+                tokio::spawn(connection);
+                sender
+            }
+            Endpoint::Tcp(host, port) => {
+                let stream = TcpStream::connect((host.as_str(), *port)).await.map_err(connect_error)?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_error)?;
+                tokio::spawn(connection);
+                sender
+            }
+        };
+        *kept = Some(sender);
+        Ok(())
+    }
+
+    /// One request on it; None when it is not open (or the peer closed it).
+    async fn request(&self, endpoint: &Endpoint, method: Method, path: &str) -> Option<Result<(StatusCode, Bytes), HttpError>> {
+        let mut kept = self.0.lock().await;
+        let sender = kept.as_mut().filter(|sender| !sender.is_closed())?;
+        let http_error = |e| HttpError::Http(endpoint.clone(), e);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let result = async {
+            sender.ready().await.map_err(http_error)?;
+            let response = sender.send_request(request).await.map_err(http_error)?;
+            let status = response.status();
+            let body = response.into_body().collect().await.map_err(http_error)?.to_bytes();
+            Ok((status, body))
+        }
+        .await;
+        Some(result)
+    }
 }
 
 impl HttpClient {
     pub fn new(endpoint: Endpoint, timeout: Duration) -> Self {
-        HttpClient { endpoint, timeout }
+        HttpClient { endpoint, timeout, kept: None }
+    }
+
+    /// Falls back on `kept` when the endpoint takes no new connection.
+    pub fn with_kept(self, kept: KeptConnection) -> Self {
+        HttpClient { kept: Some(kept), ..self }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -100,6 +167,16 @@ impl HttpClient {
     }
 
     async fn request_unbounded(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError> {
+        match self.request_new(method.clone(), path).await {
+            Err(HttpError::Connect(endpoint, e)) => match &self.kept {
+                Some(kept) => kept.request(&endpoint, method, path).await.unwrap_or(Err(HttpError::Connect(endpoint, e))),
+                None => Err(HttpError::Connect(endpoint, e)),
+            },
+            result => result,
+        }
+    }
+
+    async fn request_new(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError> {
         let connect_error = |e| HttpError::Connect(self.endpoint.clone(), e);
         match &self.endpoint {
             Endpoint::Unix(socket) => {

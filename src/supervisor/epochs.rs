@@ -7,7 +7,7 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 
 use crate::admin::{AdminAddress, AdminClient};
-use crate::http::Endpoint;
+use crate::http::{Endpoint, KeptConnection};
 use crate::process::{Processes, signal_name};
 
 /// One Envoy process (or, for a plain command, the command itself as epoch 0).
@@ -34,6 +34,8 @@ pub struct Epoch {
     pub admin: Option<AdminAddress>,
     /// The address its admin answered LIVE on (for an admin on port 0, read from its file).
     pub admin_answered: Option<Endpoint>,
+    /// A connection to its admin opened once it was LIVE, for when its admin listener is gone.
+    pub admin_kept: KeptConnection,
 }
 
 impl Epoch {
@@ -50,6 +52,7 @@ impl Epoch {
             held: vec![],
             admin: None,
             admin_answered: None,
+            admin_kept: KeptConnection::default(),
         }
     }
 
@@ -65,7 +68,7 @@ impl Epoch {
     /// Its admin: where it answered LIVE, or where its bootstrap says it is.
     pub fn admin_client(&self) -> Option<AdminClient> {
         let endpoint = self.admin_answered.clone().or_else(|| self.admin.as_ref()?.resolve())?;
-        Some(AdminClient::new(endpoint))
+        Some(AdminClient::new(endpoint).with_kept(self.admin_kept.clone()))
     }
 }
 

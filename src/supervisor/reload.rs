@@ -236,6 +236,14 @@ impl<P: Processes> Supervisor<P> {
     pub(super) fn on_epoch_live(&mut self, epoch: u32, live_poll: Generation, result: Result<Endpoint, String>) {
         if let Ok(endpoint) = &result {
             self.epochs.answered_on(epoch, endpoint.clone());
+            if let Some(kept) = self.epochs.find(epoch).map(|e| e.admin_kept.clone()) {
+                let endpoint = endpoint.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = kept.open(&endpoint).await {
+                        tracing::debug!("cannot keep a connection to the admin: {e}");
+                    }
+                });
+            }
         }
         if epoch == self.epochs.current_number() && result.is_ok() {
             if let Some(serving) = self.epochs.mark_live(epoch, &mut self.processes) {
