@@ -83,6 +83,8 @@ pub struct ServerInfo {
     pub restart_epoch: u32,
     /// Which hot-restart family the answering Envoy belongs to.
     pub family: Family,
+    /// Its `--hot-restart-version`: a hot restart needs the same on both sides.
+    pub hot_restart_version: Option<String>,
 }
 
 /// A hot-restart family as Envoy reports it in `/server_info`: with `--use-dynamic-base-id` (epoch
@@ -183,6 +185,7 @@ fn parse_server_info(body: &[u8]) -> Option<ServerInfo> {
         state: info.get("state")?.as_str()?.to_string(),
         restart_epoch: u32::try_from(restart_epoch).ok()?,
         family,
+        hot_restart_version: info.get("hot_restart_version").and_then(|v| v.as_str()).map(str::to_string),
     })
 }
 
@@ -258,9 +261,11 @@ mod tests {
 
     #[test]
     fn reads_state_and_epoch_from_server_info() {
-        let body = br#"{"state":"LIVE","command_line_options":{"restart_epoch":2,"base_id":"7"}}"#;
+        let body = br#"{"state":"LIVE","hot_restart_version":"11.104","command_line_options":{"restart_epoch":2,"base_id":"7"}}"#;
         let family = Family { base_id_path: None, base_id: Some(7) };
-        assert_eq!(parse_server_info(body), Some(ServerInfo { state: "LIVE".into(), restart_epoch: 2, family }));
+        let hot_restart_version = Some("11.104".to_string());
+        let expected = ServerInfo { state: "LIVE".into(), restart_epoch: 2, family, hot_restart_version };
+        assert_eq!(parse_server_info(body), Some(expected));
         assert_eq!(parse_server_info(br#"{"state":"LIVE"}"#), None);
         let body = br#"{"state":"LIVE","command_line_options":{"restart_epoch":0,"base_id":"0",
             "use_dynamic_base_id":true,"base_id_path":"/run/s/envoy-base-id"}}"#;

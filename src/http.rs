@@ -109,7 +109,12 @@ impl KeptConnection {
     }
 
     /// One request on it; None when it is not open (or the peer closed it).
-    async fn request(&self, endpoint: &Endpoint, method: Method, path: &str) -> Option<Result<(StatusCode, Bytes), HttpError>> {
+    async fn request(
+        &self,
+        endpoint: &Endpoint,
+        method: Method,
+        path: &str,
+    ) -> Option<Result<(StatusCode, Bytes), HttpError>> {
         let mut kept = self.0.lock().await;
         let sender = kept.as_mut().filter(|sender| !sender.is_closed())?;
         let http_error = |e| HttpError::Http(endpoint.clone(), e);
@@ -169,7 +174,9 @@ impl HttpClient {
     async fn request_unbounded(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError> {
         match self.request_new(method.clone(), path).await {
             Err(HttpError::Connect(endpoint, e)) => match &self.kept {
-                Some(kept) => kept.request(&endpoint, method, path).await.unwrap_or(Err(HttpError::Connect(endpoint, e))),
+                Some(kept) => {
+                    kept.request(&endpoint, method, path).await.unwrap_or(Err(HttpError::Connect(endpoint, e)))
+                }
                 None => Err(HttpError::Connect(endpoint, e)),
             },
             result => result,

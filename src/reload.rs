@@ -46,6 +46,66 @@ pub struct Preflight {
     pub input: Input,
     /// The admin address the bootstrap (with `--config-yaml`) names now.
     pub admin: Option<Endpoint>,
+    /// The Envoy binary a new epoch would run.
+    pub binary: Option<BinaryId>,
+}
+
+/// Which file an Envoy binary is: an upgrade (a new file at the same path, or a path that now
+/// points elsewhere) shows as a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryId {
+    device: u64,
+    inode: u64,
+    modified: Option<SystemTime>,
+    size: u64,
+}
+
+impl BinaryId {
+    /// The file `program` runs, found through PATH as exec would; None when there is none.
+    pub fn of(program: &std::ffi::OsStr) -> Option<BinaryId> {
+        use std::os::unix::fs::MetadataExt;
+        let path = PathBuf::from(program);
+        let found = if path.components().count() > 1 {
+            Some(path)
+        } else {
+            let dirs = std::env::var_os("PATH")?;
+            std::env::split_paths(&dirs).map(|dir| dir.join(&path)).find(|p| p.is_file())
+        };
+        let metadata = std::fs::metadata(found?).ok()?;
+        Some(BinaryId {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            modified: metadata.modified().ok(),
+            size: metadata.size(),
+        })
+    }
+}
+
+/// Whether the binary that `envoy --hot-restart-version` ran as (`exit`, its output in `output`)
+/// can hot-restart the serving epoch (`serving`, its admin): Ok(None) when it can, Ok(Some(why))
+/// when it cannot, Err when that cannot be known.
+pub async fn hot_restart_compatibility(
+    exit: Exit,
+    output: PathBuf,
+    serving: Option<AdminClient>,
+) -> Result<Option<String>, String> {
+    let text = tokio::fs::read_to_string(&output).await.unwrap_or_default();
+    if exit != Exit::Code(0) {
+        return Err(format!("envoy --hot-restart-version failed ({exit}): {}", last_error_line(&text)));
+    }
+    // Envoy prints it on stderr, as a log line or bare, depending on the version.
+    let new = last_error_line(&text);
+    let running = match serving {
+        Some(admin) => admin.server_info().await.ok().and_then(|info| info.hot_restart_version),
+        None => None,
+    };
+    Ok(match running {
+        Some(running) if running == new => None,
+        Some(running) => {
+            Some(format!("the new Envoy binary's hot restart version is {new}, the serving one's {running}"))
+        }
+        None => Some(format!("the serving epoch's hot restart version is not known (the new binary's is {new})")),
+    })
 }
 
 /// The files a new epoch reads (the bootstrap and every file it names) and their contents when
@@ -85,6 +145,7 @@ pub fn preflight(
     expiry_warn: Duration,
     handover_beside: Option<&[i32]>,
 ) -> Result<Preflight, String> {
+    let binary = command.first().and_then(|program| BinaryId::of(program));
     let bootstrap = Bootstrap::from_command(command).map_err(|e| format!("{e:#}"))?;
     if let (Some(ours), Some(bootstrap)) = (handover_beside, &bootstrap) {
         crate::ports::check_handover(&bootstrap.listener_binds(), ours)?;
@@ -114,7 +175,7 @@ pub fn preflight(
         }
     }
     tracing::debug!("{} certificate/key pairs checked", pairs.len());
-    Ok(Preflight { input, admin })
+    Ok(Preflight { input, admin, binary })
 }
 
 /// Reads what `envoy --mode validate` printed and turns its exit into the verdict.

@@ -26,6 +26,7 @@ mod report;
 mod shutdown;
 #[cfg(test)]
 mod tests;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,7 +42,7 @@ use crate::http::Endpoint;
 use crate::launch::Launch;
 use crate::metrics::Metrics;
 use crate::process::{self, Exit, InitMode, Processes, System, signal_name};
-use crate::reload::Preflight;
+use crate::reload::{BinaryId, Preflight};
 use crate::signals::{self, Intent, Running};
 use crate::status::ReloadStatus;
 use crate::systemd::Notifier;
@@ -77,6 +78,12 @@ enum Event {
     },
     /// A timer set by `schedule` ran out.
     Deadline(Generation),
+    /// The hot restart version check of `attempt` ended: compatible (None), why not, or why no
+    /// answer.
+    VersionChecked {
+        attempt: Generation,
+        result: Result<Option<String>, String>,
+    },
     /// The drain of the old family in the cold handover `attempt` ended.
     FamilyDrained {
         attempt: Generation,
@@ -139,6 +146,9 @@ struct Supervisor<P: Processes> {
     /// When the current epoch will abort, its draining parent having died early.
     expected_abort: Option<tokio::time::Instant>,
     recovery: recovery::Recovery,
+    /// The Envoy binary the serving family runs: a reload that would run another checks first
+    /// whether a hot restart across them can work.
+    binary: Option<BinaryId>,
 }
 
 /// Runs `launch` to completion and returns the status the launcher exits with.
@@ -239,6 +249,7 @@ impl<P: Processes> Supervisor<P> {
             blocked: None,
             expected_abort: None,
             recovery,
+            binary: argv.first().and_then(|program| BinaryId::of(program)),
         };
         match admin {
             // Ready once Envoy says it is LIVE, however long its initialisation (xDS, say) takes.
@@ -288,6 +299,7 @@ impl<P: Processes> Supervisor<P> {
             Event::Deadline(generation) => return self.on_deadline(generation),
             Event::DrainEnded(end) => self.on_drain_ended(end),
             Event::FamilyDrained { attempt, end } => self.on_family_drained(attempt, end),
+            Event::VersionChecked { attempt, result } => self.on_version_checked(attempt, result),
             Event::FilesChanged(files) => {
                 let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
                 let _ = self.request_reload(format!("changed: {}", names.join(", ")), None, false);

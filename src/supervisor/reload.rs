@@ -128,6 +128,21 @@ impl<P: Processes> Supervisor<P> {
             let file = envoy.base_id_file.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
             return self.reload_refused(&format!("the base id epoch 0 picked is not known: {file} could not be read"));
         }
+        let admin = self.launch.admin_address(preflight.admin);
+        if let Some(busy) = self.reload.attempt(attempt) {
+            busy.binary = preflight.binary.clone();
+        }
+        let checked = Checked { input: preflight.input, admin };
+        let upgraded = preflight.binary.is_some() && self.binary.is_some() && preflight.binary != self.binary;
+        if upgraded && !cold {
+            return self.check_hot_restart_version(attempt, checked);
+        }
+        self.spawn_validator(attempt, checked);
+    }
+
+    /// Runs `envoy --mode validate` on what was checked, as our child, bounded by the reload timeout.
+    pub(super) fn spawn_validator(&mut self, attempt: Generation, checked: Checked) {
+        let Some(envoy) = &self.launch.envoy else { return };
         let argv = envoy::validate_command(&self.launch.command);
         let output = envoy.runtime_dir.join("envoy-validate.log");
         let file = match std::fs::File::create(&output) {
@@ -140,8 +155,6 @@ impl<P: Processes> Supervisor<P> {
                 // A validator that hangs must not hold the reload (and its callers) for ever.
                 let deadline = self.schedule(self.settings.reload_timeout);
                 if let Some(busy) = self.reload.attempt(attempt) {
-                    let admin = self.launch.admin_address(preflight.admin);
-                    let checked = Checked { input: preflight.input, admin };
                     busy.step = Step::Validating { pid, output, checked, deadline, killed: false };
                 }
             }
@@ -152,6 +165,9 @@ impl<P: Processes> Supervisor<P> {
     /// The validator exited: its verdict is read off the runtime thread. False when `pid` is not
     /// the validator.
     pub(super) fn on_validator_exit(&mut self, pid: Pid, exit: Exit) -> bool {
+        if self.on_version_checker_exit(pid, exit) {
+            return true;
+        }
         let Some(busy) = self.reload.busy() else { return false };
         let Step::Validating { pid: validator, output, .. } = &busy.step else { return false };
         if *validator != pid {
@@ -313,6 +329,13 @@ impl<P: Processes> Supervisor<P> {
                 let checked = checked.clone();
                 self.start_next_epoch(checked);
             }
+            Some(Step::CheckingVersion { pid, deadline, .. }) if *deadline == generation => {
+                let pid = *pid;
+                self.processes.signal(pid, libc::SIGKILL);
+                let reason =
+                    format!("envoy --hot-restart-version still running after {:?}", self.settings.reload_timeout);
+                self.reload_refused(&reason);
+            }
             Some(Step::HandingOver { .. }) => {
                 self.on_handover_deadline(generation);
             }
@@ -376,6 +399,12 @@ impl<P: Processes> Supervisor<P> {
     /// Records how a reload ended, answers its callers, and starts the queued one or tells systemd.
     pub(super) fn reload_ended(&mut self, result: &'static str, outcome: Result<u32, Refusal>, status: String) {
         let handover = self.reload.busy().and_then(|busy| Some((busy.cold.clone()?, busy.started.elapsed())));
+        if outcome.is_ok()
+            && let Some(binary) = self.reload.busy().and_then(|busy| busy.binary.take())
+        {
+            // The binary this epoch runs is the one whose hot restart the next reload must match.
+            self.binary = Some(binary);
+        }
         self.record_reload(result, &outcome);
         if let Some((why, took)) = handover {
             self.record_recovery(result, &outcome, why, took);

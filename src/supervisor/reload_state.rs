@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::Generation;
 use crate::admin::{AdminAddress, Family};
-use crate::reload::{Input, Refusal};
+use crate::reload::{BinaryId, Input, Refusal};
 
 /// A caller of `/reload`, answered with the new epoch or why there is none.
 pub type ReloadReply = oneshot::Sender<Result<u32, Refusal>>;
@@ -40,6 +40,8 @@ pub struct Busy {
     pub step: Step,
     /// A cold handover (a new Envoy family) rather than a hot restart, and why.
     pub cold: Option<String>,
+    /// The Envoy binary the preflight found, once it has run.
+    pub binary: Option<BinaryId>,
     /// Callers waiting for this attempt.
     waiters: Vec<ReloadReply>,
     /// A trigger arrived meanwhile: one more reload follows, for these callers (cold if any of
@@ -58,6 +60,9 @@ pub struct Queued {
 pub enum Step {
     /// Certificate checks and the base id, off the runtime thread.
     Preflight,
+    /// The Envoy binary is not the one that runs (an upgrade): `envoy --hot-restart-version` runs
+    /// as our child, to learn whether a hot restart can work or a cold handover is needed.
+    CheckingVersion { pid: Pid, output: PathBuf, checked: Checked, deadline: Generation },
     /// `envoy --mode validate` runs as our child, SIGKILLed at `deadline`; once `killed`, the
     /// reload is refused at the next `deadline` if it has still not exited.
     Validating { pid: Pid, output: PathBuf, checked: Checked, deadline: Generation, killed: bool },
@@ -93,6 +98,7 @@ impl Step {
     pub fn name(&self) -> &'static str {
         match self {
             Step::Preflight => "checking certificates",
+            Step::CheckingVersion { .. } => "checking the new Envoy binary's hot restart version",
             Step::Validating { .. } => "validating",
             Step::WaitingForDraining { .. } => "waiting for the draining epoch to exit",
             Step::Settling { .. } => "letting the files settle",
@@ -154,8 +160,15 @@ impl ReloadState {
     /// A reload (cold when `cold` says why) starts at its first step.
     pub fn begin(&mut self, attempt: Generation, waiters: Vec<ReloadReply>, cold: Option<String>) {
         let step = Step::Preflight;
-        *self =
-            ReloadState::Busy(Box::new(Busy { attempt, started: Instant::now(), step, cold, waiters, queued: None }));
+        *self = ReloadState::Busy(Box::new(Busy {
+            attempt,
+            started: Instant::now(),
+            step,
+            cold,
+            binary: None,
+            waiters,
+            queued: None,
+        }));
     }
 
     /// The reload under way starts over at its first step, as attempt `attempt`, for the same

@@ -1,0 +1,73 @@
+//! An upgraded Envoy binary: when the file a reload would run is not the one the serving epoch
+//! runs, `envoy --hot-restart-version` (as our child, reaped as any other) says whether a hot
+//! restart can work. Envoy refuses one across different versions and blocks until a cold start;
+//! sesame turns such a reload into a cold handover before anything is started.
+
+use nix::unistd::Pid;
+
+use super::reload_state::{Checked, Step};
+use super::{Event, Generation, Supervisor};
+use crate::process::{Exit, Processes};
+use crate::reload;
+
+impl<P: Processes> Supervisor<P> {
+    pub(super) fn check_hot_restart_version(&mut self, attempt: Generation, checked: Checked) {
+        let Some(envoy) = &self.launch.envoy else { return };
+        let Some(program) = self.launch.command.first() else { return };
+        let argv = vec![program.clone(), "--hot-restart-version".into()];
+        let output = envoy.runtime_dir.join("envoy-hot-restart-version.log");
+        let file = match std::fs::File::create(&output) {
+            Ok(file) => file,
+            Err(e) => return self.reload_refused(&format!("cannot write {}: {e}", output.display())),
+        };
+        match self.processes.spawn(&argv, false, Some(file)) {
+            Ok(pid) => {
+                tracing::info!(
+                    "the Envoy binary {} is not the one that serves: checking its hot restart version",
+                    program.to_string_lossy()
+                );
+                let deadline = self.schedule(self.settings.reload_timeout);
+                if let Some(busy) = self.reload.attempt(attempt) {
+                    busy.step = Step::CheckingVersion { pid, output, checked, deadline };
+                }
+            }
+            Err(e) => self.reload_refused(&e.to_string()),
+        }
+    }
+
+    /// The version checker exited: its verdict is read off the runtime thread, with the serving
+    /// epoch's version. False when `pid` is not the checker.
+    pub(super) fn on_version_checker_exit(&mut self, pid: Pid, exit: Exit) -> bool {
+        let serving = self.epochs.current_admin();
+        let Some(busy) = self.reload.busy() else { return false };
+        let Step::CheckingVersion { pid: checker, output, .. } = &busy.step else { return false };
+        if *checker != pid {
+            return false;
+        }
+        let (attempt, output, events) = (busy.attempt, output.clone(), self.events.clone());
+        tokio::spawn(async move {
+            let result = reload::hot_restart_compatibility(exit, output, serving).await;
+            let _ = events.send(Event::VersionChecked { attempt, result });
+        });
+        true
+    }
+
+    /// Compatible: the reload goes on as a hot restart; not: as a cold handover, for that reason.
+    pub(super) fn on_version_checked(&mut self, attempt: Generation, result: Result<Option<String>, String>) {
+        let Some(busy) = self.reload.attempt(attempt) else { return };
+        let Step::CheckingVersion { checked, .. } = &busy.step else { return };
+        let checked = checked.clone();
+        match result {
+            Ok(None) => {
+                tracing::info!("the new Envoy binary's hot restart version matches: a hot restart");
+                self.spawn_validator(attempt, checked);
+            }
+            Ok(Some(why)) => {
+                tracing::warn!("{why}: a cold handover to a new Envoy family instead of a hot restart");
+                busy.cold = Some(why);
+                self.spawn_validator(attempt, checked);
+            }
+            Err(reason) => self.reload_refused(&reason),
+        }
+    }
+}
