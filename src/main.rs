@@ -9,7 +9,7 @@
 //!   (preflight, verdict, LIVE poll), `watch`, `control` (the control API), `systemd`.
 //! - Envoy: `envoy` (its command line), `bootstrap` (its config), `admin` (its admin API).
 //! - leaves: `process` (spawn, signal, reap), `http`, `certs`, `status`, `metrics`, `demo`,
-//!   `files`, `clock`, `logging`.
+//!   `files`, `clock`, `logging`, `cpu_limit` (the CPU quota, for Envoy's worker count).
 
 mod admin;
 mod bootstrap;
@@ -18,6 +18,7 @@ mod cli;
 mod client;
 mod clock;
 mod control;
+mod cpu_limit;
 mod demo;
 mod drain;
 mod envoy;
