@@ -79,14 +79,27 @@ impl Launcher {
             argv.push("--".into());
             argv.extend(command.iter().map(OsString::from));
         }
-        Self::spawn(mode, dir, Path::new(SESAME), &argv, adjust)
+        Self::spawn(mode, dir, Path::new(SESAME), &argv, adjust, &[])
+    }
+
+    /// Starts `sesame run OPTIONS -- COMMAND` in the cgroup whose `cgroup.procs` file is `procs`: a
+    /// shell moves itself there and then execs the launcher, so everything it starts is there too.
+    pub fn start_in_cgroup(mode: Mode, procs: &Path, options: &[&str], command: &[&str]) -> Launcher {
+        let dir = tempfile::Builder::new().prefix("sesame-test").tempdir().expect("tempdir");
+        let mut argv: Vec<OsString> = vec!["run".into(), "--runtime-dir".into(), dir.path().join("run").into()];
+        argv.extend(options.iter().map(OsString::from));
+        argv.push("--".into());
+        argv.extend(command.iter().map(OsString::from));
+        let wrapper: Vec<OsString> =
+            vec!["sh".into(), "-c".into(), r#"echo $$ > "$0" && exec "$@""#.into(), procs.into()];
+        Self::spawn(mode, dir, Path::new(SESAME), &argv, |_| {}, &wrapper)
     }
 
     /// Any program in sesame's place (tini, dumb-init, Envoy itself): for comparisons.
     pub fn start_program(mode: Mode, program: &Path, args: &[&str]) -> Launcher {
         let dir = tempfile::Builder::new().prefix("sesame-test").tempdir().expect("tempdir");
         let args: Vec<OsString> = args.iter().map(OsString::from).collect();
-        Self::spawn(mode, dir, program, &args, |_| {})
+        Self::spawn(mode, dir, program, &args, |_| {}, &[])
     }
 
     fn spawn(
@@ -95,18 +108,18 @@ impl Launcher {
         program: &Path,
         args: &[OsString],
         adjust: impl FnOnce(&mut Command),
+        wrapper: &[OsString],
     ) -> Launcher {
         let log_path = dir.path().join("sesame.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let program = program.canonicalize().unwrap_or_else(|e| panic!("{}: {e}", program.display()));
-        let mut cmd = match mode {
-            Mode::Pid1 => {
-                let mut cmd = Command::new("unshare");
-                cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"]).arg(&program);
-                cmd
-            }
-            Mode::Plain => Command::new(&program),
-        };
+        let mut line: Vec<OsString> = wrapper.to_vec();
+        if mode == Mode::Pid1 {
+            line.extend(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"].map(OsString::from));
+        }
+        line.push(program.clone().into());
+        let mut cmd = Command::new(&line[0]);
+        cmd.args(&line[1..]);
         cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
         adjust(&mut cmd);
         let process = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
