@@ -411,6 +411,9 @@ impl<P: Processes> Supervisor<P> {
             ControlRequest::Reload(reply) => {
                 let _ = self.request_reload("control API".into(), Some(reply));
             }
+            ControlRequest::EnvoyAdmin(reply) => {
+                let _ = reply.send(self.current_admin_endpoint());
+            }
         }
     }
 }

@@ -536,3 +536,34 @@ pub fn admin_body(socket: &Path, path: &str) -> Option<String> {
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
+
+/// A GET on `stream` read to the end of the connection, as a scraper reads it: the status, the head
+/// (lower case) and the body, de-chunked when it came chunked.
+pub fn get_to_close(stream: &mut (impl Read + Write), path: &str) -> Result<(u16, String, String), String> {
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no complete response head")?;
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad status line: {head}"))?;
+    let mut body = raw[end + 4..].to_vec();
+    if head.lines().any(|l| l.replace(' ', "") == "transfer-encoding:chunked") {
+        body = dechunk(&body).ok_or_else(|| format!("a chunked body cut short ({} bytes)", body.len()))?;
+    }
+    Ok((status, head, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The data of a chunked body; None when it does not end with the last (empty) chunk.
+fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
+    let mut data = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..line_end]).ok()?.trim(), 16).ok()?;
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return Some(data);
+        }
+        data.extend_from_slice(raw.get(..size)?);
+        raw = raw.get(size + 2..)?;
+    }
+}
