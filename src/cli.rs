@@ -242,8 +242,9 @@ pub struct EnvoyFlagOptions {
     #[arg(long, env = "SESAME_ENVOY_PARENT_SHUTDOWN_TIME", default_value = "45s", value_parser = parse_duration)]
     pub envoy_parent_shutdown_time: Duration,
 
-    /// Envoy's --concurrency: auto (the CPU quota rounded up, capped by the affinity mask), a
-    /// number, or off (Envoy picks one worker per online CPU).
+    /// Envoy's --concurrency, unless the command sets it: auto (the tightest CPU quota of sesame's
+    /// cgroups and their ancestors, rounded up, capped by the affinity mask), a number, or off
+    /// (Envoy's own choice).
     #[arg(long, env = "SESAME_ENVOY_CONCURRENCY", default_value = "auto", value_parser = ConcurrencySetting::from_str)]
     pub envoy_concurrency: ConcurrencySetting,
 }

@@ -1,5 +1,6 @@
-//! How many worker threads Envoy should start. Envoy starts one per online CPU of the host and
-//! ignores the container's CPU quota, so a pod limited to 2 CPUs on a 64-core node runs 64 workers
+//! How many worker threads Envoy should start. Envoy sizes its workers by the host's CPUs (1.40
+//! narrows that by the affinity mask and by a quota on its own cgroup only, rounded down), so a
+//! quota set on an ancestor cgroup (a pod, a systemd slice) leaves it with a worker per host CPU
 //! that the CFS quota throttles. The quota is read from the cgroups the launcher is in (Envoy
 //! inherits them): cgroup v2 `cpu.max`, cgroup v1 `cpu.cfs_quota_us` and `cpu.cfs_period_us`, the
 //! smallest on the path from the process's own cgroup up to the root of the hierarchy, since every
@@ -49,8 +50,8 @@ pub struct Quota {
 }
 
 impl Quota {
-    /// The CPUs the quota buys, rounded up: 1.5 CPUs keep two workers busy part of the time, which
-    /// beats one worker that can never use the half.
+    /// The CPUs the quota buys, rounded up: two workers can use all of 1.5 CPUs, one worker (a
+    /// thread runs on one CPU at a time) never more than one.
     pub fn cpus(&self) -> u32 {
         let cpus = self.quota_us.div_ceil(self.period_us.max(1));
         u32::try_from(cpus).unwrap_or(u32::MAX).max(1)

@@ -226,7 +226,7 @@ fn concurrency(setting: ConcurrencySetting, command: &[OsString]) -> Option<u32>
     }
     match setting {
         ConcurrencySetting::Off => {
-            tracing::info!("--envoy-concurrency off: no --concurrency, Envoy starts one worker per online CPU");
+            tracing::info!("--envoy-concurrency off: no --concurrency, Envoy picks its worker count itself");
             None
         }
         ConcurrencySetting::Fixed(workers) => {
