@@ -149,10 +149,10 @@ impl ControlApi {
         if path.starts_with("/envoy/") {
             // Reads, as /status and /metrics are: no token over --http.
             return match (envoy_admin::admin_path(request.uri()), method) {
-                (None, _) => text(
-                    StatusCode::NOT_FOUND,
-                    "not found: /envoy/ reads only Envoy's metrics, /server_info, /certs and /ready\n",
-                ),
+                (None, _) => {
+                    let readable = envoy_admin::READABLE.map(|path| format!("/envoy{path}")).join(", ");
+                    text(StatusCode::NOT_FOUND, &format!("not found: the readable Envoy pages are {readable}\n"))
+                }
                 (Some(admin_path), Method::GET) => self.envoy_admin(&admin_path, ends_by).await,
                 (Some(_), _) => {
                     text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: /envoy/ is read-only (GET)\n")
