@@ -3,11 +3,13 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::admin::Listeners;
+use crate::cpu_limit::ConcurrencySetting;
 use crate::drain::DrainSettings;
 use crate::envoy::EnvoyFlags;
 use crate::http::Endpoint;
@@ -258,6 +260,12 @@ pub struct EnvoyFlagOptions {
     /// Envoy's --parent-shutdown-time-s: when a hot restart's old epoch is told to exit.
     #[arg(long, env = "SESAME_ENVOY_PARENT_SHUTDOWN_TIME", default_value = "45s", value_parser = parse_duration)]
     pub envoy_parent_shutdown_time: Duration,
+
+    /// Envoy's --concurrency, unless the command sets it: auto (the tightest CPU quota of sesame's
+    /// cgroups and their ancestors, rounded up, capped by the affinity mask), a number, or off
+    /// (Envoy's own choice).
+    #[arg(long, env = "SESAME_ENVOY_CONCURRENCY", default_value = "auto", value_parser = ConcurrencySetting::from_str)]
+    pub envoy_concurrency: ConcurrencySetting,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -277,6 +285,8 @@ impl EnvoyFlagOptions {
                 DrainStrategy::Gradual => "gradual",
             },
             parent_shutdown_time_s: secs(self.envoy_parent_shutdown_time),
+            // Decided by `launch`, which knows the command and reads the cgroups.
+            concurrency: None,
         }
     }
 }

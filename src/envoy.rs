@@ -36,21 +36,32 @@ fn without_flag(args: &[OsString], flag: &str) -> Vec<OsString> {
     kept
 }
 
-/// Envoy's drain flags, as the launcher would set them.
+/// Envoy's flags as the launcher would set them: the drain, and the worker count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvoyFlags {
     pub drain_time_s: u64,
     pub drain_strategy: &'static str,
     pub parent_shutdown_time_s: u64,
+    /// `--concurrency`, when the launcher chose one.
+    pub concurrency: Option<u32>,
 }
 
-/// Appends each of the launcher's drain flags that the user did not give.
-fn add_drain_flags(argv: &mut Vec<OsString>, flags: &EnvoyFlags) {
-    let wanted = [
+/// Whether the command chooses Envoy's worker count itself (`--cpuset-threads` derives it from
+/// the cpuset, and a `--concurrency` added next to it would override that).
+pub fn sets_concurrency(command: &[OsString]) -> bool {
+    has_flag(command, "--concurrency") || has_flag(command, "--cpuset-threads")
+}
+
+/// Appends each of the launcher's flags that the user did not give.
+fn add_launcher_flags(argv: &mut Vec<OsString>, flags: &EnvoyFlags) {
+    let mut wanted = vec![
         ("--drain-time-s", flags.drain_time_s.to_string()),
         ("--drain-strategy", flags.drain_strategy.to_string()),
         ("--parent-shutdown-time-s", flags.parent_shutdown_time_s.to_string()),
     ];
+    if let Some(workers) = flags.concurrency.filter(|_| !sets_concurrency(argv)) {
+        wanted.push(("--concurrency", workers.to_string()));
+    }
     for (flag, value) in wanted {
         if !has_flag(argv, flag) {
             argv.extend([flag.into(), value.into()]);
@@ -104,12 +115,12 @@ pub fn base_id_file(command: &[OsString], default: &Path) -> Option<PathBuf> {
 }
 
 /// The command line of epoch `epoch`: the user's command with `--restart-epoch` (replacing any the
-/// user gave, since the launcher owns the epochs), the base id, and the drain flags the user did not
-/// set. Unless the user chose a base id, epoch 0 lets Envoy pick a free one, so that two launchers on
-/// one host never share hot-restart memory, and later epochs reuse it.
+/// user gave, since the launcher owns the epochs), the base id, and the drain and worker flags the
+/// user did not set. Unless the user chose a base id, epoch 0 lets Envoy pick a free one, so that
+/// two launchers on one host never share hot-restart memory, and later epochs reuse it.
 pub fn epoch_command(command: &[OsString], epoch: u32, base_id: &BaseId, flags: &EnvoyFlags) -> Vec<OsString> {
     let mut argv = without_flag(command, "--restart-epoch");
-    add_drain_flags(&mut argv, flags);
+    add_launcher_flags(&mut argv, flags);
     argv.extend(["--restart-epoch".into(), epoch.to_string().into()]);
     match base_id {
         BaseId::FromCommand => {}
@@ -168,7 +179,8 @@ pub fn validate_command(command: &[OsString]) -> Vec<OsString> {
 mod tests {
     use super::*;
 
-    const FLAGS: EnvoyFlags = EnvoyFlags { drain_time_s: 30, drain_strategy: "immediate", parent_shutdown_time_s: 45 };
+    const FLAGS: EnvoyFlags =
+        EnvoyFlags { drain_time_s: 30, drain_strategy: "immediate", parent_shutdown_time_s: 45, concurrency: None };
     const DRAIN_FLAGS: [&str; 6] =
         ["--drain-time-s", "30", "--drain-strategy", "immediate", "--parent-shutdown-time-s", "45"];
 
@@ -239,6 +251,23 @@ mod tests {
             "0",
         ];
         assert_eq!(argv, args(&expected));
+    }
+
+    #[test]
+    fn the_worker_count_is_added_unless_the_command_chooses_it() {
+        let flags = EnvoyFlags { concurrency: Some(2), ..FLAGS };
+        for epoch in [0, 3] {
+            let argv =
+                epoch_command(&args(&["envoy", "-c", "b.yaml", "--base-id", "1"]), epoch, &BaseId::FromCommand, &flags);
+            let position = argv.iter().position(|a| a == "--concurrency").expect("--concurrency added");
+            assert_eq!(argv[position + 1], "2", "{argv:?}");
+        }
+        for own in [&["--concurrency", "3"][..], &["--concurrency=3"], &["--cpuset-threads"]] {
+            let command = args(&[&["envoy", "--base-id", "1"][..], own].concat());
+            let argv = epoch_command(&command, 0, &BaseId::FromCommand, &flags);
+            let given: Vec<_> = argv.iter().filter(|a| a.to_string_lossy().starts_with("--c")).collect();
+            assert_eq!(given.len(), 1, "only the command's own: {argv:?}");
+        }
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
@@ -184,6 +184,24 @@ impl HttpClient {
     }
 
     async fn request_new(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError> {
+        let (response, _connection) = self.send(method, path).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await.map_err(|e| HttpError::Http(self.endpoint.clone(), e))?;
+        Ok((status, body.to_bytes()))
+    }
+
+    /// Sends a GET and returns the response once its head has arrived (within the timeout), with
+    /// its body still to be read as the peer sends it: a proxy passes it on without holding all of
+    /// it. Whoever reads the body bounds how long that takes.
+    pub async fn get_streamed(&self, path: &str) -> Result<Response<StreamedBody>, HttpError> {
+        let (response, connection) = tokio::time::timeout(self.timeout, self.send(Method::GET, path))
+            .await
+            .map_err(|_| HttpError::Timeout(self.endpoint.clone(), self.timeout))??;
+        Ok(response.map(|body| StreamedBody { body, _connection: connection }))
+    }
+
+    /// Connects, sends one request and returns the response head, its body unread.
+    async fn send(&self, method: Method, path: &str) -> Result<(Response<Incoming>, Connection), HttpError> {
         let connect_error = |e| HttpError::Connect(self.endpoint.clone(), e);
         match &self.endpoint {
             Endpoint::Unix(socket) => {
@@ -197,15 +215,20 @@ impl HttpClient {
         }
     }
 
-    async fn exchange<S>(&self, stream: S, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError>
+    async fn exchange<S>(
+        &self,
+        stream: S,
+        method: Method,
+        path: &str,
+    ) -> Result<(Response<Incoming>, Connection), HttpError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let http_error = |e| HttpError::Http(self.endpoint.clone(), e);
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_error)?;
-        // The connection task ends with the response (Connection: close) or when this future is dropped.
-        let driver = tokio::spawn(connection);
+        // The connection task ends with the response (Connection: close) or when its guard is dropped.
+        let connection = Connection(tokio::spawn(connection).abort_handle());
         let request = Request::builder()
             .method(method)
             .uri(path)
@@ -213,15 +236,44 @@ impl HttpClient {
             .header(hyper::header::CONNECTION, "close")
             .body(Empty::<Bytes>::new())
             .map_err(|e| HttpError::Body(self.endpoint.clone(), path.to_string(), e.to_string()))?;
-        let result = async {
-            let response = sender.send_request(request).await.map_err(http_error)?;
-            let status = response.status();
-            let body = response.into_body().collect().await.map_err(http_error)?.to_bytes();
-            Ok((status, body))
-        }
-        .await;
-        driver.abort();
-        result
+        let response = sender.send_request(request).await.map_err(http_error)?;
+        Ok((response, connection))
+    }
+}
+
+/// The task that drives one client connection: aborted when dropped, so that a response abandoned
+/// half-read (its reader gone, or out of time) never leaves the connection open.
+struct Connection(tokio::task::AbortHandle);
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A response body read as the peer sends it; its connection is closed when it is dropped.
+pub struct StreamedBody {
+    body: Incoming,
+    _connection: Connection,
+}
+
+impl hyper::body::Body for StreamedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

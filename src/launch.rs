@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::admin::{AdminAddress, Family, Listeners};
 use crate::bootstrap::Bootstrap;
 use crate::cli::RunOptions;
+use crate::cpu_limit::{self, ConcurrencySetting};
 use crate::demo::Demo;
 use crate::envoy::{self, BaseId, EnvoyFlags};
 use crate::files::create_private_dir;
@@ -177,7 +178,8 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
     if let Some(address) = &admin {
         tracing::info!("Envoy's admin API: {address}");
     }
-    let flags = options.envoy_flags.flags();
+    let mut flags = options.envoy_flags.flags();
+    flags.concurrency = concurrency(options.envoy_flags.envoy_concurrency, &command);
     let parent_shutdown_secs = envoy::flag_value(&command, &["--parent-shutdown-time-s"])
         .and_then(|v| v.to_str()?.parse().ok())
         .unwrap_or(flags.parent_shutdown_time_s);
@@ -217,4 +219,29 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         envoy.admin = epoch0_admin;
     }
     Ok(launch)
+}
+
+/// The `--concurrency` every epoch gets, decided once at start and said once in the log: a quota
+/// changed later (an in-place pod resize) is not followed, since the epochs of one family should
+/// not differ in a way the user did not ask for.
+fn concurrency(setting: ConcurrencySetting, command: &[OsString]) -> Option<u32> {
+    if envoy::sets_concurrency(command) {
+        tracing::info!("the command sets Envoy's worker count (--concurrency or --cpuset-threads): kept as given");
+        return None;
+    }
+    match setting {
+        ConcurrencySetting::Off => {
+            tracing::info!("--envoy-concurrency off: no --concurrency, Envoy picks its worker count itself");
+            None
+        }
+        ConcurrencySetting::Fixed(workers) => {
+            tracing::info!("--concurrency {workers}: from --envoy-concurrency");
+            Some(workers)
+        }
+        ConcurrencySetting::Auto => {
+            let (workers, why) = cpu_limit::auto_concurrency();
+            tracing::info!("{why}");
+            workers
+        }
+    }
 }

@@ -12,7 +12,7 @@
 //! - Envoy: `envoy` (its command line), `bootstrap` (its config), `admin` (its admin API),
 //!   `ports` (whether a new family can bind beside the serving one).
 //! - leaves: `process` (spawn, signal, reap), `http`, `certs`, `status`, `metrics`, `demo`,
-//!   `files`, `clock`, `logging`.
+//!   `files`, `clock`, `logging`, `cpu_limit` (the CPU quota, for Envoy's worker count).
 
 mod admin;
 mod bootstrap;
@@ -21,6 +21,7 @@ mod cli;
 mod client;
 mod clock;
 mod control;
+mod cpu_limit;
 mod demo;
 mod drain;
 mod envoy;

@@ -27,6 +27,11 @@ fn kubernetes_manifest_matches_the_control_api_and_its_bootstrap_is_valid() {
     assert_eq!(container["lifecycle"]["preStop"]["exec"]["command"][1], "shutdown");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
+    // Prometheus scrapes Envoy's metrics through the control port, not Envoy's admin.
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/path"], "/envoy/stats/prometheus");
+    let control = container["ports"].as_array().expect("ports").iter().find(|p| p["name"] == "control");
+    assert_eq!(annotations["prometheus.io/port"].as_str(), control.map(|p| p["containerPort"].to_string()).as_deref());
     let env = |name: &str| {
         container["env"].as_array().expect("env").iter().find(|e| e["name"] == name).map(|e| e["value"].clone())
     };

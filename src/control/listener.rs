@@ -91,19 +91,41 @@ where
 {
     tokio::spawn(async move {
         let _permit = permit;
+        let (ends_by, mut end) = tokio::sync::watch::channel(None);
         let service = service_fn(move |request| {
-            let api = api.clone();
-            async move { Ok::<_, std::convert::Infallible>(api.handle(request, over_tcp).await) }
+            let (api, ends_by) = (api.clone(), ends_by.clone());
+            async move { Ok::<_, std::convert::Infallible>(api.handle(request, over_tcp, &ends_by).await) }
         });
-        let served = hyper::server::conn::http1::Builder::new()
+        let serving = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
+            .serve_connection(TokioIo::new(stream), service);
+        // hyper stops polling an answer's body while its client does not read: only dropping the
+        // connection ends an answer that must be bounded as a whole.
+        let served = tokio::select! {
+            served = serving => served,
+            () = reached(&mut end) => {
+                tracing::debug!("control connection: an answer outlived its bound; connection closed");
+                return;
+            }
+        };
         if let Err(e) = served {
             tracing::debug!("control connection: {e}");
         }
     });
+}
+
+/// Resolves once the end set for a connection has passed; pending while none is set.
+async fn reached(end: &mut tokio::sync::watch::Receiver<Option<Instant>>) {
+    loop {
+        let set = *end.borrow_and_update();
+        match set {
+            Some(at) => return tokio::time::sleep_until(at).await,
+            // The senders live as long as the connection: an error means it is over.
+            None if end.changed().await.is_err() => return std::future::pending().await,
+            None => {}
+        }
+    }
 }
 
 /// What one listener admits, and how it reports what it cannot.
@@ -275,5 +297,17 @@ mod tests {
         assert_eq!(throttle.hit(), None, "within a second of that report");
         tokio::time::advance(REPORT_EVERY).await;
         assert_eq!(throttle.hit(), Some(2), "then the count since the last report");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_ends_when_an_answer_sets_its_end_and_never_without() {
+        let (ends_by, mut end) = tokio::sync::watch::channel(None);
+        let started = Instant::now();
+        let waiting = tokio::spawn(async move { reached(&mut end).await });
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!waiting.is_finished(), "no end set: the connection lives on");
+        ends_by.send_replace(Some(Instant::now() + Duration::from_secs(10)));
+        waiting.await.expect("reached");
+        assert_eq!(started.elapsed(), Duration::from_secs(3610));
     }
 }

@@ -7,19 +7,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::certs::{ReloadingCert, TlsPair};
 use crate::health::Health;
+use crate::http::Endpoint;
 use crate::metrics::Metrics;
 use crate::reload::Refusal;
 use crate::status::Status;
 use crate::watch::{self, WatchSpec};
 
+mod envoy_admin;
 mod keeper;
 mod listener;
 mod probes;
@@ -51,7 +54,15 @@ pub enum ControlRequest {
         reply: oneshot::Sender<Result<u32, Refusal>>,
         cold: bool,
     },
+    /// Where the serving epoch's admin answers now, or why there is none to read.
+    EnvoyAdmin(oneshot::Sender<Result<Endpoint, String>>),
 }
+
+/// An answer's body: whole (ours), or passed on as it arrives (Envoy's, through `/envoy/...`).
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Where a connection's end is set when one of its answers must be bounded as a whole.
+type ConnectionEnd = tokio::sync::watch::Sender<Option<Instant>>;
 
 /// Hands a request to the supervisor; false once the supervisor is gone.
 pub type Ask = Arc<dyn Fn(ControlRequest) -> bool + Send + Sync>;
@@ -137,8 +148,21 @@ impl ControlApi {
         rx.await.ok()
     }
 
-    async fn handle(&self, request: Request<Incoming>, over_tcp: bool) -> Response<Full<Bytes>> {
+    async fn handle(&self, request: Request<Incoming>, over_tcp: bool, ends_by: &ConnectionEnd) -> Response<Body> {
         let (method, path) = (request.method().clone(), request.uri().path().to_string());
+        if path.starts_with("/envoy/") {
+            // Reads, as /status and /metrics are: no token over --http.
+            return match (envoy_admin::admin_path(request.uri()), method) {
+                (None, _) => {
+                    let readable = envoy_admin::READABLE.map(|path| format!("/envoy{path}")).join(", ");
+                    text(StatusCode::NOT_FOUND, &format!("not found: the readable Envoy pages are {readable}\n"))
+                }
+                (Some(admin_path), Method::GET) => self.envoy_admin(&admin_path, ends_by).await,
+                (Some(_), _) => {
+                    text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: /envoy/ is read-only (GET)\n")
+                }
+            };
+        }
         let changes_something = matches!(path.as_str(), "/shutdown" | "/reload");
         if over_tcp && changes_something && !self.authorized(&request) {
             return text(StatusCode::UNAUTHORIZED, "a valid Authorization: Bearer token is required\n");
@@ -174,7 +198,7 @@ impl ControlApi {
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n"),
             },
             (Method::GET, "/metrics") => {
-                let mut response = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                let mut response = Response::new(whole(Bytes::from(self.metrics.render())));
                 response.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
                     hyper::header::HeaderValue::from_static(
@@ -203,16 +227,21 @@ fn cold(request: &Request<Incoming>) -> bool {
     query.split('&').any(|pair| matches!(pair, "cold" | "cold=true" | "cold=1"))
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+/// A body we hold whole.
+fn whole(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(whole(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain"));
     response
 }
 
-fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(whole(Bytes::from(body)));
     *response.status_mut() = status;
     response
         .headers_mut()

@@ -467,6 +467,9 @@ impl<P: Processes> Supervisor<P> {
                 let trigger = if cold { "control API (cold)" } else { "control API" };
                 let _ = self.request_reload(trigger.into(), Some(reply), cold);
             }
+            ControlRequest::EnvoyAdmin(reply) => {
+                let _ = reply.send(self.current_admin_endpoint());
+            }
         }
     }
 }

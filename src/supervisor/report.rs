@@ -10,6 +10,7 @@ use super::shutdown::Phase;
 use crate::bootstrap::DEFAULT_STATS_FLUSH;
 use crate::clock::unix_seconds;
 use crate::health::ProbeTarget;
+use crate::http::Endpoint;
 use crate::process::{Exit, Processes};
 use crate::status::{DrainStatus, EpochStatus, Status};
 
@@ -66,6 +67,19 @@ impl<P: Processes> Supervisor<P> {
             },
             envoy: None,
             probe,
+        }
+    }
+
+    /// Where the serving epoch's admin answers, for the control API's read-only window on it; or
+    /// why there is none.
+    pub(super) fn current_admin_endpoint(&self) -> Result<Endpoint, String> {
+        if !self.launch.is_envoy() {
+            return Err("the command is not Envoy: there is no admin to read".into());
+        }
+        let current = self.epochs.current_number();
+        match self.epochs.current_admin() {
+            Some(admin) => Ok(admin.address().clone()),
+            None => Err(format!("the admin address of Envoy's epoch {current} is not known yet")),
         }
     }
 

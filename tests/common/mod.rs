@@ -2,7 +2,10 @@
 //! process), with its log captured and every wait bounded.
 #![allow(dead_code)]
 
+pub mod client;
 pub mod tls;
+
+pub use client::*;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -79,14 +82,27 @@ impl Launcher {
             argv.push("--".into());
             argv.extend(command.iter().map(OsString::from));
         }
-        Self::spawn(mode, dir, Path::new(SESAME), &argv, adjust)
+        Self::spawn(mode, dir, Path::new(SESAME), &argv, adjust, &[])
+    }
+
+    /// Starts `sesame run OPTIONS -- COMMAND` in the cgroup whose `cgroup.procs` file is `procs`: a
+    /// shell moves itself there and then execs the launcher, so everything it starts is there too.
+    pub fn start_in_cgroup(mode: Mode, procs: &Path, options: &[&str], command: &[&str]) -> Launcher {
+        let dir = tempfile::Builder::new().prefix("sesame-test").tempdir().expect("tempdir");
+        let mut argv: Vec<OsString> = vec!["run".into(), "--runtime-dir".into(), dir.path().join("run").into()];
+        argv.extend(options.iter().map(OsString::from));
+        argv.push("--".into());
+        argv.extend(command.iter().map(OsString::from));
+        let wrapper: Vec<OsString> =
+            vec!["sh".into(), "-c".into(), r#"echo $$ > "$0" && exec "$@""#.into(), procs.into()];
+        Self::spawn(mode, dir, Path::new(SESAME), &argv, |_| {}, &wrapper)
     }
 
     /// Any program in sesame's place (tini, dumb-init, Envoy itself): for comparisons.
     pub fn start_program(mode: Mode, program: &Path, args: &[&str]) -> Launcher {
         let dir = tempfile::Builder::new().prefix("sesame-test").tempdir().expect("tempdir");
         let args: Vec<OsString> = args.iter().map(OsString::from).collect();
-        Self::spawn(mode, dir, program, &args, |_| {})
+        Self::spawn(mode, dir, program, &args, |_| {}, &[])
     }
 
     fn spawn(
@@ -95,18 +111,18 @@ impl Launcher {
         program: &Path,
         args: &[OsString],
         adjust: impl FnOnce(&mut Command),
+        wrapper: &[OsString],
     ) -> Launcher {
         let log_path = dir.path().join("sesame.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let program = program.canonicalize().unwrap_or_else(|e| panic!("{}: {e}", program.display()));
-        let mut cmd = match mode {
-            Mode::Pid1 => {
-                let mut cmd = Command::new("unshare");
-                cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"]).arg(&program);
-                cmd
-            }
-            Mode::Plain => Command::new(&program),
-        };
+        let mut line: Vec<OsString> = wrapper.to_vec();
+        if mode == Mode::Pid1 {
+            line.extend(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"].map(OsString::from));
+        }
+        line.push(program.clone().into());
+        let mut cmd = Command::new(&line[0]);
+        cmd.args(&line[1..]);
         cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
         adjust(&mut cmd);
         let process = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
@@ -198,32 +214,6 @@ pub fn ppid_of(pid: i32) -> Option<i32> {
 /// Whether a process with this pid exists (a zombie counts as existing).
 pub fn alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// GET / over plain HTTP/1.1; returns the status code, or None when the request fails.
-pub fn http_get(port: u16) -> Option<u16> {
-    request(port, "/").ok()
-}
-
-/// GET / over HTTPS, trusting only the certificate in `ca_pem`.
-pub fn https_get(port: u16, ca_pem: &Path) -> Option<u16> {
-    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_pem).ok()? {
-        roots.add(cert.ok()?).ok()?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .ok()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = ServerName::try_from("localhost").ok()?;
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
-    let tcp = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-    read_response(&mut tls).ok()
 }
 
 /// A test upstream on loopback: answers every request with 200 after holding it for `hold`, and
@@ -321,74 +311,6 @@ static_resources:
     path
 }
 
-/// One request over a fresh connection, read as a client does (headers, then content-length bytes,
-/// then the client closes); the status, or the error that ended it.
-pub fn request(port: u16, path: &str) -> Result<u16, String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
-    read_response(&mut stream)
-}
-
-/// Reads one HTTP/1.1 response with a content-length body; returns its status.
-pub fn read_response(stream: &mut impl Read) -> Result<u16, String> {
-    read_response_head(stream).map(|(status, _)| status)
-}
-
-/// Reads one HTTP/1.1 response with a content-length body; returns its status and whether the
-/// server asked to close the connection.
-pub fn read_response_head(stream: &mut impl Read) -> Result<(u16, bool), String> {
-    read_full_response(stream).map(|(status, close, _)| (status, close))
-}
-
-/// Reads one HTTP/1.1 response with a content-length body: status, whether the server asked to
-/// close the connection, and the body.
-pub fn read_full_response(stream: &mut impl Read) -> Result<(u16, bool, String), String> {
-    let mut response = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if response.len() >= end + 4 + length {
-                let status = head.strip_prefix("http/1.1 ").and_then(|r| r.get(..3)?.parse().ok());
-                let close = head.lines().any(|l| l.replace(' ', "") == "connection:close");
-                let body = String::from_utf8_lossy(&response[end + 4..end + 4 + length]).into_owned();
-                return status.map(|s| (s, close, body)).ok_or_else(|| format!("bad status line in {head:?}"));
-            }
-        }
-        match stream.read(&mut buf) {
-            Ok(0) => return Err(format!("connection closed after {} bytes", response.len())),
-            Ok(n) => response.extend_from_slice(&buf[..n]),
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
-}
-
-/// A GET to Envoy's admin API over its unix socket: the status, or None when it does not answer.
-pub fn admin_get(socket: &Path, path: &str) -> Option<u16> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
-    read_response(&mut stream).ok()
-}
-
-/// A client connection that made one request and now sits idle on keep-alive.
-pub fn idle_keepalive_connection(port: u16) -> TcpStream {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    stream.write_all(b"GET /direct HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("write");
-    let mut buf = [0u8; 1024];
-    let n = stream.read(&mut buf).expect("read");
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "keep-alive request answered");
-    stream
-}
-
 impl Launcher {
     /// Runs the real Envoy on `bootstrap` under sesame, and waits until its admin says it is ready.
     pub fn start_envoy(mode: Mode, options: &[&str], bootstrap: &Path) -> Launcher {
@@ -428,37 +350,6 @@ pub fn yield_to_the_system_under_test() {
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
     }
-}
-
-/// One HTTP/1.1 exchange on `stream`: the status and body (content-length framed).
-pub fn call(
-    stream: &mut (impl Read + Write),
-    method: &str,
-    path: &str,
-    headers: &[&str],
-) -> Result<(u16, String), String> {
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n");
-    for header in headers {
-        request += &format!("{header}\r\n");
-    }
-    request += "\r\n";
-    stream.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
-    read_full_response(stream).map(|(status, _, body)| (status, body))
-}
-
-/// A request to the launcher's control socket.
-pub fn control(socket: &Path, method: &str, path: &str) -> Result<(u16, String), String> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
-    call(&mut stream, method, path, &[])
-}
-
-/// A request to the control API over TCP.
-pub fn control_tcp(port: u16, method: &str, path: &str, headers: &[&str]) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
-    call(&mut stream, method, path, headers)
 }
 
 impl Launcher {
@@ -502,24 +393,4 @@ impl Launcher {
         let series = format!("sesame_reloads_total{{result=\"{result}\"}} ");
         text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0)
     }
-}
-
-/// A POST to Envoy's admin API over its unix socket: the status, or None when it does not answer.
-pub fn admin_post(socket: &Path, path: &str) -> Option<u16> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "POST {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").ok()?;
-    read_response(&mut stream).ok()
-}
-
-/// A GET to Envoy's admin API over its unix socket: the body of a 200 answer, read to the end of
-/// the connection (Envoy may send it chunked; the chunk sizes are left in, harmless for a search).
-pub fn admin_body(socket: &Path, path: &str) -> Option<String> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }

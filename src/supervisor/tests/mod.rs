@@ -116,7 +116,8 @@ fn launch(dir: &std::path::Path, envoy: bool) -> Launch {
     if !envoy {
         return Launch { command: vec!["sleep".into(), "1000".into()], envoy: None };
     }
-    let flags = EnvoyFlags { drain_time_s: 30, drain_strategy: "immediate", parent_shutdown_time_s: 45 };
+    let flags =
+        EnvoyFlags { drain_time_s: 30, drain_strategy: "immediate", parent_shutdown_time_s: 45, concurrency: None };
     let envoy = EnvoyLaunch {
         admin: Some(AdminAddress::At(Endpoint::Unix(dir.join("nobody-listens.sock")))),
         admin_override: true,
