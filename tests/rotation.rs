@@ -4,11 +4,13 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::tls::{HttpsClient, SecretVolume, certificate, certificate_valid, replace_file, tls_bootstrap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::load::{Load, ONE_LOAD_AT_A_TIME};
 use common::{Launcher, Mode, admin_get, free_port, wait_for};
 use nix::sys::signal::Signal;
 
@@ -95,48 +97,12 @@ impl Tls {
     }
 }
 
-/// 32 clients sending back to back until stopped, counting answers in `answered`; each returns
-/// (requests, failures with their errors).
-fn load(
-    port: u16,
-    keep_alive: bool,
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicUsize>,
-) -> Vec<std::thread::JoinHandle<(usize, Vec<String>)>> {
-    (0..32)
-        .map(|_| {
-            let (stop, answered) = (stop.clone(), answered.clone());
-            std::thread::spawn(move || {
-                common::yield_to_the_system_under_test();
-                let mut client = HttpsClient::new(port, keep_alive);
-                let (mut sent, mut failures) = (0, Vec::new());
-                while !stop.load(Ordering::SeqCst) {
-                    sent += 1;
-                    match client.get() {
-                        Ok((200, _)) => {
-                            answered.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Ok((status, _)) => failures.push(format!("status {status}")),
-                        Err(e) => failures.push(e),
-                    }
-                }
-                (sent, failures)
-            })
-        })
-        .collect()
-}
-
-/// The load tests take both cores: one at a time, or their timings mean nothing.
-static ONE_LOAD_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn rotation_under_load(volume: bool, keep_alive: bool) {
     let _alone = ONE_LOAD_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut tls = start_tls(volume, &[]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let clients = load(tls.port, keep_alive, stop.clone(), answered.clone());
+    let load = if keep_alive { Load::start(tls.port, 32, 0) } else { Load::start(tls.port, 0, 32) };
     // The load runs before the rotation, as in production: every client has been answered a few times.
-    wait_for(Duration::from_secs(30), "the load to run", || answered.load(Ordering::SeqCst) >= 32 * 5);
+    load.wait_running();
 
     let (cert, key) = certificate(2);
     let written = Instant::now();
@@ -150,21 +116,10 @@ fn rotation_under_load(volume: bool, keep_alive: bool) {
     let visible = written.elapsed();
     // Keep the load on while the old epoch drains and exits.
     tls.launcher.wait_for_status("epoch 0 to exit", |s| s["epochs"].as_array().is_some_and(|e| e.len() == 1));
-    stop.store(true, Ordering::SeqCst);
-    let (mut sent, mut failures) = (0, Vec::new());
-    for client in clients {
-        let (s, f) = client.join().expect("client");
-        sent += s;
-        failures.extend(f);
-    }
+    let outcome = load.stop();
     let log = tls.launcher.log();
-    assert!(sent > 1000, "the load ran: {sent} requests");
-    assert!(
-        failures.is_empty(),
-        "{} of {sent} requests failed: {:?}\n{log}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    outcome.assert_none_failed(1000, &log);
+    let sent = outcome.sent;
     assert_eq!(tls.restarts(), 1, "exactly one restart for a certificate and its key:\n{log}");
     assert!(log.contains("epoch 0 drained and exited after"), "the old epoch exited 0:\n{log}");
     eprintln!("new certificate visible {visible:?} after the write; {sent} requests, none failed");
@@ -309,8 +264,8 @@ fn sighup_restarts_without_a_change_and_coalesces_during_a_restart() {
 }
 
 #[test]
-fn a_new_epoch_that_fails_after_validation_leaves_the_old_one_serving() {
-    let tls = start_tls(false, &["--drain-timeout", "2s"]);
+fn without_recovery_a_new_epoch_that_fails_leaves_the_old_one_serving_and_blocked() {
+    let tls = start_tls(false, &["--drain-timeout", "2s", "--no-recover"]);
     // A listener added on a port that another process holds: validation cannot see it, the
     // new epoch fails to bind.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

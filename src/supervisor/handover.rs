@@ -111,6 +111,9 @@ impl<P: Processes> Supervisor<P> {
             until = until.min(abort.checked_sub(BEFORE_ABORT).unwrap_or(abort));
         }
         let Some(attempt) = self.reload.busy().map(|busy| busy.attempt) else { return };
+        if self.settings.recover.migrate_queued_connections {
+            crate::ports::migrate_queued_connections();
+        }
         let drain = admin.map(|admin| {
             let (settings, events) = (self.settings.drain.clone(), self.events.clone());
             tokio::spawn(async move {

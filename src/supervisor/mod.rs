@@ -111,6 +111,8 @@ pub struct RecoverSettings {
     pub enabled: bool,
     pub backoff: Duration,
     pub backoff_max: Duration,
+    /// Set net.ipv4.tcp_migrate_req=1 before the old family stops listening.
+    pub migrate_queued_connections: bool,
 }
 
 struct Supervisor<P: Processes> {

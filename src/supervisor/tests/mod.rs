@@ -160,7 +160,12 @@ fn settings(dir: &std::path::Path) -> Settings {
             http_token: None,
             debounce: Duration::from_millis(500),
         },
-        recover: RecoverSettings { enabled: true, backoff: RECOVER_BACKOFF, backoff_max: Duration::from_secs(8) },
+        recover: RecoverSettings {
+            enabled: true,
+            backoff: RECOVER_BACKOFF,
+            backoff_max: Duration::from_secs(8),
+            migrate_queued_connections: false,
+        },
     }
 }
 
