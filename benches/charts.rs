@@ -62,6 +62,26 @@ fn main() {
             &bars,
         );
     }
+    if let Some(mut runs) = load("recovery") {
+        for run in &mut runs {
+            let connections = if run["keep_alive"] == true { "keep-alive" } else { "new conn." };
+            run["name"] = Value::from(format!("{}, {connections}", run["way"].as_str().unwrap_or_default()));
+        }
+        let failed = bars(&runs, "name", "failed", |_| true);
+        support::bar_chart(
+            "bench-recovery-failures",
+            "Requests failed by a blocked hot restart",
+            "failed requests",
+            &failed,
+        );
+        let healthy = bars(&runs, "name", "healthy_ms", |_| true);
+        support::bar_chart(
+            "bench-recovery-time",
+            "Blocked hot restart to a healthy, hot-restartable Envoy",
+            "milliseconds",
+            &healthy,
+        );
+    }
     if let Some(runs) = load("overhead") {
         let live = bars(&runs, "launcher", "start_to_live_ms", |_| true);
         support::bar_chart("bench-start-to-live", "Start to Envoy LIVE", "milliseconds", &live);

@@ -49,6 +49,11 @@ impl AdminClient {
         AdminClient { http: HttpClient::new(address, REQUEST_TIMEOUT) }
     }
 
+    /// Without the fallback on a kept connection.
+    pub fn new_connections_only(self) -> Self {
+        AdminClient { http: self.http.without_kept() }
+    }
+
     /// Falls back on `kept` (a connection opened while the admin listened) once the admin takes no
     /// new connection: a hot-restart child closes its parent's admin listener early in its start.
     pub fn with_kept(self, kept: KeptConnection) -> Self {

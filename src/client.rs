@@ -128,11 +128,15 @@ fn summary(status: &serde_json::Value) -> String {
     let mut out = format!("state: {}{readiness}\ncurrent epoch: {}\n", text(&status["state"]), status["current_epoch"]);
     for epoch in status["epochs"].as_array().into_iter().flatten() {
         let exits = epoch["exits_by_unix"].as_u64().map(|at| format!(", exits by {}", rfc3339(at))).unwrap_or_default();
-        out += &format!("  epoch {} pid {} {}{exits}\n", epoch["epoch"], epoch["pid"], text(&epoch["state"]));
+        let family = match epoch["family"].as_u64() {
+            Some(family) if family > 0 => format!(" (family {family}, restart epoch {})", epoch["restart_epoch"]),
+            _ => String::new(),
+        };
+        out += &format!("  epoch {} pid {} {}{family}{exits}\n", epoch["epoch"], epoch["pid"], text(&epoch["state"]));
     }
     let envoy = &status["envoy"];
     if let Some(state) = envoy["state"].as_str() {
-        out += &format!("Envoy says: {state} (epoch {})\n", envoy["restart_epoch"]);
+        out += &format!("Envoy says: {state} (restart epoch {})\n", envoy["restart_epoch"]);
     } else if let Some(error) = envoy["error"].as_str() {
         let last = envoy["answered_unix"].as_u64().map_or_else(|| "never".to_string(), rfc3339);
         out += &format!("Envoy's admin does not answer: {error} (last answer: {last})\n");
@@ -148,6 +152,13 @@ fn summary(status: &serde_json::Value) -> String {
     }
     if let Some(degraded) = status["degraded"].as_str() {
         out += &format!("DEGRADED: {degraded}\n");
+    }
+    let recovery = &status["recovery"];
+    if let Some(next) = recovery["next_attempt_in_seconds"].as_f64() {
+        out += &format!("cold handover in {next:.1}s ({} failed in a row)\n", recovery["failures_in_a_row"]);
+    }
+    if let Some(last) = recovery["last"].as_object() {
+        out += &format!("last cold handover: {} ({})\n", text(&last["result"]), text(&last["detail"]));
     }
     if let Some(drain) = status["drain"].as_object() {
         out += &format!(

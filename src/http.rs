@@ -146,6 +146,10 @@ impl HttpClient {
         HttpClient { kept: Some(kept), ..self }
     }
 
+    pub fn without_kept(self) -> Self {
+        HttpClient { kept: None, ..self }
+    }
+
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
