@@ -54,6 +54,17 @@ impl AdminClient {
         AdminClient { http: self.http.without_kept() }
     }
 
+    /// `health` on the admin address, else over the kept connection, saying which.
+    pub async fn health_anyhow(&self) -> Result<EnvoyHealth, HttpError> {
+        match self.clone().new_connections_only().health().await {
+            Err(HttpError::Connect(..)) => {
+                let health = self.health().await?;
+                Ok(EnvoyHealth { over_kept_connection: true, ..health })
+            }
+            answer => answer,
+        }
+    }
+
     /// Falls back on `kept` (a connection opened while the admin listened) once the admin takes no
     /// new connection: a hot-restart child closes its parent's admin listener early in its start.
     pub fn with_kept(self, kept: KeptConnection) -> Self {
@@ -151,6 +162,8 @@ pub struct EnvoyHealth {
     /// add to the new epoch's count.)
     pub listeners_stopped: u64,
     pub family: Family,
+    /// The admin address took no new connection: the answer came over the connection sesame kept.
+    pub over_kept_connection: bool,
 }
 
 impl AdminClient {
@@ -160,7 +173,13 @@ impl AdminClient {
         let body = self.expect_ok(Method::GET, PATH).await?;
         let listeners_stopped = sum_stats(&body, |name| name == "listener_manager.listener_stopped")
             .ok_or_else(|| self.http.unreadable(PATH, &body))?;
-        Ok(EnvoyHealth { state: info.state, restart_epoch: info.restart_epoch, listeners_stopped, family: info.family })
+        Ok(EnvoyHealth {
+            state: info.state,
+            restart_epoch: info.restart_epoch,
+            listeners_stopped,
+            family: info.family,
+            over_kept_connection: false,
+        })
     }
 
     /// Whether this Envoy has started its workers, which it does in the same moment it tells its

@@ -141,6 +141,9 @@ fn summary(status: &serde_json::Value) -> String {
         let last = envoy["answered_unix"].as_u64().map_or_else(|| "never".to_string(), rfc3339);
         out += &format!("Envoy's admin does not answer: {error} (last answer: {last})\n");
     }
+    if let Some(note) = envoy["note"].as_str() {
+        out += &format!("NOTE: {note}\n");
+    }
     for warning in status["warnings"].as_array().into_iter().flatten() {
         out += &format!("WARNING: {}\n", text(warning));
     }

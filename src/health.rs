@@ -49,6 +49,8 @@ pub struct EnvoyReport {
     pub listeners_stopped: Option<u64>,
     /// Why the admin did not answer.
     pub error: Option<String>,
+    /// What else the operator should know about the admin.
+    pub note: Option<String>,
     /// When the admin last answered.
     pub answered_unix: Option<u64>,
 }
@@ -98,7 +100,7 @@ impl Health {
         if let Some(answer) = last.as_ref().filter(|a| a.at.elapsed() < PROBE_TTL && a.expected == expected) {
             return answer.result.clone();
         }
-        let result = match tokio::time::timeout(PROBE_TIMEOUT, target.admin.health()).await {
+        let result = match tokio::time::timeout(PROBE_TIMEOUT, target.admin.health_anyhow()).await {
             Ok(Ok(health)) => Ok(health),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("{} did not answer within {PROBE_TIMEOUT:?}", target.admin.address())),
@@ -152,6 +154,12 @@ impl Health {
                 restart_epoch: Some(h.restart_epoch),
                 listeners_stopped: Some(h.listeners_stopped),
                 error: None,
+                note: h.over_kept_connection.then(|| {
+                    "Envoy's admin address takes no new connection (its socket removed, or closed by a hot-restart \
+                     child that died): sesame reaches Envoy over a connection it kept open; the next hot restart \
+                     or cold handover binds the address again"
+                        .to_string()
+                }),
                 answered_unix,
             },
             Err(e) => EnvoyReport {
@@ -159,6 +167,7 @@ impl Health {
                 restart_epoch: None,
                 listeners_stopped: None,
                 error: Some(e.clone()),
+                note: None,
                 answered_unix,
             },
         }
@@ -230,7 +239,7 @@ mod tests {
 
     fn answer(state: &str, restart_epoch: u32, listeners_stopped: u64) -> Result<EnvoyHealth, String> {
         let family = Family { base_id_path: None, base_id: Some(41) };
-        Ok(EnvoyHealth { state: state.into(), restart_epoch, listeners_stopped, family })
+        Ok(EnvoyHealth { state: state.into(), restart_epoch, listeners_stopped, family, over_kept_connection: false })
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod epochs;
 mod handover;
 mod recovery;
 mod reload;
+mod reload_outcome;
 mod reload_state;
 mod report;
 mod shutdown;
@@ -382,14 +383,21 @@ impl<P: Processes> Supervisor<P> {
         timeout: Option<Duration>,
     ) -> (Generation, Option<JoinHandle<()>>) {
         let poll = self.next_generation();
-        let Some((admin, restart_epoch)) =
-            self.epochs.find(epoch).and_then(|e| Some((e.admin.clone()?, e.restart_epoch)))
+        let Some((admin, restart_epoch, kept)) =
+            self.epochs.find(epoch).and_then(|e| Some((e.admin.clone()?, e.restart_epoch, e.admin_kept.clone())))
         else {
             return (poll, None);
         };
         let events = self.events.clone();
         let task = tokio::spawn(async move {
             let result = crate::reload::await_live(admin, restart_epoch, family, timeout).await;
+            // Opened before the supervisor hears of LIVE: from then on the epoch can be drained even
+            // if its admin listener goes.
+            if let Ok(endpoint) = &result
+                && let Err(e) = tokio::time::timeout(crate::admin::REQUEST_TIMEOUT, kept.open(endpoint)).await
+            {
+                tracing::debug!("cannot keep a connection to epoch {epoch}'s admin: {e}");
+            }
             let _ = events.send(Event::EpochLive { epoch, poll, result });
         });
         (poll, Some(task))

@@ -7,7 +7,6 @@ use super::Supervisor;
 use super::epochs::Epoch;
 use super::reload_state::Step;
 use super::shutdown::Phase;
-use crate::admin::AdminClient;
 use crate::bootstrap::DEFAULT_STATS_FLUSH;
 use crate::clock::unix_seconds;
 use crate::health::ProbeTarget;
@@ -40,9 +39,7 @@ impl<P: Processes> Supervisor<P> {
             _ => None,
         };
         let current_restart_epoch = self.epochs.find(self.epochs.current_number()).map_or(0, |e| e.restart_epoch);
-        // Readiness is what Envoy's admin address says: an admin that takes no new connection (its
-        // socket removed) is not ready, even though sesame can still drain it over a kept one.
-        let probe = self.epochs.current_admin().map(AdminClient::new_connections_only).map(|admin| ProbeTarget {
+        let probe = self.epochs.current_admin().map(|admin| ProbeTarget {
             admin,
             current: current_restart_epoch,
             starting,
