@@ -111,6 +111,11 @@ pub struct RunOptions {
     #[command(flatten)]
     pub location: Location,
 
+    /// Run Envoy (every epoch, its validator, its version check), or a plain command, as this user
+    /// and its groups: USER or USER:GROUP, names or numeric ids. sesame itself stays root.
+    #[arg(long, env = "SESAME_ENVOY_USER", value_name = "USER[:GROUP]")]
+    pub envoy_user: Option<String>,
+
     /// Also serve the control API on this TCP address (HOST:PORT), for probes and scrapes.
     #[arg(long, env = "SESAME_HTTP", value_name = "ADDR")]
     pub http: Option<String>,
