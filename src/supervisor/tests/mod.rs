@@ -140,6 +140,8 @@ fn settings(dir: &std::path::Path) -> Settings {
             healthcheck_fail: true,
             inbound_only: false,
             counted: Listeners::All,
+            keep_listening: true,
+            ignore: Vec::new(),
             poll: Duration::from_millis(100),
             connections: 0,
             min: Duration::ZERO,
