@@ -15,5 +15,8 @@ COPY --from=build /src/target/x86_64-unknown-linux-musl/release/sesame /usr/loca
 STOPSIGNAL SIGTERM
 # Healthy while the current epoch is LIVE and no drain is under way (exit 0), over the control socket.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["/usr/local/bin/sesame", "status"]
-ENTRYPOINT ["/usr/local/bin/sesame", "run", "--"]
+# The official image's contract (Envoy as the user envoy unless ENVOY_UID=0; ENVOY_UID, ENVOY_GID,
+# loglevel), kept by a few lines of shell that end in `exec sesame run --`: sesame is PID 1.
+COPY --chmod=755 docker-entrypoint.sh /usr/local/bin/sesame-entrypoint.sh
+ENTRYPOINT ["/usr/local/bin/sesame-entrypoint.sh"]
 CMD ["envoy", "-c", "/etc/envoy/envoy.yaml"]

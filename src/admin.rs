@@ -84,10 +84,29 @@ impl AdminClient {
     /// `listener.<name>.downstream_cx_active`, without the admin listener and the per-worker copies.
     /// (`server.total_connections` would be simpler, but Envoy refreshes it only at each stats flush,
     /// every 5 s by default, so a drain polling it would react seconds late.)
-    pub async fn downstream_connections(&self, counted: &Listeners) -> Result<u64, HttpError> {
+    pub async fn downstream_connections(&self, counted: &Listeners, ignored: &Ignored) -> Result<u64, HttpError> {
         const PATH: &str = "/stats?format=json&filter=%5Elistener%5C..*%5C.downstream_cx_active%24";
         let body = self.expect_ok(Method::GET, PATH).await?;
-        sum_listener_connections(&body, counted).ok_or_else(|| self.http.unreadable(PATH, &body))
+        sum_listener_connections(&body, counted, ignored).ok_or_else(|| self.http.unreadable(PATH, &body))
+    }
+
+    /// Every listener's name with its stat name (`listener.<stat name>.`): its `stat_prefix`, else
+    /// its address as Envoy writes it in stats (`127.0.0.1_9100`). `/listeners` has names and
+    /// addresses but not the prefix, so the listeners' configuration is read (only those fields).
+    pub async fn listener_stat_names(&self) -> Result<Vec<(String, String)>, HttpError> {
+        const PATHS: [&str; 2] = [
+            "/config_dump?resource=static_listeners&mask=listener.name,listener.stat_prefix,listener.address",
+            "/config_dump?resource=dynamic_listeners&mask=name,active_state.listener.name,\
+             active_state.listener.stat_prefix,active_state.listener.address",
+        ];
+        let mut found = Vec::new();
+        for path in PATHS {
+            let body = self.expect_ok(Method::GET, path).await?;
+            let dump: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|_| self.http.unreadable(path, &body))?;
+            collect_listeners(&dump, &mut found);
+        }
+        Ok(found)
     }
 }
 
@@ -138,9 +157,10 @@ impl AdminClient {
     pub async fn connections_across_epochs(
         &self,
         counted: &Listeners,
+        ignored: &Ignored,
         older_epoch_alive: bool,
     ) -> Result<u64, HttpError> {
-        let own = self.downstream_connections(counted).await?;
+        let own = self.downstream_connections(counted, ignored).await?;
         if !older_epoch_alive {
             return Ok(own);
         }
@@ -223,8 +243,45 @@ pub enum Listeners {
     Named(Vec<String>),
 }
 
+/// Listeners a drain does not wait for (`--drain-ignore-listener`): the stat names of the listeners
+/// whose names matched, and the patterns, which may name a stat name directly.
+#[derive(Debug, Clone, Default)]
+pub struct Ignored {
+    pub stat_names: Vec<String>,
+    pub patterns: Vec<regex::Regex>,
+}
+
+impl Ignored {
+    fn ignores(&self, stat_name: &str) -> bool {
+        self.stat_names.iter().any(|s| s == stat_name) || self.patterns.iter().any(|r| r.is_match(stat_name))
+    }
+}
+
+/// Finds every listener (an object with a `name` and an `address`) in a config dump, with its
+/// stat name.
+fn collect_listeners(value: &serde_json::Value, found: &mut Vec<(String, String)>) {
+    match value {
+        serde_json::Value::Object(object) => {
+            let name = object.get("name").and_then(|n| n.as_str());
+            let stat = object.get("stat_prefix").and_then(|p| p.as_str()).map(str::to_string).or_else(|| {
+                let socket = object.get("address")?.get("socket_address")?;
+                let host = socket.get("address")?.as_str()?;
+                let port = socket.get("port_value")?.as_u64()?;
+                let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+                Some(format!("{host}:{port}").replace(':', "_"))
+            });
+            if let (Some(name), Some(stat)) = (name, stat) {
+                found.push((name.to_string(), stat));
+            }
+            object.values().for_each(|v| collect_listeners(v, found));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_listeners(v, found)),
+        _ => {}
+    }
+}
+
 /// Sums the listener gauges of `/stats?format=json`.
-fn sum_listener_connections(body: &[u8], counted: &Listeners) -> Option<u64> {
+fn sum_listener_connections(body: &[u8], counted: &Listeners, ignored: &Ignored) -> Option<u64> {
     let wanted = |name: &str| {
         let Some(listener) = name.strip_prefix("listener.").and_then(|n| n.strip_suffix(".downstream_cx_active"))
         else {
@@ -232,6 +289,9 @@ fn sum_listener_connections(body: &[u8], counted: &Listeners) -> Option<u64> {
         };
         let per_worker = listener.rsplit_once('.').is_some_and(|(_, last)| last.starts_with("worker_"));
         let admin = listener == "admin" || listener.starts_with("admin.");
+        if ignored.ignores(listener) {
+            return false;
+        }
         match counted {
             Listeners::All => !admin && !per_worker,
             Listeners::Named(names) => names.iter().any(|n| n == listener),
@@ -276,11 +336,31 @@ mod tests {
             {"name":"listener.admin.downstream_cx_active","value":1},
             {"name":"listener.admin.main_thread.downstream_cx_active","value":1}
         ]}"#;
-        assert_eq!(sum_listener_connections(body, &Listeners::All), Some(5));
+        let none = Ignored::default();
+        assert_eq!(sum_listener_connections(body, &Listeners::All, &none), Some(5));
         let inbound = Listeners::Named(vec!["ingress_https".into()]);
-        assert_eq!(sum_listener_connections(body, &inbound), Some(3));
-        assert_eq!(sum_listener_connections(br#"{"stats":[]}"#, &Listeners::All), Some(0));
-        assert_eq!(sum_listener_connections(b"not json", &Listeners::All), None);
+        assert_eq!(sum_listener_connections(body, &inbound, &none), Some(3));
+        assert_eq!(sum_listener_connections(br#"{"stats":[]}"#, &Listeners::All, &none), Some(0));
+        assert_eq!(sum_listener_connections(b"not json", &Listeners::All, &none), None);
+        let by_name = Ignored { stat_names: vec!["127.0.0.1_18082".into()], patterns: Vec::new() };
+        assert_eq!(sum_listener_connections(body, &Listeners::All, &by_name), Some(3));
+        let whole = |r: &str| regex::Regex::new(&format!("^(?:{r})$")).expect("regex");
+        let by_stat = Ignored { stat_names: Vec::new(), patterns: vec![whole("ingress_.*")] };
+        assert_eq!(sum_listener_connections(body, &Listeners::All, &by_stat), Some(2));
+    }
+
+    #[test]
+    fn listeners_are_found_in_a_config_dump_with_their_stat_names() {
+        let dump = serde_json::json!({"configs": [
+            {"listener": {"name": "metrics", "stat_prefix": "metrics_sp",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9100}}}},
+            {"name": "web", "active_state": {"listener": {"name": "web",
+                "address": {"socket_address": {"address": "::", "port_value": 443}}}}}
+        ]});
+        let mut found = Vec::new();
+        collect_listeners(&dump, &mut found);
+        let expected = [("metrics", "metrics_sp"), ("web", "[__]_443")];
+        assert_eq!(found, expected.map(|(n, s)| (n.to_string(), s.to_string())));
     }
 
     #[test]

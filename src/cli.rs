@@ -111,6 +111,11 @@ pub struct RunOptions {
     #[command(flatten)]
     pub location: Location,
 
+    /// Run Envoy (every epoch, its validator, its version check), or a plain command, as this user
+    /// and its groups: USER or USER:GROUP, names or numeric ids. sesame itself stays root.
+    #[arg(long, env = "SESAME_ENVOY_USER", value_name = "USER[:GROUP]")]
+    pub envoy_user: Option<String>,
+
     /// Also serve the control API on this TCP address (HOST:PORT), for probes and scrapes.
     #[arg(long, env = "SESAME_HTTP", value_name = "ADDR")]
     pub http: Option<String>,
@@ -187,6 +192,23 @@ pub struct DrainOptions {
     /// The drain lasts at most this long, delay included; 0 forwards SIGTERM at once.
     #[arg(long, env = "SESAME_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Listeners keep accepting (and tell each new connection to close) until SIGTERM
+    /// (`/drain_listeners?graceful&skip_exit`), instead of refusing connections once Envoy's drain
+    /// time is over (`?graceful`).
+    #[arg(long, env = "SESAME_DRAIN_KEEP_LISTENING", default_value_t = true, action = ArgAction::Set)]
+    pub drain_keep_listening: bool,
+
+    /// Listeners whose whole name (or stat name: stat_prefix, or address as 127.0.0.1_9100) matches
+    /// this regex are not waited for by the drain (repeatable): a metrics listener that is scraped
+    /// every few seconds would hold it open.
+    #[arg(long, env = "SESAME_DRAIN_IGNORE_LISTENER", value_name = "REGEX", value_parser = parse_listener_regex)]
+    pub drain_ignore_listener: Vec<regex::Regex>,
+}
+
+/// A regex matched against a whole listener name: `metrics` must not also match `metrics-internal`.
+fn parse_listener_regex(text: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{text})$")).map_err(|e| format!("invalid regex '{text}': {e}"))
 }
 
 impl DrainOptions {
@@ -200,6 +222,8 @@ impl DrainOptions {
             connections: self.drain_connections,
             min: self.drain_min,
             timeout: self.drain_timeout,
+            keep_listening: self.drain_keep_listening,
+            ignore: self.drain_ignore_listener.clone(),
         }
     }
 }

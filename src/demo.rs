@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use crate::files::{create_private_dir, write_atomically};
+use crate::user::EnvoyUser;
 
 const BOOTSTRAP_TEMPLATE: &str = include_str!("demo/bootstrap.yaml");
 
@@ -19,13 +20,15 @@ pub struct Demo {
 }
 
 impl Demo {
-    pub fn new(runtime_dir: &Path) -> Self {
+    /// The demo's files in `runtime_dir/demo`, its admin socket in `envoy_dir` (where Envoy can
+    /// bind it: the runtime directory, or its `envoy/` with `--envoy-user`).
+    pub fn new(runtime_dir: &Path, envoy_dir: &Path) -> Self {
         let dir = runtime_dir.join("demo");
         Demo {
             bootstrap: dir.join("envoy.yaml"),
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
-            admin_socket: runtime_dir.join("envoy-admin.sock"),
+            admin_socket: envoy_dir.join("envoy-admin.sock"),
         }
     }
 
@@ -40,6 +43,16 @@ impl Demo {
             write_atomically(&self.cert, generated.cert.pem().as_bytes(), 0o644)?;
         }
         write_atomically(&self.bootstrap, self.bootstrap_yaml(http_port, https_port).as_bytes(), 0o644)
+    }
+
+    /// Lets `user` (`--envoy-user`) read the demo: its directory searchable, the key its own.
+    pub fn share_with(&self, user: &EnvoyUser) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.bootstrap.parent().context("demo directory")?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("cannot make {} searchable", dir.display()))?;
+        std::os::unix::fs::lchown(&self.key, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+            .with_context(|| format!("cannot give {} to {}", self.key.display(), user.label))
     }
 
     fn bootstrap_yaml(&self, http_port: u16, https_port: u16) -> String {
@@ -61,7 +74,7 @@ mod tests {
 
     #[test]
     fn bootstrap_has_every_placeholder_filled() {
-        let demo = Demo::new(Path::new("/run/with \"quote\""));
+        let demo = Demo::new(Path::new("/run/with \"quote\""), Path::new("/run/with \"quote\""));
         let yaml = demo.bootstrap_yaml(18080, 18443);
         assert!(!yaml.contains("{admin_socket}") && !yaml.contains("{cert}") && !yaml.contains("{http_port}"));
         assert!(yaml.contains("port_value: 18080") && yaml.contains("port_value: 18443"));
@@ -71,7 +84,7 @@ mod tests {
     #[test]
     fn prepare_generates_a_certificate_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let demo = Demo::new(dir.path());
+        let demo = Demo::new(dir.path(), dir.path());
         demo.prepare(1, 2).expect("prepare");
         let first = fs::read(&demo.cert).expect("cert");
         assert!(String::from_utf8_lossy(&first).starts_with("-----BEGIN CERTIFICATE-----"));

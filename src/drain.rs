@@ -9,7 +9,7 @@ use hyper::Method;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::admin::{AdminClient, Listeners};
+use crate::admin::{AdminClient, Ignored, Listeners};
 
 /// The open downstream connections at the last poll; None before the first poll and when it failed.
 pub type Progress = watch::Sender<Option<u64>>;
@@ -32,6 +32,24 @@ pub struct DrainSettings {
     pub min: Duration,
     /// Upper bound on the whole drain, delay included: SIGTERM follows at the latest then.
     pub timeout: Duration,
+    /// Listeners keep accepting until SIGTERM (`skip_exit`) rather than stop at Envoy's drain time.
+    pub keep_listening: bool,
+    /// Listeners not waited for, by name or stat name (whole-name regexes).
+    pub ignore: Vec<regex::Regex>,
+}
+
+impl DrainSettings {
+    /// The `/drain_listeners` request of this drain.
+    pub fn drain_path(&self) -> String {
+        let mut path = String::from("/drain_listeners?graceful");
+        if self.keep_listening {
+            path.push_str("&skip_exit");
+        }
+        if self.inbound_only {
+            path.push_str("&inboundonly");
+        }
+        path
+    }
 }
 
 /// Consecutive admin failures after which the drain stops waiting for an admin that is gone.
@@ -139,12 +157,11 @@ async fn drain_steps(
         tracing::info!("drain: waiting {:?} for load balancers to notice", settings.delay);
         tokio::time::sleep(settings.delay).await;
     }
-    let path =
-        if settings.inbound_only { "/drain_listeners?graceful&inboundonly" } else { "/drain_listeners?graceful" };
-    post(admin, path, &mut consecutive_errors).await;
+    post(admin, &settings.drain_path(), &mut consecutive_errors).await;
+    let ignored = ignored_listeners(admin, &settings.ignore).await;
     loop {
         let older_alive = *older.borrow();
-        let connections = match admin.connections_across_epochs(&settings.counted, older_alive).await {
+        let connections = match admin.connections_across_epochs(&settings.counted, &ignored, older_alive).await {
             Ok(open) => {
                 consecutive_errors = 0;
                 Some(open)
@@ -169,6 +186,28 @@ async fn drain_steps(
     }
 }
 
+/// The stat names (`listener.<stat name>.`) of the listeners that `ignore` leaves out of the count:
+/// the listeners named so (read once, when the drain starts: `name` and `stat_prefix` or address),
+/// and any stat name the regexes match themselves. An admin that cannot say leaves only the latter.
+async fn ignored_listeners(admin: &AdminClient, ignore: &[regex::Regex]) -> Ignored {
+    if ignore.is_empty() {
+        return Ignored::default();
+    }
+    let named = match admin.listener_stat_names().await {
+        Ok(listeners) => {
+            listeners.into_iter().filter(|(name, _)| ignore.iter().any(|r| r.is_match(name))).map(|(_, s)| s).collect()
+        }
+        Err(e) => {
+            tracing::warn!("drain: cannot list the listeners to leave out by name ({e}); matching stat names only");
+            Vec::new()
+        }
+    };
+    tracing::info!(
+        "drain: not waiting for the listeners {named:?} (--drain-ignore-listener), nor any stat name it matches"
+    );
+    Ignored { stat_names: named, patterns: ignore.to_vec() }
+}
+
 /// Drains an Envoy family that a new family has replaced in a cold handover (the new family already
 /// accepts on the same ports): the old one fails its health check (its responses ask clients to
 /// close), starts its drain sequence without exiting, and stops accepting at once, as a hot
@@ -181,7 +220,7 @@ pub async fn old_family(admin: AdminClient, settings: DrainSettings, older_alive
         post(&admin, "/drain_listeners?graceful&skip_exit", &mut consecutive_errors).await;
         post(&admin, "/drain_listeners", &mut consecutive_errors).await;
         loop {
-            match admin.connections_across_epochs(&settings.counted, older_alive).await {
+            match admin.connections_across_epochs(&settings.counted, &Ignored::default(), older_alive).await {
                 Ok(open) if open <= settings.connections => return DrainEnd::Threshold,
                 Ok(_) => consecutive_errors = 0,
                 Err(e) => {
@@ -220,6 +259,8 @@ mod tests {
             healthcheck_fail: true,
             inbound_only: false,
             counted: Listeners::All,
+            keep_listening: true,
+            ignore: Vec::new(),
             poll: Duration::from_millis(100),
             connections: 0,
             min: Duration::from_secs(2),

@@ -36,6 +36,27 @@ pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates `dir` (one level, inside a private directory) for another user, `uid:gid` with mode
+/// 0700: what Envoy writes when it runs as that user. An existing one is taken over again (the
+/// user may have changed), never through a symbolic link.
+pub fn create_owned_dir(dir: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(e).with_context(|| format!("cannot create the directory {}", dir.display()));
+        }
+        _ => {}
+    }
+    let meta = fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    if !meta.is_dir() {
+        anyhow::bail!("{} must be a directory (found a {:?})", dir.display(), meta.file_type());
+    }
+    std::os::unix::fs::lchown(dir, Some(uid.as_raw()), Some(gid.as_raw()))
+        .with_context(|| format!("cannot give {} to uid {uid}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set the mode of {}", dir.display()))
+}
+
 /// Replaces `path` by rename, so that Envoy (or a watcher) never sees half a file.
 pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");

@@ -5,14 +5,17 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context;
+
 use crate::admin::{AdminAddress, Family, Listeners};
 use crate::bootstrap::Bootstrap;
 use crate::cli::RunOptions;
 use crate::cpu_limit::{self, ConcurrencySetting};
 use crate::demo::Demo;
 use crate::envoy::{self, BaseId, EnvoyFlags};
-use crate::files::create_private_dir;
+use crate::files::{create_owned_dir, create_private_dir};
 use crate::http::Endpoint;
+use crate::user::EnvoyUser;
 
 /// The command the supervisor starts, and whether it is Envoy (drain and hot restart apply) or any
 /// other program (a plain init).
@@ -21,6 +24,8 @@ pub struct Launch {
     /// The command as the user gave it (or the demo's), before the launcher's flags.
     pub command: Vec<OsString>,
     pub envoy: Option<EnvoyLaunch>,
+    /// `--envoy-user`: every child runs as this user; None runs them as the launcher.
+    pub user: Option<EnvoyUser>,
 }
 
 /// What the launcher knows about an Envoy command.
@@ -37,7 +42,11 @@ pub struct EnvoyLaunch {
     /// How long an old epoch lives after the next one starts: the command's
     /// --parent-shutdown-time-s, or the launcher's.
     pub parent_shutdown_time: Duration,
+    /// The launcher's own files (the validator's output): private to the launcher's user.
     pub runtime_dir: PathBuf,
+    /// What Envoy writes (its admin sockets, base id files, admin address file): the runtime
+    /// directory itself, or with `--envoy-user` its `envoy/` subdirectory, owned by that user.
+    pub envoy_dir: PathBuf,
     /// The listeners a drain waits for: all, or the INBOUND ones with --drain-inbound-only.
     pub drained_listeners: Listeners,
     /// How often Envoy flushes (and, during a hot restart, merges) its stats.
@@ -68,7 +77,7 @@ impl Launch {
         let file = match (&envoy.base_id_file, number) {
             (Some(file), 0) => file.clone(),
             (None, 0) => return Family { base_id_path: None, base_id: self.base_id(&Family::default()) },
-            (_, n) => envoy.runtime_dir.join(format!("envoy-base-id.family-{n}")),
+            (_, n) => envoy.envoy_dir.join(format!("envoy-base-id.family-{n}")),
         };
         Family { base_id_path: Some(file.to_string_lossy().into_owned()), base_id: None }
     }
@@ -115,9 +124,17 @@ impl Launch {
 
 pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
     let runtime_dir = options.runtime_dir();
+    let user = envoy_user(options)?;
+    let envoy_dir = match &user {
+        Some(user) => envoy_dir(&runtime_dir, user)?,
+        None => runtime_dir.clone(),
+    };
     let command = if options.command.is_empty() {
-        let demo = Demo::new(&runtime_dir);
+        let demo = Demo::new(&runtime_dir, &envoy_dir);
         demo.prepare(options.demo_http_port, options.demo_https_port)?;
+        if let Some(user) = &user {
+            demo.share_with(user)?;
+        }
         tracing::info!(
             "no command given: running the demo (http://127.0.0.1:{}/, https://127.0.0.1:{}/, certificate {})",
             options.demo_http_port,
@@ -133,7 +150,7 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
             "'{}' is not Envoy: running it under a plain init (no drain, no hot restart)",
             command[0].to_string_lossy()
         );
-        return Ok(Launch { command, envoy: None });
+        return Ok(Launch { command, envoy: None, user });
     }
     create_private_dir(&runtime_dir)?;
     let read = |command: &[OsString]| match Bootstrap::from_command(command) {
@@ -156,7 +173,7 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
     let mut admin = options.admin.clone().or_else(|| bootstrap.as_ref()?.admin_address());
     if admin.is_none() {
         // Without an admin there is no drain and no way to see a new epoch LIVE: give Envoy one.
-        let socket = runtime_dir.join("envoy-admin-sesame.sock");
+        let socket = envoy_dir.join("envoy-admin-sesame.sock");
         command = envoy::with_admin(&command, &socket).map_err(anyhow::Error::msg)?;
         let replaced = if bootstrap.as_ref().is_some_and(|b| b.opaque) {
             " (it replaces any admin of the protobuf bootstrap: give --admin ADDR to keep yours)"
@@ -173,7 +190,7 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
     }
     if matches!(admin, Some(Endpoint::Tcp(_, 0))) && envoy::flag_value(&command, &["--admin-address-path"]).is_none() {
         // An admin on port 0 is found through the file Envoy writes its address to.
-        command.extend(["--admin-address-path".into(), runtime_dir.join("envoy-admin-address").into()]);
+        command.extend(["--admin-address-path".into(), envoy_dir.join("envoy-admin-address").into()]);
     }
     if let Some(address) = &admin {
         tracing::info!("Envoy's admin API: {address}");
@@ -204,7 +221,7 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         drained_listeners,
         admin: None,
         admin_override,
-        base_id_file: envoy::base_id_file(&command, &runtime_dir.join("envoy-base-id")),
+        base_id_file: envoy::base_id_file(&command, &envoy_dir.join("envoy-base-id")),
         flags,
         parent_shutdown_time: Duration::from_secs(parent_shutdown_secs),
         stats_flush_interval: bootstrap
@@ -212,13 +229,48 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
             .and_then(Bootstrap::stats_flush_interval)
             .unwrap_or(crate::bootstrap::DEFAULT_STATS_FLUSH),
         runtime_dir,
+        envoy_dir,
     };
-    let mut launch = Launch { command, envoy: Some(envoy) };
+    let mut launch = Launch { command, envoy: Some(envoy), user };
     let epoch0_admin = if admin_override { admin.map(AdminAddress::At) } else { launch.admin_address(admin) };
     if let Some(envoy) = launch.envoy.as_mut() {
         envoy.admin = epoch0_admin;
     }
     Ok(launch)
+}
+
+/// `--envoy-user`, resolved once: the child between fork and exec cannot read the user database.
+/// Only root can become another user; the launcher's own user is no change at all.
+fn envoy_user(options: &RunOptions) -> anyhow::Result<Option<EnvoyUser>> {
+    let Some(spec) = &options.envoy_user else { return Ok(None) };
+    let user = EnvoyUser::resolve(spec).map_err(anyhow::Error::msg)?;
+    if user.is_launcher() {
+        tracing::info!("--envoy-user {spec}: the launcher's own user, nothing to change");
+        return Ok(None);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "--envoy-user {spec}: only root can run children as another user (sesame runs as uid {})",
+            nix::unistd::geteuid()
+        );
+    }
+    tracing::info!("Envoy runs as {} with groups {:?}; sesame stays root", user.label, user.groups);
+    Ok(Some(user))
+}
+
+/// `RUNTIME_DIR/envoy`, owned by the Envoy user, for what Envoy writes; the runtime directory
+/// becomes searchable (0711, not listable) so that the user can reach it, while the control socket,
+/// the lock and the validator's output stay the launcher's (0600). The launcher itself never
+/// creates or follows anything there: that user may have planted links.
+fn envoy_dir(runtime_dir: &Path, user: &EnvoyUser) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    create_private_dir(runtime_dir)?;
+    std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("cannot make {} searchable for the Envoy user", runtime_dir.display()))?;
+    let dir = runtime_dir.join("envoy");
+    create_owned_dir(&dir, user.uid, user.gid)?;
+    user.check_readable("Envoy's directory", &dir).map_err(anyhow::Error::msg)?;
+    Ok(dir)
 }
 
 /// The `--concurrency` every epoch gets, decided once at start and said once in the log: a quota

@@ -12,7 +12,8 @@
 //! - Envoy: `envoy` (its command line), `bootstrap` (its config), `admin` (its admin API),
 //!   `ports` (whether a new family can bind beside the serving one).
 //! - leaves: `process` (spawn, signal, reap), `http`, `certs`, `status`, `metrics`, `demo`,
-//!   `files`, `clock`, `logging`, `cpu_limit` (the CPU quota, for Envoy's worker count).
+//!   `files`, `clock`, `logging`, `cpu_limit` (the CPU quota, for Envoy's worker count), `user`
+//!   (`--envoy-user`: the ids a child takes, and what that user can read).
 
 mod admin;
 mod bootstrap;
@@ -39,6 +40,7 @@ mod signals;
 mod status;
 mod supervisor;
 mod systemd;
+mod user;
 mod watch;
 
 use clap::Parser;

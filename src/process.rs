@@ -13,6 +13,8 @@ use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use crate::user::EnvoyUser;
+
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -102,8 +104,15 @@ fn missing_interpreter(program: &std::ffi::OsStr) -> Option<String> {
 /// Starts `argv` in a process group of its own, with default dispositions for every signal and an
 /// empty signal mask, whatever the launcher inherited or installed. With `take_terminal`, the
 /// child's group takes the terminal, as tini does, so that an interactive child can read it.
-/// With `output`, its stdout and stderr go there instead of the launcher's.
-fn spawn(argv: &[OsString], take_terminal: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError> {
+/// With `output`, its stdout and stderr go there instead of the launcher's. With `user`, the child
+/// takes that user's supplementary groups, gid and uid (in that order: each step needs the
+/// privilege the next one drops) before exec, while the launcher stays root.
+fn spawn(
+    argv: &[OsString],
+    take_terminal: bool,
+    output: Option<std::fs::File>,
+    user: Option<&EnvoyUser>,
+) -> Result<Pid, SpawnError> {
     let program = argv.first().cloned().unwrap_or_default();
     let last_signal = libc::SIGRTMAX();
     let mut command = Command::new(&program);
@@ -112,8 +121,11 @@ fn spawn(argv: &[OsString], take_terminal: bool, output: Option<std::fs::File>) 
         let stderr = file.try_clone().map_err(|error| SpawnError { program: program.clone(), error })?;
         command.stdout(file).stderr(stderr);
     }
+    // Resolved here, in the launcher: the child may not read /etc/group or allocate.
+    let credentials = user.filter(|u| !u.is_launcher()).map(|u| (u.groups.clone(), u.gid, u.uid));
     // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
-    // functions (tcsetpgrp, getpgrp, sigaction, sigprocmask), allocating nothing.
+    // functions (tcsetpgrp, getpgrp, sigaction, sigprocmask, setgroups, setgid, setuid),
+    // allocating nothing (the group list was built before the fork).
     unsafe {
         command.pre_exec(move || {
             if take_terminal {
@@ -122,6 +134,12 @@ fn spawn(argv: &[OsString], take_terminal: bool, output: Option<std::fs::File>) 
                 libc::tcsetpgrp(libc::STDIN_FILENO, libc::getpgrp());
             }
             reset_signal_state(last_signal);
+            if let Some((groups, gid, uid)) = &credentials {
+                // A failure fails the spawn (exec is never reached): Envoy never runs as root by accident.
+                nix::unistd::setgroups(groups)?;
+                nix::unistd::setgid(*gid)?;
+                nix::unistd::setuid(*uid)?;
+            }
             Ok(())
         });
     }
@@ -235,19 +253,22 @@ pub trait Processes {
 }
 
 /// The real process layer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct System {
     pub mode: InitMode,
     /// The first child's process group: what can still be named when /proc is not ours.
     pub first_child: Option<Pid>,
     /// The child whose process group was handed the terminal.
     pub terminal_child: Option<Pid>,
+    /// Every child runs as this user (`--envoy-user`): Envoy's epochs, its validator and checker,
+    /// or the plain command, as su-exec would run it.
+    pub user: Option<EnvoyUser>,
 }
 
 impl Processes for System {
     fn spawn(&mut self, argv: &[OsString], foreground: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError> {
         let take_terminal = foreground && owns_terminal();
-        let pid = spawn(argv, take_terminal, output)?;
+        let pid = spawn(argv, take_terminal, output, self.user.as_ref())?;
         self.first_child.get_or_insert(pid);
         if take_terminal {
             self.terminal_child = Some(pid);
@@ -408,10 +429,10 @@ mod tests {
 
     #[test]
     fn spawn_errors_map_to_126_and_127() {
-        let missing = spawn(&["/nonexistent/sesame-test".into()], false, None).expect_err("missing");
+        let missing = spawn(&["/nonexistent/sesame-test".into()], false, None, None).expect_err("missing");
         assert_eq!(missing.status_code(), 127);
         assert!(missing.to_string().contains("command not found"), "{missing}");
-        let dir = spawn(&["/".into()], false, None).expect_err("directory");
+        let dir = spawn(&["/".into()], false, None, None).expect_err("directory");
         assert_eq!(dir.status_code(), 126);
         assert!(dir.to_string().contains("is a directory"), "{dir}");
 
@@ -419,18 +440,32 @@ mod tests {
         let script = scripts.path().join("run.sh");
         std::fs::write(&script, "#!/nonexistent/bash -e\necho hi\n").expect("script");
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-        let missing = spawn(&[script.clone().into()], false, None).expect_err("no interpreter");
+        let missing = spawn(&[script.clone().into()], false, None, None).expect_err("no interpreter");
         assert_eq!(missing.status_code(), 127);
         let expected =
             format!("cannot execute '{}': its interpreter '/nonexistent/bash' is not found", script.display());
         assert_eq!(missing.to_string(), expected);
 
         std::fs::write(&script, "#!/bin/sh\r\necho hi\r\n").expect("script");
-        let crlf = spawn(&[script.clone().into()], false, None).expect_err("CRLF");
+        let crlf = spawn(&[script.clone().into()], false, None, None).expect_err("CRLF");
         let expected = format!(
             "cannot execute '{}': its interpreter '/bin/sh\\r' is not found (the script has Windows line ends)",
             script.display()
         );
         assert_eq!(crlf.to_string(), expected);
+    }
+
+    #[test]
+    fn a_child_runs_as_the_given_user_and_its_groups() {
+        let gid = nix::unistd::Gid::from_raw(65534);
+        let extra = nix::unistd::Gid::from_raw(4343);
+        let user =
+            EnvoyUser { uid: nix::unistd::Uid::from_raw(65534), gid, groups: vec![gid, extra], label: "x".into() };
+        let out = tempfile::NamedTempFile::new().expect("output");
+        let argv: Vec<OsString> = ["sh", "-c", "id -u; id -g; id -G"].iter().map(OsString::from).collect();
+        let pid = spawn(&argv, false, Some(out.reopen().expect("reopen")), Some(&user)).expect("spawn");
+        assert_eq!(waitpid(pid, None).expect("waitpid"), WaitStatus::Exited(pid, 0));
+        let text = std::fs::read_to_string(out.path()).expect("read");
+        assert_eq!(text, "65534\n65534\n65534 4343\n");
     }
 }

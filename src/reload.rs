@@ -12,6 +12,7 @@ use crate::bootstrap::Bootstrap;
 use crate::certs;
 use crate::http::Endpoint;
 use crate::process::Exit;
+use crate::user::EnvoyUser;
 
 /// Why a reload did not happen (or did not succeed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,11 +140,13 @@ fn fingerprint(files: &[PathBuf]) -> u64 {
 }
 
 /// Blocking: reads the bootstrap and checks every certificate/key pair; for a cold handover
-/// (`handover_beside`: the pids of the serving epochs), also that its listeners can bind beside them.
+/// (`handover_beside`: the pids of the serving epochs), also that its listeners can bind beside them;
+/// with `--envoy-user`, that the user can read every file (the launcher reads them as root).
 pub fn preflight(
     command: &[OsString],
     expiry_warn: Duration,
     handover_beside: Option<&[i32]>,
+    user: Option<&EnvoyUser>,
 ) -> Result<Preflight, String> {
     let binary = command.first().and_then(|program| BinaryId::of(program));
     let bootstrap = Bootstrap::from_command(command).map_err(|e| format!("{e:#}"))?;
@@ -156,6 +159,12 @@ pub fn preflight(
     let input = Input::read(files);
     let admin = bootstrap.as_ref().and_then(Bootstrap::admin_address);
     let pairs = bootstrap.map(|b| b.tls_pairs()).unwrap_or_default();
+    if let Some(user) = user {
+        let named = pairs.iter().flat_map(|p| [("certificate", &p.cert), ("private key", &p.key)]);
+        for (what, file) in named.chain(input.files.iter().map(|f| ("file", f))) {
+            user.check_readable(what, file)?;
+        }
+    }
     let now = SystemTime::now();
     for pair in &pairs {
         let checked = certs::check_pair(pair, now)?;

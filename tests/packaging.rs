@@ -39,6 +39,9 @@ fn kubernetes_manifest_matches_the_control_api_and_its_bootstrap_is_valid() {
         .iter()
         .map(|name| seconds(env(name).expect(name).as_str().expect("string")))
         .sum();
+    // Envoy runs unprivileged, so its admin socket is in the directory sesame gives that user.
+    assert_eq!(env("SESAME_ENVOY_USER").as_ref().and_then(|v| v.as_str()), Some("envoy"));
+    assert!(text.contains("path: /run/sesame/envoy/envoy-admin.sock"), "the admin in RUNTIME_DIR/envoy");
     let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("grace period");
     assert!(grace > budget, "terminationGracePeriodSeconds {grace} must exceed the drain budget {budget}");
 
@@ -90,10 +93,62 @@ fn check_systemd_unit(unit: &str, runtime_dir: &str, runtime_directory: &str) {
 }
 
 #[test]
-fn dockerfile_runs_sesame_as_the_entrypoint() {
+fn dockerfile_runs_sesame_through_the_official_images_entrypoint_contract() {
     let dockerfile = read("Dockerfile");
-    assert!(dockerfile.contains(r#"ENTRYPOINT ["/usr/local/bin/sesame", "run", "--"]"#));
+    assert!(dockerfile.contains("COPY --chmod=755 docker-entrypoint.sh /usr/local/bin/sesame-entrypoint.sh"));
+    assert!(dockerfile.contains(r#"ENTRYPOINT ["/usr/local/bin/sesame-entrypoint.sh"]"#));
+    assert!(read("docker-entrypoint.sh").trim_end().ends_with(r#"exec sesame run -- "$@""#), "sesame is PID 1");
     assert!(dockerfile.contains("STOPSIGNAL SIGTERM"));
     assert!(dockerfile.contains(r#"CMD ["/usr/local/bin/sesame", "status"]"#), "HEALTHCHECK with sesame status");
     assert!(dockerfile.contains("FROM envoyproxy/envoy:v1.40.0"), "the Envoy the tests run");
+}
+
+/// What the image's entrypoint runs, with `sesame`, `id` and `chown` replaced by stubs that
+/// record what they were given: (sesame's arguments, SESAME_ENVOY_USER, what chown was asked).
+fn entrypoint(uid: u32, env: &[(&str, &str)], args: &[&str]) -> (String, String, String) {
+    let bin = tempfile::tempdir().expect("tempdir");
+    let stub = |name: &str, body: &str| {
+        let path = bin.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("stub");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    };
+    let record = bin.path().join("record");
+    stub("sesame", &format!(r#"echo "$*|${{SESAME_ENVOY_USER:-}}" >> "{}""#, record.display()));
+    stub("chown", &format!(r#"echo "chown $*" >> "{}""#, record.display()));
+    stub("id", &format!("echo {uid}"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker-entrypoint.sh");
+    let path = format!("{}:/usr/bin:/bin", bin.path().display());
+    let status = Command::new(&script).args(args).env_clear().env("PATH", path).envs(env.iter().copied()).status();
+    assert!(status.expect("run the entrypoint").success());
+    let text = std::fs::read_to_string(&record).expect("record");
+    let chown = text.lines().filter(|l| l.starts_with("chown ")).collect::<Vec<_>>().join(";");
+    let ran = text.lines().find(|l| !l.starts_with("chown ")).expect("sesame ran");
+    let (argv, user) = ran.rsplit_once('|').expect("separator");
+    (argv.to_string(), user.to_string(), chown)
+}
+
+#[test]
+fn the_image_runs_envoy_as_envoy_unless_envoy_uid_is_0() {
+    let default = ["envoy", "-c", "/etc/envoy/envoy.yaml"];
+    let run = "run -- envoy -c /etc/envoy/envoy.yaml";
+    let chown = |user: &str| format!("chown {user} /dev/stdout /dev/stderr");
+    assert_eq!(entrypoint(0, &[], &default), (run.into(), "envoy".into(), chown("envoy")));
+    assert_eq!(entrypoint(0, &[("ENVOY_UID", "0")], &default), (run.into(), String::new(), String::new()));
+    let uid = entrypoint(0, &[("ENVOY_UID", "1234")], &default);
+    assert_eq!(uid, (run.into(), "1234:envoy".into(), chown("1234:envoy")));
+    assert_eq!(entrypoint(0, &[("ENVOY_GID", "5000")], &default).1, "envoy:5000");
+    assert_eq!(entrypoint(0, &[("ENVOY_UID", "1234"), ("ENVOY_GID", "5000")], &default).1, "1234:5000");
+    // Started as another user already (`docker run --user`): nothing to drop.
+    assert_eq!(entrypoint(1000, &[], &default), (run.into(), String::new(), String::new()));
+    // An explicit SESAME_ENVOY_USER wins.
+    assert_eq!(entrypoint(0, &[("SESAME_ENVOY_USER", "nobody")], &default).1, "nobody");
+}
+
+#[test]
+fn the_image_takes_flags_for_envoy_and_loglevel() {
+    let (argv, _, _) = entrypoint(0, &[("loglevel", "debug")], &["-c", "/x.yaml"]);
+    assert_eq!(argv, "run -- envoy -c /x.yaml --log-level debug");
+    // Any other command runs as the user too (as su-exec would), without --log-level.
+    let (argv, user, _) = entrypoint(0, &[("loglevel", "debug")], &["sh", "-c", "true"]);
+    assert_eq!((argv.as_str(), user.as_str()), ("run -- sh -c true", "envoy"));
 }

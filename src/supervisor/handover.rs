@@ -36,7 +36,7 @@ impl<P: Processes> Supervisor<P> {
         }
         let number = self.families;
         let family = self.launch.family(number);
-        let admin_socket = envoy.runtime_dir.join(format!("envoy-admin.family-{number}.sock"));
+        let admin_socket = envoy.envoy_dir.join(format!("envoy-admin.family-{number}.sock"));
         forget_files(&family, &admin_socket);
         let argv = match self.launch.handover_argv(&family, &admin_socket) {
             Ok(argv) => argv,

@@ -182,7 +182,7 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
             return 1;
         }
     };
-    let processes = System { mode, first_child: None, terminal_child: None };
+    let processes = System { mode, first_child: None, terminal_child: None, user: launch.user.clone() };
     let mut supervisor = match Supervisor::start(launch, settings, processes, events_tx, metrics, Notifier::from_env())
     {
         Ok(supervisor) => supervisor,

@@ -102,13 +102,14 @@ impl<P: Processes> Supervisor<P> {
     fn spawn_preflight(&mut self, cold: bool) -> Generation {
         let command = self.launch.command.clone();
         let expiry_warn = self.settings.cert_expiry_warn;
+        let user = self.launch.user.clone();
         let attempt = self.next_generation();
         let events = self.events.clone();
         // A new family binds every listener beside the serving one: what only the serving epochs
         // may hold is found first.
         let ours: Option<Vec<i32>> = cold.then(|| self.epochs.iter().map(|e| e.pid.as_raw()).collect());
         tokio::task::spawn_blocking(move || {
-            let result = reload::preflight(&command, expiry_warn, ours.as_deref());
+            let result = reload::preflight(&command, expiry_warn, ours.as_deref(), user.as_ref());
             let _ = events.send(Event::Preflight { attempt, result });
         });
         attempt

@@ -114,7 +114,7 @@ fn launch(dir: &std::path::Path, envoy: bool) -> Launch {
     std::fs::write(dir.join("envoy-base-id"), "7\n").expect("base id");
     let command: Vec<OsString> = vec!["envoy".into(), "-c".into(), bootstrap.into()];
     if !envoy {
-        return Launch { command: vec!["sleep".into(), "1000".into()], envoy: None };
+        return Launch { command: vec!["sleep".into(), "1000".into()], envoy: None, user: None };
     }
     let flags =
         EnvoyFlags { drain_time_s: 30, drain_strategy: "immediate", parent_shutdown_time_s: 45, concurrency: None };
@@ -125,10 +125,11 @@ fn launch(dir: &std::path::Path, envoy: bool) -> Launch {
         flags,
         parent_shutdown_time: PARENT_SHUTDOWN,
         runtime_dir: dir.to_path_buf(),
+        envoy_dir: dir.to_path_buf(),
         drained_listeners: Listeners::All,
         stats_flush_interval: Duration::from_secs(5),
     };
-    Launch { command, envoy: Some(envoy) }
+    Launch { command, envoy: Some(envoy), user: None }
 }
 
 fn settings(dir: &std::path::Path) -> Settings {
@@ -139,6 +140,8 @@ fn settings(dir: &std::path::Path) -> Settings {
             healthcheck_fail: true,
             inbound_only: false,
             counted: Listeners::All,
+            keep_listening: true,
+            ignore: Vec::new(),
             poll: Duration::from_millis(100),
             connections: 0,
             min: Duration::ZERO,

@@ -1,0 +1,143 @@
+//! `--envoy-user`: the real Envoy runs unprivileged (uid, gid and groups read from /proc) across
+//! hot restarts, a certificate rotation and the drain, while sesame stays root; a key that user
+//! cannot read is refused by name and the serving epoch keeps serving.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::tls::{HttpsClient, certificate, replace_file, tls_bootstrap};
+use common::{Launcher, Mode, free_port, wait_for};
+use nix::sys::signal::Signal;
+
+/// `nobody`, which Debian, Ubuntu and Alpine all have with uid 65534.
+const USER: &str = "nobody";
+const UID: u32 = 65534;
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// `Uid:`, `Gid:` (real, effective, saved, filesystem) and `Groups:` of a process.
+fn credentials(pid: u64) -> (String, String, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let field = |name: &str| {
+        let line = status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default();
+        line.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    (field("Uid:"), field("Gid:"), field("Groups:"))
+}
+
+struct Unprivileged {
+    launcher: Launcher,
+    port: u16,
+    dir: tempfile::TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Unprivileged {
+    fn start() -> Unprivileged {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Envoy binds its admin socket here: the directory is the user's, as /etc/envoy would be
+        // readable and an admin socket directory writable in an image.
+        std::os::unix::fs::chown(dir.path(), Some(UID), Some(UID)).expect("chown");
+        chmod(dir.path(), 0o755);
+        let (cert_pem, key_pem) = certificate(1);
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, cert_pem).expect("cert");
+        std::fs::write(&key, key_pem).expect("key");
+        chmod(&key, 0o644);
+        let port = free_port();
+        let bootstrap = dir.path().join("envoy.yaml");
+        std::fs::write(&bootstrap, tls_bootstrap(dir.path(), port, &cert, &key, None)).expect("bootstrap");
+        let envoy = common::envoy_bin().to_string_lossy().into_owned();
+        let command = [envoy.as_str(), "-c", bootstrap.to_str().expect("utf-8"), "--concurrency", "1"];
+        let options = ["--envoy-user", USER, "--envoy-drain-time", "2s", "--envoy-parent-shutdown-time", "3s"];
+        let launcher = Launcher::start_with(Mode::Plain, &options, &command, |cmd| {
+            // The launcher's temporary directory holds the runtime directory: the user must be
+            // able to pass through it, as through /run.
+            let args: Vec<_> = cmd.get_args().collect();
+            let at = args.iter().position(|a| *a == "--runtime-dir").expect("--runtime-dir");
+            chmod(Path::new(args[at + 1]).parent().expect("parent"), 0o711);
+        });
+        let admin = dir.path().join("admin.sock");
+        wait_for(Duration::from_secs(30), "Envoy to be ready", || common::admin_get(&admin, "/ready") == Some(200));
+        Unprivileged { launcher, port, dir, cert, key }
+    }
+
+    fn serial(&self) -> u64 {
+        let (status, serial) = HttpsClient::new(self.port, false).get().expect("https request");
+        assert_eq!(status, 200);
+        serial
+    }
+
+    /// The current epoch's pid once epoch `epoch` serves and no reload is under way.
+    fn epoch_pid(&self, epoch: u64) -> u64 {
+        let status = self.launcher.wait_for_status(&format!("epoch {epoch} to serve"), |s| {
+            s["current_epoch"] == epoch && s["reload"].is_null()
+        });
+        let epochs = status["epochs"].as_array().expect("epochs");
+        let current = epochs.iter().find(|e| e["epoch"] == epoch).unwrap_or_else(|| panic!("epoch {epoch}: {status}"));
+        current["pid"].as_u64().expect("pid")
+    }
+
+    fn assert_unprivileged(&self, epoch: u64) {
+        let pid = self.epoch_pid(epoch);
+        let ids = format!("{UID} {UID} {UID} {UID}");
+        assert_eq!(credentials(pid), (ids.clone(), ids, UID.to_string()), "epoch {epoch} (pid {pid})");
+    }
+}
+
+#[test]
+fn envoy_runs_as_the_user_through_hot_restarts_a_rotation_and_the_drain() {
+    let envoy = Unprivileged::start();
+    envoy.assert_unprivileged(0);
+    assert_eq!(credentials(envoy.launcher.pid() as u64).0, "0 0 0 0", "sesame stays root");
+    // What Envoy writes is in a directory of its own; what only sesame uses stays root's.
+    let run = envoy.launcher.runtime_dir();
+    let meta = |p: &Path| std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(p).expect("metadata"));
+    assert_eq!(meta(&run.join("envoy")), UID);
+    assert!(!run.join("envoy-base-id").exists(), "nothing of Envoy's beside sesame's own files");
+    assert_eq!(meta(&run.join("envoy/envoy-base-id")), UID, "Envoy wrote its base id itself");
+    assert_eq!(meta(&run.join("control.sock")), 0);
+
+    envoy.launcher.signal(Signal::SIGHUP);
+    envoy.assert_unprivileged(1);
+
+    let (cert_pem, key_pem) = certificate(2);
+    replace_file(&envoy.cert, &cert_pem);
+    replace_file(&envoy.key, &key_pem);
+    envoy.assert_unprivileged(2);
+    assert_eq!(envoy.serial(), 2, "the rotated certificate is served");
+
+    envoy.launcher.wait_for_status("the old epoch to exit", |s| s["epochs"].as_array().is_some_and(|e| e.len() == 1));
+    let mut launcher = envoy.launcher;
+    launcher.signal(Signal::SIGTERM);
+    assert_eq!(launcher.exit_code(Duration::from_secs(30)), 0, "log:\n{}", launcher.log());
+    assert!(launcher.log().contains("connections reached the threshold"), "log:\n{}", launcher.log());
+    drop(envoy.dir);
+}
+
+#[test]
+fn a_key_the_user_cannot_read_is_refused_by_name_and_the_old_epoch_serves() {
+    let envoy = Unprivileged::start();
+    let (cert_pem, key_pem) = certificate(2);
+    // Written private to root, as `install -m 600` would, and only then moved into place.
+    let tmp = envoy.dir.path().join("key.tmp");
+    std::fs::write(&tmp, key_pem).expect("key");
+    chmod(&tmp, 0o600);
+    replace_file(&envoy.cert, &cert_pem);
+    std::fs::rename(&tmp, &envoy.key).expect("rename");
+    let status = envoy.launcher.wait_for_status("a refused reload", |s| s["last_reload"]["result"] == "refused");
+    let detail = status["last_reload"]["detail"].as_str().unwrap_or_default();
+    let expected = format!(
+        "private key {} is not readable by the Envoy user nobody (uid {UID}, gid {UID}) (mode 0600, owner 0:0)",
+        envoy.key.display()
+    );
+    assert_eq!(detail, expected);
+    assert_eq!(envoy.serial(), 1, "the serving epoch keeps its certificate");
+    envoy.assert_unprivileged(0);
+}
