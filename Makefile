@@ -48,7 +48,7 @@ test: envoy envoy-previous
 	ENVOY_BIN=$(ENVOY_BIN) ENVOY_PREVIOUS_BIN=$(ENVOY_PREVIOUS_BIN) $(CARGO) test --no-fail-fast
 
 # Figures, not pass/fail: markdown tables on stdout, raw JSON under target/bench/, SVG charts in
-# images/. Compares with tini and dumb-init (Debian packages, installed when missing).
+# images/. Compares with tini, dumb-init and catatonit (Debian packages, installed when missing).
 # `make bench QUICK=1`: one run per figure, about a minute.
 bench: envoy peers
 	SESAME_BENCH_QUICK=$(QUICK) ENVOY_BIN=$(ENVOY_BIN) $(CARGO) bench \
@@ -56,8 +56,8 @@ bench: envoy peers
 	$(CARGO) bench --bench charts
 
 peers:
-	@command -v tini >/dev/null && command -v dumb-init >/dev/null || \
-		{ apt-get update -qq && apt-get install -y -qq tini dumb-init; }
+	@command -v tini >/dev/null && command -v dumb-init >/dev/null && command -v catatonit >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq tini dumb-init catatonit; }
 
 lint:
 	$(CARGO) fmt --check

@@ -1,6 +1,6 @@
 //! The cost of the init itself, with Envoy running under it: the init's resident memory, how often
 //! it wakes up while nothing happens, and the time from start to Envoy LIVE; sesame against tini,
-//! dumb-init and Envoy alone, each as PID 1 of a PID namespace. Run with `make bench`.
+//! dumb-init, catatonit and Envoy alone, each as PID 1 of a PID namespace. Run with `make bench`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -13,7 +13,7 @@ use common::{Launcher, Mode, admin_get, envoy_bin, free_port, proxy_bootstrap};
 use nix::sys::signal::Signal;
 use support::Spread;
 
-const LAUNCHERS: [&str; 4] = ["sesame", "tini", "dumb-init", "envoy alone"];
+const LAUNCHERS: [&str; 5] = ["sesame", "tini", "dumb-init", "catatonit", "envoy alone"];
 
 #[derive(Debug, serde::Serialize)]
 struct Run {
@@ -32,6 +32,9 @@ fn start(launcher: &str, bootstrap: &Path) -> Launcher {
         "sesame" => Launcher::start(Mode::Pid1, &[], &[&envoy, "-c", &bootstrap]),
         "tini" => Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/tini"), &[&["--"], &plain[..]].concat()),
         "dumb-init" => Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/dumb-init"), &plain),
+        "catatonit" => {
+            Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/catatonit"), &[&["--"], &plain[..]].concat())
+        }
         _ => Launcher::start_program(Mode::Pid1, Path::new(&envoy), &plain[1..]),
     }
 }

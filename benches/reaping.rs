@@ -1,5 +1,5 @@
 //! Reaping: the time an init (PID 1 of a PID namespace) takes to reap 10,000 orphans that exit
-//! together; sesame against tini and dumb-init. The orphans come from this same binary run as the
+//! together; sesame against tini, dumb-init and catatonit. The orphans come from this same binary run as the
 //! init's child (`--orphan-helper`), which forks them through a middle process that exits (so the
 //! kernel hands them to the init), releases them at once by closing a pipe, and times until
 //! every one of them is gone from /proc. Run with `make bench`.
@@ -15,7 +15,7 @@ use common::{Launcher, Mode, SESAME};
 use nix::unistd::{ForkResult, fork};
 use support::Spread;
 
-const INITS: [&str; 3] = ["sesame", "tini", "dumb-init"];
+const INITS: [&str; 4] = ["sesame", "tini", "dumb-init", "catatonit"];
 
 #[derive(Debug, serde::Serialize)]
 struct Run {
@@ -95,6 +95,9 @@ fn one_run(init: &'static str, orphans: usize) -> Run {
         }
         "tini" => {
             Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/tini"), &[&["--"], &helper_argv[..]].concat())
+        }
+        "catatonit" => {
+            Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/catatonit"), &[&["--"], &helper_argv[..]].concat())
         }
         _ => Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/dumb-init"), &helper_argv),
     };

@@ -1,5 +1,5 @@
-//! The launcher's Prometheus metrics. Only the supervisor records them (they are atomics); the
-//! control API renders them as text.
+//! The launcher's Prometheus metrics. Only the supervisor records them (they are atomics), except the
+//! orphans reaped, which the reaper counts where SIGCHLD arrives; the control API renders them as text.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -106,6 +106,11 @@ impl Metrics {
 
     pub fn reaped(&self, kind: &str) {
         self.reaped.get_or_create(&KindLabel { kind: kind.into() }).inc();
+    }
+
+    /// The orphans' counter, which the reaper adds to where it reaps them (an atomic, shared).
+    pub fn orphans(&self) -> Counter {
+        self.reaped.get_or_create(&KindLabel { kind: "orphan".into() }).clone()
     }
 
     /// The Prometheus text exposition format.

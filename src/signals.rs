@@ -1,10 +1,15 @@
 //! The signals the launcher catches, and what each one means: the one signal table. The
 //! supervisor asks `intent` and acts on the answer; nothing else interprets a signal number.
 
-use futures_util::StreamExt;
-use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
-use signal_hook::consts::signal::*;
-use signal_hook_tokio::Signals;
+use std::io::Read;
+use std::os::fd::FromRawFd;
+
+use libc::{
+    SIGABRT, SIGBUS, SIGCHLD, SIGCONT, SIGFPE, SIGHUP, SIGILL, SIGINT, SIGKILL, SIGPIPE, SIGSEGV, SIGSTOP, SIGSYS,
+    SIGTERM, SIGTRAP, SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1,
+};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 /// Never caught, as in tini: the synchronous signals (a fault in the launcher itself must not be
 /// forwarded as if it were a request), SIGKILL/SIGSTOP (impossible), SIGTTIN/SIGTTOU (ignored, see
@@ -13,8 +18,8 @@ use signal_hook_tokio::Signals;
 const NOT_CAUGHT: &[i32] =
     &[SIGKILL, SIGSTOP, SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGSEGV, SIGSYS, SIGTTIN, SIGTTOU, SIGPIPE];
 
-/// Every signal number the launcher installs a handler for: SIGCHLD (to reap) and every other
-/// catchable signal, real-time ones included (to forward or to act on).
+/// Every signal number the launcher takes: SIGCHLD (to reap) and every other catchable signal,
+/// real-time ones included (to forward or to act on).
 pub fn caught() -> Vec<i32> {
     (1..=libc::SIGRTMAX())
         .filter(|sig| !NOT_CAUGHT.contains(sig))
@@ -23,32 +28,72 @@ pub fn caught() -> Vec<i32> {
         .collect()
 }
 
-/// Blocks every signal the launcher will catch, until `pump_into` takes them: one sent during
-/// start-up (while the demo certificate is generated, say) waits instead of killing the launcher,
-/// or being dropped, as it would be for PID 1 without a handler.
-pub fn hold() {
+fn caught_set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset fill a local sigset_t (real-time signals included, which nix's
-    // `Signal` cannot name); pthread_sigmask only reads it.
+    // `Signal` cannot name).
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for sig in caught() {
             libc::sigaddset(&mut set, sig);
         }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
     }
 }
 
-/// Installs the handlers (so that nothing sent before the child starts is lost), then unblocks
-/// every signal, held or inherited from the parent (a blocked SIGCHLD would leave zombies for
-/// ever), and hands each caught signal to `deliver`, from a task of its own, until it returns false.
-pub fn listen(mut deliver: impl FnMut(i32) -> bool + Send + 'static) -> std::io::Result<()> {
-    let mut signals = Signals::new(caught())?;
-    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+/// Blocks every signal the launcher will take, for good: from the first line of `main`, so that
+/// one sent during start-up (while the demo certificate is generated, say) waits instead of
+/// killing the launcher, or being dropped, as it would be for PID 1 without a handler. Every thread
+/// started later inherits the mask, so the signals stay pending for `listen`'s signalfd.
+pub fn hold() {
+    let set = caught_set();
+    // SAFETY: pthread_sigmask only reads the set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Takes the held signals through a signalfd (no handler: signals that arrive while the launcher is
+/// busy wait as one pending signal each, as under tini's sigtimedwait), and sets the mask to
+/// exactly them: a signal blocked by the parent but not taken here is unblocked. SIGCHLD is
+/// handled where it arrives: `reap` reaps, and the signal reaches `deliver` only when `reap` says
+/// the supervisor has something to hear. Every other signal goes to `deliver`, from a task of its
+/// own, until it returns false.
+pub fn listen(
+    mut reap: impl FnMut() -> bool + Send + 'static,
+    mut deliver: impl FnMut(i32) -> bool + Send + 'static,
+) -> std::io::Result<()> {
+    let set = caught_set();
+    // SAFETY: signalfd(2) with -1 makes a new descriptor for the signals of a filled set.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by signalfd and is owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    // SAFETY: pthread_sigmask only reads the set.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) };
+    // SAFETY: the File owns the descriptor and lives, unchanged, inside the AsyncFd.
+    let signals = unsafe { AsyncFd::register_with_interest(file, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
     tokio::spawn(async move {
-        while let Some(sig) = signals.next().await {
-            if !deliver(sig) {
-                break;
+        // signalfd_siginfo records are 128 bytes; the signal number is their first u32.
+        let mut buffer = [0u8; 128 * 64];
+        loop {
+            let Ok(mut ready) = signals.readable().await else { return };
+            let read = match ready.try_io(|file| file.get_ref().read(&mut buffer)) {
+                Ok(Ok(read)) => read,
+                Ok(Err(e)) => {
+                    tracing::error!("cannot read the signals: {e}");
+                    return;
+                }
+                Err(_would_block) => continue,
+            };
+            for record in buffer[..read].chunks_exact(128) {
+                let sig = i32::from_ne_bytes([record[0], record[1], record[2], record[3]]);
+                if sig == SIGCHLD && !reap() {
+                    continue;
+                }
+                if !deliver(sig) {
+                    return;
+                }
             }
         }
     });
@@ -107,6 +152,7 @@ pub fn intent(sig: i32, running: Running) -> Intent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libc::{SIGALRM, SIGQUIT, SIGUSR2, SIGWINCH};
 
     #[test]
     fn catches_what_an_init_must_forward_and_nothing_it_must_not() {

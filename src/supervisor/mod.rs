@@ -169,11 +169,16 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let signal_events = events_tx.clone();
-    if let Err(e) = signals::listen(move |sig| signal_events.send(Event::Signal(sig)).is_ok()) {
-        tracing::error!("cannot install signal handlers: {e}");
+    let metrics = Arc::new(Metrics::new());
+    let orphans = metrics.orphans();
+    let reaper = process::Reaper::new(move |count| {
+        orphans.inc_by(count);
+    });
+    let reaping = reaper.clone();
+    if let Err(e) = signals::listen(move || reaping.reap(), move |sig| signal_events.send(Event::Signal(sig)).is_ok()) {
+        tracing::error!("cannot take signals: {e}");
         return 1;
     }
-    let metrics = Arc::new(Metrics::new());
     let control_events = events_tx.clone();
     let ask: control::Ask = Arc::new(move |request| control_events.send(Event::Control(request)).is_ok());
     let control_socket = match control::start(&settings.control, ask, metrics.clone()).await {
@@ -183,7 +188,7 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
             return 1;
         }
     };
-    let processes = System { mode, first_child: None, terminal_child: None, user: launch.user.clone() };
+    let processes = System { mode, first_child: None, terminal_child: None, user: launch.user.clone(), reaper };
     let mut supervisor = match Supervisor::start(launch, settings, processes, events_tx, metrics, Notifier::from_env())
     {
         Ok(supervisor) => supervisor,

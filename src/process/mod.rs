@@ -10,8 +10,11 @@ use std::process::Command;
 
 use nix::errno::Errno;
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+
+mod reap;
+
+pub use reap::{Reaped, Reaper};
 
 use crate::user::EnvoyUser;
 
@@ -199,41 +202,6 @@ fn send(pid: Pid, sig: i32) -> nix::Result<()> {
     }
 }
 
-/// What one pass of the reaper found.
-#[derive(Debug, Default)]
-pub struct Reaped {
-    pub exits: Vec<(Pid, Exit)>,
-    /// Children that stopped, with the signal that stopped them (job control: Ctrl-Z).
-    pub stopped: Vec<(Pid, i32)>,
-    /// waitpid answered ECHILD: the launcher has no child left at all.
-    pub no_children: bool,
-}
-
-/// Reaps every exited child, known or adopted, without blocking; also reports children that stopped.
-fn reap_all() -> Reaped {
-    let mut reaped = Reaped::default();
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED)) {
-            Ok(WaitStatus::Exited(pid, code)) => reaped.exits.push((pid, Exit::Code(code))),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => reaped.exits.push((pid, Exit::Signal(sig as i32))),
-            Ok(WaitStatus::Stopped(pid, sig)) => reaped.stopped.push((pid, sig as i32)),
-            Ok(WaitStatus::StillAlive) => return reaped,
-            // Continues are not asked for (no WCONTINUED); keep draining.
-            Ok(_) => {}
-            // EINTR: a signal landed mid-call; the next iteration simply asks again.
-            Err(Errno::EINTR) => {}
-            Err(Errno::ECHILD) => {
-                reaped.no_children = true;
-                return reaped;
-            }
-            Err(e) => {
-                tracing::warn!("waitpid failed: {e}");
-                return reaped;
-            }
-        }
-    }
-}
-
 /// The process layer as the supervisor sees it: spawning, signalling, reaping. The supervisor owns
 /// one and never calls the OS for processes directly, so that its state machine can be driven by
 /// unit tests with a fake one.
@@ -241,6 +209,8 @@ pub trait Processes {
     fn spawn(&mut self, argv: &[OsString], foreground: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError>;
     /// Sends `sig` to one process; logs (never fails) when it cannot.
     fn signal(&mut self, pid: Pid, sig: i32);
+    /// What the children the launcher started did since the last call (exited, stopped), and
+    /// whether any child is left; orphans are reaped and counted, not returned.
     fn reap(&mut self) -> Reaped;
     /// Sends `sig` to every descendant still alive (the processes a child left behind).
     fn signal_descendants(&mut self, sig: Signal);
@@ -263,12 +233,17 @@ pub struct System {
     /// Every child runs as this user (`--envoy-user`): Envoy's epochs, its validator and checker,
     /// or the plain command, as su-exec would run it.
     pub user: Option<EnvoyUser>,
+    /// Shared with the signal listener, which reaps where SIGCHLD arrives.
+    pub reaper: Reaper,
 }
 
 impl Processes for System {
     fn spawn(&mut self, argv: &[OsString], foreground: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError> {
         let take_terminal = foreground && owns_terminal();
         let pid = spawn(argv, take_terminal, output, self.user.as_ref())?;
+        // Known before anything can reap it: the signal listener runs on this same thread, and not
+        // until the supervisor's handler that spawned returns.
+        self.reaper.know(pid);
         self.first_child.get_or_insert(pid);
         if take_terminal {
             self.terminal_child = Some(pid);
@@ -284,7 +259,7 @@ impl Processes for System {
     }
 
     fn reap(&mut self) -> Reaped {
-        reap_all()
+        self.reaper.take()
     }
 
     fn signal_descendants(&mut self, sig: Signal) {
@@ -417,6 +392,7 @@ fn descendants() -> Option<Vec<(i32, i32)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::wait::{WaitStatus, waitpid};
 
     #[test]
     fn exit_statuses_follow_the_shell_convention() {
