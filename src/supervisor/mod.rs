@@ -296,9 +296,14 @@ impl<P: Processes> Supervisor<P> {
 
     /// Handles one event; returns the current epoch's exit once there is one.
     fn handle(&mut self, event: Event) -> Option<Exit> {
+        let live = matches!(event, Event::EpochLive { result: Ok(_), .. });
         let exit = self.handle_event(event);
         let older = self.epochs.older().is_some();
         self.older_alive.send_if_modified(|alive| std::mem::replace(alive, older) != older);
+        if live {
+            // Start-up or a reload is over: what it touched is not needed while Envoy serves.
+            crate::memory::give_back_idle_pages();
+        }
         exit
     }
 

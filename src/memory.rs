@@ -1,0 +1,78 @@
+//! An idle launcher's memory. Start-up (argument parsing, the bootstrap, the runtime, TLS for the
+//! control API) faults in most of the binary's code, and the kernel maps each page with up to 64 KiB
+//! of its neighbours; none of it runs again while Envoy serves and nothing happens. Once an epoch
+//! is LIVE, the read-only file mappings are dropped from the launcher's page tables (their pages
+//! stay in the page cache, shared, and come back from the file when next touched) and free heap
+//! memory goes back to the kernel. Idle VmRSS is then mostly what the launcher really holds.
+
+use std::ffi::c_void;
+
+/// Gives back the pages of code and constants that start-up touched, and the free heap.
+pub fn give_back_idle_pages() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory of the heap to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else { return };
+    for (start, end) in unwritten_code(&smaps) {
+        // SAFETY: madvise(MADV_DONTNEED) on a private file mapping whose pages were never written
+        // (no anonymous copy) only removes our page table entries: each page is read again from
+        // the file when touched.
+        unsafe {
+            libc::madvise(start as *mut c_void, end - start, libc::MADV_DONTNEED);
+        }
+    }
+}
+
+/// The read-only file mappings (code `r-xp`, constants `r--p`, of a path) none of whose pages was
+/// copied on write (relocations that were then made read-only, RELRO, or a text relocation, would
+/// have): only those can be dropped without losing anything.
+fn unwritten_code(smaps: &str) -> Vec<(usize, usize)> {
+    let mut found = Vec::new();
+    let mut mapping: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16))
+        {
+            let perms = fields.next();
+            let path = fields.nth(3);
+            let read_only = matches!(perms, Some("r-xp" | "r--p"));
+            let code = read_only && path.is_some_and(|p| p.starts_with('/'));
+            mapping = code.then_some((start, end));
+        } else if first == "Anonymous:"
+            && let Some(range) = mapping.take()
+            && fields.next() == Some("0")
+        {
+            found.push(range);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unwritten_code_of_a_file() {
+        let smaps = "\
+5555000-5556000 r--p 00000000 08:01 12 /usr/bin/sesame
+Rss:                   4 kB
+Anonymous:             0 kB
+5555800-5555900 r--p 00000000 08:01 12 /usr/bin/sesame
+Anonymous:             4 kB
+5556000-5558000 r-xp 00001000 08:01 12 /usr/bin/sesame
+Anonymous:             0 kB
+7f00000-7f01000 r-xp 00000000 08:01 13 /usr/lib/libtextrel.so
+Anonymous:             4 kB
+7ff0000-7ff1000 r-xp 00000000 00:00 0 [vdso]
+Anonymous:             0 kB
+7ff2000-7ff3000 rw-p 00000000 00:00 0
+Anonymous:             4 kB
+";
+        assert_eq!(unwritten_code(smaps), vec![(0x5555000, 0x5556000), (0x5556000, 0x5558000)]);
+    }
+}
