@@ -24,10 +24,21 @@ struct Run {
     wakeups_per_minute: Option<f64>,
 }
 
+/// The flags sesame gives epoch 0 (hot restart on, its drain times): every launcher runs Envoy with
+/// them, so that start to LIVE compares the inits and not two ways of starting Envoy.
+fn sesame_flags(dir: &Path) -> Vec<String> {
+    let base_id = dir.join("envoy-base-id").to_string_lossy().into_owned();
+    let flags = ["--drain-time-s", "30", "--drain-strategy", "immediate", "--parent-shutdown-time-s", "45"];
+    let hot_restart = ["--restart-epoch", "0", "--use-dynamic-base-id", "--base-id-path", &base_id];
+    flags.iter().chain(hot_restart.iter()).map(|f| f.to_string()).collect()
+}
+
 fn start(launcher: &str, bootstrap: &Path) -> Launcher {
     let envoy = envoy_bin().to_string_lossy().into_owned();
+    let flags = sesame_flags(bootstrap.parent().expect("bootstrap dir"));
     let bootstrap = bootstrap.to_string_lossy().into_owned();
-    let plain = [envoy.as_str(), "-c", &bootstrap, "--disable-hot-restart"];
+    let plain: Vec<&str> =
+        [envoy.as_str(), "-c", &bootstrap].into_iter().chain(flags.iter().map(String::as_str)).collect();
     match launcher {
         "sesame" => Launcher::start(Mode::Pid1, &[], &[&envoy, "-c", &bootstrap]),
         "tini" => Launcher::start_program(Mode::Pid1, Path::new("/usr/bin/tini"), &[&["--"], &plain[..]].concat()),
@@ -84,11 +95,40 @@ fn one_round(idle: Duration) -> Vec<Run> {
         runs[*i].wakeups_per_minute = Some((context_switches(*pid) - before) as f64 / minutes);
         runs[*i].rss_kib = Some(status_field(*pid, "VmRSS:"));
     }
-    for (_, mut process, _) in running {
+    for (launcher, mut process, dir) in running {
         process.signal(Signal::SIGTERM);
         process.wait(Duration::from_secs(30));
+        // sesame removes Envoy's hot-restart shared memory when it exits; without it, the bench does.
+        let base_id = std::fs::read_to_string(dir.path().join("envoy-base-id")).ok();
+        if let Some(id) = base_id.and_then(|id| id.trim().parse::<u64>().ok()).filter(|_| launcher != "sesame") {
+            let _ = std::fs::remove_file(format!("/dev/shm/envoy_shared_memory_{}", id * 10));
+        }
     }
     runs
+}
+
+/// sesame's own start: from its spawn to Envoy's (the log line that says Envoy was started, whose
+/// UTC timestamp is compared with the time of day just before the spawn), as a plain process.
+fn own_start_ms() -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bootstrap = proxy_bootstrap(dir.path(), free_port(), free_port()).to_string_lossy().into_owned();
+    let envoy = envoy_bin().to_string_lossy().into_owned();
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
+    let mut process = Launcher::start(Mode::Plain, &[], &[&envoy, "-c", &bootstrap]);
+    let mut line = None;
+    while line.is_none() {
+        assert!(process.started.elapsed() < Duration::from_secs(30), "no 'started' line:\n{}", process.log());
+        line = process.log().lines().find(|l| l.contains(" started ")).map(str::to_string);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    process.signal(Signal::SIGTERM);
+    process.wait(Duration::from_secs(30));
+    // "2026-11-27T22:27:21.990323Z  INFO started ...": the time of day, UTC.
+    let line = line.expect("line");
+    let clock: Vec<f64> = line[11..26].split(':').map(|f| f.parse().expect("timestamp")).collect();
+    let spawned = clock[0] * 3600.0 + clock[1] * 60.0 + clock[2];
+    let spawn = (before.as_secs() % 86_400) as f64 + f64::from(before.subsec_nanos()) / 1e9;
+    (spawned - spawn).rem_euclid(86_400.0) * 1000.0
 }
 
 fn main() {
@@ -98,7 +138,9 @@ fn main() {
     let rounds = support::runs();
     let idle = if support::quick() { Duration::from_secs(5) } else { Duration::from_secs(15) };
     let all: Vec<Run> = (0..rounds).flat_map(|_| one_round(idle)).collect();
+    let own_start: Vec<f64> = (0..rounds).map(|_| own_start_ms()).collect();
     println!("## Init overhead with Envoy running ({rounds} runs, idle window {idle:?}, init as PID 1)\n");
+    println!("Every init runs Envoy with the flags sesame gives it (hot restart on).\n");
     println!("| init | idle RSS, KiB | wake-ups per minute while idle | start → Envoy LIVE, ms | vs Envoy alone |");
     println!("|---|---|---|---|---|");
     let spread = |launcher: &str, f: &dyn Fn(&Run) -> Option<f64>| {
@@ -120,6 +162,8 @@ fn main() {
         let show = |s: Option<Spread>| s.map_or_else(|| "— (Envoy is PID 1)".to_string(), |s| s.to_string());
         println!("| {launcher} | {} | {} | {live} | {:.2}× |", show(rss), show(wakeups), Spread::of(&ratios).median);
     }
+    println!("\n| sesame's own start: spawned → Envoy spawned, ms |\n|---|\n| {} |", Spread::of(&own_start));
     let path = support::write_json("overhead", &all);
+    support::write_json("own-start", &own_start);
     println!("\nraw figures: {}", path.display());
 }

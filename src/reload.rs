@@ -203,8 +203,12 @@ fn last_error_line(text: &str) -> String {
     line.rsplit_once("] ").map_or(line, |(_, message)| message).to_string()
 }
 
-/// How often a starting epoch's admin is asked whether it is LIVE.
+/// How often a starting epoch's admin is asked whether it is LIVE: often while a start usually
+/// ends (Envoy on a plain bootstrap is LIVE within 50-100 ms, and each poll's wait is added to the
+/// start and to every reload), then less, for an epoch that waits on xDS.
+const LIVE_POLL_FAST: Duration = Duration::from_millis(5);
 const LIVE_POLL: Duration = Duration::from_millis(50);
+const LIVE_POLL_FAST_FOR: Duration = Duration::from_secs(2);
 
 /// Polls the admin until it answers as `epoch` in state LIVE, or `timeout` passes (None: no limit).
 /// Polls `address` until it answers as `epoch` of `family` in state LIVE, or `timeout` passes
@@ -218,6 +222,7 @@ pub async fn await_live(
     // Also ends when a later epoch holds the admin: this one will never answer there again, and a
     // poll that never ends would wake the launcher 20 times a second for good.
     let last_state = std::sync::Mutex::new(None::<String>);
+    let started = tokio::time::Instant::now();
     let poll = async {
         loop {
             // An admin on port 0 is found once Envoy has written its address; an Envoy of another
@@ -243,7 +248,8 @@ pub async fn await_live(
                     ));
                 }
             }
-            tokio::time::sleep(LIVE_POLL).await;
+            let every = if started.elapsed() < LIVE_POLL_FAST_FOR { LIVE_POLL_FAST } else { LIVE_POLL };
+            tokio::time::sleep(every).await;
         }
     };
     let Some(timeout) = timeout else { return poll.await };
