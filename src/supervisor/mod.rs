@@ -4,8 +4,10 @@
 //! the supervisor wraps into its own private events.
 //!
 //! Theory of operation (docs/ARCHITECTURE.md has the whole of it):
-//! - SIGCHLD reaps every exited process: an epoch of Envoy, the validator, or an orphan the kernel
-//!   handed to us. Only the exit of the *current* epoch (the one serving) ends the launcher.
+//! - SIGCHLD: the signal listener reaps every exited process where the signal arrives; orphans the
+//!   kernel handed to us are counted there, and only the exits of our own children (an epoch of
+//!   Envoy, the validator, the version checker) reach the supervisor. Only the exit of the
+//!   *current* epoch (the one serving) ends the launcher.
 //! - SIGTERM/SIGINT to an Envoy start a graceful drain (`shutdown`); then the newest epoch gets
 //!   SIGTERM, and SIGKILL after the kill timeout.
 //! - SIGHUP, a changed file or `/reload` start a reload (`reload`): certificate checks, `envoy
