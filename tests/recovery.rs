@@ -265,6 +265,37 @@ fn a_cold_reload_by_hand_answers_every_request_in_flight() {
     assert_eq!(launcher.exit_code(Duration::from_secs(60)), 0, "{}", launcher.log());
 }
 
+/// SIGTERM while the old family drains in a cold handover: its requests in flight are answered
+/// (it finishes its drain), then the new family drains, and the launcher exits 0.
+#[test]
+fn a_stop_while_the_old_family_drains_answers_every_request_in_flight() {
+    let _alone = ONE_LOAD_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = common::Upstream::start(Duration::from_secs(2));
+    let port = free_port();
+    let bootstrap = common::proxy_bootstrap(dir.path(), port, upstream.port);
+    let mut launcher = Launcher::start_envoy(Mode::Pid1, OPTIONS, &bootstrap);
+    launcher.wait_for_status("epoch 0 LIVE", |s| s["ready"] == true);
+    let in_flight: Vec<_> = (0..20).map(|_| std::thread::spawn(move || common::client::request(port, "/"))).collect();
+    wait_for(Duration::from_secs(10), "20 requests in flight", || upstream.arrived() >= 20);
+    let mut client = std::process::Command::new(common::SESAME)
+        .args(["reload", "--cold", "--runtime-dir"])
+        .arg(launcher.runtime_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sesame reload --cold");
+    launcher.wait_for_log("the old family drains now");
+    launcher.signal(Signal::SIGTERM);
+    let answers: Vec<_> = in_flight.into_iter().map(|t| t.join().expect("request")).collect();
+    let code = launcher.exit_code(Duration::from_secs(60));
+    let _ = client.wait();
+    let log = launcher.log();
+    assert!(answers.iter().all(|a| *a == Ok(200)), "{answers:?}\n{log}");
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("the old Envoy family drains first"), "{log}");
+}
+
 /// (5) The Envoy binary is upgraded under load, from the previous release to the pinned one (both
 /// report hot restart version 11.104): an ordinary hot restart, no failed request. Then a binary
 /// that reports another version: a cold handover, no failed request.

@@ -196,6 +196,7 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
     supervisor.stop_leftovers(&mut events).await;
     control_socket.remove();
     supervisor.remove_shared_memory();
+    supervisor.remove_family_files();
     exit.status_code()
 }
 
