@@ -236,19 +236,35 @@ fn a_taken_port_is_reported_and_the_handover_succeeds_once_it_is_free() {
     outcome.assert_none_failed(200, &log);
 }
 
+/// Envoy proxying to an upstream that answers after 2 s, with 20 requests in flight.
+struct InFlight {
+    launcher: Launcher,
+    port: u16,
+    requests: Vec<std::thread::JoinHandle<Result<u16, String>>>,
+    _upstream: common::Upstream,
+    _dir: tempfile::TempDir,
+}
+
+impl InFlight {
+    fn start() -> InFlight {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let upstream = common::Upstream::start(Duration::from_secs(2));
+        let port = free_port();
+        let bootstrap = common::proxy_bootstrap(dir.path(), port, upstream.port);
+        let launcher = Launcher::start_envoy(Mode::Pid1, OPTIONS, &bootstrap);
+        launcher.wait_for_status("epoch 0 LIVE", |s| s["ready"] == true);
+        let requests = (0..20).map(|_| std::thread::spawn(move || common::client::request(port, "/"))).collect();
+        wait_for(Duration::from_secs(10), "20 requests in flight", || upstream.arrived() >= 20);
+        InFlight { launcher, port, requests, _upstream: upstream, _dir: dir }
+    }
+}
+
 /// (4) `sesame reload --cold` with 20 requests in flight (an upstream that answers after 2 s):
 /// all are answered, and the client's exit says the handover is done.
 #[test]
 fn a_cold_reload_by_hand_answers_every_request_in_flight() {
     let _alone = ONE_LOAD_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let upstream = common::Upstream::start(Duration::from_secs(2));
-    let port = free_port();
-    let bootstrap = common::proxy_bootstrap(dir.path(), port, upstream.port);
-    let mut launcher = Launcher::start_envoy(Mode::Pid1, OPTIONS, &bootstrap);
-    launcher.wait_for_status("epoch 0 LIVE", |s| s["ready"] == true);
-    let in_flight: Vec<_> = (0..20).map(|_| std::thread::spawn(move || common::client::request(port, "/"))).collect();
-    wait_for(Duration::from_secs(10), "20 requests in flight", || upstream.arrived() >= 20);
+    let InFlight { mut launcher, port, requests: in_flight, _upstream, _dir } = InFlight::start();
     let client = std::process::Command::new(common::SESAME)
         .args(["reload", "--cold", "--runtime-dir"])
         .arg(launcher.runtime_dir())
@@ -270,14 +286,7 @@ fn a_cold_reload_by_hand_answers_every_request_in_flight() {
 #[test]
 fn a_stop_while_the_old_family_drains_answers_every_request_in_flight() {
     let _alone = ONE_LOAD_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let upstream = common::Upstream::start(Duration::from_secs(2));
-    let port = free_port();
-    let bootstrap = common::proxy_bootstrap(dir.path(), port, upstream.port);
-    let mut launcher = Launcher::start_envoy(Mode::Pid1, OPTIONS, &bootstrap);
-    launcher.wait_for_status("epoch 0 LIVE", |s| s["ready"] == true);
-    let in_flight: Vec<_> = (0..20).map(|_| std::thread::spawn(move || common::client::request(port, "/"))).collect();
-    wait_for(Duration::from_secs(10), "20 requests in flight", || upstream.arrived() >= 20);
+    let InFlight { mut launcher, requests: in_flight, _upstream, _dir, .. } = InFlight::start();
     let mut client = std::process::Command::new(common::SESAME)
         .args(["reload", "--cold", "--runtime-dir"])
         .arg(launcher.runtime_dir())

@@ -143,15 +143,9 @@ impl<P: Processes> Supervisor<P> {
 
     /// Runs `envoy --mode validate` on what was checked, as our child, bounded by the reload timeout.
     pub(super) fn spawn_validator(&mut self, attempt: Generation, checked: Checked) {
-        let Some(envoy) = &self.launch.envoy else { return };
         let argv = envoy::validate_command(&self.launch.command);
-        let output = envoy.runtime_dir.join("envoy-validate.log");
-        let file = match std::fs::File::create(&output) {
-            Ok(file) => file,
-            Err(e) => return self.reload_refused(&format!("cannot write {}: {e}", output.display())),
-        };
-        match self.processes.spawn(&argv, false, Some(file)) {
-            Ok(pid) => {
+        match self.spawn_with_output(&argv, "envoy-validate.log") {
+            Ok((pid, output)) => {
                 tracing::debug!("validating: {}", shell_words(&argv));
                 // A validator that hangs must not hold the reload (and its callers) for ever.
                 let deadline = self.schedule(self.settings.reload_timeout);
@@ -159,8 +153,23 @@ impl<P: Processes> Supervisor<P> {
                     busy.step = Step::Validating { pid, output, checked, deadline, killed: false };
                 }
             }
-            Err(e) => self.reload_refused(&e.to_string()),
+            Err(e) => self.reload_refused(&e),
         }
+    }
+
+    /// Spawns a checker (the validator, the version check) with its output in the runtime
+    /// directory's `name`, which is root's: the checker may run as the Envoy user, but its output
+    /// file is created by sesame before.
+    pub(super) fn spawn_with_output(
+        &mut self,
+        argv: &[std::ffi::OsString],
+        name: &str,
+    ) -> Result<(Pid, std::path::PathBuf), String> {
+        let Some(envoy) = &self.launch.envoy else { return Err("not Envoy".into()) };
+        let output = envoy.runtime_dir.join(name);
+        let file = std::fs::File::create(&output).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+        let pid = self.processes.spawn(argv, false, Some(file)).map_err(|e| e.to_string())?;
+        Ok((pid, output))
     }
 
     /// The validator exited: its verdict is read off the runtime thread. False when `pid` is not

@@ -12,16 +12,10 @@ use crate::reload;
 
 impl<P: Processes> Supervisor<P> {
     pub(super) fn check_hot_restart_version(&mut self, attempt: Generation, checked: Checked) {
-        let Some(envoy) = &self.launch.envoy else { return };
-        let Some(program) = self.launch.command.first() else { return };
+        let Some(program) = self.launch.command.first().cloned() else { return };
         let argv = vec![program.clone(), "--hot-restart-version".into()];
-        let output = envoy.runtime_dir.join("envoy-hot-restart-version.log");
-        let file = match std::fs::File::create(&output) {
-            Ok(file) => file,
-            Err(e) => return self.reload_refused(&format!("cannot write {}: {e}", output.display())),
-        };
-        match self.processes.spawn(&argv, false, Some(file)) {
-            Ok(pid) => {
+        match self.spawn_with_output(&argv, "envoy-hot-restart-version.log") {
+            Ok((pid, output)) => {
                 tracing::info!(
                     "the Envoy binary {} is not the one that serves: checking its hot restart version",
                     program.to_string_lossy()
@@ -31,7 +25,7 @@ impl<P: Processes> Supervisor<P> {
                     busy.step = Step::CheckingVersion { pid, output, checked, deadline };
                 }
             }
-            Err(e) => self.reload_refused(&e.to_string()),
+            Err(e) => self.reload_refused(&e),
         }
     }
 
