@@ -183,7 +183,9 @@ fn a_child_killed_after_it_closed_the_parents_admin_is_still_handed_over_cleanly
 
 /// (2) The draining old epoch is SIGKILLed: Envoy's current epoch would abort once its stats
 /// flush finds its parent gone (1 s here) and 10 s more. sesame hands over to a new family at once
-/// and still serves after that time, with no failed request and no exit 134.
+/// and still serves after that time (no exit 134 of the launcher). From its first failed flush the
+/// orphaned epoch's main thread is blocked (it retries its parent), so it cannot be drained then:
+/// the requests it has in flight when it aborts are reset, at most one per client.
 #[test]
 fn a_killed_draining_epoch_is_handed_over_before_the_current_one_aborts() {
     let _alone = ONE_LOAD_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -204,7 +206,9 @@ fn a_killed_draining_epoch_is_handed_over_before_the_current_one_aborts() {
     assert_eq!(status["ready"], true, "{status:#}");
     let outcome = load.stop();
     let log = served.stop();
-    outcome.assert_none_failed(500, &log);
+    assert!(outcome.sent >= 500, "the load ran: {} requests", outcome.sent);
+    let resets = outcome.failures.iter().filter(|f| f.contains("reset") || f.contains("closed")).count();
+    assert!(outcome.failures.len() <= 16 && resets == outcome.failures.len(), "{:?}\n{log}", outcome.failures);
 }
 
 /// (3) A bootstrap that adds a listener on a port another process holds: the hot restart fails,

@@ -161,7 +161,7 @@ fn bad_input_changes_nothing(break_it: impl FnOnce(&Tls), reason: &str) {
     let (cert, key) = certificate(3);
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(3, DEBOUNCE + Duration::from_secs(5));
+    tls.wait_for_serial(3, DEBOUNCE + Duration::from_secs(15));
     tls.wait_for_epoch(1);
     assert_eq!(tls.restarts(), 1);
     tls.stop();
@@ -203,7 +203,7 @@ fn certificate_without_its_key_waits_for_the_key() {
     assert!(tls.wait_for_refusal().contains("does not match certificate"));
     assert_eq!(tls.serial(), 1, "the old pair is still served");
     replace_file(&tls.key, &key);
-    tls.wait_for_serial(5, DEBOUNCE + Duration::from_secs(5));
+    tls.wait_for_serial(5, DEBOUNCE + Duration::from_secs(15));
     tls.wait_for_epoch(1);
     assert_eq!(tls.restarts(), 1);
     tls.stop();
@@ -222,7 +222,7 @@ fn bootstrap_syntax_error_changes_nothing() {
     let (cert, key) = certificate(6);
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(6, DEBOUNCE + Duration::from_secs(5));
+    tls.wait_for_serial(6, DEBOUNCE + Duration::from_secs(15));
     tls.stop();
 }
 
@@ -235,7 +235,7 @@ fn a_storm_of_rewrites_makes_at_most_two_restarts_and_ends_on_the_last() {
         replace_file(&tls.cert, cert);
         std::thread::sleep(Duration::from_millis(20));
     }
-    tls.wait_for_serial(149, DEBOUNCE + Duration::from_secs(5));
+    tls.wait_for_serial(149, DEBOUNCE + Duration::from_secs(15));
     // Any queued restart has finished once no reload is under way (the watcher's debounce is over:
     // serial 149 is served, so the last change was seen).
     tls.launcher.wait_for_status("no reload under way", |s| s["reload"].is_null());
@@ -446,7 +446,7 @@ fn a_pair_changed_while_the_reload_waits_for_the_draining_epoch_is_checked_again
     let (cert, key) = certificate(4);
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(4, DEBOUNCE + Duration::from_secs(8));
+    tls.wait_for_serial(4, DEBOUNCE + Duration::from_secs(15));
     tls.stop();
 }
 
