@@ -295,7 +295,9 @@ fn sigterm_during_a_hot_restart_ends_both_epochs() {
     let log = tls.launcher.log();
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("drain ended"), "the drain ran:\n{log}");
-    assert!(!log.contains("survived SIGKILL") && !log.contains("processes left behind"), "{log}");
+    // (The draining epoch, told to terminate by the new one, may still be exiting when the new one
+    // has exited: sesame's SIGTERM to it as a leftover is then harmless.)
+    assert!(!log.contains("survived SIGKILL") && !log.contains("sending SIGKILL"), "{log}");
     for pid in first {
         assert!(!common::alive(pid), "epoch 0 (pid {pid}) is gone");
     }
