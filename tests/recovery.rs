@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::load::{Load, ONE_LOAD_AT_A_TIME};
-use common::tls::{certificate, replace_file, tls_bootstrap};
+use common::tls::{TlsSite, replace_file, tls_bootstrap};
 use common::{Launcher, Mode, free_port, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -52,15 +52,7 @@ fn start_with_clusters(clusters: &str, extra_yaml: &str) -> Served {
 }
 
 fn start_bootstrap(edit: impl FnOnce(String) -> String, options: &[&str], program: Option<&Path>) -> Served {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert_pem, key_pem) = certificate(1);
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, cert_pem).expect("cert");
-    std::fs::write(&key, key_pem).expect("key");
-    let port = free_port();
-    let bootstrap = dir.path().join("envoy.yaml");
-    let yaml = edit(tls_bootstrap(dir.path(), port, &cert, &key, None));
-    std::fs::write(&bootstrap, yaml).expect("bootstrap");
+    let TlsSite { dir, port, cert, key, bootstrap } = TlsSite::new(edit);
     // The test's own options replace the defaults of the same name.
     let defaults = OPTIONS.chunks(2).filter(|pair| !options.contains(&pair[0])).flatten();
     let options: Vec<&str> = defaults.chain(options).copied().collect();
