@@ -172,22 +172,30 @@ impl<P: Processes> Supervisor<P> {
         Ok((pid, output))
     }
 
-    /// The validator exited: its verdict is read off the runtime thread. False when `pid` is not
-    /// the validator.
-    pub(super) fn on_validator_exit(&mut self, pid: Pid, exit: Exit) -> bool {
-        if self.on_version_checker_exit(pid, exit) {
-            return true;
-        }
+    /// A checker exited (the validator, or the version check, which also needs the serving epoch's
+    /// version): its verdict is read off the runtime thread. False when `pid` is neither.
+    pub(super) fn on_checker_exit(&mut self, pid: Pid, exit: Exit) -> bool {
+        let serving = self.epochs.current_admin();
+        let events = self.events.clone();
         let Some(busy) = self.reload.busy() else { return false };
-        let Step::Validating { pid: validator, output, .. } = &busy.step else { return false };
-        if *validator != pid {
-            return false;
+        let attempt = busy.attempt;
+        match &busy.step {
+            Step::Validating { pid: validator, output, .. } if *validator == pid => {
+                let output = output.clone();
+                tokio::spawn(async move {
+                    let result = reload::validation_verdict(exit, output).await;
+                    let _ = events.send(Event::Validated { attempt, result });
+                });
+            }
+            Step::CheckingVersion { pid: checker, output, .. } if *checker == pid => {
+                let output = output.clone();
+                tokio::spawn(async move {
+                    let result = reload::hot_restart_compatibility(exit, output, serving).await;
+                    let _ = events.send(Event::VersionChecked { attempt, result });
+                });
+            }
+            _ => return false,
         }
-        let (attempt, output, events) = (busy.attempt, output.clone(), self.events.clone());
-        tokio::spawn(async move {
-            let result = reload::validation_verdict(exit, output).await;
-            let _ = events.send(Event::Validated { attempt, result });
-        });
         true
     }
 
