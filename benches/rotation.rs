@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::tls::{HttpsClient, certificate, replace_file, tls_bootstrap};
-use common::{Launcher, Mode, free_port, wait_for};
+use common::tls::{HttpsClient, TlsSite, certificate, replace_file};
+use common::{Launcher, Mode, wait_for};
 use nix::sys::signal::Signal;
 
 const CLIENTS: usize = 32;
@@ -34,14 +34,7 @@ fn launcher_options(hot_restart: bool) -> Vec<&'static str> {
 }
 
 fn one_run(hot_restart: bool, keep_alive: bool) -> Run {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let (cert_pem, key_pem) = certificate(1);
-    std::fs::write(&cert, cert_pem).expect("cert");
-    std::fs::write(&key, key_pem).expect("key");
-    let port = free_port();
-    let bootstrap = dir.path().join("envoy.yaml");
-    std::fs::write(&bootstrap, tls_bootstrap(dir.path(), port, &cert, &key, None)).expect("bootstrap");
+    let TlsSite { dir: _dir, port, cert, key, bootstrap } = TlsSite::new(|yaml| yaml);
     let options = launcher_options(hot_restart);
     let mut launcher = Launcher::start_envoy(Mode::Pid1, &options, &bootstrap);
 

@@ -132,6 +132,16 @@ pub struct Family {
     pub base_id: Option<u32>,
 }
 
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.base_id_path, self.base_id) {
+            (Some(path), _) => write!(f, "base id path {path}"),
+            (None, Some(id)) => write!(f, "base id {id}"),
+            (None, None) => f.write_str("unknown base id"),
+        }
+    }
+}
+
 impl Family {
     /// Whether `answered` (a family as Envoy reported it) is this one. A later epoch (started with
     /// `--base-id`) is ours only once our base id is known: none of ours runs before. An answer

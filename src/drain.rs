@@ -90,13 +90,6 @@ impl std::fmt::Display for DrainEnd {
     }
 }
 
-/// What the supervisor knows about the epochs when the drain starts.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DrainContext {
-    /// A failed hot restart may have taken the admin API away: then drain by time, do not give up.
-    pub degraded: bool,
-}
-
 /// Whether an older epoch (from a hot restart) still serves its last connections, as the
 /// supervisor sees it now: while one does, its connections are counted too (through
 /// `server.total_connections`, which keeps its last share once it is gone, so only while it lives).
@@ -105,7 +98,6 @@ pub type OlderEpoch = watch::Receiver<bool>;
 /// What one poll means: done (and why), or poll again. `connections` is None when the poll failed.
 pub fn after_poll(
     settings: &DrainSettings,
-    context: DrainContext,
     elapsed: Duration,
     connections: Option<u64>,
     consecutive_errors: u32,
@@ -118,7 +110,7 @@ pub fn after_poll(
     if done && elapsed >= settings.min {
         return Some(DrainEnd::Threshold);
     }
-    if consecutive_errors >= ADMIN_ERROR_LIMIT && !context.degraded {
+    if consecutive_errors >= ADMIN_ERROR_LIMIT {
         return Some(DrainEnd::AdminUnreachable);
     }
     if elapsed >= settings.timeout {
@@ -128,23 +120,16 @@ pub fn after_poll(
 }
 
 /// Runs the drain, publishing each poll's count in `progress`; returns how it ended.
-pub async fn run(
-    admin: AdminClient,
-    settings: DrainSettings,
-    context: DrainContext,
-    older: OlderEpoch,
-    progress: Progress,
-) -> DrainEnd {
+pub async fn run(admin: AdminClient, settings: DrainSettings, older: OlderEpoch, progress: Progress) -> DrainEnd {
     let started = Instant::now();
     let deadline = started + settings.timeout;
-    let steps = drain_steps(&admin, &settings, context, &older, started, &progress);
+    let steps = drain_steps(&admin, &settings, &older, started, &progress);
     tokio::time::timeout_at(deadline, steps).await.unwrap_or(DrainEnd::Timeout)
 }
 
 async fn drain_steps(
     admin: &AdminClient,
     settings: &DrainSettings,
-    context: DrainContext,
     older: &OlderEpoch,
     started: Instant,
     progress: &Progress,
@@ -180,7 +165,7 @@ async fn drain_steps(
             }
         };
         progress.send_replace(connections);
-        let ended = after_poll(settings, context, started.elapsed(), connections, consecutive_errors, older_alive);
+        let ended = after_poll(settings, started.elapsed(), connections, consecutive_errors, older_alive);
         if let Some(end) = ended {
             // What the drain cost Envoy's admin (the benchmark reports it as requests per second).
             let took = started.elapsed().as_secs_f64();
@@ -275,26 +260,22 @@ mod tests {
 
     #[test]
     fn threshold_counts_only_after_the_minimum() {
-        let (s, c) = (settings(), DrainContext::default());
-        assert_eq!(after_poll(&s, c, Duration::from_secs(1), Some(0), 0, false), None);
-        assert_eq!(after_poll(&s, c, Duration::from_secs(2), Some(0), 0, false), Some(DrainEnd::Threshold));
-        assert_eq!(after_poll(&s, c, Duration::from_secs(3), Some(1), 0, false), None);
-        assert_eq!(after_poll(&s, c, Duration::from_secs(3), Some(0), 0, true), None, "an older epoch lives");
+        let s = settings();
+        assert_eq!(after_poll(&s, Duration::from_secs(1), Some(0), 0, false), None);
+        assert_eq!(after_poll(&s, Duration::from_secs(2), Some(0), 0, false), Some(DrainEnd::Threshold));
+        assert_eq!(after_poll(&s, Duration::from_secs(3), Some(1), 0, false), None);
+        assert_eq!(after_poll(&s, Duration::from_secs(3), Some(0), 0, true), None, "an older epoch lives");
         let s = DrainSettings { connections: 1, ..s };
-        assert_eq!(after_poll(&s, c, Duration::from_secs(3), Some(1), 0, false), Some(DrainEnd::Threshold));
+        assert_eq!(after_poll(&s, Duration::from_secs(3), Some(1), 0, false), Some(DrainEnd::Threshold));
     }
 
     #[test]
     fn admin_errors_and_time_are_bounded() {
-        let (s, c) = (settings(), DrainContext::default());
-        assert_eq!(after_poll(&s, c, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT - 1, false), None);
+        let s = settings();
+        assert_eq!(after_poll(&s, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT - 1, false), None);
         let unreachable = Some(DrainEnd::AdminUnreachable);
-        assert_eq!(after_poll(&s, c, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT, false), unreachable);
-        assert_eq!(after_poll(&s, c, Duration::from_secs(60), Some(5), 0, false), Some(DrainEnd::Timeout));
-        // Degraded: an unreachable admin is waited out until the timeout.
-        let degraded = DrainContext { degraded: true };
-        assert_eq!(after_poll(&s, degraded, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT, false), None);
-        assert_eq!(after_poll(&s, degraded, Duration::from_secs(60), None, 50, false), Some(DrainEnd::Timeout));
+        assert_eq!(after_poll(&s, Duration::from_secs(3), None, ADMIN_ERROR_LIMIT, false), unreachable);
+        assert_eq!(after_poll(&s, Duration::from_secs(60), Some(5), 0, false), Some(DrainEnd::Timeout));
     }
 
     #[tokio::test(start_paused = true)]
@@ -304,7 +285,7 @@ mod tests {
         let (progress, polls) = watch::channel(Some(7));
         let started = Instant::now();
         let (_older, older_alive) = watch::channel(false);
-        let end = run(admin, settings(), DrainContext::default(), older_alive, progress).await;
+        let end = run(admin, settings(), older_alive, progress).await;
         assert_eq!(end, DrainEnd::AdminUnreachable);
         // Two failed POSTs, then polls 100 ms apart until five failures in a row: the third poll.
         assert_eq!(started.elapsed(), Duration::from_millis(200));

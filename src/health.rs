@@ -55,13 +55,17 @@ pub struct EnvoyReport {
     pub answered_unix: Option<u64>,
 }
 
+/// What an answer was about: the epochs the supervisor expected, on that admin, of that family (a
+/// cold handover's new family starts again at restart epoch 0, on its own admin).
+type Expected = (u32, Option<u32>, String, Family);
+
 #[derive(Debug, Clone)]
 struct Answer {
     /// When the answer (or the failure) arrived: it serves every asker for `PROBE_TTL` from then.
     at: Instant,
     /// What was expected when it was asked: an answer about an epoch the supervisor has moved on
     /// from is stale, however young.
-    expected: (u32, Option<u32>),
+    expected: Expected,
     result: Result<EnvoyHealth, String>,
 }
 
@@ -95,7 +99,7 @@ impl Health {
     /// Envoy's answer, at most `PROBE_TTL` old. Concurrent askers wait for one request, and share
     /// its answer (or its failure).
     pub async fn probe(&self, target: &ProbeTarget) -> Result<EnvoyHealth, String> {
-        let expected = (target.current, target.starting);
+        let expected = (target.current, target.starting, target.admin.address().to_string(), target.family.clone());
         let mut last = self.last.lock().await;
         if let Some(answer) = last.as_ref().filter(|a| a.at.elapsed() < PROBE_TTL && a.expected == expected) {
             return answer.result.clone();
@@ -187,7 +191,7 @@ pub fn ready(target: &ProbeTarget, answer: &Result<EnvoyHealth, String>) -> Resu
     };
     if !target.family.owns(&health.family) {
         return Err(format!(
-            "{} is answered by an Envoy of another hot-restart family ({:?})",
+            "{} is answered by an Envoy of another hot-restart family ({})",
             target.admin.address(),
             health.family
         ));
@@ -290,9 +294,15 @@ mod tests {
         let health = Health::default();
         let target = target(0, None);
         let first = health.probe(&target).await.expect_err("nobody listens");
-        let cached = Answer { at: Instant::now(), expected: (0, None), result: answer("LIVE", 0, 0) };
+        let expected = (0, None, target.admin.address().to_string(), target.family.clone());
+        let cached = Answer { at: Instant::now(), expected, result: answer("LIVE", 0, 0) };
         *health.last.lock().await = Some(cached.clone());
         assert!(health.probe(&target).await.is_ok(), "cached, not asked again");
+        // A cold handover's new family starts at restart epoch 0 again, on its own admin.
+        let new_family = Family { base_id_path: Some("/run/s/envoy-base-id.family-1".into()), base_id: None };
+        let handed_over = ProbeTarget { family: new_family, ..target.clone() };
+        assert!(health.probe(&handed_over).await.is_err(), "another family's answer is not served");
+        *health.last.lock().await = Some(cached.clone());
         let promoted = super::tests::target(1, None);
         assert!(health.probe(&promoted).await.is_err(), "an answer from before a promotion is stale");
         *health.last.lock().await = Some(cached);

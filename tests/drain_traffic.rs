@@ -49,7 +49,9 @@ fn late_clients(keep_listening: &str) -> LateClients {
     wait_for(Duration::from_secs(5), "the slow request to reach the upstream", || upstream.arrived() == 1);
     let started = Instant::now();
     launcher.signal(Signal::SIGTERM);
-    launcher.wait_for_log("draining Envoy");
+    // Late clients count from the moment Envoy has been told to drain: the drain's first count of
+    // connections comes after its health check failure and drain request.
+    launcher.wait_for_status("the drain's first count", |s| s["drain"]["connections"].is_number());
     let mut late = LateClients::default();
     while !launcher.log().contains("drain ended") && started.elapsed() < Duration::from_secs(15) {
         match late_request(port) {

@@ -112,7 +112,8 @@ fn rotation_under_load(volume: bool, keep_alive: bool) {
         replace_file(&tls.cert, &cert);
         replace_file(&tls.key, &key);
     }
-    tls.wait_for_serial(2, DEBOUNCE + Duration::from_secs(2));
+    // A bound for a failure, not a figure: the time is printed below; a loaded machine may take seconds.
+    tls.wait_for_serial(2, DEBOUNCE + Duration::from_secs(15));
     let visible = written.elapsed();
     // Keep the load on while the old epoch drains and exits.
     tls.launcher.wait_for_status("epoch 0 to exit", |s| s["epochs"].as_array().is_some_and(|e| e.len() == 1));
@@ -160,7 +161,7 @@ fn bad_input_changes_nothing(break_it: impl FnOnce(&Tls), reason: &str) {
     let (cert, key) = certificate(3);
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(3, DEBOUNCE + Duration::from_secs(5));
+    tls.wait_for_serial(3, DEBOUNCE + Duration::from_secs(15));
     tls.wait_for_epoch(1);
     assert_eq!(tls.restarts(), 1);
     tls.stop();
@@ -202,7 +203,7 @@ fn certificate_without_its_key_waits_for_the_key() {
     assert!(tls.wait_for_refusal().contains("does not match certificate"));
     assert_eq!(tls.serial(), 1, "the old pair is still served");
     replace_file(&tls.key, &key);
-    tls.wait_for_serial(5, DEBOUNCE + Duration::from_secs(5));
+    tls.wait_for_serial(5, DEBOUNCE + Duration::from_secs(15));
     tls.wait_for_epoch(1);
     assert_eq!(tls.restarts(), 1);
     tls.stop();
@@ -221,7 +222,7 @@ fn bootstrap_syntax_error_changes_nothing() {
     let (cert, key) = certificate(6);
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(6, DEBOUNCE + Duration::from_secs(5));
+    tls.wait_for_serial(6, DEBOUNCE + Duration::from_secs(15));
     tls.stop();
 }
 
@@ -234,7 +235,7 @@ fn a_storm_of_rewrites_makes_at_most_two_restarts_and_ends_on_the_last() {
         replace_file(&tls.cert, cert);
         std::thread::sleep(Duration::from_millis(20));
     }
-    tls.wait_for_serial(149, DEBOUNCE + Duration::from_secs(5));
+    tls.wait_for_serial(149, DEBOUNCE + Duration::from_secs(15));
     // Any queued restart has finished once no reload is under way (the watcher's debounce is over:
     // serial 149 is served, so the last change was seen).
     tls.launcher.wait_for_status("no reload under way", |s| s["reload"].is_null());
@@ -294,7 +295,9 @@ fn sigterm_during_a_hot_restart_ends_both_epochs() {
     let log = tls.launcher.log();
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("drain ended"), "the drain ran:\n{log}");
-    assert!(!log.contains("survived SIGKILL") && !log.contains("processes left behind"), "{log}");
+    // (The draining epoch, told to terminate by the new one, may still be exiting when the new one
+    // has exited: sesame's SIGTERM to it as a leftover is then harmless.)
+    assert!(!log.contains("survived SIGKILL") && !log.contains("sending SIGKILL"), "{log}");
     for pid in first {
         assert!(!common::alive(pid), "epoch 0 (pid {pid}) is gone");
     }
@@ -393,7 +396,7 @@ fn a_busy_neighbour_in_the_certificate_directory_does_not_hold_the_reload() {
     let (cert, key) = certificate(2);
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(2, DEBOUNCE + Duration::from_secs(3));
+    tls.wait_for_serial(2, DEBOUNCE + Duration::from_secs(10));
     stop.store(true, Ordering::SeqCst);
     writer.join().expect("writer");
     tls.wait_for_epoch(1);
@@ -412,7 +415,7 @@ fn a_watched_file_that_never_rests_is_reloaded_at_the_debounce_cap() {
     let (cert, key) = certificate(2);
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(2, Duration::from_secs(1) + Duration::from_secs(3));
+    tls.wait_for_serial(2, Duration::from_secs(1) + Duration::from_secs(10));
     stop.store(true, Ordering::SeqCst);
     writer.join().expect("writer");
     tls.stop();
@@ -445,7 +448,7 @@ fn a_pair_changed_while_the_reload_waits_for_the_draining_epoch_is_checked_again
     let (cert, key) = certificate(4);
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(4, DEBOUNCE + Duration::from_secs(8));
+    tls.wait_for_serial(4, DEBOUNCE + Duration::from_secs(15));
     tls.stop();
 }
 

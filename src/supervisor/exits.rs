@@ -27,7 +27,7 @@ impl<P: Processes> Supervisor<P> {
                 if let Some(exit) = self.on_epoch_exit(epoch, exit) {
                     current_exit = Some(exit);
                 }
-            } else if self.on_validator_exit(pid, exit) {
+            } else if self.on_checker_exit(pid, exit) {
                 self.metrics.reaped("validator");
             } else {
                 self.metrics.reaped("orphan");

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::epochs::Epoch;
 use super::reload_state::{Checked, Step};
-use super::shutdown::REAP_AFTER_KILL_TIMEOUT;
+use super::shutdown::{Phase, REAP_AFTER_KILL_TIMEOUT};
 use super::{Event, Generation, Supervisor, shell_words};
 use crate::admin::{AdminAddress, Family};
 use crate::drain::{self, DrainEnd};
@@ -36,7 +36,7 @@ impl<P: Processes> Supervisor<P> {
         }
         let number = self.families;
         let family = self.launch.family(number);
-        let admin_socket = envoy.envoy_dir.join(format!("envoy-admin.family-{number}.sock"));
+        let admin_socket = private_admin(&envoy.envoy_dir, number);
         forget_files(&family, &admin_socket);
         let argv = match self.launch.handover_argv(&family, &admin_socket) {
             Ok(argv) => argv,
@@ -96,13 +96,13 @@ impl<P: Processes> Supervisor<P> {
             started.elapsed()
         );
         self.systemd.ready(&format!("serving: epoch {epoch} (new family) is LIVE; the old family drains"));
-        self.drain_old_family(old, checked);
+        self.drain_old_family(old, checked, started.elapsed());
         self.resume_stop();
     }
 
     /// Drains the old family through the admin of its newest epoch, bounded by the drain timeout
     /// and, when its epoch lost its parent, by the time it will abort.
-    fn drain_old_family(&mut self, old: Family, checked: Checked) {
+    fn drain_old_family(&mut self, old: Family, checked: Checked, served_after: Duration) {
         let newest = self.epochs.of_older_families().max_by_key(|e| e.number);
         let admin = newest.and_then(Epoch::admin_client);
         let older_alive = self.epochs.of_older_families().count() > 1;
@@ -123,7 +123,7 @@ impl<P: Processes> Supervisor<P> {
         });
         let drained = drain.is_some();
         if let Some(busy) = self.reload.busy() {
-            busy.step = Step::HandingOver { drain, deadline: None, killed: false, checked, old };
+            busy.step = Step::HandingOver { drain, deadline: None, killed: false, checked, old, served_after };
         }
         if !drained {
             tracing::warn!("cold handover: the old family has no admin to drain it through: stopping it now");
@@ -197,7 +197,10 @@ impl<P: Processes> Supervisor<P> {
     fn finish_handover(&mut self) {
         let Some(busy) = self.reload.busy() else { return };
         let (why, took) = (busy.cold.take().unwrap_or_default(), busy.started.elapsed());
-        let Step::HandingOver { checked, old, .. } = std::mem::replace(&mut busy.step, Step::Preflight) else { return };
+        let Step::HandingOver { checked, old, served_after, .. } = std::mem::replace(&mut busy.step, Step::Preflight)
+        else {
+            return;
+        };
         if let Some(shm) = old.base_id.map(crate::envoy::shared_memory_path) {
             let _ = std::fs::remove_file(shm);
         }
@@ -206,17 +209,39 @@ impl<P: Processes> Supervisor<P> {
             "cold handover done in {took:.2?}: epoch {current} serves alone; a hot restart now puts its admin on {}",
             checked.admin.as_ref().map_or_else(|| "its address".to_string(), ToString::to_string)
         );
-        self.record_recovery("success", &Ok(current), why, took);
+        self.record_recovery("success", &Ok(current), why, served_after);
+        if !matches!(self.phase, Phase::Running) {
+            // A stop waited for the old family: the new one is drained next, on its private admin.
+            self.reload_ended("success", Ok(current), format!("epoch {current} is LIVE"));
+            return self.resume_stop();
+        }
         self.start_next_epoch(checked);
     }
 
     /// The new family's first epoch failed: the old family serves on, as it did.
     pub(super) fn new_family_failed(&mut self, epoch: u32, reason: String) {
         let current = self.epochs.current_number();
-        let why = format!("cold handover failed: epoch {epoch} (a new Envoy family) {reason}");
+        let why = format!("cold handover failed: epoch {epoch} (a new Envoy family): {reason}");
         tracing::error!("{why}; epoch {current} keeps serving");
         self.reload_ended("failed", Err(Refusal::Failed(why.clone())), why);
     }
+}
+
+impl<P: Processes> Supervisor<P> {
+    /// On exit: the base id files and private admin sockets of the families that cold handovers
+    /// started (Envoy leaves them behind).
+    pub(super) fn remove_family_files(&self) {
+        let Some(envoy) = &self.launch.envoy else { return };
+        for number in 1..self.families {
+            let socket = private_admin(&envoy.envoy_dir, number);
+            forget_files(&self.launch.family(number), &socket);
+        }
+    }
+}
+
+/// The admin socket of family `number` until its admin goes back to the configured address.
+fn private_admin(envoy_dir: &std::path::Path, number: u32) -> std::path::PathBuf {
+    envoy_dir.join(format!("envoy-admin.family-{number}.sock"))
 }
 
 /// What an earlier run may have left of a family with this number: its base id file and admin socket.

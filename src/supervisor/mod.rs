@@ -203,6 +203,7 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
     supervisor.stop_leftovers(&mut events).await;
     control_socket.remove();
     supervisor.remove_shared_memory();
+    supervisor.remove_family_files();
     exit.status_code()
 }
 
@@ -217,6 +218,15 @@ impl<P: Processes> Supervisor<P> {
         metrics: Arc<Metrics>,
         systemd: Notifier,
     ) -> Result<Self, i32> {
+        // Watched from before epoch 0 reads the files: a change in between is a change.
+        if launch.is_envoy() && !settings.watch.is_empty() {
+            let changes = events.clone();
+            if let Err(e) =
+                watch::start(settings.watch.clone(), move |files| changes.send(Event::FilesChanged(files)).is_ok())
+            {
+                tracing::warn!("cannot watch files for changes ({e}): hot restarts only on SIGHUP");
+            }
+        }
         let family = launch.family(0);
         let argv = launch.epoch_argv(&family, 0);
         let admin = launch.admin();
@@ -229,14 +239,6 @@ impl<P: Processes> Supervisor<P> {
         tracing::info!(pid = pid.as_raw(), "started {}", shell_words(&argv));
         metrics.epochs_started.inc();
         metrics.live_epochs.set(1);
-        if launch.is_envoy() && !settings.watch.is_empty() {
-            let changes = events.clone();
-            if let Err(e) =
-                watch::start(settings.watch.clone(), move |files| changes.send(Event::FilesChanged(files)).is_ok())
-            {
-                tracing::warn!("cannot watch files for changes ({e}): hot restarts only on SIGHUP");
-            }
-        }
         let recovery = recovery::Recovery::new(&settings.recover);
         let mut supervisor = Supervisor {
             epochs: Epochs::new(Epoch::new(0, pid, admin.is_none()).with_admin(admin.clone())),

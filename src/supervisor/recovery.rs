@@ -1,7 +1,9 @@
 //! Recovery from a blocked hot restart without a person: while Envoy's hot restart is blocked (a
 //! new epoch failed, or the draining epoch died before its time), a cold handover to a new Envoy
-//! family is tried after a backoff that doubles from `--recover-backoff` to `--recover-backoff-max`,
-//! and starts over once a handover succeeds.
+//! family is tried at once, then after a backoff that doubles from `--recover-backoff` to
+//! `--recover-backoff-max`, and starts over once a handover succeeds. At once, because a new epoch
+//! that failed may already have told the serving one to stop listening (Envoy does that as the new
+//! epoch turns LIVE, before sesame can see it): then nothing serves until a new family does.
 
 use std::time::{Duration, SystemTime};
 
@@ -27,7 +29,7 @@ pub struct Recovery {
 
 impl Recovery {
     pub fn new(settings: &RecoverSettings) -> Recovery {
-        Recovery { settings: settings.clone(), next_delay: settings.backoff, timer: None, failures: 0, last: None }
+        Recovery { settings: settings.clone(), next_delay: Duration::ZERO, timer: None, failures: 0, last: None }
     }
 
     /// Whether `generation` is the recovery's timer (which is then disarmed).
@@ -43,7 +45,8 @@ impl Recovery {
         self.timer = None;
     }
 
-    /// The delay for the next attempt; the one after is twice as long, up to the maximum.
+    /// The delay for the next attempt (none for the first); the one after is twice as long (at
+    /// least the backoff), up to the maximum.
     fn take_delay(&mut self) -> Duration {
         let delay = self.next_delay;
         self.next_delay = (delay * 2).min(self.settings.backoff_max).max(self.settings.backoff);
@@ -52,7 +55,7 @@ impl Recovery {
 
     fn succeeded(&mut self) {
         self.failures = 0;
-        self.next_delay = self.settings.backoff;
+        self.next_delay = Duration::ZERO;
     }
 
     pub fn status(&self, blocked: bool) -> Option<RecoveryStatus> {

@@ -143,15 +143,9 @@ impl<P: Processes> Supervisor<P> {
 
     /// Runs `envoy --mode validate` on what was checked, as our child, bounded by the reload timeout.
     pub(super) fn spawn_validator(&mut self, attempt: Generation, checked: Checked) {
-        let Some(envoy) = &self.launch.envoy else { return };
         let argv = envoy::validate_command(&self.launch.command);
-        let output = envoy.runtime_dir.join("envoy-validate.log");
-        let file = match std::fs::File::create(&output) {
-            Ok(file) => file,
-            Err(e) => return self.reload_refused(&format!("cannot write {}: {e}", output.display())),
-        };
-        match self.processes.spawn(&argv, false, Some(file)) {
-            Ok(pid) => {
+        match self.spawn_with_output(&argv, "envoy-validate.log") {
+            Ok((pid, output)) => {
                 tracing::debug!("validating: {}", shell_words(&argv));
                 // A validator that hangs must not hold the reload (and its callers) for ever.
                 let deadline = self.schedule(self.settings.reload_timeout);
@@ -159,26 +153,49 @@ impl<P: Processes> Supervisor<P> {
                     busy.step = Step::Validating { pid, output, checked, deadline, killed: false };
                 }
             }
-            Err(e) => self.reload_refused(&e.to_string()),
+            Err(e) => self.reload_refused(&e),
         }
     }
 
-    /// The validator exited: its verdict is read off the runtime thread. False when `pid` is not
-    /// the validator.
-    pub(super) fn on_validator_exit(&mut self, pid: Pid, exit: Exit) -> bool {
-        if self.on_version_checker_exit(pid, exit) {
-            return true;
-        }
+    /// Spawns a checker (the validator, the version check) with its output in the runtime
+    /// directory's `name`, which is root's: the checker may run as the Envoy user, but its output
+    /// file is created by sesame before.
+    pub(super) fn spawn_with_output(
+        &mut self,
+        argv: &[std::ffi::OsString],
+        name: &str,
+    ) -> Result<(Pid, std::path::PathBuf), String> {
+        let Some(envoy) = &self.launch.envoy else { return Err("not Envoy".into()) };
+        let output = envoy.runtime_dir.join(name);
+        let file = std::fs::File::create(&output).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+        let pid = self.processes.spawn(argv, false, Some(file)).map_err(|e| e.to_string())?;
+        Ok((pid, output))
+    }
+
+    /// A checker exited (the validator, or the version check, which also needs the serving epoch's
+    /// version): its verdict is read off the runtime thread. False when `pid` is neither.
+    pub(super) fn on_checker_exit(&mut self, pid: Pid, exit: Exit) -> bool {
+        let serving = self.epochs.current_admin();
+        let events = self.events.clone();
         let Some(busy) = self.reload.busy() else { return false };
-        let Step::Validating { pid: validator, output, .. } = &busy.step else { return false };
-        if *validator != pid {
-            return false;
+        let attempt = busy.attempt;
+        match &busy.step {
+            Step::Validating { pid: validator, output, .. } if *validator == pid => {
+                let output = output.clone();
+                tokio::spawn(async move {
+                    let result = reload::validation_verdict(exit, output).await;
+                    let _ = events.send(Event::Validated { attempt, result });
+                });
+            }
+            Step::CheckingVersion { pid: checker, output, .. } if *checker == pid => {
+                let output = output.clone();
+                tokio::spawn(async move {
+                    let result = reload::hot_restart_compatibility(exit, output, serving).await;
+                    let _ = events.send(Event::VersionChecked { attempt, result });
+                });
+            }
+            _ => return false,
         }
-        let (attempt, output, events) = (busy.attempt, output.clone(), self.events.clone());
-        tokio::spawn(async move {
-            let result = reload::validation_verdict(exit, output).await;
-            let _ = events.send(Event::Validated { attempt, result });
-        });
         true
     }
 

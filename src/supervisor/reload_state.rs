@@ -91,6 +91,8 @@ pub enum Step {
         killed: bool,
         checked: Checked,
         old: Family,
+        /// How long after the trigger the new family served.
+        served_after: std::time::Duration,
     },
 }
 

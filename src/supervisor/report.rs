@@ -29,7 +29,13 @@ impl<P: Processes> Supervisor<P> {
             Phase::Running if current_live => ("running", None),
             Phase::Running => ("starting", Some(format!("epoch {} is not LIVE yet", self.epochs.current_number()))),
             Phase::Draining { .. } => ("draining", Some("draining for shutdown".to_string())),
-            Phase::AwaitingNewEpoch { .. } => ("draining", Some("a new epoch starts; the drain follows".to_string())),
+            Phase::AwaitingNewEpoch { .. } => (
+                "draining",
+                Some(
+                    "a reload step ends first (a new epoch starts, or an old family drains); the drain follows"
+                        .to_string(),
+                ),
+            ),
             Phase::Stopping { .. } => ("stopping", Some("stopping".to_string())),
         };
         // The health probe compares with what Envoy reports: restart epochs, in the serving family

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Event, Generation, Supervisor};
-use crate::drain::{self, DrainContext, DrainEnd};
+use crate::drain::{self, DrainEnd};
 use crate::process::{Exit, Processes, signal_name};
 use crate::signals::{self, Intent, Running};
 
@@ -24,8 +24,9 @@ pub const REAP_AFTER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub enum Phase {
     Running,
-    /// A stop was asked for while a new epoch starts: it holds Envoy's admin (the old epoch closed
-    /// its own), so the drain waits until it is LIVE, or has failed, to go through the right one.
+    /// A stop was asked for while a new epoch starts (it holds Envoy's admin: the old epoch closed
+    /// its own), or while a cold handover drains the old family: the drain waits until the new epoch
+    /// is LIVE (or has failed), or the old family is gone, to go through the right admin.
     AwaitingNewEpoch {
         trigger: String,
         sig: i32,
@@ -71,6 +72,16 @@ impl<P: Processes> Supervisor<P> {
                     self.phase = Phase::AwaitingNewEpoch { trigger: trigger.to_string(), sig };
                     return;
                 }
+                if let Some(Step::HandingOver { .. }) = self.reload.step() {
+                    // The old family's connections are drained by the handover; cutting it short
+                    // would drop them. The new family's drain follows once it is gone.
+                    tracing::info!(
+                        "{trigger}: the old Envoy family drains first (within --drain-timeout), then the new one"
+                    );
+                    self.systemd.stopping("draining the old Envoy family, then the new one");
+                    self.phase = Phase::AwaitingNewEpoch { trigger: trigger.to_string(), sig };
+                    return;
+                }
                 self.cancel_reload();
                 match self.epochs.current_admin() {
                     Some(admin) if !self.settings.drain.timeout.is_zero() => {
@@ -79,12 +90,11 @@ impl<P: Processes> Supervisor<P> {
                             admin.address(),
                             self.settings.drain.timeout
                         );
-                        let context = DrainContext { degraded: self.blocked.is_some() };
                         let older = self.older_alive.subscribe();
                         let (publish, progress) = watch::channel(None);
                         let (settings, events) = (self.settings.drain.clone(), self.events.clone());
                         let task = tokio::spawn(async move {
-                            let end = drain::run(admin, settings, context, older, publish).await;
+                            let end = drain::run(admin, settings, older, publish).await;
                             let _ = events.send(Event::DrainEnded(end));
                         });
                         self.phase = Phase::Draining { started: Instant::now(), task, progress };

@@ -3,25 +3,16 @@
 //! restart can work. Envoy refuses one across different versions and blocks until a cold start;
 //! sesame turns such a reload into a cold handover before anything is started.
 
-use nix::unistd::Pid;
-
 use super::reload_state::{Checked, Step};
-use super::{Event, Generation, Supervisor};
-use crate::process::{Exit, Processes};
-use crate::reload;
+use super::{Generation, Supervisor};
+use crate::process::Processes;
 
 impl<P: Processes> Supervisor<P> {
     pub(super) fn check_hot_restart_version(&mut self, attempt: Generation, checked: Checked) {
-        let Some(envoy) = &self.launch.envoy else { return };
-        let Some(program) = self.launch.command.first() else { return };
+        let Some(program) = self.launch.command.first().cloned() else { return };
         let argv = vec![program.clone(), "--hot-restart-version".into()];
-        let output = envoy.runtime_dir.join("envoy-hot-restart-version.log");
-        let file = match std::fs::File::create(&output) {
-            Ok(file) => file,
-            Err(e) => return self.reload_refused(&format!("cannot write {}: {e}", output.display())),
-        };
-        match self.processes.spawn(&argv, false, Some(file)) {
-            Ok(pid) => {
+        match self.spawn_with_output(&argv, "envoy-hot-restart-version.log") {
+            Ok((pid, output)) => {
                 tracing::info!(
                     "the Envoy binary {} is not the one that serves: checking its hot restart version",
                     program.to_string_lossy()
@@ -31,25 +22,8 @@ impl<P: Processes> Supervisor<P> {
                     busy.step = Step::CheckingVersion { pid, output, checked, deadline };
                 }
             }
-            Err(e) => self.reload_refused(&e.to_string()),
+            Err(e) => self.reload_refused(&e),
         }
-    }
-
-    /// The version checker exited: its verdict is read off the runtime thread, with the serving
-    /// epoch's version. False when `pid` is not the checker.
-    pub(super) fn on_version_checker_exit(&mut self, pid: Pid, exit: Exit) -> bool {
-        let serving = self.epochs.current_admin();
-        let Some(busy) = self.reload.busy() else { return false };
-        let Step::CheckingVersion { pid: checker, output, .. } = &busy.step else { return false };
-        if *checker != pid {
-            return false;
-        }
-        let (attempt, output, events) = (busy.attempt, output.clone(), self.events.clone());
-        tokio::spawn(async move {
-            let result = reload::hot_restart_compatibility(exit, output, serving).await;
-            let _ = events.send(Event::VersionChecked { attempt, result });
-        });
-        true
     }
 
     /// Compatible: the reload goes on as a hot restart; not: as a cold handover, for that reason.

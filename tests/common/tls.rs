@@ -232,3 +232,27 @@ static_resources:
         hcm = hcm("https"),
     )
 }
+
+/// A certificate (serial 1), its key and an HTTPS bootstrap (`tls_bootstrap`, then `edit`) in a fresh
+/// directory, for a port that was free a moment ago.
+pub struct TlsSite {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bootstrap: PathBuf,
+}
+
+impl TlsSite {
+    pub fn new(edit: impl FnOnce(String) -> String) -> TlsSite {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert_pem, key_pem) = certificate(1);
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, cert_pem).expect("cert");
+        std::fs::write(&key, key_pem).expect("key");
+        let port = super::free_port();
+        let bootstrap = dir.path().join("envoy.yaml");
+        std::fs::write(&bootstrap, edit(tls_bootstrap(dir.path(), port, &cert, &key, None))).expect("bootstrap");
+        TlsSite { dir, port, cert, key, bootstrap }
+    }
+}

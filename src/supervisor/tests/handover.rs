@@ -40,7 +40,7 @@ fn flag<'a>(argv: &'a [String], name: &str) -> Option<&'a str> {
 #[tokio::test(start_paused = true)]
 async fn a_blocked_hot_restart_is_recovered_by_a_new_family_that_is_then_put_back_on_the_admin() {
     let mut h = blocked().await;
-    assert_eq!(h.recovery_fires().await, RECOVER_BACKOFF, "the first try after the backoff");
+    assert_eq!(h.recovery_fires().await, Duration::ZERO, "the first try at once");
     let old = h.pid_of(0);
     let new = h.new_family_started().await;
     let argv = h.argv_of(new);
@@ -80,7 +80,7 @@ async fn a_blocked_hot_restart_is_recovered_by_a_new_family_that_is_then_put_bac
 #[tokio::test(start_paused = true)]
 async fn a_failed_new_family_is_retried_with_a_doubling_backoff_and_the_old_one_serves() {
     let mut h = blocked().await;
-    for expected in [1, 2, 4, 8, 8] {
+    for expected in [0, 1, 2, 4, 8, 8] {
         assert_eq!(h.recovery_fires().await, Duration::from_secs(expected));
         let new = h.new_family_started().await;
         h.exit(new, Exit::Code(1));
@@ -88,7 +88,7 @@ async fn a_failed_new_family_is_retried_with_a_doubling_backoff_and_the_old_one_
         assert_eq!(h.sup.epochs.current_number(), 0);
     }
     assert!(h.world.signals().is_empty(), "the serving epoch is never signalled");
-    assert!(h.sup.metrics.render().contains("sesame_recoveries_total{result=\"failed\"} 5"));
+    assert!(h.sup.metrics.render().contains("sesame_recoveries_total{result=\"failed\"} 6"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -123,4 +123,23 @@ async fn a_cold_handover_by_hand_runs_while_nothing_is_blocked() {
     assert!(matches!(caller.try_recv(), Ok(Err(Refusal::Failed(_)))));
     assert!(h.sup.blocked.is_none(), "a failed new family blocks nothing");
     assert!(h.sup.recovery.status(false).is_some_and(|r| r.next_attempt_in_seconds.is_none()), "and is not retried");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_while_the_old_family_drains_lets_it_finish_then_drains_the_new_one() {
+    let mut h = blocked().await;
+    h.recovery_fires().await;
+    let (old, new) = (h.pid_of(0), h.new_family_started().await);
+    std::fs::write(h.dir.path().join("envoy-base-id.family-1"), "9\n").expect("base id");
+    let epoch = h.sup.epochs.find_pid(new).expect("new epoch").number;
+    h.live(epoch);
+    h.signal(libc::SIGTERM);
+    assert!(h.world.signals().is_empty(), "nothing is stopped while the old family drains");
+    assert!(matches!(h.sup.phase, Phase::AwaitingNewEpoch { .. }));
+    h.until("the old family's drain", |e| matches!(e, Event::FamilyDrained { .. })).await;
+    assert_eq!(h.world.signals(), vec![(old, libc::SIGTERM)]);
+    h.exit(old, Exit::Code(0));
+    assert!(matches!(h.sup.phase, Phase::Draining { .. }), "then the new family drains");
+    let spawned = h.world.spawned().len();
+    assert!(h.world.spawned()[spawned - 1].0 == new, "no hot restart to put the admin back while stopping");
 }
