@@ -110,6 +110,23 @@ impl AdminClient {
     }
 }
 
+impl AdminClient {
+    /// The port of every listener (`/listeners`, which has the port a listener on port 0 was
+    /// given), or None for a listener on no port (a unix socket, an internal listener).
+    pub async fn listener_ports(&self) -> Result<Vec<Option<u16>>, HttpError> {
+        const PATH: &str = "/listeners?format=json";
+        let body = self.expect_ok(Method::GET, PATH).await?;
+        let status: serde_json::Value = serde_json::from_slice(&body).map_err(|_| self.http.unreadable(PATH, &body))?;
+        let listeners = status.get("listener_statuses").and_then(|l| l.as_array());
+        let listeners = listeners.ok_or_else(|| self.http.unreadable(PATH, &body))?;
+        let port = |l: &serde_json::Value| {
+            let port = l.pointer("/local_address/socket_address/port_value")?.as_u64()?;
+            u16::try_from(port).ok()
+        };
+        Ok(listeners.iter().map(port).collect())
+    }
+}
+
 /// What `/server_info` says about the process that answers on the admin address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerInfo {

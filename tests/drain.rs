@@ -69,6 +69,52 @@ fn in_flight_requests_complete_and_the_launcher_exits_right_after() {
     assert!(log.contains("drain ended: connections reached the threshold"), "{log}");
 }
 
+/// Envoy's count is read again as its last connections end (the kernel announces each freed
+/// socket), not at the next steady poll: with a poll every 5 s the launcher still exits at once.
+#[test]
+fn the_drain_sees_the_last_connection_end_without_waiting_for_a_poll() {
+    let upstream = Upstream::start(HOLD);
+    let mut proxy = start_proxy(&["--drain-poll", "5s"], upstream.port);
+    let clients = requests_in_flight(&proxy, &upstream);
+    proxy.launcher.signal(Signal::SIGTERM);
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().expect("client")).collect();
+    let code = proxy.launcher.exit_code(Duration::from_secs(30));
+    let exited = Instant::now();
+    let log = proxy.launcher.log();
+    assert_eq!(results.iter().filter(|(r, _)| *r == Ok(200)).count(), IN_FLIGHT, "{results:?}\n{log}");
+    assert_eq!(code, 0, "{log}");
+    let lag = exited.duration_since(results.iter().map(|(_, at)| *at).max().expect("responses"));
+    // A steady poll would read the count again 5 s after SIGTERM, 3 s after the last response.
+    assert!(lag < Duration::from_millis(2500), "exited {lag:?} after the last response\n{log}");
+    assert!(log.contains("drain: 2 connection polls of the admin"), "one poll at the start, one at the end\n{log}");
+}
+
+/// A listener the kernel cannot show the connections of (here a unix socket) leaves the drain on
+/// its steady poll, which still ends it at the threshold.
+#[test]
+fn a_listener_on_a_unix_socket_keeps_the_steady_poll() {
+    let upstream = Upstream::start(HOLD);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let bootstrap = proxy_bootstrap(dir.path(), port, upstream.port);
+    let yaml = std::fs::read_to_string(&bootstrap).expect("read bootstrap");
+    let pipe = format!(
+        "  - name: local\n    address: {{ pipe: {{ path: \"{}\" }} }}\n    filter_chains:\n    - filters:\n      \
+         - name: envoy.filters.network.tcp_proxy\n        typed_config:\n          \"@type\": \
+         type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          stat_prefix: local\n          \
+         cluster: upstream\n  clusters:\n",
+        dir.path().join("local.sock").display()
+    );
+    std::fs::write(&bootstrap, yaml.replacen("  clusters:\n", &pipe, 1)).expect("write bootstrap");
+    let mut proxy = Proxy { launcher: Launcher::start_envoy(Mode::Pid1, &[], &bootstrap), port, dir };
+    let clients = requests_in_flight(&proxy, &upstream);
+    let (_, log) = proxy.stop();
+    let ok = clients.into_iter().filter_map(|c| c.join().ok()).filter(|(r, _)| *r == Ok(200)).count();
+    assert_eq!(ok, IN_FLIGHT, "every request in flight got 200\n{log}");
+    assert!(log.contains("drain: polling Envoy every 100ms (a listener is not on a TCP port)"), "{log}");
+    assert!(log.contains("drain ended: connections reached the threshold"), "{log}");
+}
+
 #[test]
 fn without_the_drain_requests_in_flight_are_reset() {
     let upstream = Upstream::start(HOLD);

@@ -11,6 +11,11 @@ use tokio::time::Instant;
 
 use crate::admin::{AdminClient, Ignored, Listeners};
 
+mod closes;
+mod pace;
+
+use pace::Pace;
+
 /// The open downstream connections at the last poll; None before the first poll and when it failed.
 pub type Progress = watch::Sender<Option<u64>>;
 
@@ -123,14 +128,14 @@ pub fn after_poll(
 pub async fn run(admin: AdminClient, settings: DrainSettings, older: OlderEpoch, progress: Progress) -> DrainEnd {
     let started = Instant::now();
     let deadline = started + settings.timeout;
-    let steps = drain_steps(&admin, &settings, &older, started, &progress);
+    let steps = drain_steps(&admin, &settings, older, started, &progress);
     tokio::time::timeout_at(deadline, steps).await.unwrap_or(DrainEnd::Timeout)
 }
 
 async fn drain_steps(
     admin: &AdminClient,
     settings: &DrainSettings,
-    older: &OlderEpoch,
+    mut older: OlderEpoch,
     started: Instant,
     progress: &Progress,
 ) -> DrainEnd {
@@ -144,10 +149,12 @@ async fn drain_steps(
     }
     post(admin, &settings.drain_path(), &mut consecutive_errors).await;
     let ignored = ignored_listeners(admin, &settings.ignore).await;
+    let mut pace = Pace::start(admin, settings.poll).await;
     let mut polls = 0u32;
     loop {
         polls += 1;
-        let older_alive = *older.borrow();
+        pace.counting();
+        let older_alive = *older.borrow_and_update();
         let connections = match admin.connections_across_epochs(&settings.counted, &ignored, older_alive).await {
             Ok(open) => {
                 consecutive_errors = 0;
@@ -172,7 +179,22 @@ async fn drain_steps(
             tracing::info!("drain: {polls} connection polls of the admin in {took:.3} s");
             return end;
         }
-        tokio::time::sleep(settings.poll).await;
+        // Besides the pace: an older epoch's exit, or the end of the minimum with the count at the
+        // threshold, can end the drain too.
+        let min_over = started + settings.min;
+        let waits_for_min = connections.is_some_and(|open| open <= settings.connections) && Instant::now() < min_over;
+        tokio::select! {
+            _ = pace.next(connections, settings.connections) => {}
+            _ = exited(&mut older), if older_alive => {}
+            _ = tokio::time::sleep_until(min_over), if waits_for_min => {}
+        }
+    }
+}
+
+/// Resolves when the older epoch is seen gone (never, once nobody can say).
+async fn exited(older: &mut OlderEpoch) {
+    if older.wait_for(|alive| !alive).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -209,19 +231,26 @@ pub async fn old_family(admin: AdminClient, settings: DrainSettings, older_alive
         post(&admin, "/healthcheck/fail", &mut consecutive_errors).await;
         post(&admin, "/drain_listeners?graceful&skip_exit", &mut consecutive_errors).await;
         post(&admin, "/drain_listeners", &mut consecutive_errors).await;
+        // The new family listens on the same ports: their ends say nothing of the old family's.
+        let mut pace = Pace::steady(settings.poll);
         loop {
-            match admin.connections_across_epochs(&settings.counted, &Ignored::default(), older_alive).await {
+            let open = match admin.connections_across_epochs(&settings.counted, &Ignored::default(), older_alive).await
+            {
                 Ok(open) if open <= settings.connections => return DrainEnd::Threshold,
-                Ok(_) => consecutive_errors = 0,
+                Ok(open) => {
+                    consecutive_errors = 0;
+                    Some(open)
+                }
                 Err(e) => {
                     consecutive_errors += 1;
                     tracing::debug!("drain of the old family: {e}");
                     if consecutive_errors >= ADMIN_ERROR_LIMIT {
                         return DrainEnd::AdminUnreachable;
                     }
+                    None
                 }
-            }
-            tokio::time::sleep(settings.poll).await;
+            };
+            pace.next(open, settings.connections).await;
         }
     };
     tokio::time::timeout_at(until, steps).await.unwrap_or(DrainEnd::Timeout)

@@ -1,0 +1,186 @@
+//! Envoy's downstream connections as the kernel sees them end: the sock_diag netlink group
+//! `SKNLGRP_INET{,6}_TCP_DESTROY` announces every TCP socket of the network namespace as it is
+//! freed. A drain counts those whose local port is one of Envoy's listeners' and reads Envoy's
+//! count again only when enough of them have ended for it to have reached the threshold, instead
+//! of asking Envoy's admin at a steady pace: the last connection's end is seen within a round trip,
+//! at a fraction of the admin requests.
+//!
+//! A socket Envoy closes is freed once the peer has acknowledged the close (a round trip), or at
+//! once after a reset; a connection whose socket lingers (a peer that never answers) is caught by
+//! the drain's backstop poll.
+
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read};
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// Netlink multicast groups of `linux/sock_diag.h`.
+const SKNLGRP_INET_TCP_DESTROY: libc::c_int = 1;
+const SKNLGRP_INET6_TCP_DESTROY: libc::c_int = 3;
+/// `struct nlmsghdr` is 16 bytes; `struct inet_diag_msg` starts with family, state, timer,
+/// retrans (one byte each), then the socket id, whose first field is the source port (big endian).
+const NLMSG_HEADER: usize = 16;
+const SPORT_OFFSET: usize = NLMSG_HEADER + 4;
+const NLMSG_ERROR: u16 = 2;
+
+/// The subscription: one netlink socket, open for the length of a drain only (while it is open,
+/// the kernel builds a message for every TCP socket freed in the namespace).
+pub struct Closes {
+    socket: AsyncFd<std::fs::File>,
+    ports: HashSet<u16>,
+    /// Envoy's sockets freed since `restart_count`.
+    counted: u64,
+    /// The kernel dropped messages (a full receive buffer): how many ended is unknown.
+    overflowed: bool,
+}
+
+impl Closes {
+    /// Subscribes to the ends of the TCP connections whose local port is in `ports`.
+    pub fn subscribe(ports: HashSet<u16>) -> std::io::Result<Closes> {
+        // SAFETY: socket(2) with constant arguments; the descriptor is owned at once below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_nl is valid; bind(2) reads it for its length.
+        let bound = unsafe {
+            let mut address: libc::sockaddr_nl = std::mem::zeroed();
+            address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            libc::bind(
+                fd,
+                (&address as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if bound < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for group in [SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY] {
+            // SAFETY: setsockopt(2) reads one c_int from a live local for the given length.
+            let set = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_NETLINK,
+                    libc::NETLINK_ADD_MEMBERSHIP,
+                    (&group as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if set < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        let file = std::fs::File::from(owned);
+        // SAFETY: the File owns the descriptor and lives, unchanged, inside the AsyncFd.
+        let socket =
+            unsafe { AsyncFd::register_with_interest(file, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
+        Ok(Closes { socket, ports, counted: 0, overflowed: false })
+    }
+
+    /// Takes every message already queued, then counts from zero: called as a count is requested
+    /// from Envoy, whose answer includes every connection that ended before it.
+    pub fn restart_count(&mut self) {
+        self.read_queued();
+        self.counted = 0;
+        self.overflowed = false;
+    }
+
+    /// Waits until at least `wanted` of Envoy's sockets have been freed since `restart_count` (or
+    /// the kernel lost count). An error means no more can be learnt from the kernel.
+    pub async fn ended(&mut self, wanted: u64) -> std::io::Result<()> {
+        loop {
+            self.read_queued();
+            if self.counted >= wanted || self.overflowed {
+                return Ok(());
+            }
+            let mut ready = self.socket.readable().await?;
+            ready.clear_ready();
+        }
+    }
+
+    fn read_queued(&mut self) {
+        let mut buffer = [0u8; 8192];
+        loop {
+            match self.socket.get_ref().read(&mut buffer) {
+                Ok(0) => return,
+                Ok(read) => self.counted += freed_on(&buffer[..read], &self.ports),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // ENOBUFS: messages were dropped.
+                Err(_) => {
+                    self.overflowed = true;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// How many of the netlink messages in `datagram` announce a freed socket whose local port is in
+/// `ports`.
+fn freed_on(datagram: &[u8], ports: &HashSet<u16>) -> u64 {
+    let mut count = 0;
+    let mut rest = datagram;
+    while rest.len() >= NLMSG_HEADER {
+        let length = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        if length < NLMSG_HEADER || length > rest.len() {
+            break;
+        }
+        if kind != NLMSG_ERROR && length >= SPORT_OFFSET + 2 {
+            let port = u16::from_be_bytes([rest[SPORT_OFFSET], rest[SPORT_OFFSET + 1]]);
+            count += u64::from(ports.contains(&port));
+        }
+        // Messages are aligned to 4 bytes.
+        rest = &rest[length.next_multiple_of(4).min(rest.len())..];
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(sport: u16, kind: u16) -> Vec<u8> {
+        let mut m = vec![0u8; NLMSG_HEADER + 72];
+        let length = m.len() as u32;
+        m[..4].copy_from_slice(&length.to_ne_bytes());
+        m[4..6].copy_from_slice(&kind.to_ne_bytes());
+        m[SPORT_OFFSET..SPORT_OFFSET + 2].copy_from_slice(&sport.to_be_bytes());
+        m
+    }
+
+    #[test]
+    fn counts_the_freed_sockets_on_the_given_ports() {
+        let ports = HashSet::from([8080, 8443]);
+        let datagram = [message(8080, 20), message(40000, 20), message(8443, 20), message(8080, NLMSG_ERROR)].concat();
+        assert_eq!(freed_on(&datagram, &ports), 2);
+        assert_eq!(freed_on(&datagram[..10], &ports), 0, "a truncated header");
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_on_a_watched_port_is_seen() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mut closes = Closes::subscribe(HashSet::from([port])).expect("sock_diag destroy group");
+        closes.restart_count();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (served, _) = listener.accept().expect("accept");
+        drop(served);
+        tokio::time::timeout(std::time::Duration::from_secs(10), closes.ended(1))
+            .await
+            .expect("the server side's end within 10 s")
+            .expect("read");
+        drop(client);
+    }
+}

@@ -1,0 +1,85 @@
+//! When a drain reads Envoy's connection count again. A steady poll reacts half an interval late on
+//! average and costs Envoy's admin a request each time; where the kernel can tell (every listener
+//! on a TCP port, sock_diag available) the count is read again as soon as enough of Envoy's
+//! connections have ended for it to be at the threshold, with a slow poll as the backstop.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::closes::Closes;
+use crate::admin::AdminClient;
+
+/// With ends watched, the steady poll is this many times slower: it only catches what the kernel
+/// does not show in time (a socket that lingers after Envoy closed it, a peer that never answers).
+const BACKSTOP_FACTOR: u32 = 5;
+
+pub struct Pace {
+    closes: Option<Closes>,
+    poll: Duration,
+}
+
+impl Pace {
+    /// Watches the ends of connections on Envoy's listeners when it can, else polls every `poll`.
+    pub async fn start(admin: &AdminClient, poll: Duration) -> Pace {
+        let closes = match watchable_ports(admin).await {
+            Ok(ports) => match Closes::subscribe(ports) {
+                Ok(closes) => Some(closes),
+                Err(e) => {
+                    tracing::info!("drain: polling Envoy every {poll:?} (cannot watch connections end: {e})");
+                    None
+                }
+            },
+            Err(why) => {
+                tracing::info!("drain: polling Envoy every {poll:?} ({why})");
+                None
+            }
+        };
+        Pace { closes, poll }
+    }
+
+    /// A steady poll only.
+    pub fn steady(poll: Duration) -> Pace {
+        Pace { closes: None, poll }
+    }
+
+    /// Called as the count is requested: what ends from now on is what the answer may not include.
+    pub fn counting(&mut self) {
+        if let Some(closes) = &mut self.closes {
+            closes.restart_count();
+        }
+    }
+
+    /// Waits until the count is worth reading again, after it was `open` (None: the read failed)
+    /// against a `threshold`.
+    pub async fn next(&mut self, open: Option<u64>, threshold: u64) {
+        let Some(closes) = &mut self.closes else { return tokio::time::sleep(self.poll).await };
+        let backstop = tokio::time::sleep(self.poll * BACKSTOP_FACTOR);
+        let wanted = match open {
+            Some(open) if open > threshold => open - threshold,
+            // At the threshold already (the drain waits for something else), or the read failed.
+            _ => return backstop.await,
+        };
+        tokio::select! {
+            ended = closes.ended(wanted) => if let Err(e) = ended {
+                tracing::info!("drain: polling Envoy every {:?} (cannot watch connections end: {e})", self.poll);
+                self.closes = None;
+            },
+            _ = backstop => {}
+        }
+    }
+}
+
+/// The ports of Envoy's listeners, when the end of each of their connections is a TCP socket freed
+/// in this network namespace: every listener on a TCP port, none also bound for UDP (QUIC).
+async fn watchable_ports(admin: &AdminClient) -> Result<HashSet<u16>, String> {
+    let ports = admin.listener_ports().await.map_err(|e| format!("cannot list Envoy's listeners: {e}"))?;
+    let Some(ports) = ports.into_iter().collect::<Option<HashSet<u16>>>() else {
+        return Err("a listener is not on a TCP port".to_string());
+    };
+    let udp = procfs::net::udp().unwrap_or_default().into_iter().map(|e| e.local_address.port());
+    let udp6 = procfs::net::udp6().unwrap_or_default().into_iter().map(|e| e.local_address.port());
+    if let Some(port) = udp.chain(udp6).find(|port| ports.contains(port)) {
+        return Err(format!("port {port} is also bound for UDP, whose connections the kernel does not show"));
+    }
+    Ok(ports)
+}
