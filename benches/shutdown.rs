@@ -28,15 +28,16 @@ struct Run {
     /// From SIGTERM to Envoy's exit, and from the last response (or error) to Envoy's exit.
     sigterm_to_exit_ms: f64,
     last_response_to_exit_ms: f64,
-    /// sesame's connection polls of Envoy's admin per second of drain, from its log.
-    admin_polls_per_s: Option<f64>,
+    /// sesame's admin requests per second of drain (connection polls and the rest), from its log.
+    admin_requests_per_s: Option<f64>,
 }
 
-/// "drain: N connection polls of the admin in T s" → N / T.
-fn admin_polls_per_s(log: &str) -> Option<f64> {
-    let line = log.lines().find_map(|l| l.split_once("drain: ")?.1.strip_suffix(" s"))?;
-    let (polls, seconds) = line.split_once(" connection polls of the admin in ")?;
-    Some(polls.parse::<f64>().ok()? / seconds.parse::<f64>().ok()?)
+/// "drain: N connection polls of the admin in T s, R admin requests in all" → R / T.
+fn admin_requests_per_s(log: &str) -> Option<f64> {
+    let line = log.lines().find_map(|l| l.split_once("drain: ")?.1.strip_suffix(" admin requests in all"))?;
+    let (polls, requests) = line.split_once(" s, ")?;
+    let seconds = polls.split_once(" connection polls of the admin in ")?.1;
+    Some(requests.parse::<f64>().ok()? / seconds.parse::<f64>().ok()?)
 }
 
 fn start(launcher: &'static str, bootstrap: &Path) -> Launcher {
@@ -87,7 +88,7 @@ fn one_run(launcher: &'static str, in_flight: usize) -> Run {
         errors: in_flight - ok,
         sigterm_to_exit_ms: ms(signalled, envoy_exit),
         last_response_to_exit_ms: ms(last, envoy_exit),
-        admin_polls_per_s: admin_polls_per_s(&process.log()),
+        admin_requests_per_s: admin_requests_per_s(&process.log()),
     }
 }
 
@@ -99,7 +100,7 @@ fn main() {
     let mut all = Vec::new();
     println!("## Shutdown under load ({runs} runs each, upstream holds every response {HOLD:?}, init as PID 1)\n");
     println!(
-        "| init | in flight | requests sent | 200 | errors | SIGTERM → Envoy exit, ms | last response → Envoy exit, ms | admin polls/s in the drain |"
+        "| init | in flight | requests sent | 200 | errors | SIGTERM → Envoy exit, ms | last response → Envoy exit, ms | admin requests/s in the drain |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for in_flight in [20, 200] {
@@ -110,7 +111,7 @@ fn main() {
             let to_exit = Spread::of(&batch.iter().map(|r| r.sigterm_to_exit_ms).collect::<Vec<_>>());
             let reaction = Spread::of(&batch.iter().map(|r| r.last_response_to_exit_ms).collect::<Vec<_>>());
             let reaction = if errors == 0 { reaction.to_string() } else { "n/a (requests failed)".into() };
-            let polls: Vec<f64> = batch.iter().filter_map(|r| r.admin_polls_per_s).collect();
+            let polls: Vec<f64> = batch.iter().filter_map(|r| r.admin_requests_per_s).collect();
             let polls = if polls.is_empty() { "—".to_string() } else { Spread::of(&polls).to_string() };
             println!(
                 "| {launcher} | {in_flight} | {} | {ok} | {errors} | {to_exit} | {reaction} | {polls} |",

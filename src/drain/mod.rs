@@ -150,11 +150,15 @@ async fn drain_steps(
     post(admin, &settings.drain_path(), &mut consecutive_errors).await;
     let ignored = ignored_listeners(admin, &settings.ignore).await;
     let mut pace = Pace::start(admin, settings.poll).await;
+    // Every admin request of the drain: the two POSTs, the listing of ignored listeners, the
+    // pace's listing of ports; the polls are added as they go.
+    let mut requests = u32::from(settings.healthcheck_fail) + 1 + 2 * u32::from(!settings.ignore.is_empty()) + 1;
     let mut polls = 0u32;
     loop {
         polls += 1;
         pace.counting();
         let older_alive = *older.borrow_and_update();
+        requests += 1 + u32::from(older_alive);
         let connections = match admin.connections_across_epochs(&settings.counted, &ignored, older_alive).await {
             Ok(open) => {
                 consecutive_errors = 0;
@@ -176,7 +180,9 @@ async fn drain_steps(
         if let Some(end) = ended {
             // What the drain cost Envoy's admin (the benchmark reports it as requests per second).
             let took = started.elapsed().as_secs_f64();
-            tracing::info!("drain: {polls} connection polls of the admin in {took:.3} s");
+            tracing::info!(
+                "drain: {polls} connection polls of the admin in {took:.3} s, {requests} admin requests in all"
+            );
             return end;
         }
         // Besides the pace: an older epoch's exit, or the end of the minimum with the count at the
