@@ -49,6 +49,11 @@ impl AdminClient {
         AdminClient { http: HttpClient::new(address, REQUEST_TIMEOUT) }
     }
 
+    /// Over `kept` alone: a hot restart's older epoch, whose admin address its successor took.
+    pub fn kept_only(address: Endpoint, kept: KeptConnection) -> Self {
+        AdminClient { http: HttpClient::new(address, REQUEST_TIMEOUT).kept_only(kept) }
+    }
+
     /// Without the fallback on a kept connection.
     pub fn new_connections_only(self) -> Self {
         AdminClient { http: self.http.without_kept() }
@@ -111,9 +116,9 @@ impl AdminClient {
 }
 
 impl AdminClient {
-    /// The port of every listener (`/listeners`, which has the port a listener on port 0 was
-    /// given), or None for a listener on no port (a unix socket, an internal listener).
-    pub async fn listener_ports(&self) -> Result<Vec<Option<u16>>, HttpError> {
+    /// Every listener's name and port (`/listeners`, which has the port a listener on port 0 was
+    /// given); None for a listener on no port (a unix socket, an internal listener).
+    pub async fn listener_ports(&self) -> Result<Vec<(String, Option<u16>)>, HttpError> {
         const PATH: &str = "/listeners?format=json";
         let body = self.expect_ok(Method::GET, PATH).await?;
         let status: serde_json::Value = serde_json::from_slice(&body).map_err(|_| self.http.unreadable(PATH, &body))?;
@@ -123,7 +128,8 @@ impl AdminClient {
             let port = l.pointer("/local_address/socket_address/port_value")?.as_u64()?;
             u16::try_from(port).ok()
         };
-        Ok(listeners.iter().map(port).collect())
+        let name = |l: &serde_json::Value| l.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
+        Ok(listeners.iter().map(|l| (name(l), port(l))).collect())
     }
 }
 
@@ -178,24 +184,36 @@ impl AdminClient {
         parse_server_info(&body).ok_or_else(|| self.http.unreadable("/server_info", &body))
     }
 
-    /// Open connections for a drain: the listener gauges, and while an older epoch still runs, also
-    /// `server.total_connections`, the only stat that counts the old epoch's connections (refreshed
-    /// at each stats flush, so it may lag by one flush interval).
+    /// Open connections for a drain, and whether they are all counted. While a hot restart's older
+    /// epoch lives, its connections reach this epoch's listener gauges only at its stats flushes
+    /// (a merged share, stale in between). With `older` (that epoch's admin over its kept
+    /// connection) they are read from it and added: the sum is never below the truth (the merged
+    /// share only overstates, since the older epoch no longer accepts) and reaches the threshold at
+    /// most one stats flush after it. Without it, or when it does not answer,
+    /// `server.total_connections` (refreshed at each flush) is taken instead, and the count is not
+    /// complete: the drain then waits for the older epoch's exit.
     pub async fn connections_across_epochs(
         &self,
         counted: &Listeners,
         ignored: &Ignored,
-        older_epoch_alive: bool,
-    ) -> Result<u64, HttpError> {
+        older_alive: bool,
+        older: Option<&AdminClient>,
+    ) -> Result<(u64, bool), HttpError> {
         let own = self.downstream_connections(counted, ignored).await?;
-        if !older_epoch_alive {
-            return Ok(own);
+        if !older_alive {
+            return Ok((own, true));
+        }
+        if let Some(older) = older {
+            match older.downstream_connections(counted, ignored).await {
+                Ok(theirs) => return Ok((own + theirs, true)),
+                Err(e) => tracing::debug!("the older epoch's connections: {e}"),
+            }
         }
         const PATH: &str = "/stats?format=json&filter=%5Eserver%5C.total_connections%24";
         let body = self.expect_ok(Method::GET, PATH).await?;
         let total = sum_stats(&body, |name| name == "server.total_connections")
             .ok_or_else(|| self.http.unreadable(PATH, &body))?;
-        Ok(own.max(total))
+        Ok((own.max(total), false))
     }
 }
 

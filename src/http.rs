@@ -71,6 +71,8 @@ pub struct HttpClient {
     timeout: Duration,
     /// Asked when the endpoint takes no new connection.
     kept: Option<KeptConnection>,
+    /// Only the kept connection is asked: the address now belongs to another process.
+    kept_only: bool,
 }
 
 /// One HTTP/1.1 connection opened while the peer listened and kept idle (no traffic, no timer):
@@ -138,7 +140,13 @@ impl KeptConnection {
 
 impl HttpClient {
     pub fn new(endpoint: Endpoint, timeout: Duration) -> Self {
-        HttpClient { endpoint, timeout, kept: None }
+        HttpClient { endpoint, timeout, kept: None, kept_only: false }
+    }
+
+    /// Asks `kept` alone, never the endpoint: a hot restart's older epoch, whose admin address its
+    /// successor took over.
+    pub fn kept_only(self, kept: KeptConnection) -> Self {
+        HttpClient { kept: Some(kept), kept_only: true, ..self }
     }
 
     /// Falls back on `kept` when the endpoint takes no new connection.
@@ -147,7 +155,7 @@ impl HttpClient {
     }
 
     pub fn without_kept(self) -> Self {
-        HttpClient { kept: None, ..self }
+        HttpClient { kept: None, kept_only: false, ..self }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -176,6 +184,12 @@ impl HttpClient {
     }
 
     async fn request_unbounded(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError> {
+        if self.kept_only {
+            let closed =
+                || HttpError::Connect(self.endpoint.clone(), std::io::Error::other("the kept connection is closed"));
+            let kept = self.kept.as_ref().ok_or_else(closed)?;
+            return kept.request(&self.endpoint, method, path).await.unwrap_or_else(|| Err(closed()));
+        }
         match self.request_new(method.clone(), path).await {
             Err(HttpError::Connect(endpoint, e)) => match &self.kept {
                 Some(kept) => {

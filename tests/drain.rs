@@ -111,7 +111,7 @@ fn a_listener_on_a_unix_socket_keeps_the_steady_poll() {
     let (_, log) = proxy.stop();
     let ok = clients.into_iter().filter_map(|c| c.join().ok()).filter(|(r, _)| *r == Ok(200)).count();
     assert_eq!(ok, IN_FLIGHT, "every request in flight got 200\n{log}");
-    assert!(log.contains("drain: polling Envoy every 100ms (a listener is not on a TCP port)"), "{log}");
+    assert!(log.contains("drain: polling Envoy every 100ms (listener 'local' is not on a TCP port)"), "{log}");
     assert!(log.contains("drain ended: connections reached the threshold"), "{log}");
 }
 

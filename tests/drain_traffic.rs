@@ -23,6 +23,9 @@ struct LateClients {
     told_to_close: usize,
     refused: usize,
     drain: Duration,
+    /// sesame's reads of Envoy's count, and the drain's length, from its log.
+    polls: u32,
+    polled_for: f64,
 }
 
 /// One request on a new connection: Some(told to close) when answered 200, None when refused.
@@ -66,6 +69,10 @@ fn late_clients(keep_listening: &str) -> LateClients {
     late.drain = started.elapsed();
     assert_eq!(slow.join().expect("slow client"), Ok(200), "the in-flight request is answered");
     assert_eq!(launcher.exit_code(Duration::from_secs(20)), 0, "log:\n{}", launcher.log());
+    let log = launcher.log();
+    let polls = log.lines().find_map(|l| l.split_once("drain: ")?.1.split_once(" s, ")).map(|(polls, _)| polls);
+    let (polls, seconds) = polls.and_then(|p| p.split_once(" connection polls of the admin in ")).expect("poll count");
+    (late.polls, late.polled_for) = (polls.parse().expect("polls"), seconds.parse().expect("seconds"));
     late
 }
 
@@ -76,6 +83,15 @@ fn late_clients_during_a_drain_are_answered_and_told_to_close_not_refused() {
     // The drain lasts as long as the slow request (3 s): late clients came well past Envoy's 1 s.
     assert!(late.answered >= 20, "{late:?}");
     assert_eq!(late.told_to_close, late.answered, "every late client is told to close: {late:?}");
+    // Each late client's end is a connection that ends; the reads they bring are spaced out, up to
+    // the steady poll's 100 ms: no more than it would make, with a few quick ones at the start.
+    let steady = (late.polled_for * 10.0) as u32;
+    assert!(
+        late.polls <= steady + 10,
+        "{} reads in {} s: more than the steady poll's {steady} + 10",
+        late.polls,
+        late.polled_for
+    );
 }
 
 #[test]

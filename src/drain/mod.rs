@@ -106,12 +106,12 @@ pub fn after_poll(
     elapsed: Duration,
     connections: Option<u64>,
     consecutive_errors: u32,
-    older_alive: bool,
+    older_uncounted: bool,
 ) -> Option<DrainEnd> {
-    // While an older epoch lives, its connections are not counted in time (they reach the current
-    // epoch's stats at its next flush, seconds later): the drain waits for it to exit, which it
-    // does on its own at its parent shutdown time.
-    let done = connections.is_some_and(|open| open <= settings.connections) && !older_alive;
+    // An older epoch whose connections could not be read from it: they reach the current epoch's
+    // stats only at its next flush, seconds later, so the drain waits for its exit, which it does on
+    // its own at its parent shutdown time.
+    let done = connections.is_some_and(|open| open <= settings.connections) && !older_uncounted;
     if done && elapsed >= settings.min {
         return Some(DrainEnd::Threshold);
     }
@@ -125,9 +125,17 @@ pub fn after_poll(
 }
 
 /// Runs the drain, publishing each poll's count in `progress`; returns how it ended.
-pub async fn run(admin: AdminClient, settings: DrainSettings, older: OlderEpoch, progress: Progress) -> DrainEnd {
+/// `older_admin` reaches the older epoch of a hot restart, if one lives, over its kept connection.
+pub async fn run(
+    admin: AdminClient,
+    settings: DrainSettings,
+    older: OlderEpoch,
+    older_admin: Option<AdminClient>,
+    progress: Progress,
+) -> DrainEnd {
     let started = Instant::now();
     let deadline = started + settings.timeout;
+    let older = Older { alive: older, admin: older_admin };
     let steps = drain_steps(&admin, &settings, older, started, &progress);
     tokio::time::timeout_at(deadline, steps).await.unwrap_or(DrainEnd::Timeout)
 }
@@ -135,7 +143,7 @@ pub async fn run(admin: AdminClient, settings: DrainSettings, older: OlderEpoch,
 async fn drain_steps(
     admin: &AdminClient,
     settings: &DrainSettings,
-    mut older: OlderEpoch,
+    mut older: Older,
     started: Instant,
     progress: &Progress,
 ) -> DrainEnd {
@@ -149,7 +157,7 @@ async fn drain_steps(
     }
     post(admin, &settings.drain_path(), &mut consecutive_errors).await;
     let ignored = ignored_listeners(admin, &settings.ignore).await;
-    let mut pace = Pace::start(admin, settings.poll).await;
+    let mut pace = Pace::start(admin, settings.poll, &settings.ignore).await;
     // Every admin request of the drain: the two POSTs, the listing of ignored listeners, the
     // pace's listing of ports; the polls are added as they go.
     let mut requests = u32::from(settings.healthcheck_fail) + 1 + 2 * u32::from(!settings.ignore.is_empty()) + 1;
@@ -157,12 +165,14 @@ async fn drain_steps(
     loop {
         polls += 1;
         pace.counting();
-        let older_alive = *older.borrow_and_update();
+        let older_alive = *older.alive.borrow_and_update();
+        // A second request while an older epoch lives (a third when it does not answer).
         requests += 1 + u32::from(older_alive);
-        let connections = match admin.connections_across_epochs(&settings.counted, &ignored, older_alive).await {
-            Ok(open) => {
+        let read = admin.connections_across_epochs(&settings.counted, &ignored, older_alive, older.admin.as_ref());
+        let (connections, older_uncounted) = match read.await {
+            Ok((open, complete)) => {
                 consecutive_errors = 0;
-                Some(open)
+                (Some(open), !complete)
             }
             Err(e) => {
                 consecutive_errors += 1;
@@ -172,11 +182,11 @@ async fn drain_steps(
                 } else {
                     tracing::debug!("drain: {e}");
                 }
-                None
+                (None, older_alive)
             }
         };
         progress.send_replace(connections);
-        let ended = after_poll(settings, started.elapsed(), connections, consecutive_errors, older_alive);
+        let ended = after_poll(settings, started.elapsed(), connections, consecutive_errors, older_uncounted);
         if let Some(end) = ended {
             // What the drain cost Envoy's admin (the benchmark reports it as requests per second).
             let took = started.elapsed().as_secs_f64();
@@ -191,10 +201,16 @@ async fn drain_steps(
         let waits_for_min = connections.is_some_and(|open| open <= settings.connections) && Instant::now() < min_over;
         tokio::select! {
             _ = pace.next(connections, settings.connections) => {}
-            _ = exited(&mut older), if older_alive => {}
+            _ = exited(&mut older.alive), if older_alive => {}
             _ = tokio::time::sleep_until(min_over), if waits_for_min => {}
         }
     }
+}
+
+/// A hot restart's older epoch: whether it lives, and its admin over its kept connection.
+struct Older {
+    alive: OlderEpoch,
+    admin: Option<AdminClient>,
 }
 
 /// Resolves when the older epoch is seen gone (never, once nobody can say).
@@ -239,11 +255,12 @@ pub async fn old_family(admin: AdminClient, settings: DrainSettings, older_alive
         post(&admin, "/drain_listeners", &mut consecutive_errors).await;
         // The new family listens on the same ports: their ends say nothing of the old family's.
         let mut pace = Pace::steady(settings.poll);
+        let none_ignored = Ignored::default();
         loop {
-            let open = match admin.connections_across_epochs(&settings.counted, &Ignored::default(), older_alive).await
-            {
-                Ok(open) if open <= settings.connections => return DrainEnd::Threshold,
-                Ok(open) => {
+            let read = admin.connections_across_epochs(&settings.counted, &none_ignored, older_alive, None);
+            let open = match read.await {
+                Ok((open, _)) if open <= settings.connections => return DrainEnd::Threshold,
+                Ok((open, _)) => {
                     consecutive_errors = 0;
                     Some(open)
                 }
@@ -320,7 +337,7 @@ mod tests {
         let (progress, polls) = watch::channel(Some(7));
         let started = Instant::now();
         let (_older, older_alive) = watch::channel(false);
-        let end = run(admin, settings(), older_alive, progress).await;
+        let end = run(admin, settings(), older_alive, None, progress).await;
         assert_eq!(end, DrainEnd::AdminUnreachable);
         // Two failed POSTs, then polls 100 ms apart until five failures in a row: the third poll.
         assert_eq!(started.elapsed(), Duration::from_millis(200));

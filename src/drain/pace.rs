@@ -6,22 +6,34 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::closes::Closes;
 use crate::admin::AdminClient;
 
 /// With ends watched, the steady poll is this many times slower: it only catches what the kernel
-/// does not show in time (a socket that lingers after Envoy closed it, a peer that never answers).
+/// does not show in time (a socket that lingers after Envoy closed it, a peer that never answers,
+/// an older epoch's share of the count that changes at its stats flush).
 const BACKSTOP_FACTOR: u32 = 5;
+
+/// The first read that ends bring is at once; each one after it waits twice as long since the
+/// previous read, up to the steady interval: new connections that keep coming and going (late
+/// clients, a scraper) cannot make the drain ask Envoy more often than the steady poll would.
+const FIRST_SPACING: Duration = Duration::from_millis(1);
 
 pub struct Pace {
     closes: Option<Closes>,
     poll: Duration,
+    /// The least time between the last read and one that ends bring.
+    spacing: Duration,
+    last_read: Instant,
 }
 
 impl Pace {
-    /// Watches the ends of connections on Envoy's listeners when it can, else polls every `poll`.
-    pub async fn start(admin: &AdminClient, poll: Duration) -> Pace {
-        let closes = match watchable_ports(admin).await {
+    /// Watches the ends of connections on Envoy's listeners when it can (leaving out those of the
+    /// listeners whose names `ignore` matches), else polls every `poll`.
+    pub async fn start(admin: &AdminClient, poll: Duration, ignore: &[regex::Regex]) -> Pace {
+        let closes = match watchable_ports(admin, ignore).await {
             Ok(ports) => match Closes::subscribe(ports) {
                 Ok(closes) => Some(closes),
                 Err(e) => {
@@ -34,16 +46,17 @@ impl Pace {
                 None
             }
         };
-        Pace { closes, poll }
+        Pace { closes, poll, spacing: Duration::ZERO, last_read: Instant::now() }
     }
 
     /// A steady poll only.
     pub fn steady(poll: Duration) -> Pace {
-        Pace { closes: None, poll }
+        Pace { closes: None, poll, spacing: Duration::ZERO, last_read: Instant::now() }
     }
 
     /// Called as the count is requested: what ends from now on is what the answer may not include.
     pub fn counting(&mut self) {
+        self.last_read = Instant::now();
         if let Some(closes) = &mut self.closes {
             closes.restart_count();
         }
@@ -59,26 +72,41 @@ impl Pace {
             // At the threshold already (the drain waits for something else), or the read failed.
             _ => return backstop.await,
         };
+        let not_before = self.last_read + self.spacing;
+        let ended = async {
+            closes.ended(wanted).await?;
+            tokio::time::sleep_until(not_before).await;
+            std::io::Result::Ok(())
+        };
         tokio::select! {
-            ended = closes.ended(wanted) => if let Err(e) = ended {
-                tracing::info!("drain: polling Envoy every {:?} (cannot watch connections end: {e})", self.poll);
-                self.closes = None;
-            },
+            ended = ended => {
+                self.spacing = (self.spacing * 2).clamp(FIRST_SPACING, self.poll);
+                if let Err(e) = ended {
+                    tracing::info!("drain: polling Envoy every {:?} (cannot watch connections end: {e})", self.poll);
+                    self.closes = None;
+                }
+            }
             _ = backstop => {}
         }
     }
 }
 
-/// The ports of Envoy's listeners, when the end of each of their connections is a TCP socket freed
-/// in this network namespace: every listener on a TCP port, none also bound for UDP (QUIC).
-async fn watchable_ports(admin: &AdminClient) -> Result<HashSet<u16>, String> {
-    let ports = admin.listener_ports().await.map_err(|e| format!("cannot list Envoy's listeners: {e}"))?;
-    let Some(ports) = ports.into_iter().collect::<Option<HashSet<u16>>>() else {
-        return Err("a listener is not on a TCP port".to_string());
-    };
+/// The ports of Envoy's listeners (but those `ignore` names, unless a counted one shares the port),
+/// when the end of each of their connections is a TCP socket freed in this network namespace:
+/// every listener on a TCP port, none also bound for UDP (QUIC).
+async fn watchable_ports(admin: &AdminClient, ignore: &[regex::Regex]) -> Result<HashSet<u16>, String> {
+    let listeners = admin.listener_ports().await.map_err(|e| format!("cannot list Envoy's listeners: {e}"))?;
+    let mut ports = HashSet::new();
+    for (name, port) in &listeners {
+        let Some(port) = port else { return Err(format!("listener '{name}' is not on a TCP port")) };
+        if !ignore.iter().any(|r| r.is_match(name)) {
+            ports.insert(*port);
+        }
+    }
     let udp = procfs::net::udp().unwrap_or_default().into_iter().map(|e| e.local_address.port());
     let udp6 = procfs::net::udp6().unwrap_or_default().into_iter().map(|e| e.local_address.port());
-    if let Some(port) = udp.chain(udp6).find(|port| ports.contains(port)) {
+    let all: HashSet<u16> = listeners.iter().filter_map(|(_, port)| *port).collect();
+    if let Some(port) = udp.chain(udp6).find(|port| all.contains(port)) {
         return Err(format!("port {port} is also bound for UDP, whose connections the kernel does not show"));
     }
     Ok(ports)

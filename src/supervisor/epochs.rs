@@ -70,6 +70,12 @@ impl Epoch {
         let endpoint = self.admin_answered.clone().or_else(|| self.admin.as_ref()?.resolve())?;
         Some(AdminClient::new(endpoint).with_kept(self.admin_kept.clone()))
     }
+
+    /// Its admin over the connection kept to it alone: its address may be a newer epoch's now.
+    pub fn kept_admin_client(&self) -> Option<AdminClient> {
+        let endpoint = self.admin_answered.clone().or_else(|| self.admin.as_ref()?.resolve())?;
+        Some(AdminClient::kept_only(endpoint, self.admin_kept.clone()))
+    }
 }
 
 /// The live epochs, oldest first, and the number of the current one: the one that serves, whose

@@ -91,10 +91,11 @@ impl<P: Processes> Supervisor<P> {
                             self.settings.drain.timeout
                         );
                         let older = self.older_alive.subscribe();
+                        let older_admin = self.epochs.older().and_then(|e| e.kept_admin_client());
                         let (publish, progress) = watch::channel(None);
                         let (settings, events) = (self.settings.drain.clone(), self.events.clone());
                         let task = tokio::spawn(async move {
-                            let end = drain::run(admin, settings, older, publish).await;
+                            let end = drain::run(admin, settings, older, older_admin, publish).await;
                             let _ = events.send(Event::DrainEnded(end));
                         });
                         self.phase = Phase::Draining { started: Instant::now(), task, progress };
