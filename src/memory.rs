@@ -3,12 +3,46 @@
 //! of its neighbours; none of it runs again while Envoy serves and nothing happens. Once an epoch
 //! is LIVE, the read-only file mappings are dropped from the launcher's page tables (their pages
 //! stay in the page cache, shared, and come back from the file when next touched) and free heap
-//! memory goes back to the kernel. Idle VmRSS is then mostly what the launcher really holds.
+//! memory goes back to the kernel; so again a second after each control request. Idle VmRSS is
+//! then mostly what the launcher really holds.
 
 use std::ffi::c_void;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// Quiet time after the last activity before the pages are given back.
+const QUIET: Duration = Duration::from_secs(1);
+
+static ACTIVITY: Notify = Notify::const_new();
+
+/// Something ran that a resting launcher does not (an epoch came up, a control request was
+/// answered: a health probe every few seconds touches 2 MiB of code and grows the heap by half a
+/// MiB): the pages go back once the launcher has been quiet for a second.
+pub fn after_activity() {
+    ACTIVITY.notify_one();
+}
+
+/// Gives the pages back a second after each burst of activity; sleeps, without a timer, between.
+pub async fn give_back_when_quiet() {
+    loop {
+        ACTIVITY.notified().await;
+        while tokio::time::timeout(QUIET, ACTIVITY.notified()).await.is_ok() {}
+        give_back_idle_pages();
+    }
+}
+
+/// Wakes `give_back_when_quiet` when dropped: held by whatever serves a control connection.
+pub struct Activity;
+
+impl Drop for Activity {
+    fn drop(&mut self) {
+        after_activity();
+    }
+}
 
 /// Gives back the pages of code and constants that start-up touched, and the free heap.
-pub fn give_back_idle_pages() {
+fn give_back_idle_pages() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free memory of the heap to the kernel.
     unsafe {

@@ -91,6 +91,7 @@ where
 {
     tokio::spawn(async move {
         let _permit = permit;
+        let _activity = crate::memory::Activity;
         let (ends_by, mut end) = tokio::sync::watch::channel(None);
         let service = service_fn(move |request| {
             let (api, ends_by) = (api.clone(), ends_by.clone());

@@ -168,6 +168,7 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
     };
     tracing::debug!("running as {}", if mode == InitMode::Pid1 { "PID 1" } else { "a child subreaper" });
     process::ignore_tty_stop_signals();
+    tokio::spawn(crate::memory::give_back_when_quiet());
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let signal_events = events_tx.clone();
@@ -306,7 +307,7 @@ impl<P: Processes> Supervisor<P> {
         self.older_alive.send_if_modified(|alive| std::mem::replace(alive, older) != older);
         if live {
             // Start-up or a reload is over: what it touched is not needed while Envoy serves.
-            crate::memory::give_back_idle_pages();
+            crate::memory::after_activity();
         }
         exit
     }
