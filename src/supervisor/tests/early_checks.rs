@@ -88,11 +88,13 @@ async fn checks_of_files_that_changed_since_are_not_taken_over() {
     let mut h = Harness::serving();
     h.files_changing();
     let validator = h.early_preflight().await;
-    h.exit(validator, Exit::Code(0));
+    std::fs::write(h.dir.path().join("envoy-validate.log"), "[x][critical][main] error: half a pair\n").expect("log");
+    h.exit(validator, Exit::Code(1));
     h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
-    // Written after the checks, its event not handled yet when the debounce ends.
+    // The rest of the pair, written after the checks; its event not handled yet when the debounce ends.
     std::fs::write(h.bootstrap(), "static_resources: { clusters: [] }\n").expect("write");
     h.files_settled();
+    assert!(h.sup.status().last_reload.is_none(), "no refusal for files that are no longer there");
     assert_eq!(h.sup.status().reload, Some("checking certificates"), "checked again, from the start");
     h.validator_passes().await;
     assert_eq!(h.validators(), 2);
