@@ -135,7 +135,10 @@ impl<P: Processes> Supervisor<P> {
         }
         let preflight = match result {
             Ok(preflight) => preflight,
-            Err(reason) => return self.early_stage(Stage::Failed { input, reason }),
+            Err(reason) => {
+                tracing::debug!("checks while the files settle failed: {reason}");
+                return self.early_stage(Stage::Failed { input, reason });
+            }
         };
         if preflight.binary.is_some() && self.binary.is_some() && preflight.binary != self.binary {
             // A new Envoy binary: the reload's own steps check its hot restart version first.
@@ -171,8 +174,14 @@ impl<P: Processes> Supervisor<P> {
         let Some(checks) = &mut self.early.checks else { return };
         let stage = std::mem::replace(&mut checks.stage, Stage::Preflight);
         checks.stage = match (stage, result) {
-            (Stage::Validating { checked, binary, .. }, Ok(())) => Stage::Passed { checked, binary },
-            (Stage::Validating { checked, .. }, Err(reason)) => Stage::Failed { input: checked.input, reason },
+            (Stage::Validating { checked, binary, .. }, Ok(())) => {
+                tracing::debug!("checks while the files settle passed");
+                Stage::Passed { checked, binary }
+            }
+            (Stage::Validating { checked, .. }, Err(reason)) => {
+                tracing::debug!("checks while the files settle failed: {reason}");
+                Stage::Failed { input: checked.input, reason }
+            }
             (other, _) => other,
         };
     }
