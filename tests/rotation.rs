@@ -213,6 +213,8 @@ fn certificate_without_its_key_waits_for_the_key() {
 fn a_bad_write_then_a_good_one_within_the_debounce_serves_the_good_one_unrefused() {
     // A debounce long enough for the checks of the bad write to end within it on a loaded machine.
     let tls = start_tls(false, &["--reload-debounce", "3s"]);
+    // Checks run early only once sesame has seen epoch 0 LIVE (Envoy answers /ready a poll before).
+    tls.launcher.wait_for_status("epoch 0 LIVE", |s| s["ready"] == true);
     replace_file(&tls.cert, "garbage\n");
     tls.launcher.wait_for_log("checks while the files settle failed");
     let (cert, key) = certificate(2);
