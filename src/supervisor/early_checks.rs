@@ -96,6 +96,7 @@ impl<P: Processes> Supervisor<P> {
         };
         if !current {
             self.discard_early_checks();
+            tracing::debug!("a watched file changed: checking the files while they settle");
             self.spawn_early_preflight();
         }
     }
