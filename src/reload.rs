@@ -118,7 +118,7 @@ pub struct Input {
 }
 
 impl Input {
-    fn read(files: Vec<PathBuf>) -> Input {
+    pub fn read(files: Vec<PathBuf>) -> Input {
         let fingerprint = fingerprint(&files);
         Input { files, fingerprint }
     }

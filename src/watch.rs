@@ -1,8 +1,9 @@
 //! Watching the files a hot restart depends on: the bootstrap, every file it references, and the
 //! user's `--watch` paths. Directories are watched, not inodes, so that a rename into place, an
 //! editor's replace and the Kubernetes `..data` symlink swap are all seen. After the debounce, the
-//! contents are hashed: only a real change is reported (a touch is not). The watcher only reports
-//! what changed to the callback it was given; it never restarts anything.
+//! contents are hashed: only a real change is reported (a touch is not). The first event of a
+//! debounce is reported too, so that the checks of a reload can run while the files settle. The
+//! watcher only reports to the callback it was given; it never restarts anything.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -57,12 +58,21 @@ impl Relevant {
     }
 }
 
+/// What the watcher reports.
+#[derive(Debug)]
+pub enum Change {
+    /// A watched file was touched: a debounce runs. Whether its content changed is not known yet.
+    Begun,
+    /// The debounce ended: the files whose content changed (none for a touch or a change undone).
+    Settled(Vec<PathBuf>),
+}
+
 /// Content hash of each watched file; None when it cannot be read (missing, for instance).
 type Snapshot = BTreeMap<PathBuf, Option<u64>>;
 
 impl WatchSpec {
     /// The files watched now: re-read each time, since the bootstrap may name new ones.
-    fn files(&self) -> Vec<PathBuf> {
+    pub fn files(&self) -> Vec<PathBuf> {
         let mut files = BTreeSet::new();
         if let Some(command) = &self.envoy_command {
             // The bootstrap is watched even when it does not parse: its repair must be seen.
@@ -130,12 +140,10 @@ fn changed(before: &Snapshot, after: &Snapshot) -> Vec<PathBuf> {
     keys.into_iter().filter(|k| before.get(*k) != after.get(*k)).cloned().collect()
 }
 
-/// Starts watching; every real change, debounced, is handed to `changed_files` with the files that
-/// changed. Watching ends when it returns false.
-pub fn start(
-    spec: WatchSpec,
-    mut changed_files: impl FnMut(Vec<PathBuf>) -> bool + Send + 'static,
-) -> notify::Result<()> {
+/// Starts watching; each debounce is handed to `report`: `Begun` at its first event and at each
+/// event during it, `Settled` with the files whose content changed at its end. Watching ends when
+/// `report` returns false.
+pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 'static) -> notify::Result<()> {
     let (notify_tx, mut notifications) = mpsc::unbounded_channel::<()>();
     let files = spec.files();
     let relevant = Arc::new(Mutex::new(Relevant::new(&spec, &files)));
@@ -160,13 +168,26 @@ pub fn start(
 
     tokio::spawn(async move {
         while notifications.recv().await.is_some() {
+            // One report for a burst of events (a rename brings several).
+            while notifications.try_recv().is_ok() {}
+            if !report(Change::Begun) {
+                return;
+            }
             // Debounce: wait until the watched files have been quiet for the debounce time, but
             // never longer than the cap from the first change.
             let cap = tokio::time::sleep(spec.debounce_max);
             tokio::pin!(cap);
             loop {
                 tokio::select! {
-                    more = notifications.recv() => if more.is_none() { return },
+                    more = notifications.recv() => {
+                        if more.is_none() {
+                            return;
+                        }
+                        while notifications.try_recv().is_ok() {}
+                        if !report(Change::Begun) {
+                            return;
+                        }
+                    }
                     _ = tokio::time::sleep(spec.debounce) => break,
                     _ = &mut cap => break,
                 }
@@ -185,7 +206,7 @@ pub fn start(
             *relevant.lock().unwrap_or_else(|p| p.into_inner()) = Relevant::new(&spec, &files);
             let changed = changed(&last, &current);
             last = current;
-            if !changed.is_empty() && !changed_files(changed) {
+            if !report(Change::Settled(changed)) {
                 return;
             }
         }

@@ -210,6 +210,29 @@ fn certificate_without_its_key_waits_for_the_key() {
 }
 
 #[test]
+fn a_bad_write_then_a_good_one_within_the_debounce_serves_the_good_one_unrefused() {
+    // A debounce long enough for the checks of the bad write to end within it on a loaded machine.
+    let tls = start_tls(false, &["--reload-debounce", "3s"]);
+    // Checks run early only once sesame has seen epoch 0 LIVE (Envoy answers /ready a poll before).
+    tls.launcher.wait_for_status("epoch 0 LIVE", |s| s["ready"] == true);
+    replace_file(&tls.cert, "garbage\n");
+    tls.launcher.wait_for_log("checks while the files settle failed");
+    let (cert, key) = certificate(2);
+    replace_file(&tls.key, &key);
+    replace_file(&tls.cert, &cert);
+    tls.wait_for_serial(2, Duration::from_secs(3) + Duration::from_secs(15));
+    tls.wait_for_epoch(1);
+    let log = tls.launcher.log();
+    assert_eq!(tls.launcher.status()["last_reload"]["result"], "success", "{log}");
+    assert!(!log.contains("refused"), "{log}");
+    assert!(
+        log.contains("since the first change, for a hot restart to epoch 1"),
+        "checked while the files settled:\n{log}"
+    );
+    tls.stop();
+}
+
+#[test]
 fn bootstrap_syntax_error_changes_nothing() {
     let tls = start_tls(false, &[]);
     let good = std::fs::read_to_string(&tls.bootstrap).expect("read");

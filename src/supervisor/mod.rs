@@ -19,6 +19,7 @@
 //! by a generation number, so the state machine runs the same under unit tests with a fake process
 //! layer and tokio's paused time.
 
+mod early_checks;
 mod epochs;
 mod exits;
 mod handover;
@@ -64,8 +65,16 @@ type Generation = u64;
 enum Event {
     Signal(i32),
     DrainEnded(DrainEnd),
-    /// Watched files whose content changed (debounced).
+    /// A watched file was touched: a debounce runs.
+    FilesChanging,
+    /// A debounce ended: the watched files whose content changed (maybe none).
     FilesChanged(Vec<PathBuf>),
+    /// The preflight of the checks run during a debounce, on `input`.
+    EarlyPreflight {
+        attempt: Generation,
+        input: crate::reload::Input,
+        result: Result<Preflight, String>,
+    },
     Preflight {
         attempt: Generation,
         result: Result<Preflight, String>,
@@ -155,6 +164,8 @@ struct Supervisor<P: Processes> {
     /// The Envoy binary the serving family runs: a reload that would run another checks first
     /// whether a hot restart across them can work.
     binary: Option<BinaryId>,
+    /// The checks run while the watched files settle.
+    early: early_checks::Early,
 }
 
 /// Runs `launch` to completion and returns the status the launcher exits with.
@@ -222,9 +233,14 @@ impl<P: Processes> Supervisor<P> {
         // Watched from before epoch 0 reads the files: a change in between is a change.
         if launch.is_envoy() && !settings.watch.is_empty() {
             let changes = events.clone();
-            if let Err(e) =
-                watch::start(settings.watch.clone(), move |files| changes.send(Event::FilesChanged(files)).is_ok())
-            {
+            let report = move |change| {
+                let event = match change {
+                    watch::Change::Begun => Event::FilesChanging,
+                    watch::Change::Settled(files) => Event::FilesChanged(files),
+                };
+                changes.send(event).is_ok()
+            };
+            if let Err(e) = watch::start(settings.watch.clone(), report) {
                 tracing::warn!("cannot watch files for changes ({e}): hot restarts only on SIGHUP");
             }
         }
@@ -264,6 +280,7 @@ impl<P: Processes> Supervisor<P> {
             expected_abort: None,
             recovery,
             binary: argv.first().and_then(|program| BinaryId::of(program)),
+            early: early_checks::Early::default(),
         };
         match admin {
             // Ready once Envoy says it is LIVE, however long its initialisation (xDS, say) takes.
@@ -319,11 +336,15 @@ impl<P: Processes> Supervisor<P> {
             Event::DrainEnded(end) => self.on_drain_ended(end),
             Event::FamilyDrained { attempt, end } => self.on_family_drained(attempt, end),
             Event::VersionChecked { attempt, result } => self.on_version_checked(attempt, result),
+            Event::FilesChanging => self.on_files_changing(),
+            Event::FilesChanged(files) if files.is_empty() => self.discard_early_checks(),
             Event::FilesChanged(files) => {
                 let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-                let _ = self.request_reload(format!("changed: {}", names.join(", ")), None, false);
+                let _ = self.request_reload(format!("changed: {}", names.join(", ")), None, false, true);
             }
+            Event::EarlyPreflight { attempt, input, result } => self.on_early_preflight(attempt, input, result),
             Event::Preflight { attempt, result } => self.on_preflight(attempt, result),
+            Event::Validated { attempt, result } if self.is_early_attempt(attempt) => self.on_early_validated(result),
             Event::Validated { attempt, result } => self.on_validated(attempt, result),
             Event::EpochLive { epoch, poll, result } => self.on_epoch_live(epoch, poll, result),
             Event::Control(request) => self.on_control(request),
@@ -340,7 +361,7 @@ impl<P: Processes> Supervisor<P> {
             Intent::Reap => return self.reap(),
             Intent::Stop => self.on_stop(&signal_name(sig), sig),
             Intent::Reload => {
-                if let Err(refusal) = self.request_reload("SIGHUP".into(), None, false) {
+                if let Err(refusal) = self.request_reload("SIGHUP".into(), None, false, false) {
                     // systemd's notify-reload waits for RELOADING=1 then READY=1 after a SIGHUP.
                     self.systemd.reloading("reload refused");
                     self.systemd.ready(&format!("reload refused: {refusal}"));
@@ -381,6 +402,9 @@ impl<P: Processes> Supervisor<P> {
     fn on_deadline(&mut self, generation: Generation) -> Option<Exit> {
         if self.phase.deadline() == Some(generation) {
             return self.on_stop_deadline();
+        }
+        if self.on_early_deadline(generation) {
+            return None;
         }
         if self.recovery.due(generation) {
             self.recover_now();
@@ -427,7 +451,7 @@ impl<P: Processes> Supervisor<P> {
             ControlRequest::Shutdown(reply) => self.on_shutdown_request(reply),
             ControlRequest::Reload { reply, cold } => {
                 let trigger = if cold { "control API (cold)" } else { "control API" };
-                let _ = self.request_reload(trigger.into(), Some(reply), cold);
+                let _ = self.request_reload(trigger.into(), Some(reply), cold, false);
             }
             ControlRequest::EnvoyAdmin(reply) => {
                 let _ = reply.send(self.current_admin_endpoint());

@@ -92,7 +92,7 @@ impl<P: Processes> Supervisor<P> {
     /// The recovery timer fired: a cold handover now.
     pub(super) fn recover_now(&mut self) {
         let Some(why) = self.blocked.clone() else { return };
-        let _ = self.request_reload(format!("recovery ({why})"), None, true);
+        let _ = self.request_reload(format!("recovery ({why})"), None, true, false);
     }
 
     /// Records how a cold handover ended (`why` it ran, how long it took).

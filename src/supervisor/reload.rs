@@ -21,6 +21,7 @@ impl<P: Processes> Supervisor<P> {
         trigger: String,
         waiter: Option<ReloadReply>,
         cold: bool,
+        files_settled: bool,
     ) -> Result<(), Refusal> {
         let refusal = if !matches!(self.phase, Phase::Running) {
             Some(Refusal::ShuttingDown)
@@ -65,6 +66,15 @@ impl<P: Processes> Supervisor<P> {
                 Ok(())
             }
             Admission::Start(waiters) => {
+                // The end of a debounce: the checks may have run while the files settled.
+                let waiters = if files_settled && cold.is_none() {
+                    match self.take_over_early_checks(&trigger, waiters) {
+                        Ok(()) => return Ok(()),
+                        Err(waiters) => waiters,
+                    }
+                } else {
+                    waiters
+                };
                 self.start_reload(&trigger, waiters, cold);
                 Ok(())
             }
@@ -79,6 +89,8 @@ impl<P: Processes> Supervisor<P> {
     }
 
     pub(super) fn start_reload(&mut self, trigger: &str, waiters: Vec<ReloadReply>, cold: Option<String>) {
+        // A reload of its own (SIGHUP, /reload, a queued or held trigger) checks for itself.
+        self.discard_early_checks();
         let next = self.epochs.next_number();
         if cold.is_some() {
             self.recovery.cancel_timer();
@@ -123,11 +135,12 @@ impl<P: Processes> Supervisor<P> {
             Ok(preflight) => preflight,
             Err(reason) => return self.reload_refused(&reason),
         };
-        let Some(envoy) = &self.launch.envoy else { return };
+        if self.launch.envoy.is_none() {
+            return;
+        }
         let cold = self.reload.is_cold();
-        if !cold && self.family.base_id_path.is_some() && self.family.base_id.is_none() {
-            let file = envoy.base_id_file.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
-            return self.reload_refused(&format!("the base id epoch 0 picked is not known: {file} could not be read"));
+        if let Some(reason) = self.base_id_unknown().filter(|_| !cold) {
+            return self.reload_refused(&reason);
         }
         let admin = self.launch.admin_address(preflight.admin);
         if let Some(busy) = self.reload.attempt(attempt) {
@@ -139,6 +152,16 @@ impl<P: Processes> Supervisor<P> {
             return self.check_hot_restart_version(attempt, checked);
         }
         self.spawn_validator(attempt, checked);
+    }
+
+    /// Why a hot restart cannot join the serving family: the base id epoch 0 picked is not known.
+    pub(super) fn base_id_unknown(&self) -> Option<String> {
+        let envoy = self.launch.envoy.as_ref()?;
+        if self.family.base_id_path.is_none() || self.family.base_id.is_some() {
+            return None;
+        }
+        let file = envoy.base_id_file.as_ref().map(|f| f.display().to_string()).unwrap_or_default();
+        Some(format!("the base id epoch 0 picked is not known: {file} could not be read"))
     }
 
     /// Runs `envoy --mode validate` on what was checked, as our child, bounded by the reload timeout.
@@ -175,6 +198,9 @@ impl<P: Processes> Supervisor<P> {
     /// A checker exited (the validator, or the version check, which also needs the serving epoch's
     /// version): its verdict is read off the runtime thread. False when `pid` is neither.
     pub(super) fn on_checker_exit(&mut self, pid: Pid, exit: Exit) -> bool {
+        if self.on_early_checker_exit(pid, exit) {
+            return true;
+        }
         let serving = self.epochs.current_admin();
         let events = self.events.clone();
         let Some(busy) = self.reload.busy() else { return false };

@@ -86,6 +86,7 @@ impl<P: Processes> Supervisor<P> {
 
     /// The launcher shuts down: the reload under way ends, and its callers hear why.
     pub(super) fn cancel_reload(&mut self) {
+        self.discard_early_checks();
         let cold = self.reload.is_cold();
         match self.reload.cancel() {
             Some(Step::Validating { pid, .. }) => self.processes.signal(pid, libc::SIGKILL),

@@ -153,7 +153,7 @@ impl<P: Processes> Supervisor<P> {
         self.blocked = Some(format!("draining epoch {} ended early and epoch {current} will abort", epoch.number));
         self.metrics.degraded.set(1);
         if self.settings.recover.enabled {
-            let _ = self.request_reload(format!("draining epoch {} ended early", epoch.number), None, true);
+            let _ = self.request_reload(format!("draining epoch {} ended early", epoch.number), None, true, false);
         }
     }
 

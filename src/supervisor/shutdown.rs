@@ -60,6 +60,8 @@ impl Phase {
 impl<P: Processes> Supervisor<P> {
     /// A stop signal (or `/shutdown`) for Envoy: drain, skip the rest of a drain, or pass it on.
     pub(super) fn on_stop(&mut self, trigger: &str, sig: i32) {
+        // Checks run while the files settle are for a reload that will not come.
+        self.discard_early_checks();
         match &self.phase {
             Phase::Running => {
                 // A new family's first epoch holds nothing of the serving one's: it is ended below.

@@ -23,6 +23,7 @@ use crate::launch::EnvoyLaunch;
 use crate::process::{Reaped, SpawnError};
 use crate::reload::Refusal;
 
+mod early_checks;
 mod handover;
 mod reload;
 mod shutdown;
