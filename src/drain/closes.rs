@@ -15,6 +15,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
 
 /// Netlink multicast groups of `linux/sock_diag.h`.
 const SKNLGRP_INET_TCP_DESTROY: libc::c_int = 1;
@@ -32,6 +33,8 @@ pub struct Closes {
     ports: HashSet<u16>,
     /// Envoy's sockets freed since `restart_count`.
     counted: u64,
+    /// When one of Envoy's sockets was last seen freed.
+    last_end: Option<Instant>,
     /// The kernel dropped messages (a full receive buffer): how many ended is unknown.
     overflowed: bool,
 }
@@ -84,7 +87,7 @@ impl Closes {
         // SAFETY: the File owns the descriptor and lives, unchanged, inside the AsyncFd.
         let socket =
             unsafe { AsyncFd::register_with_interest(file, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
-        Ok(Closes { socket, ports, counted: 0, overflowed: false })
+        Ok(Closes { socket, ports, counted: 0, last_end: None, overflowed: false })
     }
 
     /// Takes every message already queued, then counts from zero: called as a count is requested
@@ -108,16 +111,28 @@ impl Closes {
         }
     }
 
+    /// Whether one of Envoy's sockets was freed at `since` or after (as far as read by then).
+    pub fn ended_since(&self, since: Instant) -> bool {
+        self.last_end.is_some_and(|at| at >= since)
+    }
+
     fn read_queued(&mut self) {
         let mut buffer = [0u8; 8192];
         loop {
             match self.socket.get_ref().read(&mut buffer) {
                 Ok(0) => return,
-                Ok(read) => self.counted += freed_on(&buffer[..read], &self.ports),
+                Ok(read) => {
+                    let freed = freed_on(&buffer[..read], &self.ports);
+                    if freed > 0 {
+                        self.counted += freed;
+                        self.last_end = Some(Instant::now());
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 // ENOBUFS: messages were dropped.
-                Err(_) => {
+                Err(e) => {
+                    tracing::debug!("drain: connection ends lost ({e}); reading the count");
                     self.overflowed = true;
                     return;
                 }
