@@ -24,6 +24,11 @@ pub fn keep(
     serving: JoinHandle<()>,
 ) -> notify::Result<()> {
     let (tx, mut changes) = mpsc::unbounded_channel::<()>();
+    // Started after the socket was bound (once epoch 0 is spawned): a removal in between was not
+    // seen by the watcher, so it is looked for once.
+    if !socket.is_there() {
+        let _ = tx.send(());
+    }
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| e.kind.is_remove() || e.kind.is_modify() || e.kind.is_other()) {
             let _ = tx.send(());
