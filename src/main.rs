@@ -12,9 +12,9 @@
 //! - Envoy: `envoy` (its command line), `bootstrap` (its config), `admin` (its admin API),
 //!   `ports` (whether a new family can bind beside the serving one).
 //! - leaves: `process` (spawn, signal, reap), `http`, `certs`, `status`, `metrics`, `demo`,
-//!   `files`, `clock`, `logging`, `memory` (the pages an idle launcher gives back), `cpu_limit`
-//!   (the CPU quota, for Envoy's worker count), `user` (`--envoy-user`: the ids a child takes, and
-//!   what that user can read).
+//!   `files`, `clock`, `logging`, `inotify` (directory watches), `memory` (the pages an idle
+//!   launcher gives back), `cpu_limit` (the CPU quota, for Envoy's worker count), `user`
+//!   (`--envoy-user`: the ids a child takes, and what that user can read).
 
 mod admin;
 mod bootstrap;
@@ -30,6 +30,7 @@ mod envoy;
 mod files;
 mod health;
 mod http;
+mod inotify;
 mod launch;
 mod lock;
 mod logging;

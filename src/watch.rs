@@ -9,13 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::hash::{DefaultHasher, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
-
 use crate::bootstrap::Bootstrap;
+use crate::inotify::{self, DirWatcher};
 
 /// What to watch.
 #[derive(Debug, Clone)]
@@ -142,34 +139,24 @@ fn changed(before: &Snapshot, after: &Snapshot) -> Vec<PathBuf> {
 
 /// Starts watching; each debounce is handed to `report`: `Begun` at its first event and at each
 /// event during it, `Settled` with the files whose content changed at its end. Watching ends when
-/// `report` returns false.
-pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 'static) -> notify::Result<()> {
-    let (notify_tx, mut notifications) = mpsc::unbounded_channel::<()>();
+/// `report` returns false. The directories are watched and the files hashed before this returns:
+/// a change made afterwards is seen.
+pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 'static) -> std::io::Result<()> {
     let files = spec.files();
-    let relevant = Arc::new(Mutex::new(Relevant::new(&spec, &files)));
-    let filter = relevant.clone();
-    let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
-        // Only events on what is watched count (the hashes decide after the debounce): a busy
-        // neighbour in the same directory must not hold the debounce open.
-        let Ok(event) = result else { return };
-        let counts = !event.kind.is_access() && {
-            let relevant = filter.lock().unwrap_or_else(|p| p.into_inner());
-            event.paths.iter().any(|p| relevant.counts(p))
-        };
-        if counts {
-            let _ = notify_tx.send(());
-        }
-    })?;
+    let mut relevant = Relevant::new(&spec, &files);
+    let watcher = DirWatcher::new()?;
     let mut watched = BTreeSet::new();
-    watch_directories(&mut watcher, &spec.directories(&files), &mut watched);
+    watch_directories(&watcher, &spec.directories(&files), &mut watched);
     tracing::info!("watching {} files in {} directories for changes", files.len(), watched.len());
     tracing::debug!("watched files: {files:?}");
     let mut last = snapshot(&files);
 
     tokio::spawn(async move {
-        while notifications.recv().await.is_some() {
-            // One report for a burst of events (a rename brings several).
-            while notifications.try_recv().is_ok() {}
+        loop {
+            if let Err(e) = next_relevant(&watcher, &relevant).await {
+                tracing::warn!("cannot read file changes any more ({e}): hot restarts only on SIGHUP");
+                return;
+            }
             if !report(Change::Begun) {
                 return;
             }
@@ -179,12 +166,8 @@ pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 's
             tokio::pin!(cap);
             loop {
                 tokio::select! {
-                    more = notifications.recv() => {
-                        if more.is_none() {
-                            return;
-                        }
-                        while notifications.try_recv().is_ok() {}
-                        if !report(Change::Begun) {
+                    more = next_relevant(&watcher, &relevant) => {
+                        if more.is_err() || !report(Change::Begun) {
                             return;
                         }
                     }
@@ -202,8 +185,8 @@ pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 's
             else {
                 continue;
             };
-            watch_directories(&mut watcher, &spec.directories(&files), &mut watched);
-            *relevant.lock().unwrap_or_else(|p| p.into_inner()) = Relevant::new(&spec, &files);
+            watch_directories(&watcher, &spec.directories(&files), &mut watched);
+            relevant = Relevant::new(&spec, &files);
             let changed = changed(&last, &current);
             last = current;
             if !report(Change::Settled(changed)) {
@@ -214,9 +197,25 @@ pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 's
     Ok(())
 }
 
-fn watch_directories(watcher: &mut impl Watcher, dirs: &BTreeSet<PathBuf>, watched: &mut BTreeSet<PathBuf>) {
+/// Waits for an event on what is watched (the hashes decide after the debounce): a busy neighbour
+/// in the same directory must not hold the debounce open. After an overflow anything may have
+/// changed.
+async fn next_relevant(watcher: &DirWatcher, relevant: &Relevant) -> std::io::Result<()> {
+    loop {
+        let changes = watcher.next().await?;
+        let counts = |change: &inotify::Change| match change {
+            inotify::Change::Path { path, .. } => relevant.counts(path),
+            inotify::Change::Overflow => true,
+        };
+        if changes.iter().any(counts) {
+            return Ok(());
+        }
+    }
+}
+
+fn watch_directories(watcher: &DirWatcher, dirs: &BTreeSet<PathBuf>, watched: &mut BTreeSet<PathBuf>) {
     for dir in dirs.difference(&watched.clone()) {
-        match watcher.watch(dir, RecursiveMode::NonRecursive) {
+        match watcher.watch(dir) {
             Ok(()) => {
                 watched.insert(dir.clone());
             }

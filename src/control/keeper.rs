@@ -5,12 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::ControlApi;
 use super::listener::{self, ControlSocket};
+use crate::inotify::DirWatcher;
 
 /// How long a removal has to finish before the socket is bound again.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -22,26 +21,31 @@ pub fn keep(
     socket: ControlSocket,
     runtime_dir: PathBuf,
     serving: JoinHandle<()>,
-) -> notify::Result<()> {
-    let (tx, mut changes) = mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| e.kind.is_remove() || e.kind.is_modify() || e.kind.is_other()) {
-            let _ = tx.send(());
-        }
-    })?;
+) -> std::io::Result<()> {
     let Some(dir) = socket.path.parent().map(Path::to_path_buf) else { return Ok(()) };
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let watcher = DirWatcher::new()?;
+    watcher.watch(&dir)?;
+    // Started after the socket was bound (once epoch 0 is spawned): a removal in between was not
+    // seen by the watcher, so it is looked for once.
+    let mut look_now = !socket.is_there();
     tokio::spawn(async move {
         let mut serving = serving;
         let mut _lock = None;
-        while changes.recv().await.is_some() {
+        loop {
+            // Any event in the directory: whether the socket is still ours decides.
+            if !std::mem::take(&mut look_now)
+                && let Err(e) = watcher.next().await
+            {
+                tracing::warn!("cannot watch {} any more ({e}): a removed socket is not bound again", dir.display());
+                return;
+            }
             if socket.is_there() {
                 continue;
             }
             // A removal is seldom one event (`rm -rf` empties the directory, then removes it):
-            // let it finish, or the socket is bound into a directory about to go.
+            // let it finish, or the socket is bound into a directory about to go. The events it
+            // leaves queued cost one more look each.
             tokio::time::sleep(SETTLE).await;
-            while changes.try_recv().is_ok() {}
             if socket.is_there() {
                 continue;
             }
@@ -69,7 +73,7 @@ pub fn keep(
                         bound.inode.load(std::sync::atomic::Ordering::Relaxed),
                         std::sync::atomic::Ordering::Relaxed,
                     );
-                    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                    if let Err(e) = watcher.watch(&dir) {
                         tracing::warn!("cannot watch {} again: {e}", dir.display());
                     }
                     if dir_was_removed {

@@ -76,8 +76,31 @@ fn refusal_status(refusal: &Refusal) -> StatusCode {
     }
 }
 
-/// Binds the control socket (and `--http`) and serves them from tasks of their own.
-pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) -> anyhow::Result<ControlSocket> {
+/// What keeps the control socket bound, started by `Keeper::start` once epoch 0 is spawned: its
+/// inotify watcher costs a thread and a round trip to it, which Envoy's start need not wait for.
+pub struct Keeper {
+    api: ControlApi,
+    socket: ControlSocket,
+    runtime_dir: PathBuf,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl Keeper {
+    pub fn start(self) {
+        if let Err(e) = keeper::keep(self.api, self.socket, self.runtime_dir, self.serving) {
+            tracing::warn!("cannot watch the control socket's directory ({e}): a removed socket is not bound again");
+        }
+    }
+}
+
+/// Binds the control socket (and `--http`) and serves them from tasks of their own (which run once
+/// the caller yields to the runtime). Whatever can refuse the start (a socket or address that
+/// cannot be bound, a TLS pair that does not load) is done here; the keeper is left to the caller.
+pub async fn start(
+    settings: &ControlSettings,
+    ask: Ask,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(ControlSocket, Keeper)> {
     use anyhow::Context;
     let token = match &settings.http_token {
         Some(file) => Some(read_token(file)?),
@@ -88,10 +111,9 @@ pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) 
     let (listener, socket) = listener::bind_unix(&settings.socket)?;
     tracing::info!("control API on unix:{}", settings.socket.display());
     let serving = tokio::spawn(listener::serve_unix(api.clone(), listener));
-    if let Err(e) = keeper::keep(api.clone(), socket.clone(), settings.runtime_dir.clone(), serving) {
-        tracing::warn!("cannot watch the control socket's directory ({e}): a removed socket is not bound again");
-    }
-    let Some(address) = &settings.http else { return Ok(socket) };
+    let keeper =
+        Keeper { api: api.clone(), socket: socket.clone(), runtime_dir: settings.runtime_dir.clone(), serving };
+    let Some(address) = &settings.http else { return Ok((socket, keeper)) };
     let listener =
         tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot bind --http {address}"))?;
     let local = listener.local_addr().context("--http address")?;
@@ -107,7 +129,7 @@ pub async fn start(settings: &ControlSettings, ask: Ask, metrics: Arc<Metrics>) 
     }
     tracing::info!("control API on {}://{local}", if acceptor.is_some() { "https" } else { "http" });
     tokio::spawn(listener::serve_tcp(api, listener, acceptor));
-    Ok(socket)
+    Ok((socket, keeper))
 }
 
 /// The TLS side of `--http`: the certificate is re-read whenever its files change, and a bad new

@@ -195,8 +195,8 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
     }
     let control_events = events_tx.clone();
     let ask: control::Ask = Arc::new(move |request| control_events.send(Event::Control(request)).is_ok());
-    let control_socket = match control::start(&settings.control, ask, metrics.clone()).await {
-        Ok(socket) => socket,
+    let (control_socket, keeper) = match control::start(&settings.control, ask, metrics.clone()).await {
+        Ok(started) => started,
         Err(e) => {
             tracing::error!("{e:#}");
             return 1;
@@ -211,6 +211,8 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
             return code;
         }
     };
+    // After the spawn: Envoy's start does not wait for it (the keeper looks once at what it missed).
+    keeper.start();
     let exit = supervisor.supervise(&mut events).await;
     supervisor.stop_leftovers(&mut events).await;
     control_socket.remove();
