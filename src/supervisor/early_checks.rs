@@ -24,7 +24,14 @@ use crate::watch::WatchSpec;
 pub(super) struct Early {
     checks: Option<EarlyChecks>,
     killed: Vec<Pid>,
+    /// Checks started in this debounce: files that keep changing must not start a validator per
+    /// write (a flood of writes in a `--watch` directory started 160 a second).
+    started: u32,
 }
+
+/// At most this many early checks per debounce (two-step writes need two); after that the reload
+/// checks for itself when the debounce ends.
+const STARTS_PER_DEBOUNCE: u32 = 3;
 
 #[derive(Debug)]
 struct EarlyChecks {
@@ -96,9 +103,23 @@ impl<P: Processes> Supervisor<P> {
         };
         if !current {
             self.discard_early_checks();
+            if self.early.started >= STARTS_PER_DEBOUNCE {
+                return;
+            }
+            self.early.started += 1;
             tracing::debug!("a watched file changed: checking the files while they settle");
             self.spawn_early_preflight();
         }
+    }
+
+    #[cfg(test)]
+    pub(super) fn early_checks_started(&self) -> u32 {
+        self.early.started
+    }
+
+    /// The debounce ended: the next one may start checks again.
+    pub(super) fn early_debounce_over(&mut self) {
+        self.early.started = 0;
     }
 
     /// Only where the debounce's end would start a hot restart of its own: a reload under way, a

@@ -163,3 +163,49 @@ async fn a_sighup_while_the_files_settle_checks_for_itself() {
     h.validator_passes().await;
     assert_eq!(h.validators(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn files_that_keep_changing_start_a_few_validators_per_debounce_not_one_per_write() {
+    let mut h = Harness::serving();
+    for write in 0..10 {
+        std::fs::write(h.bootstrap(), format!("static_resources: {{ listeners: [] }}\n# write {write}\n"))
+            .expect("write");
+        h.files_changing();
+        if write < 3 {
+            h.early_preflight().await;
+        }
+        assert_eq!(h.sup.early_checks_started(), (write + 1).min(3), "after write {write}");
+    }
+    assert_eq!(h.validators(), 3, "three early checks in one debounce, then the reload checks for itself");
+    h.files_settled();
+    h.until("the reload's own validator", |e| matches!(e, Event::Preflight { .. })).await;
+    assert_eq!(h.validators(), 4, "the debounce's end checks the files as they are");
+    // The next debounce may check early again.
+    h.exit(h.world.last_with("validate"), Exit::Code(0));
+    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.live(1);
+    std::fs::write(h.bootstrap(), "static_resources: { clusters: [] }\n").expect("write");
+    h.files_changing();
+    h.early_preflight().await;
+    assert_eq!(h.validators(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_refused_reload_files_touched_again_are_checked_again_even_unchanged() {
+    let mut h = Harness::serving();
+    h.files_changing();
+    let validator = h.early_preflight().await;
+    std::fs::write(h.dir.path().join("envoy-validate.log"), "[x][critical][main] error: half a pair\n").expect("log");
+    h.exit(validator, Exit::Code(1));
+    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.files_settled();
+    assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some("refused"));
+    // The watcher saw no change since its last debounce (it hashed the files between two writes
+    // that the refused checks straddled): the files are checked again all the same.
+    h.files_changing();
+    let again = h.early_preflight().await;
+    h.exit(again, Exit::Code(0));
+    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.sup.handle(Event::FilesChanged(vec![]));
+    assert_eq!(h.sup.status().reload, Some("starting the new epoch"), "the pair that settled is served");
+}
