@@ -86,6 +86,12 @@ fn main() {
         let live = bars(&runs, "launcher", "start_to_live_ms", |_| true);
         support::bar_chart("bench-start-to-live", "Start to Envoy LIVE", "milliseconds", &live);
         let mut rss = bars(&runs, "launcher", "rss_kib", |r| r["rss_kib"].is_number());
+        // sesame's idle memory 2 s after a status request, next to its bar.
+        let after = bars(&runs, "launcher", "rss_after_status_kib", |r| r["rss_after_status_kib"].is_number());
+        for (name, spread) in after.into_iter().rev() {
+            let at = rss.iter().position(|(n, _)| *n == name).map_or(rss.len(), |i| i + 1);
+            rss.insert(at, (format!("{name}, after status"), spread));
+        }
         for (_, spread) in &mut rss {
             *spread = Spread { median: spread.median / 1024.0, min: spread.min / 1024.0, max: spread.max / 1024.0 };
         }

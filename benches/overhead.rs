@@ -1,6 +1,10 @@
-//! The cost of the init itself, with Envoy running under it: the init's resident memory, how often
-//! it wakes up while nothing happens, and the time from start to Envoy LIVE; sesame against tini,
-//! dumb-init, catatonit and Envoy alone, each as PID 1 of a PID namespace. Run with `make bench`.
+//! The cost of the init itself, with Envoy running under it: the init's resident memory (VmRSS and
+//! its anonymous part, RssAnon), how often it wakes up while nothing happens, and the time from
+//! start to Envoy LIVE; sesame against tini, dumb-init, catatonit and Envoy alone, each as PID 1 of
+//! a PID namespace. The launchers start in a rotating order, one round to the next, so that none is
+//! always first (the first start of a round pays for cold caches). For sesame, the idle memory is
+//! also read 2 s after one status request (it gives its idle pages back a second after each control
+//! request). Run with `make bench`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -18,10 +22,17 @@ const LAUNCHERS: [&str; 5] = ["sesame", "tini", "dumb-init", "catatonit", "envoy
 #[derive(Debug, serde::Serialize)]
 struct Run {
     launcher: &'static str,
+    /// Its place in the round's start order (0: started first).
+    start_position: usize,
     start_to_live_ms: f64,
-    /// The init's VmRSS and context switches per minute while idle; None for Envoy alone (it is its own init).
+    /// The init's VmRSS, RssAnon and context switches per minute while idle; None for Envoy alone
+    /// (it is its own init).
     rss_kib: Option<u64>,
+    rss_anon_kib: Option<u64>,
     wakeups_per_minute: Option<f64>,
+    /// sesame only: VmRSS and RssAnon 2 s after one status request on its control socket.
+    rss_after_status_kib: Option<u64>,
+    rss_anon_after_status_kib: Option<u64>,
 }
 
 /// The flags sesame gives epoch 0 (hot restart on, its drain times): every launcher runs Envoy with
@@ -63,11 +74,14 @@ fn context_switches(pid: i32) -> u64 {
     status_field(pid, "voluntary_ctxt_switches:") + status_field(pid, "nonvoluntary_ctxt_switches:")
 }
 
-/// One run: every launcher started in turn (timed alone), then all sampled over the same idle window.
-fn one_round(idle: Duration) -> Vec<Run> {
+/// One run: every launcher started in turn (timed alone), round `round` starting with the
+/// launcher at that place in LAUNCHERS, then all sampled over the same idle window. The runs come
+/// back in the order of LAUNCHERS.
+fn one_round(round: usize, idle: Duration) -> Vec<Run> {
     let mut running = Vec::new();
     let mut runs = Vec::new();
-    for launcher in LAUNCHERS {
+    let order = (0..LAUNCHERS.len()).map(|i| LAUNCHERS[(round + i) % LAUNCHERS.len()]);
+    for (start_position, launcher) in order.enumerate() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bootstrap = proxy_bootstrap(dir.path(), free_port(), free_port());
         let admin = dir.path().join("admin.sock");
@@ -77,7 +91,16 @@ fn one_round(idle: Duration) -> Vec<Run> {
             std::thread::sleep(Duration::from_millis(2));
         }
         let start_to_live_ms = process.started.elapsed().as_secs_f64() * 1000.0;
-        runs.push(Run { launcher, start_to_live_ms, rss_kib: None, wakeups_per_minute: None });
+        runs.push(Run {
+            launcher,
+            start_position,
+            start_to_live_ms,
+            rss_kib: None,
+            rss_anon_kib: None,
+            wakeups_per_minute: None,
+            rss_after_status_kib: None,
+            rss_anon_after_status_kib: None,
+        });
         running.push((launcher, process, dir));
     }
     std::thread::sleep(Duration::from_secs(1)); // let start-up settle
@@ -94,7 +117,15 @@ fn one_round(idle: Duration) -> Vec<Run> {
     for ((i, pid), before) in inits.iter().zip(before) {
         runs[*i].wakeups_per_minute = Some((context_switches(*pid) - before) as f64 / minutes);
         runs[*i].rss_kib = Some(status_field(*pid, "VmRSS:"));
+        runs[*i].rss_anon_kib = Some(status_field(*pid, "RssAnon:"));
     }
+    // After the idle figures: the request wakes sesame up.
+    let sesame = running.iter().position(|(launcher, _, _)| *launcher == "sesame").expect("sesame runs");
+    running[sesame].1.status();
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = running[sesame].1.pid();
+    runs[sesame].rss_after_status_kib = Some(status_field(pid, "VmRSS:"));
+    runs[sesame].rss_anon_after_status_kib = Some(status_field(pid, "RssAnon:"));
     for (launcher, mut process, dir) in running {
         process.signal(Signal::SIGTERM);
         process.wait(Duration::from_secs(30));
@@ -104,6 +135,7 @@ fn one_round(idle: Duration) -> Vec<Run> {
             let _ = std::fs::remove_file(format!("/dev/shm/envoy_shared_memory_{}", id * 10));
         }
     }
+    runs.sort_by_key(|r| LAUNCHERS.iter().position(|l| *l == r.launcher));
     runs
 }
 
@@ -137,18 +169,27 @@ fn main() {
     }
     let rounds = support::runs();
     let idle = if support::quick() { Duration::from_secs(5) } else { Duration::from_secs(15) };
-    let all: Vec<Run> = (0..rounds).flat_map(|_| one_round(idle)).collect();
+    let all: Vec<Run> = (0..rounds).flat_map(|round| one_round(round, idle)).collect();
     let own_start: Vec<f64> = (0..rounds).map(|_| own_start_ms()).collect();
     println!("## Init overhead with Envoy running ({rounds} runs, idle window {idle:?}, init as PID 1)\n");
-    println!("Every init runs Envoy with the flags sesame gives it (hot restart on).\n");
-    println!("| init | idle RSS, KiB | wake-ups per minute while idle | start → Envoy LIVE, ms | vs Envoy alone |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "Every init runs Envoy with the flags sesame gives it (hot restart on); the start order rotates from one \
+         run to the next. Idle RSS: VmRSS / RssAnon of the init; for sesame, also 2 s after one status request.\n"
+    );
+    println!(
+        "| init | idle RSS, KiB (VmRSS / RssAnon) | after a status request | wake-ups per minute while idle | \
+         start → Envoy LIVE, ms | vs Envoy alone |"
+    );
+    println!("|---|---|---|---|---|---|");
     let spread = |launcher: &str, f: &dyn Fn(&Run) -> Option<f64>| {
         let values: Vec<f64> = all.iter().filter(|r| r.launcher == launcher).filter_map(f).collect();
         (!values.is_empty()).then(|| Spread::of(&values))
     };
     for launcher in LAUNCHERS {
         let rss = spread(launcher, &|r| r.rss_kib.map(|v| v as f64));
+        let anon = spread(launcher, &|r| r.rss_anon_kib.map(|v| v as f64));
+        let rss_after = spread(launcher, &|r| r.rss_after_status_kib.map(|v| v as f64));
+        let anon_after = spread(launcher, &|r| r.rss_anon_after_status_kib.map(|v| v as f64));
         let wakeups = spread(launcher, &|r| r.wakeups_per_minute);
         let live = spread(launcher, &|r| Some(r.start_to_live_ms)).expect("start times");
         // The ratio is taken run by run, against Envoy alone started in the same round.
@@ -160,7 +201,17 @@ fn main() {
             })
             .collect();
         let show = |s: Option<Spread>| s.map_or_else(|| "— (Envoy is PID 1)".to_string(), |s| s.to_string());
-        println!("| {launcher} | {} | {} | {live} | {:.2}× |", show(rss), show(wakeups), Spread::of(&ratios).median);
+        let memory = |rss: Option<Spread>, anon: Option<Spread>, none: &str| match (rss, anon) {
+            (Some(rss), Some(anon)) => format!("{rss} / {anon}"),
+            _ => none.to_string(),
+        };
+        let idle_memory = memory(rss, anon, "— (Envoy is PID 1)");
+        let after = memory(rss_after, anon_after, "—");
+        println!(
+            "| {launcher} | {idle_memory} | {after} | {} | {live} | {:.2}× |",
+            show(wakeups),
+            Spread::of(&ratios).median
+        );
     }
     println!("\n| sesame's own start: spawned → Envoy spawned, ms |\n|---|\n| {} |", Spread::of(&own_start));
     let path = support::write_json("overhead", &all);

@@ -20,6 +20,17 @@ pub struct Bootstrap {
     /// only the `--config-yaml` over it is known.
     pub opaque: bool,
     value: Value,
+    /// The content hash (`files::content_hash`) of the `-c` file as read; None when not read.
+    content_hash: Option<u64>,
+}
+
+/// What the launcher read of the bootstrap at start: the files it names, and the content hash of
+/// the `-c` file they were read from (None when that file was not read: none, or a protobuf). The
+/// watcher starts from it instead of parsing the bootstrap again, unless the file changed since.
+#[derive(Debug, Clone)]
+pub struct BootstrapFiles {
+    pub referenced: Vec<PathBuf>,
+    pub content_hash: Option<u64>,
 }
 
 impl Bootstrap {
@@ -31,15 +42,18 @@ impl Bootstrap {
             return Ok(None);
         }
         let opaque = path.as_deref().is_some_and(is_protobuf);
-        let mut value = match &path {
-            Some(path) if !opaque => parse_file(path)?,
-            _ => Value::Object(Default::default()),
+        let (mut value, content_hash) = match &path {
+            Some(path) if !opaque => {
+                let (value, hash) = parse_file(path)?;
+                (value, Some(hash))
+            }
+            _ => (Value::Object(Default::default()), None),
         };
         if let Some(yaml) = inline {
             let overlay: Value = serde_saphyr::from_str(&yaml).context("--config-yaml is not valid YAML")?;
             merge(&mut value, overlay);
         }
-        Ok(Some(Bootstrap { path, opaque, value }))
+        Ok(Some(Bootstrap { path, opaque, value, content_hash }))
     }
 
     /// The admin address: `admin.address.pipe.path` or `admin.address.socket_address` (Envoy also
@@ -102,6 +116,11 @@ impl Bootstrap {
         files.sort();
         files.dedup();
         files
+    }
+
+    /// The files it names, with the hash of the content they were read from.
+    pub fn files(&self) -> BootstrapFiles {
+        BootstrapFiles { referenced: self.referenced_files(), content_hash: self.content_hash }
     }
 
     /// The stat names (`listener.<name>.`) of the static listeners whose traffic_direction is
@@ -201,16 +220,18 @@ fn is_protobuf(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "pb" || e == "pb_text")
 }
 
-fn parse_file(path: &Path) -> anyhow::Result<Value> {
+/// The parsed file and the content hash of what was read.
+fn parse_file(path: &Path) -> anyhow::Result<(Value, u64)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read the bootstrap {}", path.display()))?;
+    let hash = crate::files::content_hash(text.as_bytes());
     let parsed = if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(&text).map_err(anyhow::Error::from)
     } else {
         // YAML is a superset of JSON: any other extension is read as YAML.
         serde_saphyr::from_str(&text).map_err(anyhow::Error::from)
     };
-    parsed.with_context(|| format!("cannot parse the bootstrap {}", path.display()))
+    parsed.map(|value| (value, hash)).with_context(|| format!("cannot parse the bootstrap {}", path.display()))
 }
 
 /// The members of the address oneof: setting one clears the others.

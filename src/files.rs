@@ -7,6 +7,14 @@ use std::path::Path;
 
 use anyhow::Context;
 
+/// A hash of a file's content, to tell a change from a touch (not a cryptographic one).
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut hasher = DefaultHasher::new();
+    hasher.write(bytes);
+    hasher.finish()
+}
+
 /// Creates `dir` and its parents, readable by the owner only (it holds keys and sockets). One that
 /// exists already must be ours and writable by nobody else, or another user could plant files there.
 pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

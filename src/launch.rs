@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::admin::{AdminAddress, Family, Listeners};
-use crate::bootstrap::Bootstrap;
+use crate::bootstrap::{Bootstrap, BootstrapFiles};
 use crate::cli::RunOptions;
 use crate::cpu_limit::{self, ConcurrencySetting};
 use crate::demo::Demo;
@@ -51,6 +51,9 @@ pub struct EnvoyLaunch {
     pub drained_listeners: Listeners,
     /// How often Envoy flushes (and, during a hot restart, merges) its stats.
     pub stats_flush_interval: Duration,
+    /// What was read of the command's bootstrap (None when it could not be): the watcher starts
+    /// from it.
+    pub bootstrap_files: Option<BootstrapFiles>,
 }
 
 impl Launch {
@@ -228,6 +231,7 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
             .as_ref()
             .and_then(Bootstrap::stats_flush_interval)
             .unwrap_or(crate::bootstrap::DEFAULT_STATS_FLUSH),
+        bootstrap_files: bootstrap.as_ref().map(Bootstrap::files),
         runtime_dir,
         envoy_dir,
     };

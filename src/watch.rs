@@ -7,11 +7,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
-use std::hash::{DefaultHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::bootstrap::Bootstrap;
+use crate::bootstrap::{Bootstrap, BootstrapFiles};
 use crate::inotify::{self, DirWatcher};
 
 /// What to watch.
@@ -70,12 +69,23 @@ type Snapshot = BTreeMap<PathBuf, Option<u64>>;
 impl WatchSpec {
     /// The files watched now: re-read each time, since the bootstrap may name new ones.
     pub fn files(&self) -> Vec<PathBuf> {
+        self.files_with(None)
+    }
+
+    /// `files`, with the bootstrap's files taken from `read` (what the launcher read at start)
+    /// instead of parsing it again.
+    fn files_with(&self, read: Option<&BootstrapFiles>) -> Vec<PathBuf> {
         let mut files = BTreeSet::new();
         if let Some(command) = &self.envoy_command {
             // The bootstrap is watched even when it does not parse: its repair must be seen.
-            files.extend(crate::envoy::flag_value(command, &["-c", "--config-path"]).map(PathBuf::from));
-            if let Ok(Some(bootstrap)) = Bootstrap::from_command(command) {
-                files.extend(bootstrap.referenced_files());
+            files.extend(self.bootstrap_path());
+            match read {
+                Some(read) => files.extend(read.referenced.iter().cloned()),
+                None => {
+                    if let Ok(Some(bootstrap)) = Bootstrap::from_command(command) {
+                        files.extend(bootstrap.referenced_files());
+                    }
+                }
             }
         }
         for path in &self.extra {
@@ -86,6 +96,11 @@ impl WatchSpec {
             }
         }
         files.into_iter().collect()
+    }
+
+    /// The `-c` file of the Envoy command.
+    fn bootstrap_path(&self) -> Option<PathBuf> {
+        crate::envoy::flag_value(self.envoy_command.as_ref()?, &["-c", "--config-path"]).map(PathBuf::from)
     }
 
     /// The directories to watch for `files`, and the `--watch` directories themselves.
@@ -121,11 +136,7 @@ fn snapshot(files: &[PathBuf]) -> Snapshot {
     files
         .iter()
         .map(|file| {
-            let hash = std::fs::read(file).ok().map(|bytes| {
-                let mut hasher = DefaultHasher::new();
-                hasher.write(&bytes);
-                hasher.finish()
-            });
+            let hash = std::fs::read(file).ok().map(|bytes| crate::files::content_hash(&bytes));
             (file.clone(), hash)
         })
         .collect()
@@ -140,16 +151,27 @@ fn changed(before: &Snapshot, after: &Snapshot) -> Vec<PathBuf> {
 /// Starts watching; each debounce is handed to `report`: `Begun` at its first event and at each
 /// event during it, `Settled` with the files whose content changed at its end. Watching ends when
 /// `report` returns false. The directories are watched and the files hashed before this returns:
-/// a change made afterwards is seen.
-pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 'static) -> std::io::Result<()> {
-    let files = spec.files();
-    let mut relevant = Relevant::new(&spec, &files);
+/// a change made afterwards is seen. `read` is what the launcher read of the bootstrap at start:
+/// used unless the bootstrap's content differs from what it was read from.
+pub fn start(
+    spec: WatchSpec,
+    read: Option<&BootstrapFiles>,
+    mut report: impl FnMut(Change) -> bool + Send + 'static,
+) -> std::io::Result<()> {
     let watcher = DirWatcher::new()?;
     let mut watched = BTreeSet::new();
+    let mut files = spec.files_with(read);
     watch_directories(&watcher, &spec.directories(&files), &mut watched);
+    let mut last = snapshot(&files);
+    if read.is_some_and(|read| !read_from(read, spec.bootstrap_path(), &last)) {
+        // Changed since the launcher read it (and watched from before this read): read it again.
+        files = spec.files();
+        watch_directories(&watcher, &spec.directories(&files), &mut watched);
+        last = snapshot(&files);
+    }
+    let mut relevant = Relevant::new(&spec, &files);
     tracing::info!("watching {} files in {} directories for changes", files.len(), watched.len());
     tracing::debug!("watched files: {files:?}");
-    let mut last = snapshot(&files);
 
     tokio::spawn(async move {
         loop {
@@ -195,6 +217,15 @@ pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 's
         }
     });
     Ok(())
+}
+
+/// Whether `read` was read from the bootstrap `path` as `snapshot` found it (a file that was not
+/// read, a protobuf say, has nothing to differ from).
+fn read_from(read: &BootstrapFiles, path: Option<PathBuf>, snapshot: &Snapshot) -> bool {
+    match (read.content_hash, path) {
+        (Some(hash), Some(path)) => snapshot.get(&path) == Some(&Some(hash)),
+        _ => true,
+    }
 }
 
 /// Waits for an event on what is watched (the hashes decide after the debounce): a busy neighbour
@@ -274,6 +305,25 @@ mod tests {
         assert!(!relevant.counts(&dir.path().join("certs/tls.crt.swp")));
         assert!(relevant.counts(&extra.join("anything")), "a --watch directory counts whole");
         assert!(!relevant.counts(&extra.join("sub/deeper")), "not recursive");
+    }
+
+    #[test]
+    fn the_bootstrap_read_at_start_is_used_while_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bootstrap = dir.path().join("envoy.yaml");
+        let cert = dir.path().join("tls.crt");
+        std::fs::write(&bootstrap, format!("x: {{ filename: {} }}\n", cert.display())).expect("write");
+        let spec = WatchSpec {
+            envoy_command: Some(vec!["envoy".into(), "-c".into(), bootstrap.clone().into()]),
+            extra: vec![],
+            debounce: Duration::from_millis(500),
+            debounce_max: Duration::from_secs(5),
+        };
+        let read = Bootstrap::from_command(spec.envoy_command.as_ref().unwrap()).expect("parse").expect("some").files();
+        assert_eq!(spec.files_with(Some(&read)), spec.files());
+        assert!(read_from(&read, spec.bootstrap_path(), &snapshot(&spec.files())));
+        std::fs::write(&bootstrap, "x: {}\n").expect("rewrite");
+        assert!(!read_from(&read, spec.bootstrap_path(), &snapshot(&spec.files())), "changed since it was read");
     }
 
     #[test]

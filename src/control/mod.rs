@@ -139,7 +139,7 @@ fn https_acceptor(pair: TlsPair, debounce: Duration) -> anyhow::Result<tokio_rus
     let cert = ReloadingCert::load(pair).map_err(|e| anyhow::anyhow!("--http-tls: {e}"))?;
     let spec = WatchSpec { envoy_command: None, extra: cert.files(), debounce, debounce_max: debounce * 10 };
     let watched = cert.clone();
-    watch::start(spec, move |files| {
+    watch::start(spec, None, move |files| {
         match watched.reload() {
             Ok(()) => tracing::info!("--http: new certificate in use (changed: {files:?})"),
             Err(reason) => tracing::error!("--http: new certificate refused, the old one stays: {reason}"),

@@ -242,7 +242,8 @@ impl<P: Processes> Supervisor<P> {
                 };
                 changes.send(event).is_ok()
             };
-            if let Err(e) = watch::start(settings.watch.clone(), report) {
+            let read = launch.envoy.as_ref().and_then(|envoy| envoy.bootstrap_files.as_ref());
+            if let Err(e) = watch::start(settings.watch.clone(), read, report) {
                 tracing::warn!("cannot watch files for changes ({e}): hot restarts only on SIGHUP");
             }
         }

@@ -129,6 +129,7 @@ fn launch(dir: &std::path::Path, envoy: bool) -> Launch {
         envoy_dir: dir.to_path_buf(),
         drained_listeners: Listeners::All,
         stats_flush_interval: Duration::from_secs(5),
+        bootstrap_files: None,
     };
     Launch { command, envoy: Some(envoy), user: None }
 }
