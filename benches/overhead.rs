@@ -103,7 +103,8 @@ fn one_round(round: usize, idle: Duration) -> Vec<Run> {
         });
         running.push((launcher, process, dir));
     }
-    std::thread::sleep(Duration::from_secs(1)); // let start-up settle
+    // Start-up settles: sesame gives its idle pages back a second after its epoch is LIVE.
+    std::thread::sleep(Duration::from_secs(2));
     let inits: Vec<(usize, i32)> = running
         .iter()
         .enumerate()
