@@ -291,11 +291,12 @@ async fn post(admin: &AdminClient, path: &str, consecutive_errors: &mut u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::http::Endpoint;
 
-    fn settings() -> DrainSettings {
+    /// A drain's settings for tests: the defaults, with a 2 s minimum.
+    pub(crate) fn settings() -> DrainSettings {
         DrainSettings {
             delay: Duration::ZERO,
             healthcheck_fail: true,

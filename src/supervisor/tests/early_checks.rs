@@ -24,6 +24,12 @@ impl Harness {
         self.world.last_with("validate")
     }
 
+    /// The validator exits and its verdict is handled.
+    async fn verdict(&mut self, validator: Pid, exit: Exit) {
+        self.exit(validator, exit);
+        self.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    }
+
     fn validators(&self) -> usize {
         self.world.spawned().iter().filter(|(_, argv)| argv.iter().any(|a| a == "validate")).count()
     }
@@ -35,8 +41,7 @@ async fn checks_done_before_the_debounce_ends_start_the_new_epoch_at_once() {
     h.files_changing();
     let validator = h.early_preflight().await;
     assert_eq!(h.sup.status().reload, None, "nothing is under way for /status while the files settle");
-    h.exit(validator, Exit::Code(0));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.verdict(validator, Exit::Code(0)).await;
     assert_eq!(h.world.spawned().len(), 2, "no epoch before the debounce ends");
 
     h.files_settled();
@@ -54,8 +59,7 @@ async fn a_debounce_that_ends_while_the_validator_runs_waits_for_it() {
     let validator = h.early_preflight().await;
     h.files_settled();
     assert_eq!(h.sup.status().reload, Some("validating"), "the running validator is taken over");
-    h.exit(validator, Exit::Code(0));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.verdict(validator, Exit::Code(0)).await;
     assert_eq!(h.sup.status().reload, Some("starting the new epoch"));
     assert_eq!(h.validators(), 1);
 }
@@ -73,8 +77,7 @@ async fn a_change_during_the_checks_kills_the_validator_and_checks_again() {
     // The killed one is reaped as our child, and its end is no verdict.
     h.exit(first, Exit::Signal(libc::SIGKILL));
     assert_eq!(h.sup.metrics.render().matches("kind=\"validator\"} 1").count(), 1, "{}", h.sup.metrics.render());
-    h.exit(second, Exit::Code(0));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.verdict(second, Exit::Code(0)).await;
     // An event that did not change the files leaves passed checks alone.
     h.files_changing();
     assert_eq!(h.validators(), 2);
@@ -89,8 +92,7 @@ async fn checks_of_files_that_changed_since_are_not_taken_over() {
     h.files_changing();
     let validator = h.early_preflight().await;
     std::fs::write(h.dir.path().join("envoy-validate.log"), "[x][critical][main] error: half a pair\n").expect("log");
-    h.exit(validator, Exit::Code(1));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.verdict(validator, Exit::Code(1)).await;
     // The rest of the pair, written after the checks; its event not handled yet when the debounce ends.
     std::fs::write(h.bootstrap(), "static_resources: { clusters: [] }\n").expect("write");
     h.files_settled();
@@ -107,8 +109,7 @@ async fn failed_checks_are_a_refusal_at_the_debounces_end() {
     h.files_changing();
     let validator = h.early_preflight().await;
     std::fs::write(h.dir.path().join("envoy-validate.log"), "[x][critical][main] error: bad cert\n").expect("log");
-    h.exit(validator, Exit::Code(1));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.verdict(validator, Exit::Code(1)).await;
     assert!(h.sup.status().last_reload.is_none(), "nothing is refused before the debounce ends");
     h.files_settled();
     let status = h.sup.status();
@@ -181,8 +182,7 @@ async fn files_that_keep_changing_start_a_few_validators_per_debounce_not_one_pe
     h.until("the reload's own validator", |e| matches!(e, Event::Preflight { .. })).await;
     assert_eq!(h.validators(), 4, "the debounce's end checks the files as they are");
     // The next debounce may check early again.
-    h.exit(h.world.last_with("validate"), Exit::Code(0));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.verdict(h.world.last_with("validate"), Exit::Code(0)).await;
     h.live(1);
     std::fs::write(h.bootstrap(), "static_resources: { clusters: [] }\n").expect("write");
     h.files_changing();
@@ -196,16 +196,14 @@ async fn after_a_refused_reload_files_touched_again_are_checked_again_even_uncha
     h.files_changing();
     let validator = h.early_preflight().await;
     std::fs::write(h.dir.path().join("envoy-validate.log"), "[x][critical][main] error: half a pair\n").expect("log");
-    h.exit(validator, Exit::Code(1));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.verdict(validator, Exit::Code(1)).await;
     h.files_settled();
     assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some("refused"));
     // The watcher saw no change since its last debounce (it hashed the files between two writes
     // that the refused checks straddled): the files are checked again all the same.
     h.files_changing();
     let again = h.early_preflight().await;
-    h.exit(again, Exit::Code(0));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.verdict(again, Exit::Code(0)).await;
     h.sup.handle(Event::FilesChanged(vec![]));
     assert_eq!(h.sup.status().reload, Some("starting the new epoch"), "the pair that settled is served");
 }

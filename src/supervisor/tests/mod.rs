@@ -137,18 +137,7 @@ fn launch(dir: &std::path::Path, envoy: bool) -> Launch {
 fn settings(dir: &std::path::Path) -> Settings {
     Settings {
         kill_timeout: KILL_TIMEOUT,
-        drain: DrainSettings {
-            delay: Duration::ZERO,
-            healthcheck_fail: true,
-            inbound_only: false,
-            counted: Listeners::All,
-            keep_listening: true,
-            ignore: Vec::new(),
-            poll: Duration::from_millis(100),
-            connections: 0,
-            min: Duration::ZERO,
-            timeout: Duration::from_secs(60),
-        },
+        drain: DrainSettings { min: Duration::ZERO, ..crate::drain::tests::settings() },
         reload_timeout: RELOAD_TIMEOUT,
         cert_expiry_warn: Duration::from_secs(86_400),
         watch: WatchSpec {
