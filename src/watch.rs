@@ -27,14 +27,16 @@ pub struct WatchSpec {
     pub debounce_max: Duration,
 }
 
-/// Which paths count as a change: the watched files, anything in a `--watch` directory, and the
+/// Which paths count as a change: the watched files, anything in a `--watch` directory, the
 /// `..data`-style entries of a Kubernetes volume next to a watched file (its symlink swap touches
-/// only those). Anything else in a watched directory (an access log, say) is not a change.
+/// only those), and the watched directories themselves (replaced whole, by `mv` or `rm -rf` and
+/// `mkdir`). Anything else in a watched directory or its parent (an access log, say) is not a change.
 #[derive(Debug, Default)]
 struct Relevant {
     files: BTreeSet<PathBuf>,
     file_dirs: BTreeSet<PathBuf>,
     watch_dirs: BTreeSet<PathBuf>,
+    dirs: BTreeSet<PathBuf>,
 }
 
 impl Relevant {
@@ -43,13 +45,15 @@ impl Relevant {
         let files: BTreeSet<PathBuf> = files.iter().map(absolute).collect();
         let file_dirs = files.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
         let watch_dirs = spec.extra.iter().filter(|p| p.is_dir()).map(absolute).collect();
-        Relevant { files, file_dirs, watch_dirs }
+        let dirs = spec.directories(&files.iter().cloned().collect::<Vec<_>>());
+        Relevant { files, file_dirs, watch_dirs, dirs }
     }
 
     fn counts(&self, path: &Path) -> bool {
         let parent = path.parent();
         let volume_internal = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".."));
         self.files.contains(path)
+            || self.dirs.contains(path)
             || parent.is_some_and(|dir| self.watch_dirs.contains(dir))
             || (volume_internal && parent.is_some_and(|dir| self.file_dirs.contains(dir)))
     }
@@ -88,10 +92,11 @@ impl WatchSpec {
         files.into_iter().collect()
     }
 
-    /// The directories to watch for `files`, and the `--watch` directories themselves.
+    /// The directories to watch for `files`, and the `--watch` directories themselves; absolute,
+    /// since an event is named by the path its watch was added for.
     fn directories(&self, files: &[PathBuf]) -> BTreeSet<PathBuf> {
         let mut dirs: BTreeSet<PathBuf> = files.iter().filter_map(|f| absolute_parent(f)).collect();
-        dirs.extend(self.extra.iter().filter(|p| p.is_dir()).cloned());
+        dirs.extend(self.extra.iter().filter(|p| p.is_dir()).filter_map(|p| std::path::absolute(p).ok()));
         dirs
     }
 
@@ -145,9 +150,9 @@ pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 's
     let files = spec.files();
     let mut relevant = Relevant::new(&spec, &files);
     let watcher = DirWatcher::new()?;
-    let mut watched = BTreeSet::new();
-    watch_directories(&watcher, &spec.directories(&files), &mut watched);
-    tracing::info!("watching {} files in {} directories for changes", files.len(), watched.len());
+    let mut dirs = spec.directories(&files);
+    watch_directories(&watcher, &dirs);
+    tracing::info!("watching {} files in {} directories for changes", files.len(), dirs.len());
     tracing::debug!("watched files: {files:?}");
     let mut last = snapshot(&files);
 
@@ -175,6 +180,9 @@ pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 's
                     _ = &mut cap => break,
                 }
             }
+            // A directory replaced during the debounce is watched anew before its files are
+            // hashed: a write after the hash is then seen, and one before it is in the hash.
+            watch_directories(&watcher, &dirs);
             let spec_now = spec.clone();
             let Ok((files, current)) = tokio::task::spawn_blocking(move || {
                 let files = spec_now.files();
@@ -185,7 +193,8 @@ pub fn start(spec: WatchSpec, mut report: impl FnMut(Change) -> bool + Send + 's
             else {
                 continue;
             };
-            watch_directories(&watcher, &spec.directories(&files), &mut watched);
+            dirs = spec.directories(&files);
+            watch_directories(&watcher, &dirs);
             relevant = Relevant::new(&spec, &files);
             let changed = changed(&last, &current);
             last = current;
@@ -213,13 +222,19 @@ async fn next_relevant(watcher: &DirWatcher, relevant: &Relevant) -> std::io::Re
     }
 }
 
-fn watch_directories(watcher: &DirWatcher, dirs: &BTreeSet<PathBuf>, watched: &mut BTreeSet<PathBuf>) {
-    for dir in dirs.difference(&watched.clone()) {
-        match watcher.watch(dir) {
-            Ok(()) => {
-                watched.insert(dir.clone());
-            }
-            Err(e) => tracing::warn!("cannot watch {}: {e}", dir.display()),
+/// Watches `dirs` and their parents (again where a directory was replaced: see
+/// `DirWatcher::watch`). A directory's own watch ends with it; the parent's sees another created or
+/// moved in at its path, whose files the hash after the debounce then reads.
+fn watch_directories(watcher: &DirWatcher, dirs: &BTreeSet<PathBuf>) {
+    let parents: BTreeSet<&Path> = dirs.iter().filter_map(|d| d.parent()).collect();
+    for dir in dirs {
+        if let Err(e) = watcher.watch(dir) {
+            tracing::warn!("cannot watch {}: {e}", dir.display());
+        }
+    }
+    for parent in parents.into_iter().filter(|p| !dirs.contains(*p)) {
+        if let Err(e) = watcher.watch(parent) {
+            tracing::debug!("cannot watch {} for its watched directories: {e}", parent.display());
         }
     }
 }
@@ -288,5 +303,51 @@ mod tests {
             debounce_max: Duration::from_secs(5),
         };
         assert_eq!(spec.files(), vec![bootstrap]);
+    }
+
+    /// The files of the next `Settled` report, within 5 s.
+    async fn settled(reports: &mut tokio::sync::mpsc::UnboundedReceiver<Change>) -> Vec<PathBuf> {
+        let next = async {
+            loop {
+                if let Some(Change::Settled(files)) = reports.recv().await {
+                    return files;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), next).await.expect("a settled change within 5 s")
+    }
+
+    #[tokio::test]
+    async fn a_directory_replaced_whole_is_seen_and_so_are_writes_into_its_successor() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let certs = root.path().join("certs");
+        std::fs::create_dir(&certs).expect("mkdir");
+        let file = certs.join("tls.crt");
+        std::fs::write(&file, "one").expect("write");
+        let spec = WatchSpec {
+            envoy_command: None,
+            extra: vec![file.clone()],
+            debounce: Duration::from_millis(50),
+            debounce_max: Duration::from_secs(1),
+        };
+        let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        start(spec, move |change| tx.send(change).is_ok()).expect("start");
+        for (n, swap) in ["mv", "rm"].into_iter().enumerate() {
+            // Replaced whole: `mv certs certs.old; mv certs.new certs`, or `rm -rf certs; mkdir certs`.
+            if swap == "mv" {
+                let new = root.path().join("certs.new");
+                std::fs::create_dir(&new).expect("mkdir");
+                std::fs::write(new.join("tls.crt"), swap).expect("write");
+                std::fs::rename(&certs, root.path().join(format!("certs.old{n}"))).expect("mv aside");
+                std::fs::rename(&new, &certs).expect("mv in");
+            } else {
+                std::fs::remove_dir_all(&certs).expect("rm -rf");
+                std::fs::create_dir(&certs).expect("mkdir");
+                std::fs::write(&file, swap).expect("write");
+            }
+            assert_eq!(settled(&mut reports).await, vec![file.clone()], "{swap}: the replaced directory");
+            std::fs::write(&file, format!("{swap} then written")).expect("write");
+            assert_eq!(settled(&mut reports).await, vec![file.clone()], "{swap}: a write into its successor");
+        }
     }
 }
