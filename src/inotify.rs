@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -38,10 +39,31 @@ impl AsRawFd for Fd {
     }
 }
 
+/// The directories watched, both ways: events name their watch, and a path is watched again when
+/// its inode changed.
+#[derive(Default)]
+struct Watches {
+    dirs: HashMap<WatchDescriptor, PathBuf>,
+    /// The watch on each path, and the (device, inode) it was added for.
+    paths: HashMap<PathBuf, (WatchDescriptor, (u64, u64))>,
+}
+
+impl Watches {
+    /// Forgets the watch `wd`: its directory is gone from its path, and the path must be watched
+    /// again (a new inode) once something is there.
+    fn forget(&mut self, wd: WatchDescriptor) -> Option<PathBuf> {
+        let dir = self.dirs.remove(&wd)?;
+        if self.paths.get(&dir).is_some_and(|(watched, _)| *watched == wd) {
+            self.paths.remove(&dir);
+        }
+        Some(dir)
+    }
+}
+
 /// Watches directories, not recursively.
 pub struct DirWatcher {
     fd: AsyncFd<Fd>,
-    dirs: Mutex<HashMap<WatchDescriptor, PathBuf>>,
+    watches: Mutex<Watches>,
 }
 
 impl DirWatcher {
@@ -51,13 +73,33 @@ impl DirWatcher {
         // SAFETY: `Fd` owns the inotify descriptor, which stays open and unchanged for as long as
         // the AsyncFd that holds it lives.
         let fd = unsafe { AsyncFd::register(Fd(inotify)) }.map_err(|e| e.into_parts().1)?;
-        Ok(DirWatcher { fd, dirs: Mutex::default() })
+        Ok(DirWatcher { fd, watches: Mutex::default() })
     }
 
-    /// Watches `dir` (again, after it was removed and created anew).
+    /// Watches `dir`; again when the directory at that path is not the one watched (it was removed
+    /// or moved away, and another put there): inotify watches an inode, not a path. Cheap when
+    /// nothing changed (one `stat`), so it can be called for every directory after each debounce.
     pub fn watch(&self, dir: &Path) -> std::io::Result<()> {
-        let wd = self.fd.get_ref().0.add_watch(dir, MASK)?;
-        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(wd, dir.to_path_buf());
+        // The inode is read before the watch is added: if the directory is swapped in between, the
+        // next call sees an inode that differs and adds the watch again (the kernel's answer for
+        // an inode already watched is its existing watch).
+        let meta = std::fs::metadata(dir)?;
+        let inode = (meta.dev(), meta.ino());
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        if watches.paths.get(dir).is_some_and(|(_, watched)| *watched == inode) {
+            return Ok(());
+        }
+        let inotify = &self.fd.get_ref().0;
+        let wd = inotify.add_watch(dir, MASK)?;
+        if let Some((old, _)) = watches.paths.insert(dir.to_path_buf(), (wd, inode))
+            && old != wd
+        {
+            // The directory that was at this path lives on elsewhere: its events would be named
+            // wrongly. Its IN_IGNORED, unknown by then, is skipped.
+            watches.dirs.remove(&old);
+            let _ = inotify.rm_watch(old);
+        }
+        watches.dirs.insert(wd, dir.to_path_buf());
         Ok(())
     }
 
@@ -73,22 +115,27 @@ impl DirWatcher {
     }
 
     fn changes(&self, events: Vec<nix::sys::inotify::InotifyEvent>) -> Vec<Change> {
-        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         let mut changes = Vec::with_capacity(events.len());
         for event in events {
             if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                 changes.push(Change::Overflow);
                 continue;
             }
-            let Some(dir) = dirs.get(&event.wd) else { continue };
+            let Some(dir) = watches.dirs.get(&event.wd) else { continue };
             let path = match &event.name {
                 Some(name) => dir.join(name),
                 None => dir.clone(),
             };
-            // The kernel dropped the watch (its directory is gone): a later one may reuse the number.
-            if event.mask.contains(AddWatchFlags::IN_IGNORED) {
-                dirs.remove(&event.wd);
-                continue;
+            // The directory left its path: removed (the kernel drops the watch, IN_IGNORED) or
+            // moved away (the watch would follow it to its new name, so it is removed here). Either
+            // way, its path is a change, and must be watched anew once a directory is there again.
+            let gone = AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF | AddWatchFlags::IN_IGNORED;
+            if event.mask.intersects(gone) {
+                watches.forget(event.wd);
+                if event.mask.contains(AddWatchFlags::IN_MOVE_SELF) {
+                    let _ = self.fd.get_ref().0.rm_watch(event.wd);
+                }
             }
             changes.push(Change::Path { path });
         }
@@ -117,5 +164,37 @@ mod tests {
             })
             .collect();
         assert!(!paths.is_empty() && paths.iter().all(|p| **p == file), "{changes:?}");
+    }
+
+    fn paths(changes: &[Change]) -> Vec<PathBuf> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Path { path } => Some(path.clone()),
+                Change::Overflow => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_directory_moved_away_is_forgotten_and_its_successor_watched() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (certs, old, new) =
+            (root.path().join("certs"), root.path().join("certs.old"), root.path().join("certs.new"));
+        std::fs::create_dir(&certs).expect("mkdir");
+        std::fs::create_dir(&new).expect("mkdir");
+        let watcher = DirWatcher::new().expect("inotify");
+        watcher.watch(&certs).expect("watch");
+        watcher.watch(&certs).expect("watching again what is watched is a no-op");
+        std::fs::rename(&certs, &old).expect("mv aside");
+        std::fs::rename(&new, &certs).expect("mv in");
+        assert!(paths(&watcher.next().await.expect("events")).contains(&certs), "the move is a change");
+        // The old directory, now elsewhere, is no longer heard; the new one is, once watched.
+        std::fs::write(old.join("tls.crt"), "old").expect("write");
+        watcher.watch(&certs).expect("watch the new inode");
+        let file = certs.join("tls.crt");
+        std::fs::write(&file, "new").expect("write");
+        let changes = paths(&watcher.next().await.expect("events"));
+        assert!(!changes.is_empty() && changes.iter().all(|p| *p == file), "{changes:?}");
     }
 }

@@ -26,14 +26,16 @@ pub struct WatchSpec {
     pub debounce_max: Duration,
 }
 
-/// Which paths count as a change: the watched files, anything in a `--watch` directory, and the
+/// Which paths count as a change: the watched files, anything in a `--watch` directory, the
 /// `..data`-style entries of a Kubernetes volume next to a watched file (its symlink swap touches
-/// only those). Anything else in a watched directory (an access log, say) is not a change.
+/// only those), and the watched directories themselves (replaced whole, by `mv` or `rm -rf` and
+/// `mkdir`). Anything else in a watched directory or its parent (an access log, say) is not a change.
 #[derive(Debug, Default)]
 struct Relevant {
     files: BTreeSet<PathBuf>,
     file_dirs: BTreeSet<PathBuf>,
     watch_dirs: BTreeSet<PathBuf>,
+    dirs: BTreeSet<PathBuf>,
 }
 
 impl Relevant {
@@ -42,13 +44,15 @@ impl Relevant {
         let files: BTreeSet<PathBuf> = files.iter().map(absolute).collect();
         let file_dirs = files.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
         let watch_dirs = spec.extra.iter().filter(|p| p.is_dir()).map(absolute).collect();
-        Relevant { files, file_dirs, watch_dirs }
+        let dirs = spec.directories(&files.iter().cloned().collect::<Vec<_>>());
+        Relevant { files, file_dirs, watch_dirs, dirs }
     }
 
     fn counts(&self, path: &Path) -> bool {
         let parent = path.parent();
         let volume_internal = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".."));
         self.files.contains(path)
+            || self.dirs.contains(path)
             || parent.is_some_and(|dir| self.watch_dirs.contains(dir))
             || (volume_internal && parent.is_some_and(|dir| self.file_dirs.contains(dir)))
     }
@@ -103,10 +107,11 @@ impl WatchSpec {
         crate::envoy::flag_value(self.envoy_command.as_ref()?, &["-c", "--config-path"]).map(PathBuf::from)
     }
 
-    /// The directories to watch for `files`, and the `--watch` directories themselves.
+    /// The directories to watch for `files`, and the `--watch` directories themselves; absolute,
+    /// since an event is named by the path its watch was added for.
     fn directories(&self, files: &[PathBuf]) -> BTreeSet<PathBuf> {
         let mut dirs: BTreeSet<PathBuf> = files.iter().filter_map(|f| absolute_parent(f)).collect();
-        dirs.extend(self.extra.iter().filter(|p| p.is_dir()).cloned());
+        dirs.extend(self.extra.iter().filter(|p| p.is_dir()).filter_map(|p| std::path::absolute(p).ok()));
         dirs
     }
 
@@ -159,18 +164,19 @@ pub fn start(
     mut report: impl FnMut(Change) -> bool + Send + 'static,
 ) -> std::io::Result<()> {
     let watcher = DirWatcher::new()?;
-    let mut watched = BTreeSet::new();
     let mut files = spec.files_with(read);
-    watch_directories(&watcher, &spec.directories(&files), &mut watched);
+    let mut dirs = spec.directories(&files);
+    watch_directories(&watcher, &dirs);
     let mut last = snapshot(&files);
     if read.is_some_and(|read| !read_from(read, spec.bootstrap_path(), &last)) {
         // Changed since the launcher read it (and watched from before this read): read it again.
         files = spec.files();
-        watch_directories(&watcher, &spec.directories(&files), &mut watched);
+        dirs = spec.directories(&files);
+        watch_directories(&watcher, &dirs);
         last = snapshot(&files);
     }
     let mut relevant = Relevant::new(&spec, &files);
-    tracing::info!("watching {} files in {} directories for changes", files.len(), watched.len());
+    tracing::info!("watching {} files in {} directories for changes", files.len(), dirs.len());
     tracing::debug!("watched files: {files:?}");
 
     tokio::spawn(async move {
@@ -197,6 +203,9 @@ pub fn start(
                     _ = &mut cap => break,
                 }
             }
+            // A directory replaced during the debounce is watched anew before its files are
+            // hashed: a write after the hash is then seen, and one before it is in the hash.
+            watch_directories(&watcher, &dirs);
             let spec_now = spec.clone();
             let Ok((files, current)) = tokio::task::spawn_blocking(move || {
                 let files = spec_now.files();
@@ -207,7 +216,8 @@ pub fn start(
             else {
                 continue;
             };
-            watch_directories(&watcher, &spec.directories(&files), &mut watched);
+            dirs = spec.directories(&files);
+            watch_directories(&watcher, &dirs);
             relevant = Relevant::new(&spec, &files);
             let changed = changed(&last, &current);
             last = current;
@@ -244,13 +254,19 @@ async fn next_relevant(watcher: &DirWatcher, relevant: &Relevant) -> std::io::Re
     }
 }
 
-fn watch_directories(watcher: &DirWatcher, dirs: &BTreeSet<PathBuf>, watched: &mut BTreeSet<PathBuf>) {
-    for dir in dirs.difference(&watched.clone()) {
-        match watcher.watch(dir) {
-            Ok(()) => {
-                watched.insert(dir.clone());
-            }
-            Err(e) => tracing::warn!("cannot watch {}: {e}", dir.display()),
+/// Watches `dirs` and their parents (again where a directory was replaced: see
+/// `DirWatcher::watch`). A directory's own watch ends with it; the parent's sees another created or
+/// moved in at its path, whose files the hash after the debounce then reads.
+fn watch_directories(watcher: &DirWatcher, dirs: &BTreeSet<PathBuf>) {
+    let parents: BTreeSet<&Path> = dirs.iter().filter_map(|d| d.parent()).collect();
+    for dir in dirs {
+        if let Err(e) = watcher.watch(dir) {
+            tracing::warn!("cannot watch {}: {e}", dir.display());
+        }
+    }
+    for parent in parents.into_iter().filter(|p| !dirs.contains(*p)) {
+        if let Err(e) = watcher.watch(parent) {
+            tracing::debug!("cannot watch {} for its watched directories: {e}", parent.display());
         }
     }
 }
@@ -338,5 +354,51 @@ mod tests {
             debounce_max: Duration::from_secs(5),
         };
         assert_eq!(spec.files(), vec![bootstrap]);
+    }
+
+    /// The files of the next `Settled` report, within 5 s.
+    async fn settled(reports: &mut tokio::sync::mpsc::UnboundedReceiver<Change>) -> Vec<PathBuf> {
+        let next = async {
+            loop {
+                if let Some(Change::Settled(files)) = reports.recv().await {
+                    return files;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), next).await.expect("a settled change within 5 s")
+    }
+
+    #[tokio::test]
+    async fn a_directory_replaced_whole_is_seen_and_so_are_writes_into_its_successor() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let certs = root.path().join("certs");
+        std::fs::create_dir(&certs).expect("mkdir");
+        let file = certs.join("tls.crt");
+        std::fs::write(&file, "one").expect("write");
+        let spec = WatchSpec {
+            envoy_command: None,
+            extra: vec![file.clone()],
+            debounce: Duration::from_millis(50),
+            debounce_max: Duration::from_secs(1),
+        };
+        let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        start(spec, None, move |change| tx.send(change).is_ok()).expect("start");
+        for (n, swap) in ["mv", "rm"].into_iter().enumerate() {
+            // Replaced whole: `mv certs certs.old; mv certs.new certs`, or `rm -rf certs; mkdir certs`.
+            if swap == "mv" {
+                let new = root.path().join("certs.new");
+                std::fs::create_dir(&new).expect("mkdir");
+                std::fs::write(new.join("tls.crt"), swap).expect("write");
+                std::fs::rename(&certs, root.path().join(format!("certs.old{n}"))).expect("mv aside");
+                std::fs::rename(&new, &certs).expect("mv in");
+            } else {
+                std::fs::remove_dir_all(&certs).expect("rm -rf");
+                std::fs::create_dir(&certs).expect("mkdir");
+                std::fs::write(&file, swap).expect("write");
+            }
+            assert_eq!(settled(&mut reports).await, vec![file.clone()], "{swap}: the replaced directory");
+            std::fs::write(&file, format!("{swap} then written")).expect("write");
+            assert_eq!(settled(&mut reports).await, vec![file.clone()], "{swap}: a write into its successor");
+        }
     }
 }

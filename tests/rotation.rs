@@ -146,6 +146,27 @@ fn rotation_by_kubernetes_symlink_swap_under_load() {
     rotation_under_load(true, true);
 }
 
+#[test]
+fn a_certificate_directory_replaced_by_a_rename_swap_is_served_and_so_is_a_write_into_it() {
+    let tls = start_tls(false, &[]);
+    // `mv certs certs.old; mv certs.new certs`: the directory watched is no longer at its path.
+    let certs = tls.cert.parent().expect("certs").to_path_buf();
+    let new = certs.with_file_name("certs.new");
+    std::fs::create_dir(&new).expect("mkdir");
+    let (cert, key) = certificate(2);
+    std::fs::write(new.join("cert.pem"), &cert).expect("cert");
+    std::fs::write(new.join("key.pem"), &key).expect("key");
+    std::fs::rename(&certs, certs.with_file_name("certs.old")).expect("mv aside");
+    std::fs::rename(&new, &certs).expect("mv in");
+    tls.wait_for_serial(2, DEBOUNCE + Duration::from_secs(15));
+    // A write into the directory now at the path is seen too.
+    let (cert, key) = certificate(3);
+    replace_file(&tls.key, &key);
+    replace_file(&tls.cert, &cert);
+    tls.wait_for_serial(3, DEBOUNCE + Duration::from_secs(15));
+    tls.stop();
+}
+
 /// Bad input: after `break_it`, no new epoch and the old certificate still served, with `reason`
 /// in the log; then a good pair IS picked up.
 fn bad_input_changes_nothing(break_it: impl FnOnce(&Tls), reason: &str) {
