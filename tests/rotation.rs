@@ -3,99 +3,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::tls::{HttpsClient, SecretVolume, certificate, certificate_valid, replace_file, tls_bootstrap};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use common::tls::{certificate, certificate_valid, replace_file, tls_bootstrap};
 
+use common::admin_get;
 use common::load::{Load, ONE_LOAD_AT_A_TIME};
-use common::{Launcher, Mode, admin_get, free_port, wait_for};
+use common::rotation::{DEBOUNCE, bad_input_changes_nothing, start_tls};
 use nix::sys::signal::Signal;
-
-/// Short drain and parent-shutdown times, so that the old epoch exits within the test.
-const OPTIONS: &[&str] = &["--envoy-drain-time", "2s", "--envoy-parent-shutdown-time", "3s", "--log-level", "debug"];
-const DEBOUNCE: Duration = Duration::from_millis(500);
-
-struct Tls {
-    launcher: Launcher,
-    volume: Option<SecretVolume>,
-    port: u16,
-    dir: tempfile::TempDir,
-    cert: PathBuf,
-    key: PathBuf,
-    bootstrap: PathBuf,
-}
-
-/// Envoy serving a certificate with serial 1 from `cert_dir` (plain files, or a secret volume).
-fn start_tls(volume: bool, extra: &[&str]) -> Tls {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let certs = dir.path().join("certs");
-    let (cert_pem, key_pem) = certificate(1);
-    let (cert, key, volume) = if volume {
-        let volume = SecretVolume::new(&certs, &cert_pem, &key_pem);
-        (certs.join("tls.crt"), certs.join("tls.key"), Some(volume))
-    } else {
-        std::fs::create_dir(&certs).expect("mkdir");
-        std::fs::write(certs.join("cert.pem"), &cert_pem).expect("cert");
-        std::fs::write(certs.join("key.pem"), &key_pem).expect("key");
-        (certs.join("cert.pem"), certs.join("key.pem"), None)
-    };
-    let port = free_port();
-    let bootstrap = dir.path().join("envoy.yaml");
-    std::fs::write(&bootstrap, tls_bootstrap(dir.path(), port, &cert, &key, None)).expect("bootstrap");
-    let options: Vec<&str> = OPTIONS.iter().chain(extra).copied().collect();
-    // One worker: on 2 cores, the other is left to the load clients, the validator and the next epoch.
-    let launcher = Launcher::start_envoy_with(Mode::Pid1, &options, &bootstrap, &["--concurrency", "1"]);
-    let tls = Tls { launcher, volume, port, dir, cert, key, bootstrap };
-    assert_eq!(tls.serial(), 1, "the first certificate is served");
-    tls
-}
-
-impl Tls {
-    fn serial(&self) -> u64 {
-        let (status, serial) = HttpsClient::new(self.port, false).get().expect("https request");
-        assert_eq!(status, 200);
-        serial
-    }
-
-    fn wait_for_serial(&self, serial: u64, within: Duration) {
-        wait_for(within, &format!("certificate serial {serial} to be served"), || {
-            HttpsClient::new(self.port, false).get().is_ok_and(|(_, s)| s == serial)
-        });
-    }
-
-    /// Reloads that ended with a new epoch LIVE, as `/metrics` counts them.
-    fn restarts(&self) -> u64 {
-        self.launcher.reloads("success")
-    }
-
-    /// Waits until epoch `epoch` serves and no reload is under way or queued.
-    fn wait_for_epoch(&self, epoch: u64) {
-        self.launcher.wait_for_status(&format!("epoch {epoch} to serve, no reload under way"), |s| {
-            s["current_epoch"] == epoch && s["reload"].is_null()
-        });
-    }
-
-    /// Waits until the last reload was refused; returns its reason.
-    fn wait_for_refusal(&self) -> String {
-        let status = self.launcher.wait_for_status("a refused reload", |s| s["last_reload"]["result"] == "refused");
-        status["last_reload"]["detail"].as_str().unwrap_or_default().to_string()
-    }
-
-    fn admin(&self) -> PathBuf {
-        self.dir.path().join("admin.sock")
-    }
-
-    fn stop(mut self) -> String {
-        self.launcher.signal(Signal::SIGTERM);
-        let code = self.launcher.exit_code(Duration::from_secs(30));
-        let log = self.launcher.log();
-        assert_eq!(code, 0, "log:\n{log}");
-        log
-    }
-}
 
 fn rotation_under_load(volume: bool, keep_alive: bool) {
     let _alone = ONE_LOAD_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -164,27 +79,6 @@ fn a_certificate_directory_replaced_by_a_rename_swap_is_served_and_so_is_a_write
     replace_file(&tls.key, &key);
     replace_file(&tls.cert, &cert);
     tls.wait_for_serial(3, DEBOUNCE + Duration::from_secs(15));
-    tls.stop();
-}
-
-/// Bad input: after `break_it`, no new epoch and the old certificate still served, with `reason`
-/// in the log; then a good pair IS picked up.
-fn bad_input_changes_nothing(break_it: impl FnOnce(&Tls), reason: &str) {
-    let tls = start_tls(false, &[]);
-    break_it(&tls);
-    let detail = tls.wait_for_refusal();
-    assert!(detail.contains(reason), "the reason is '{reason}': {detail}");
-    let log = tls.launcher.log();
-    assert!(log.contains(reason), "the log says '{reason}':\n{log}");
-    assert_eq!(tls.launcher.status()["epochs"].as_array().map(Vec::len), Some(1), "no new epoch:\n{log}");
-    assert_eq!(tls.serial(), 1, "the old certificate is still served");
-
-    let (cert, key) = certificate(3);
-    replace_file(&tls.key, &key);
-    replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(3, DEBOUNCE + Duration::from_secs(15));
-    tls.wait_for_epoch(1);
-    assert_eq!(tls.restarts(), 1);
     tls.stop();
 }
 
@@ -345,124 +239,6 @@ fn sigterm_during_a_hot_restart_ends_both_epochs() {
     for pid in first {
         assert!(!common::alive(pid), "epoch 0 (pid {pid}) is gone");
     }
-}
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-
-fn fixture(name: &str) -> String {
-    std::fs::read_to_string(format!("{FIXTURES}/{name}")).expect("fixture")
-}
-
-#[test]
-fn a_key_type_beyond_sesames_checks_is_left_to_envoy_and_rotated_in() {
-    let tls = start_tls(false, &[]);
-    // P-521: Envoy serves it, ring (sesame's check) cannot load it.
-    replace_file(&tls.key, &fixture("p521-key.pem"));
-    replace_file(&tls.cert, &fixture("p521-cert.pem"));
-    tls.wait_for_epoch(1);
-    assert_eq!(tls.restarts(), 1, "{}", tls.launcher.log());
-    let certs = common::admin_body(&tls.admin(), "/certs").expect("/certs");
-    assert!(certs.contains("\"serial_number\": \"0209\""), "Envoy serves the P-521 certificate (serial 521): {certs}");
-    tls.launcher.wait_for_log("not matched against");
-    assert!(tls.launcher.log().contains("its type is beyond sesame's checks"), "{}", tls.launcher.log());
-    tls.stop();
-}
-
-#[test]
-fn a_half_written_certificate_is_named_in_words() {
-    bad_input_changes_nothing(
-        |tls| {
-            let (cert, _) = certificate(12);
-            replace_file(&tls.cert, &cert[..cert.len() / 2]);
-        },
-        "a PEM block has no end line (-----END CERTIFICATE-----): is the file half written?",
-    );
-}
-
-#[test]
-fn an_encrypted_key_without_its_password_is_refused_with_the_reason() {
-    bad_input_changes_nothing(
-        |tls| {
-            replace_file(&tls.key, &fixture("encrypted-key.pem"));
-            replace_file(&tls.cert, &fixture("encrypted-cert.pem"));
-        },
-        "is encrypted and the bootstrap gives no password for it",
-    );
-}
-
-#[test]
-fn a_camel_case_json_bootstrap_gets_the_same_pair_checks() {
-    // Envoy reads the proto's JSON names too; an expired certificate, which Envoy itself would
-    // load and serve, must be refused all the same.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let (cert_pem, key_pem) = certificate(1);
-    std::fs::write(&cert, cert_pem).expect("cert");
-    std::fs::write(&key, key_pem).expect("key");
-    let port = free_port();
-    let yaml = tls_bootstrap(dir.path(), port, &cert, &key, None)
-        .replace("certificate_chain:", "certificateChain:")
-        .replace("private_key:", "privateKey:")
-        .replace("tls_certificates:", "tlsCertificates:");
-    let json: serde_json::Value = serde_saphyr::from_str(&yaml).expect("yaml");
-    let bootstrap = dir.path().join("envoy.json");
-    std::fs::write(&bootstrap, json.to_string()).expect("json");
-    let launcher = Launcher::start_envoy_with(Mode::Pid1, OPTIONS, &bootstrap, &["--concurrency", "1"]);
-    let (expired_cert, expired_key) = certificate_valid(4, Some(2));
-    replace_file(&key, &expired_key);
-    replace_file(&cert, &expired_cert);
-    let status = launcher.wait_for_status("the reload to be refused", |s| s["last_reload"]["result"] == "refused");
-    let detail = status["last_reload"]["detail"].as_str().expect("detail");
-    assert!(detail.contains(&format!("certificate {} expired on", cert.display())), "{detail}");
-    assert_eq!(status["current_epoch"], 0);
-}
-
-/// Writes `file` every `every` until the returned flag is set.
-fn keep_writing(file: PathBuf, every: Duration) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let writer = std::thread::spawn(move || {
-        let mut n = 0u64;
-        while !flag.load(Ordering::SeqCst) {
-            n += 1;
-            std::fs::write(&file, format!("line {n}\n")).expect("write");
-            std::thread::sleep(every);
-        }
-    });
-    (stop, writer)
-}
-
-#[test]
-fn a_busy_neighbour_in_the_certificate_directory_does_not_hold_the_reload() {
-    let tls = start_tls(false, &[]);
-    // An access log written every 100 ms next to the certificate.
-    let (stop, writer) = keep_writing(tls.cert.with_file_name("access.log"), Duration::from_millis(100));
-    let (cert, key) = certificate(2);
-    replace_file(&tls.key, &key);
-    replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(2, DEBOUNCE + Duration::from_secs(10));
-    stop.store(true, Ordering::SeqCst);
-    writer.join().expect("writer");
-    tls.wait_for_epoch(1);
-    assert_eq!(tls.restarts(), 1, "the access log caused no reload");
-    tls.stop();
-}
-
-#[test]
-fn a_watched_file_that_never_rests_is_reloaded_at_the_debounce_cap() {
-    // A --watch directory whose file changes every 100 ms: the debounce never sees quiet, and the
-    // cap (1 s here) ends the wait.
-    let busy = tempfile::tempdir().expect("tempdir");
-    let busy_dir = busy.path().to_string_lossy().into_owned();
-    let tls = start_tls(false, &["--watch", &busy_dir, "--reload-debounce-max", "1s"]);
-    let (stop, writer) = keep_writing(busy.path().join("config.txt"), Duration::from_millis(100));
-    let (cert, key) = certificate(2);
-    replace_file(&tls.key, &key);
-    replace_file(&tls.cert, &cert);
-    tls.wait_for_serial(2, Duration::from_secs(1) + Duration::from_secs(10));
-    stop.store(true, Ordering::SeqCst);
-    writer.join().expect("writer");
-    tls.stop();
 }
 
 #[test]

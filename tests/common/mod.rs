@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod load;
+pub mod rotation;
 pub mod tls;
 
 pub use client::*;
