@@ -76,6 +76,11 @@ impl AdminClient {
         AdminClient { http: self.http.with_kept(kept) }
     }
 
+    /// Requests sent through this client and its clones since it was made.
+    pub fn requests_sent(&self) -> u32 {
+        self.http.requests_sent()
+    }
+
     pub fn address(&self) -> &Endpoint {
         self.http.endpoint()
     }

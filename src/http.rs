@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
@@ -73,6 +74,8 @@ pub struct HttpClient {
     kept: Option<KeptConnection>,
     /// Only the kept connection is asked: the address now belongs to another process.
     kept_only: bool,
+    /// Requests sent through this client and its clones (what a drain cost Envoy's admin).
+    sent: Arc<AtomicU32>,
 }
 
 /// One HTTP/1.1 connection opened while the peer listened and kept idle (no traffic, no timer):
@@ -140,7 +143,7 @@ impl KeptConnection {
 
 impl HttpClient {
     pub fn new(endpoint: Endpoint, timeout: Duration) -> Self {
-        HttpClient { endpoint, timeout, kept: None, kept_only: false }
+        HttpClient { endpoint, timeout, kept: None, kept_only: false, sent: Arc::default() }
     }
 
     /// Asks `kept` alone, never the endpoint: a hot restart's older epoch, whose admin address its
@@ -162,8 +165,14 @@ impl HttpClient {
         &self.endpoint
     }
 
+    /// Requests sent through this client and its clones since it was made.
+    pub fn requests_sent(&self) -> u32 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
     /// Sends one request and returns the status and body.
     pub async fn request(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError> {
+        self.sent.fetch_add(1, Ordering::Relaxed);
         tokio::time::timeout(self.timeout, self.request_unbounded(method, path))
             .await
             .map_err(|_| HttpError::Timeout(self.endpoint.clone(), self.timeout))?

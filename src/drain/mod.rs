@@ -158,16 +158,11 @@ async fn drain_steps(
     post(admin, &settings.drain_path(), &mut consecutive_errors).await;
     let ignored = ignored_listeners(admin, &settings.ignore).await;
     let mut pace = Pace::start(admin, settings.poll, &settings.ignore).await;
-    // Every admin request of the drain: the two POSTs, the listing of ignored listeners, the
-    // pace's listing of ports; the polls are added as they go.
-    let mut requests = u32::from(settings.healthcheck_fail) + 1 + 2 * u32::from(!settings.ignore.is_empty()) + 1;
     let mut polls = 0u32;
     loop {
         polls += 1;
         pace.counting();
         let older_alive = *older.alive.borrow_and_update();
-        // A second request while an older epoch lives (a third when it does not answer).
-        requests += 1 + u32::from(older_alive);
         let read = admin.connections_across_epochs(&settings.counted, &ignored, older_alive, older.admin.as_ref());
         let (connections, older_uncounted) = match read.await {
             Ok((open, complete)) => {
@@ -190,6 +185,7 @@ async fn drain_steps(
         if let Some(end) = ended {
             // What the drain cost Envoy's admin (the benchmark reports it as requests per second).
             let took = started.elapsed().as_secs_f64();
+            let requests = admin.requests_sent() + older.admin.as_ref().map_or(0, AdminClient::requests_sent);
             tracing::info!(
                 "drain: {polls} connection polls of the admin in {took:.3} s, {requests} admin requests in all"
             );
