@@ -117,9 +117,24 @@ impl<P: Processes> Supervisor<P> {
         self.early.started
     }
 
-    /// The debounce ended: the next one may start checks again.
-    pub(super) fn early_debounce_over(&mut self) {
+    /// A debounce ended, with `files` changed since the last one: a reload (which takes over the
+    /// checks run meanwhile when they stand for the files), or nothing. The next debounce may start
+    /// checks again.
+    pub(super) fn on_files_settled(&mut self, files: Vec<PathBuf>) {
         self.early.started = 0;
+        // The watcher compares with the files at its last debounce's end, but a refused reload read
+        // them at another moment (a write may have been half done then): after a refusal, files
+        // touched again are checked again, even when they hash as before.
+        let refused = self.last_reload.as_ref().is_some_and(|r| r.result == "refused");
+        let trigger = match (files.is_empty(), refused) {
+            (true, false) => return self.discard_early_checks(),
+            (true, true) => "touched again since the refused reload".to_string(),
+            (false, _) => {
+                let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+                format!("changed: {}", names.join(", "))
+            }
+        };
+        let _ = self.request_reload(trigger, None, false, true);
     }
 
     /// Only where the debounce's end would start a hot restart of its own: a reload under way, a

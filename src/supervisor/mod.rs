@@ -340,24 +340,7 @@ impl<P: Processes> Supervisor<P> {
             Event::FamilyDrained { attempt, end } => self.on_family_drained(attempt, end),
             Event::VersionChecked { attempt, result } => self.on_version_checked(attempt, result),
             Event::FilesChanging => self.on_files_changing(),
-            Event::FilesChanged(files) => {
-                self.early_debounce_over();
-                // The watcher compares with the files at its last debounce's end, but a refused
-                // reload read them at another moment (a write may have been half done then): after
-                // a refusal, files touched again are checked again, even when they hash as before.
-                let refused = self.last_reload.as_ref().is_some_and(|r| r.result == "refused");
-                if files.is_empty() && !refused {
-                    self.discard_early_checks();
-                } else {
-                    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-                    let trigger = if files.is_empty() {
-                        "touched again since the refused reload".to_string()
-                    } else {
-                        format!("changed: {}", names.join(", "))
-                    };
-                    let _ = self.request_reload(trigger, None, false, true);
-                }
-            }
+            Event::FilesChanged(files) => self.on_files_settled(files),
             Event::EarlyPreflight { attempt, input, result } => self.on_early_preflight(attempt, input, result),
             Event::Preflight { attempt, result } => self.on_preflight(attempt, result),
             Event::Validated { attempt, result } if self.is_early_attempt(attempt) => self.on_early_validated(result),
