@@ -155,15 +155,8 @@ mod tests {
         let file = dir.path().join("cert.pem");
         std::fs::write(&file, "one").expect("write");
         let _ = std::fs::read(&file).expect("read");
-        let changes = watcher.next().await.expect("events");
-        let paths: Vec<&PathBuf> = changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::Path { path, .. } => Some(path),
-                Change::Overflow => None,
-            })
-            .collect();
-        assert!(!paths.is_empty() && paths.iter().all(|p| **p == file), "{changes:?}");
+        let changes = paths(&watcher.next().await.expect("events"));
+        assert!(!changes.is_empty() && changes.iter().all(|p| *p == file), "{changes:?}");
     }
 
     fn paths(changes: &[Change]) -> Vec<PathBuf> {
