@@ -49,41 +49,37 @@ fn requests_in_flight(proxy: &Proxy, upstream: &Upstream) -> Vec<JoinHandle<(Res
     clients
 }
 
-#[test]
-fn in_flight_requests_complete_and_the_launcher_exits_right_after() {
+/// SIGTERM with `IN_FLIGHT` requests held by the upstream: every one must get 200 and the launcher
+/// exit 0; returns how long after the last response it exited, and its log.
+fn drain_in_flight(options: &[&str]) -> (Duration, String) {
     let upstream = Upstream::start(HOLD);
-    let mut proxy = start_proxy(&[], upstream.port);
-    let clients = requests_in_flight(&proxy, &upstream);
-    proxy.launcher.signal(Signal::SIGTERM);
-    let results: Vec<_> = clients.into_iter().map(|c| c.join().expect("client")).collect();
-    let code = proxy.launcher.exit_code(Duration::from_secs(20));
-    let exited = Instant::now();
-    let log = proxy.launcher.log();
-
-    let ok = results.iter().filter(|(r, _)| *r == Ok(200)).count();
-    assert_eq!(ok, IN_FLIGHT, "every request in flight got 200: {results:?}\n{log}");
-    assert_eq!(code, 0, "Envoy exited 0 on SIGTERM after the drain; log:\n{log}");
-    let last_response = results.iter().map(|(_, at)| *at).max().expect("responses");
-    let lag = exited.duration_since(last_response);
-    assert!(lag < Duration::from_secs(1), "the launcher exits within 1 s of the last response, not {lag:?}\n{log}");
-    assert!(log.contains("drain ended: connections reached the threshold"), "{log}");
-}
-
-/// Envoy's count is read again as its last connections end (the kernel announces each freed
-/// socket), not at the next steady poll: with a poll every 5 s the launcher still exits at once.
-#[test]
-fn the_drain_sees_the_last_connection_end_without_waiting_for_a_poll() {
-    let upstream = Upstream::start(HOLD);
-    let mut proxy = start_proxy(&["--drain-poll", "5s"], upstream.port);
+    let mut proxy = start_proxy(options, upstream.port);
     let clients = requests_in_flight(&proxy, &upstream);
     proxy.launcher.signal(Signal::SIGTERM);
     let results: Vec<_> = clients.into_iter().map(|c| c.join().expect("client")).collect();
     let code = proxy.launcher.exit_code(Duration::from_secs(30));
     let exited = Instant::now();
     let log = proxy.launcher.log();
-    assert_eq!(results.iter().filter(|(r, _)| *r == Ok(200)).count(), IN_FLIGHT, "{results:?}\n{log}");
-    assert_eq!(code, 0, "{log}");
-    let lag = exited.duration_since(results.iter().map(|(_, at)| *at).max().expect("responses"));
+
+    let ok = results.iter().filter(|(r, _)| *r == Ok(200)).count();
+    assert_eq!(ok, IN_FLIGHT, "every request in flight got 200: {results:?}\n{log}");
+    assert_eq!(code, 0, "Envoy exited 0 on SIGTERM after the drain; log:\n{log}");
+    assert!(log.contains("drain ended: connections reached the threshold"), "{log}");
+    let last_response = results.iter().map(|(_, at)| *at).max().expect("responses");
+    (exited.duration_since(last_response), log)
+}
+
+#[test]
+fn in_flight_requests_complete_and_the_launcher_exits_right_after() {
+    let (lag, log) = drain_in_flight(&[]);
+    assert!(lag < Duration::from_secs(1), "the launcher exits within 1 s of the last response, not {lag:?}\n{log}");
+}
+
+/// Envoy's count is read again as its last connections end (the kernel announces each freed
+/// socket), not at the next steady poll: with a poll every 5 s the launcher still exits at once.
+#[test]
+fn the_drain_sees_the_last_connection_end_without_waiting_for_a_poll() {
+    let (lag, log) = drain_in_flight(&["--drain-poll", "5s"]);
     // A steady poll would read the count again 5 s after SIGTERM, 3 s after the last response.
     assert!(lag < Duration::from_millis(2500), "exited {lag:?} after the last response\n{log}");
     assert!(log.contains("drain: 2 connection polls of the admin"), "one poll at the start, one at the end\n{log}");
