@@ -36,7 +36,7 @@ pub struct BootstrapFiles {
 impl Bootstrap {
     /// Loads the bootstrap that `argv` (an Envoy command line) names; None when it names none.
     pub fn from_command(argv: &[OsString]) -> anyhow::Result<Option<Bootstrap>> {
-        let path = flag_value(argv, &["-c", "--config-path"]).map(PathBuf::from);
+        let path = crate::envoy::config_path(argv);
         let inline = flag_value(argv, &["--config-yaml"]).map(|v| v.to_string_lossy().into_owned());
         if path.is_none() && inline.is_none() {
             return Ok(None);

@@ -32,9 +32,35 @@ pub struct Checked {
     pub key_left_to_envoy: Option<String>,
 }
 
-/// Checks one pair at `now`; the error is one line naming the file at fault. Never refuses what
-/// Envoy accepts: what it cannot judge, it leaves to Envoy's validator and says so.
-pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, String> {
+/// Why a certificate/key pair is refused: one line naming the file at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertError {
+    #[error("{what} {}: cannot read: {error}", path.display())]
+    Unreadable { what: &'static str, path: PathBuf, error: String },
+    /// Not PEM, or not the PEM block expected: `fault` says how.
+    #[error("{what} {}: {fault}", path.display())]
+    BadPem { what: &'static str, path: PathBuf, fault: String },
+    #[error("private key {} is encrypted and the bootstrap gives no password for it", path.display())]
+    EncryptedWithoutPassword { path: PathBuf },
+    #[error("private key {} does not match certificate {}", key.display(), cert.display())]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    /// The certificate parses as PEM but not as a usable X.509 certificate.
+    #[error("certificate {}: {detail}", path.display())]
+    Unusable { path: PathBuf, detail: String },
+    #[error("certificate {} is not valid before {from}", path.display())]
+    NotYetValid { path: PathBuf, from: String },
+    #[error("certificate {} expired on {on}", path.display())]
+    Expired { path: PathBuf, on: String },
+    /// Valid, but the control API's TLS cannot sign with this key type.
+    #[error("private key {}: the control API cannot serve with this key type ({detail})", path.display())]
+    UnservableKey { path: PathBuf, detail: String },
+    #[error("TLS settings: {0}")]
+    Tls(String),
+}
+
+/// Checks one pair at `now`. Never refuses what Envoy accepts: what it cannot judge, it leaves to
+/// Envoy's validator and says so.
+pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, CertError> {
     let chain = read_chain(&pair.cert)?;
     let leaf = chain[0].clone();
     let key_left_to_envoy = match read_key(pair)? {
@@ -44,32 +70,34 @@ pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, String> {
             Ok(signing_key) => {
                 rustls::sign::CertifiedKey::new(chain, signing_key).keys_match().map_err(|e| match e {
                     rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-                        format!("private key {} does not match certificate {}", pair.key.display(), pair.cert.display())
+                        CertError::KeyMismatch { cert: pair.cert.clone(), key: pair.key.clone() }
                     }
-                    other => format!("certificate {}: {other}", pair.cert.display()),
+                    other => CertError::Unusable { path: pair.cert.clone(), detail: other.to_string() },
                 })?;
                 None
             }
         },
     };
-    let (not_before, not_after) = validity(&leaf).map_err(|e| format!("certificate {}: {e}", pair.cert.display()))?;
+    let (not_before, not_after) = validity(&leaf, &pair.cert)?;
     let now_secs = crate::clock::unix_seconds(now) as i64;
     if now_secs < not_before {
-        return Err(format!("certificate {} is not valid before {}", pair.cert.display(), format_time(not_before)));
+        return Err(CertError::NotYetValid { path: pair.cert.clone(), from: format_time(not_before) });
     }
     if now_secs > not_after {
-        return Err(format!("certificate {} expired on {}", pair.cert.display(), format_time(not_after)));
+        return Err(CertError::Expired { path: pair.cert.clone(), on: format_time(not_after) });
     }
     Ok(Checked { expires_in: Duration::from_secs((not_after - now_secs) as u64), key_left_to_envoy })
 }
 
-fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("certificate {}: cannot read: {e}", path.display()))?;
+fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let what = "certificate";
+    let bytes =
+        std::fs::read(path).map_err(|e| CertError::Unreadable { what, path: path.into(), error: e.to_string() })?;
     let chain: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate {}: {}", path.display(), pem_fault(&e)))?;
+        .map_err(|e| CertError::BadPem { what, path: path.into(), fault: pem_fault(&e) })?;
     if chain.is_empty() {
-        return Err(format!("certificate {}: no PEM CERTIFICATE block", path.display()));
+        return Err(CertError::BadPem { what, path: path.into(), fault: "no PEM CERTIFICATE block".into() });
     }
     Ok(chain)
 }
@@ -80,23 +108,24 @@ enum Key {
     Encrypted,
 }
 
-fn read_key(pair: &TlsPair) -> Result<Key, String> {
-    let path = &pair.key;
-    let bytes = std::fs::read(path).map_err(|e| format!("private key {}: cannot read: {e}", path.display()))?;
+fn read_key(pair: &TlsPair) -> Result<Key, CertError> {
+    let (what, path) = ("private key", &pair.key);
+    let bytes =
+        std::fs::read(path).map_err(|e| CertError::Unreadable { what, path: path.clone(), error: e.to_string() })?;
     let text = String::from_utf8_lossy(&bytes);
     // PKCS#8 "ENCRYPTED PRIVATE KEY", or the legacy OpenSSL header of an encrypted PKCS#1/SEC1 key.
     if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") || text.contains("Proc-Type: 4,ENCRYPTED") {
         if pair.key_password {
             return Ok(Key::Encrypted);
         }
-        return Err(format!("private key {} is encrypted and the bootstrap gives no password for it", path.display()));
+        return Err(CertError::EncryptedWithoutPassword { path: path.clone() });
     }
     match PrivateKeyDer::from_pem_slice(&bytes) {
         Ok(key) => Ok(Key::Plain(key)),
         Err(rustls::pki_types::pem::Error::NoItemsFound) => {
-            Err(format!("private key {}: no PEM PRIVATE KEY block", path.display()))
+            Err(CertError::BadPem { what, path: path.clone(), fault: "no PEM PRIVATE KEY block".into() })
         }
-        Err(e) => Err(format!("private key {}: {}", path.display(), pem_fault(&e))),
+        Err(e) => Err(CertError::BadPem { what, path: path.clone(), fault: pem_fault(&e) }),
     }
 }
 
@@ -118,10 +147,12 @@ fn pem_fault(error: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
-/// notBefore and notAfter of a certificate, in seconds since the epoch.
-fn validity(cert: &CertificateDer<'_>) -> Result<(i64, i64), String> {
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(cert).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+/// notBefore and notAfter of the certificate read from `path`, in seconds since the epoch.
+fn validity(cert: &CertificateDer<'_>, path: &Path) -> Result<(i64, i64), CertError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| CertError::Unusable {
+        path: path.to_path_buf(),
+        detail: format!("not an X.509 certificate: {e}"),
+    })?;
     let validity = parsed.validity();
     Ok((validity.not_before.timestamp(), validity.not_after.timestamp()))
 }
@@ -140,26 +171,28 @@ pub struct ReloadingCert {
 }
 
 impl ReloadingCert {
-    pub fn load(pair: TlsPair) -> Result<Arc<ReloadingCert>, String> {
+    pub fn load(pair: TlsPair) -> Result<Arc<ReloadingCert>, CertError> {
         let key = Self::read(&pair)?;
         Ok(Arc::new(ReloadingCert { pair, current: RwLock::new(key) }))
     }
 
-    fn read(pair: &TlsPair) -> Result<Arc<CertifiedKey>, String> {
+    fn read(pair: &TlsPair) -> Result<Arc<CertifiedKey>, CertError> {
         check_pair(pair, SystemTime::now())?;
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pair.cert)
             .and_then(|certs| certs.collect())
-            .map_err(|e| format!("certificate {}: {}", pair.cert.display(), pem_fault(&e)))?;
-        let key = PrivateKeyDer::from_pem_file(&pair.key)
-            .map_err(|e| format!("private key {}: {}", pair.key.display(), pem_fault(&e)))?;
-        let key = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
-            format!("private key {}: the control API cannot serve with this key type ({e})", pair.key.display())
+            .map_err(|e| CertError::BadPem { what: "certificate", path: pair.cert.clone(), fault: pem_fault(&e) })?;
+        let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| CertError::BadPem {
+            what: "private key",
+            path: pair.key.clone(),
+            fault: pem_fault(&e),
         })?;
+        let key = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| CertError::UnservableKey { path: pair.key.clone(), detail: e.to_string() })?;
         Ok(Arc::new(CertifiedKey::new(chain, key)))
     }
 
     /// Re-reads the files; a bad pair is refused and the current one kept.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), CertError> {
         let key = Self::read(&self.pair)?;
         *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = key;
         Ok(())
@@ -169,11 +202,11 @@ impl ReloadingCert {
         vec![self.pair.cert.clone(), self.pair.key.clone()]
     }
 
-    pub fn acceptor(self: &Arc<Self>) -> Result<tokio_rustls::TlsAcceptor, String> {
+    pub fn acceptor(self: &Arc<Self>) -> Result<tokio_rustls::TlsAcceptor, CertError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(|e| CertError::Tls(e.to_string()))?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
@@ -216,20 +249,20 @@ mod tests {
         let (a, b) = (generated(), generated());
 
         let pair = write_pair(dir.path(), "garbage", &a.signing_key.serialize_pem());
-        let err = check_pair(&pair, SystemTime::now()).expect_err("garbage");
+        let err = check_pair(&pair, SystemTime::now()).map_err(|e| e.to_string()).expect_err("garbage");
         assert!(err.starts_with(&format!("certificate {}", pair.cert.display())), "{err}");
 
         let pair = write_pair(dir.path(), &a.cert.pem(), &b.signing_key.serialize_pem());
-        let err = check_pair(&pair, SystemTime::now()).expect_err("mismatch");
+        let err = check_pair(&pair, SystemTime::now()).map_err(|e| e.to_string()).expect_err("mismatch");
         assert!(err.contains("does not match"), "{err}");
 
         std::fs::remove_file(&pair.key).expect("rm");
-        let err = check_pair(&pair, SystemTime::now()).expect_err("missing key");
+        let err = check_pair(&pair, SystemTime::now()).map_err(|e| e.to_string()).expect_err("missing key");
         assert!(err.starts_with(&format!("private key {}: cannot read", pair.key.display())), "{err}");
 
         let pair = write_pair(dir.path(), &a.cert.pem(), &a.signing_key.serialize_pem());
         let far_future = SystemTime::now() + Duration::from_secs(86_400 * 365 * 5000);
-        let err = check_pair(&pair, far_future).expect_err("expired");
+        let err = check_pair(&pair, far_future).map_err(|e| e.to_string()).expect_err("expired");
         assert!(err.contains("expired on"), "{err}");
     }
 
@@ -239,7 +272,7 @@ mod tests {
         let a = generated();
         let cert = a.cert.pem();
         let pair = write_pair(dir.path(), &cert[..cert.len() / 2], &a.signing_key.serialize_pem());
-        let err = check_pair(&pair, SystemTime::now()).expect_err("half written");
+        let err = check_pair(&pair, SystemTime::now()).map_err(|e| e.to_string()).expect_err("half written");
         let expected = format!(
             "certificate {}: a PEM block has no end line (-----END CERTIFICATE-----): is the file half written?",
             pair.cert.display()
@@ -247,10 +280,10 @@ mod tests {
         assert_eq!(err, expected);
         let key = a.signing_key.serialize_pem();
         let pair = write_pair(dir.path(), &cert, &key[..key.len() - 40]);
-        let err = check_pair(&pair, SystemTime::now()).expect_err("half written key");
+        let err = check_pair(&pair, SystemTime::now()).map_err(|e| e.to_string()).expect_err("half written key");
         assert!(err.contains("has no end line") && err.starts_with("private key"), "{err}");
         let pair = write_pair(dir.path(), &cert, "not a key\n");
-        let err = check_pair(&pair, SystemTime::now()).expect_err("no key");
+        let err = check_pair(&pair, SystemTime::now()).map_err(|e| e.to_string()).expect_err("no key");
         assert_eq!(err, format!("private key {}: no PEM PRIVATE KEY block", pair.key.display()));
     }
 
@@ -268,14 +301,14 @@ mod tests {
         assert!(why.starts_with("its type is beyond sesame's checks"), "{why}");
         // The certificate's own checks still hold.
         let far_future = SystemTime::now() + Duration::from_secs(86_400 * 365 * 200);
-        let err = check_pair(&fixture_pair("p521", false), far_future).expect_err("expired");
+        let err = check_pair(&fixture_pair("p521", false), far_future).map_err(|e| e.to_string()).expect_err("expired");
         assert!(err.contains("expired on"), "{err}");
     }
 
     #[test]
     fn an_encrypted_key_needs_its_password_in_the_bootstrap() {
         let pair = fixture_pair("encrypted", false);
-        let err = check_pair(&pair, SystemTime::now()).expect_err("no password");
+        let err = check_pair(&pair, SystemTime::now()).map_err(|e| e.to_string()).expect_err("no password");
         assert_eq!(
             err,
             format!("private key {} is encrypted and the bootstrap gives no password for it", pair.key.display())

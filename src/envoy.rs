@@ -80,6 +80,11 @@ pub enum BaseId {
     Picked(u32),
 }
 
+/// The bootstrap file an Envoy command line names (`-c` or `--config-path`, the last one wins).
+pub fn config_path(args: &[OsString]) -> Option<PathBuf> {
+    flag_value(args, &["-c", "--config-path"]).map(PathBuf::from)
+}
+
 /// The value of a valued flag in `args` (`--flag value` or `--flag=value`) under any of its
 /// `names` (`-c` and `--config-path`, say): the last one given, as Envoy takes it.
 pub fn flag_value(args: &[OsString], names: &[&str]) -> Option<OsString> {
@@ -144,10 +149,9 @@ pub fn epoch_command(command: &[OsString], epoch: u32, base_id: &BaseId, flags: 
 /// `command` with an admin on the unix socket `socket`, given through `--config-yaml` (which Envoy
 /// merges over the bootstrap). Envoy takes one `--config-yaml` only: the user's is merged into it.
 /// Err when the user's `--config-yaml` is not YAML.
-pub fn with_admin(command: &[OsString], socket: &Path) -> Result<Vec<OsString>, String> {
+pub fn with_admin(command: &[OsString], socket: &Path) -> Result<Vec<OsString>, BadConfigYaml> {
     let mut overlay: serde_json::Value = match flag_value(command, &["--config-yaml"]) {
-        Some(yaml) => serde_saphyr::from_str(&yaml.to_string_lossy())
-            .map_err(|e| format!("--config-yaml is not valid YAML: {e}"))?,
+        Some(yaml) => serde_saphyr::from_str(&yaml.to_string_lossy()).map_err(|e| BadConfigYaml(e.to_string()))?,
         None => serde_json::json!({}),
     };
     let admin = serde_json::json!({ "address": { "pipe": { "path": socket.to_string_lossy() } } });
@@ -162,6 +166,11 @@ pub fn with_admin(command: &[OsString], socket: &Path) -> Result<Vec<OsString>, 
     argv.extend(["--config-yaml".into(), overlay.to_string().into()]);
     Ok(argv)
 }
+
+/// The user's `--config-yaml` does not parse: why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--config-yaml is not valid YAML: {0}")]
+pub struct BadConfigYaml(String);
 
 /// The command for `envoy --mode validate`: the user's configuration, none of the hot-restart flags
 /// (validation must not touch the shared memory of the serving epochs).
@@ -284,10 +293,9 @@ mod tests {
         assert_eq!(validate_command(&command), args(&["envoy", "-c", "b.yaml", "--mode", "validate"]));
         assert_eq!(flag_value(&args(&["a", "--x=1", "--x", "2"]), &["--x"]), Some("2".into()));
         assert_eq!(flag_value(&args(&["a", "--x=1"]), &["--x"]), Some("1".into()));
-        let config = ["-c", "--config-path"];
-        assert_eq!(flag_value(&args(&["a", "-c", "x", "--config-path=y"]), &config), Some("y".into()));
-        assert_eq!(flag_value(&args(&["a", "--config-path", "y", "-c=z"]), &config), Some("z".into()));
-        assert_eq!(flag_value(&args(&["a", "-cx"]), &config), None);
+        assert_eq!(config_path(&args(&["a", "-c", "x", "--config-path=y"])), Some("y".into()));
+        assert_eq!(config_path(&args(&["a", "--config-path", "y", "-c=z"])), Some("z".into()));
+        assert_eq!(config_path(&args(&["a", "-cx"])), None);
     }
 
     #[test]

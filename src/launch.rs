@@ -120,7 +120,7 @@ impl Launch {
 
     /// The command line of the first epoch of a new family in a cold handover: its admin on
     /// `private_admin` (through `--config-yaml`), since the old family still holds the configured one.
-    pub fn handover_argv(&self, family: &Family, private_admin: &Path) -> Result<Vec<OsString>, String> {
+    pub fn handover_argv(&self, family: &Family, private_admin: &Path) -> Result<Vec<OsString>, envoy::BadConfigYaml> {
         envoy::with_admin(&self.epoch_argv(family, 0), private_admin)
     }
 }
@@ -273,7 +273,7 @@ fn envoy_dir(runtime_dir: &Path, user: &EnvoyUser) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("cannot make {} searchable for the Envoy user", runtime_dir.display()))?;
     let dir = runtime_dir.join("envoy");
     create_owned_dir(&dir, user.uid, user.gid)?;
-    user.check_readable("Envoy's directory", &dir).map_err(anyhow::Error::msg)?;
+    user.check_readable("Envoy's directory", &dir)?;
     Ok(dir)
 }
 

@@ -19,6 +19,7 @@
 mod admin;
 mod bootstrap;
 mod certs;
+mod checks;
 mod cli;
 mod client;
 mod clock;
@@ -36,9 +37,9 @@ mod lock;
 mod logging;
 mod memory;
 mod metrics;
+mod outcome;
 mod ports;
 mod process;
-mod reload;
 mod signals;
 mod status;
 mod supervisor;

@@ -10,13 +10,25 @@ use procfs::net::TcpState;
 
 use crate::bootstrap::ListenerBind;
 
+/// Why a new family could not bind a listener beside the serving one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortConflict {
+    #[error(
+        "listener '{name}' ({host}:{port}) sets enable_reuse_port: false: a new Envoy family cannot bind beside the \
+         serving one"
+    )]
+    NoReusePort { name: String, host: String, port: u16 },
+    #[error(
+        "listener '{name}' ({host}:{port}): the port is held by {holder}, not by the serving Envoy: a new Envoy \
+         family cannot bind it"
+    )]
+    HeldByOther { name: String, host: String, port: u16, holder: String },
+}
+
 /// Refuses `binds` that the new family could not take beside the processes `ours`.
-pub fn check_handover(binds: &[ListenerBind], ours: &[i32]) -> Result<(), String> {
+pub fn check_handover(binds: &[ListenerBind], ours: &[i32]) -> Result<(), PortConflict> {
     if let Some(bind) = binds.iter().find(|b| !b.reuse_port) {
-        return Err(format!(
-            "listener '{}' ({}:{}) sets enable_reuse_port: false: a new Envoy family cannot bind beside the serving one",
-            bind.name, bind.host, bind.port
-        ));
+        return Err(PortConflict::NoReusePort { name: bind.name.clone(), host: bind.host.clone(), port: bind.port });
     }
     let listening = listening_sockets();
     let wanted: HashSet<u16> = binds.iter().map(|b| b.port).collect();
@@ -36,11 +48,12 @@ pub fn check_handover(binds: &[ListenerBind], ours: &[i32]) -> Result<(), String
                 Some(pid) => format!("pid {pid} ({})", command_name(*pid)),
                 None => "a process sesame cannot see".to_string(),
             };
-            return Err(format!(
-                "listener '{}' ({}:{}): the port is held by {holder}, not by the serving Envoy: a new Envoy family \
-                 cannot bind it",
-                bind.name, bind.host, bind.port
-            ));
+            return Err(PortConflict::HeldByOther {
+                name: bind.name.clone(),
+                host: bind.host.clone(),
+                port: bind.port,
+                holder,
+            });
         }
     }
     Ok(())
@@ -129,7 +142,7 @@ mod tests {
 
     #[test]
     fn a_listener_without_reuse_port_is_refused_by_name() {
-        let refused = check_handover(&[bind(1, false)], &[]).expect_err("refused");
+        let refused = check_handover(&[bind(1, false)], &[]).expect_err("refused").to_string();
         assert!(refused.contains("listener 'web' (127.0.0.1:1) sets enable_reuse_port: false"), "{refused}");
     }
 
@@ -137,7 +150,7 @@ mod tests {
     fn a_port_held_by_another_process_is_refused_and_ours_is_not() {
         let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = held.local_addr().expect("addr").port();
-        let refused = check_handover(&[bind(port, true)], &[]).expect_err("held by the test");
+        let refused = check_handover(&[bind(port, true)], &[]).expect_err("held by the test").to_string();
         assert!(refused.contains(&format!("pid {}", std::process::id())), "{refused}");
         let me = i32::try_from(std::process::id()).expect("pid");
         assert_eq!(check_handover(&[bind(port, true)], &[me]), Ok(()));

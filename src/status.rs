@@ -54,7 +54,7 @@ pub struct EpochStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct ReloadStatus {
     /// success, refused or failed.
-    pub result: &'static str,
+    pub result: crate::outcome::ReloadResult,
     pub detail: String,
     pub at_unix: u64,
 }

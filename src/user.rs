@@ -20,6 +20,15 @@ pub struct EnvoyUser {
     pub label: String,
 }
 
+/// A file the Envoy user cannot read: one line naming the file, the user and the bits at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreadable {
+    #[error("{what} {} is not readable by the Envoy user {user}: it cannot enter the directory {} ({bits})", path.display(), dir.display())]
+    Directory { what: &'static str, path: std::path::PathBuf, user: String, dir: std::path::PathBuf, bits: String },
+    #[error("{what} {} is not readable by the Envoy user {user} ({bits})", path.display())]
+    File { what: &'static str, path: std::path::PathBuf, user: String, bits: String },
+}
+
 impl EnvoyUser {
     /// Resolves `USER[:GROUP]`: names or numeric ids. Without GROUP, the user's primary group; a
     /// numeric uid without a passwd entry needs GROUP (there is no primary group to take).
@@ -78,7 +87,7 @@ impl EnvoyUser {
     /// and owners: a file with an ACL is left to Envoy (the bits alone do not tell), as is root,
     /// which reads everything. Both the path as given and the one its symbolic links lead to are
     /// checked (a Kubernetes volume's `..data` link), as the kernel walks both.
-    pub fn check_readable(&self, what: &str, path: &Path) -> Result<(), String> {
+    pub fn check_readable(&self, what: &'static str, path: &Path) -> Result<(), Unreadable> {
         if self.uid.is_root() {
             return Ok(());
         }
@@ -88,18 +97,12 @@ impl EnvoyUser {
                 continue;
             }
             if let Some(bits) = self.missing(dir, 0o1) {
-                return Err(format!(
-                    "{what} {} is not readable by the Envoy user {}: it cannot enter the directory {} ({bits})",
-                    path.display(),
-                    self.label,
-                    dir.display()
-                ));
+                let (path, user, dir) = (path.to_path_buf(), self.label.clone(), dir.to_path_buf());
+                return Err(Unreadable::Directory { what, path, user, dir, bits });
             }
         }
         match self.missing(&real, 0o4) {
-            Some(bits) => {
-                Err(format!("{what} {} is not readable by the Envoy user {} ({bits})", path.display(), self.label))
-            }
+            Some(bits) => Err(Unreadable::File { what, path: path.to_path_buf(), user: self.label.clone(), bits }),
             None => Ok(()),
         }
     }
@@ -180,7 +183,7 @@ mod tests {
         chmod(0o644);
         assert_eq!(user.check_readable("private key", &key), Ok(()));
         chmod(0o600);
-        let refused = user.check_readable("private key", &key).expect_err("0600 root");
+        let refused = user.check_readable("private key", &key).expect_err("0600 root").to_string();
         let expected = format!(
             "private key {} is not readable by the Envoy user nobody (uid 65534, gid 65534) (mode 0600, owner 0:0)",
             key.display()
@@ -192,7 +195,7 @@ mod tests {
         assert_eq!(user.check_readable("private key", &key), Ok(()));
         // A directory on the way that the user cannot search.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        let refused = user.check_readable("private key", &key).expect_err("closed directory");
+        let refused = user.check_readable("private key", &key).expect_err("closed directory").to_string();
         assert!(refused.contains(&format!("cannot enter the directory {}", dir.path().display())), "{refused}");
     }
 }

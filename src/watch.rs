@@ -104,7 +104,7 @@ impl WatchSpec {
 
     /// The `-c` file of the Envoy command.
     fn bootstrap_path(&self) -> Option<PathBuf> {
-        crate::envoy::flag_value(self.envoy_command.as_ref()?, &["-c", "--config-path"]).map(PathBuf::from)
+        crate::envoy::config_path(self.envoy_command.as_ref()?)
     }
 
     /// The directories to watch for `files`, and the `--watch` directories themselves; absolute,

@@ -69,7 +69,7 @@ fn no_import_cycle_between_modules() {
     assert!(graph.contains_key("supervisor") && graph.contains_key("drain"), "modules found: {:?}", graph.keys());
     let cycles: Vec<String> = graph.keys().filter_map(|m| cycle_from(&graph, m)).map(|c| c.join(" -> ")).collect();
     assert!(cycles.is_empty(), "import cycles:\n{}", cycles.join("\n"));
-    for worker in ["signals", "drain", "reload", "watch", "control", "admin", "process"] {
+    for worker in ["signals", "drain", "checks", "watch", "control", "admin", "process"] {
         assert!(!graph[worker].contains("supervisor"), "{worker} names the supervisor");
     }
 }

@@ -18,11 +18,11 @@ use crate::certs::{ReloadingCert, TlsPair};
 use crate::health::Health;
 use crate::http::Endpoint;
 use crate::metrics::Metrics;
-use crate::reload::Refusal;
+use crate::outcome::Refusal;
 use crate::status::Status;
 use crate::watch::{self, WatchSpec};
 
-mod envoy_admin;
+mod admin_window;
 mod keeper;
 mod listener;
 mod probes;
@@ -55,7 +55,16 @@ pub enum ControlRequest {
         cold: bool,
     },
     /// Where the serving epoch's admin answers now, or why there is none to read.
-    EnvoyAdmin(oneshot::Sender<Result<Endpoint, String>>),
+    EnvoyAdmin(oneshot::Sender<Result<Endpoint, NoAdmin>>),
+}
+
+/// Why Envoy's admin cannot be read through the control API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoAdmin {
+    #[error("the command is not Envoy: there is no admin to read")]
+    NotEnvoy,
+    #[error("the admin address of Envoy's epoch {epoch} is not known yet")]
+    NotKnownYet { epoch: u32 },
 }
 
 /// An answer's body: whole (ours), or passed on as it arrives (Envoy's, through `/envoy/...`).
@@ -71,8 +80,12 @@ pub type Ask = Arc<dyn Fn(ControlRequest) -> bool + Send + Sync>;
 fn refusal_status(refusal: &Refusal) -> StatusCode {
     match refusal {
         Refusal::ShuttingDown | Refusal::Blocked(_) | Refusal::NotEnvoy => StatusCode::CONFLICT,
+        // The caller's input: fix the files and ask again.
         Refusal::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Refusal::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        // Nothing wrong with the input: sesame could not judge it, or not in time.
+        Refusal::Fault(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Refusal::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 
@@ -174,12 +187,12 @@ impl ControlApi {
         let (method, path) = (request.method().clone(), request.uri().path().to_string());
         if path.starts_with("/envoy/") {
             // Reads, as /status and /metrics are: no token over --http.
-            return match (envoy_admin::admin_path(request.uri()), method) {
+            return match (admin_window::admin_path(request.uri()), method) {
                 (None, _) => {
-                    let readable = envoy_admin::READABLE.map(|path| format!("/envoy{path}")).join(", ");
+                    let readable = admin_window::READABLE.map(|path| format!("/envoy{path}")).join(", ");
                     text(StatusCode::NOT_FOUND, &format!("not found: the readable Envoy pages are {readable}\n"))
                 }
-                (Some(admin_path), Method::GET) => self.envoy_admin(&admin_path, ends_by).await,
+                (Some(admin_path), Method::GET) => self.admin_window(&admin_path, ends_by).await,
                 (Some(_), _) => {
                     text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: /envoy/ is read-only (GET)\n")
                 }

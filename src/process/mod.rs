@@ -85,16 +85,20 @@ impl std::fmt::Display for SpawnError {
     }
 }
 
+/// The file exec runs for `program`: a path as given, a bare name looked up in PATH.
+pub fn find_program(program: &std::ffi::OsStr) -> Option<std::path::PathBuf> {
+    let path = std::path::Path::new(program);
+    if path.components().count() > 1 {
+        return Some(path.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(path)).find(|p| p.is_file())
+}
+
 /// The `#!` interpreter of `program` (found as exec finds it: a path, or in PATH), when the
 /// program exists and its interpreter does not.
 fn missing_interpreter(program: &std::ffi::OsStr) -> Option<String> {
     use std::io::Read;
-    let path = std::path::Path::new(program);
-    let found = if path.components().count() > 1 {
-        Some(path.to_path_buf())
-    } else {
-        std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(path)).find(|p| p.is_file())
-    }?;
+    let found = find_program(program)?;
     let mut head = [0u8; 256];
     let n = std::fs::File::open(found).ok()?.read(&mut head).ok()?;
     let head = String::from_utf8_lossy(&head[..n]);

@@ -10,15 +10,18 @@ use std::time::Duration;
 use nix::unistd::Pid;
 use tokio::time::Instant;
 
+use super::checks::Verdict;
 use super::epochs::Epoch;
-use super::reload_state::{Checked, Step};
-use super::shutdown::{Phase, REAP_AFTER_KILL_TIMEOUT};
+use super::health::HotRestartHealth;
+use super::reload_state::Step;
+use super::shutdown::Phase;
+use super::timers::{KillStep, KillTimer, REAP_AFTER_KILL_TIMEOUT};
 use super::{Event, Generation, Supervisor, shell_words};
-use crate::admin::{AdminAddress, Family};
+use crate::admin::{AdminAddress, Family, NotLive};
 use crate::drain::{self, DrainEnd};
 use crate::http::Endpoint;
+use crate::outcome::{Refusal, ReloadResult};
 use crate::process::{Exit, Processes};
-use crate::reload::Refusal;
 
 /// Envoy's current epoch aborts this long after its stats flush finds its parent gone; the old
 /// family's drain must be over before.
@@ -26,9 +29,9 @@ const BEFORE_ABORT: Duration = Duration::from_secs(2);
 
 impl<P: Processes> Supervisor<P> {
     /// Starts restart epoch 0 of a new family, with its admin on a private socket.
-    pub(super) fn start_new_family(&mut self, checked: Checked) {
+    pub(super) fn start_new_family(&mut self, verdict: Verdict) {
         let Some(envoy) = &self.launch.envoy else { return };
-        if !checked.input.unchanged() {
+        if !verdict.input.unchanged() {
             tracing::info!(
                 "the files changed since they were checked: checking them again before the new family starts"
             );
@@ -40,11 +43,11 @@ impl<P: Processes> Supervisor<P> {
         forget_files(&family, &admin_socket);
         let argv = match self.launch.handover_argv(&family, &admin_socket) {
             Ok(argv) => argv,
-            Err(e) => return self.reload_refused(&e),
+            Err(e) => return self.reload_refused(Refusal::Invalid(e.to_string())),
         };
         let pid = match self.processes.spawn(&argv, false, None) {
             Ok(pid) => pid,
-            Err(e) => return self.reload_refused(&e.to_string()),
+            Err(e) => return self.reload_refused(Refusal::Fault(e.to_string())),
         };
         self.families += 1;
         let epoch = self.epochs.next_number();
@@ -60,7 +63,7 @@ impl<P: Processes> Supervisor<P> {
         self.metrics.live_epochs.set(self.epochs.len() as i64);
         let (live_poll, poll) = self.poll_live(epoch, family.clone(), Some(self.settings.reload_timeout));
         if let Some(busy) = self.reload.busy() {
-            busy.step = Step::Starting { epoch, pid, poll, live_poll, family: Some((family, checked)) };
+            busy.step = Step::Starting { epoch, pid, poll, live_poll, family: Some((family, verdict)) };
         }
     }
 
@@ -70,8 +73,8 @@ impl<P: Processes> Supervisor<P> {
         &mut self,
         epoch: u32,
         pid: Pid,
-        (mut family, checked): (Family, Checked),
-        result: Result<Endpoint, String>,
+        (mut family, verdict): (Family, Verdict),
+        result: Result<Endpoint, NotLive>,
     ) {
         let Some(started) = self.reload.busy().map(|busy| busy.started) else { return };
         if let Err(reason) = result {
@@ -86,9 +89,7 @@ impl<P: Processes> Supervisor<P> {
         let previous = self.epochs.current_number();
         self.epochs.promote(epoch, &mut self.processes);
         self.metrics.current_epoch.set(i64::from(epoch));
-        self.metrics.degraded.set(0);
-        self.blocked = None;
-        self.forget_lost_parent();
+        self.set_health(HotRestartHealth::Serving);
         tracing::info!(
             pid = pid.as_raw(),
             "cold handover: epoch {epoch} (a new Envoy family) is LIVE {:.2?} after the trigger and serves beside \
@@ -96,18 +97,18 @@ impl<P: Processes> Supervisor<P> {
             started.elapsed()
         );
         self.systemd.ready(&format!("serving: epoch {epoch} (new family) is LIVE; the old family drains"));
-        self.drain_old_family(old, checked, started.elapsed());
+        self.drain_old_family(old, verdict, started.elapsed());
         self.resume_stop();
     }
 
     /// Drains the old family through the admin of its newest epoch, bounded by the drain timeout
     /// and, when its epoch lost its parent, by the time it will abort.
-    fn drain_old_family(&mut self, old: Family, checked: Checked, served_after: Duration) {
+    fn drain_old_family(&mut self, old: Family, verdict: Verdict, served_after: Duration) {
         let newest = self.epochs.of_older_families().max_by_key(|e| e.number);
         let admin = newest.and_then(Epoch::admin_client);
         let older_alive = self.epochs.of_older_families().count() > 1;
         let mut until = Instant::now() + self.settings.drain.timeout;
-        if let Some(abort) = self.expected_abort {
+        if let Some(abort) = self.health.abort_at() {
             until = until.min(abort.checked_sub(BEFORE_ABORT).unwrap_or(abort));
         }
         let Some(attempt) = self.reload.busy().map(|busy| busy.attempt) else { return };
@@ -123,7 +124,7 @@ impl<P: Processes> Supervisor<P> {
         });
         let drained = drain.is_some();
         if let Some(busy) = self.reload.busy() {
-            busy.step = Step::HandingOver { drain, deadline: None, killed: false, checked, old, served_after };
+            busy.step = Step::HandingOver { drain, stop: None, verdict, old, served_after };
         }
         if !drained {
             tracing::warn!("cold handover: the old family has no admin to drain it through: stopping it now");
@@ -139,39 +140,36 @@ impl<P: Processes> Supervisor<P> {
         drain.take();
         tracing::info!("cold handover: the old family's drain ended ({end}): SIGTERM");
         self.epochs.stop_older_families(&mut self.processes, libc::SIGTERM);
-        let after = self.schedule(self.settings.kill_timeout);
-        if let Some(Step::HandingOver { deadline, .. }) = self.reload.busy().map(|b| &mut b.step) {
-            *deadline = Some(after);
+        let timer = KillTimer::start(&mut self.timers, self.settings.kill_timeout);
+        if let Some(Step::HandingOver { stop, .. }) = self.reload.busy().map(|b| &mut b.step) {
+            *stop = Some(timer);
         }
     }
 
-    /// A deadline of the old family's stop: SIGKILL, then, after SIGKILL, giving up on it.
-    pub(super) fn on_handover_deadline(&mut self, generation: Generation) -> bool {
-        let Some(Step::HandingOver { deadline, killed, .. }) = self.reload.busy().map(|b| &mut b.step) else {
-            return false;
+    /// A deadline of the old family's stop: SIGKILL, then, after SIGKILL, going on without it.
+    pub(super) fn on_handover_deadline(&mut self, generation: Generation) {
+        let Some(Step::HandingOver { stop: Some(stop), .. }) = self.reload.busy().map(|b| &mut b.step) else {
+            return;
         };
-        if *deadline != Some(generation) {
-            return false;
+        match stop.on_deadline(generation, &mut self.timers) {
+            None => {}
+            Some(KillStep::GiveUp) => {
+                tracing::error!(
+                    "cold handover: the old family survived SIGKILL for {REAP_AFTER_KILL_TIMEOUT:?}; going on"
+                );
+                self.finish_handover();
+            }
+            Some(KillStep::Kill) => {
+                tracing::warn!(
+                    "cold handover: the old family still runs {:?} after SIGTERM: SIGKILL",
+                    self.settings.kill_timeout
+                );
+                let pids: Vec<Pid> = self.epochs.of_older_families().map(|e| e.pid).collect();
+                for pid in pids {
+                    self.processes.signal(pid, libc::SIGKILL);
+                }
+            }
         }
-        if *killed {
-            tracing::error!("cold handover: the old family survived SIGKILL for {REAP_AFTER_KILL_TIMEOUT:?}; going on");
-            self.finish_handover();
-            return true;
-        }
-        *killed = true;
-        tracing::warn!(
-            "cold handover: the old family still runs {:?} after SIGTERM: SIGKILL",
-            self.settings.kill_timeout
-        );
-        let pids: Vec<Pid> = self.epochs.of_older_families().map(|e| e.pid).collect();
-        for pid in pids {
-            self.processes.signal(pid, libc::SIGKILL);
-        }
-        let after = self.schedule(REAP_AFTER_KILL_TIMEOUT);
-        if let Some(Step::HandingOver { deadline, .. }) = self.reload.busy().map(|b| &mut b.step) {
-            *deadline = Some(after);
-        }
-        true
     }
 
     /// An epoch of the old family exited; once none is left, the handover is done. True when the
@@ -197,33 +195,32 @@ impl<P: Processes> Supervisor<P> {
     fn finish_handover(&mut self) {
         let Some(busy) = self.reload.busy() else { return };
         let (why, took) = (busy.cold.take().unwrap_or_default(), busy.started.elapsed());
-        let Step::HandingOver { checked, old, served_after, .. } = std::mem::replace(&mut busy.step, Step::Preflight)
-        else {
-            return;
-        };
+        // The step stays until the next one is set (or the reload ends): its drain is over.
+        let Step::HandingOver { verdict, old, served_after, .. } = &busy.step else { return };
+        let (verdict, old, served_after) = (verdict.clone(), old.clone(), *served_after);
         if let Some(shm) = old.base_id.map(crate::envoy::shared_memory_path) {
             let _ = std::fs::remove_file(shm);
         }
         let current = self.epochs.current_number();
         tracing::info!(
             "cold handover done in {took:.2?}: epoch {current} serves alone; a hot restart now puts its admin on {}",
-            checked.admin.as_ref().map_or_else(|| "its address".to_string(), ToString::to_string)
+            verdict.admin.as_ref().map_or_else(|| "its address".to_string(), ToString::to_string)
         );
-        self.record_recovery("success", &Ok(current), why, served_after);
+        self.record_recovery(ReloadResult::Success, &Ok(current), why, served_after);
         if !matches!(self.phase, Phase::Running) {
             // A stop waited for the old family: the new one is drained next, on its private admin.
-            self.reload_ended("success", Ok(current), format!("epoch {current} is LIVE"));
+            self.reload_ended(ReloadResult::Success, Ok(current), format!("epoch {current} is LIVE"));
             return self.resume_stop();
         }
-        self.start_next_epoch(checked);
+        self.start_next_epoch(verdict);
     }
 
     /// The new family's first epoch failed: the old family serves on, as it did.
-    pub(super) fn new_family_failed(&mut self, epoch: u32, reason: String) {
+    pub(super) fn new_family_failed(&mut self, epoch: u32, reason: NotLive) {
         let current = self.epochs.current_number();
         let why = format!("cold handover failed: epoch {epoch} (a new Envoy family): {reason}");
         tracing::error!("{why}; epoch {current} keeps serving");
-        self.reload_ended("failed", Err(Refusal::Failed(why.clone())), why);
+        self.reload_ended(ReloadResult::Failed, Err(Refusal::Failed(why.clone())), why);
     }
 }
 

@@ -19,10 +19,12 @@
 //! by a generation number, so the state machine runs the same under unit tests with a fake process
 //! layer and tokio's paused time.
 
-mod early_checks;
+mod checks;
 mod epochs;
 mod exits;
+mod file_changes;
 mod handover;
+mod health;
 mod recovery;
 mod reload;
 mod reload_outcome;
@@ -31,7 +33,8 @@ mod report;
 mod shutdown;
 #[cfg(test)]
 mod tests;
-mod upgrade;
+mod timers;
+mod trigger;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,22 +43,26 @@ use std::time::Duration;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
-use crate::admin::{AdminAddress, Family};
+use crate::admin::{AdminAddress, Family, NotLive};
+use crate::checks::BinaryId;
 use crate::control::{self, ControlRequest, ControlSettings};
 use crate::drain::{DrainEnd, DrainSettings};
 use crate::http::Endpoint;
 use crate::launch::Launch;
 use crate::metrics::Metrics;
 use crate::process::{self, Exit, InitMode, Processes, System, signal_name};
-use crate::reload::{BinaryId, Preflight};
 use crate::signals::{self, Intent, Running};
 use crate::status::ReloadStatus;
 use crate::systemd::Notifier;
 use crate::watch::{self, WatchSpec};
 
+use checks::CheckReport;
 use epochs::{Epoch, Epochs};
+use health::HotRestartHealth;
 use reload_state::ReloadState;
 use shutdown::Phase;
+use timers::Timers;
+use trigger::Trigger;
 
 /// Numbers the deadlines and the reload attempts: an event that carries an old one is stale.
 type Generation = u64;
@@ -69,34 +76,19 @@ enum Event {
     FilesChanging,
     /// A debounce ended: the watched files whose content changed (maybe none).
     FilesChanged(Vec<PathBuf>),
-    /// The preflight of the checks run during a debounce, on `input`.
-    EarlyPreflight {
+    /// A step of the checks run `attempt` reports.
+    Checked {
         attempt: Generation,
-        input: crate::reload::Input,
-        result: Result<Preflight, String>,
-    },
-    Preflight {
-        attempt: Generation,
-        result: Result<Preflight, String>,
-    },
-    Validated {
-        attempt: Generation,
-        result: Result<(), String>,
+        report: CheckReport,
     },
     /// The LIVE poll `poll` of an epoch ended: it answered LIVE (on this address), or why not.
     EpochLive {
         epoch: u32,
         poll: Generation,
-        result: Result<Endpoint, String>,
+        result: Result<Endpoint, NotLive>,
     },
-    /// A timer set by `schedule` ran out.
+    /// A timer set by `Timers::schedule` ran out.
     Deadline(Generation),
-    /// The hot restart version check of `attempt` ended: compatible (None), why not, or why no
-    /// answer.
-    VersionChecked {
-        attempt: Generation,
-        result: Result<Option<String>, String>,
-    },
     /// The drain of the old family in the cold handover `attempt` ended.
     FamilyDrained {
         attempt: Generation,
@@ -133,6 +125,7 @@ struct Supervisor<P: Processes> {
     settings: Settings,
     processes: P,
     events: UnboundedSender<Event>,
+    timers: Timers,
     epochs: Epochs,
     phase: Phase,
     reload: ReloadState,
@@ -143,10 +136,6 @@ struct Supervisor<P: Processes> {
     shutdown_waiters: Vec<tokio::sync::oneshot::Sender<bool>>,
     /// How the drain ended (true: drained), once it has.
     drained: Option<bool>,
-    /// The last generation handed out.
-    generation: Generation,
-    /// A draining epoch ended before its successor told it to: what Envoy will do about it.
-    lost_parent: Option<String>,
     /// When an older (draining) epoch last exited.
     older_exited: Option<tokio::time::Instant>,
     /// Whether more than one epoch lives, for the drain.
@@ -156,16 +145,16 @@ struct Supervisor<P: Processes> {
     family: Family,
     /// How many families were started (the next one's number).
     families: u32,
-    /// Why Envoy's hot restart is blocked (until a cold handover), if it is.
-    blocked: Option<String>,
-    /// When the current epoch will abort, its draining parent having died early.
-    expected_abort: Option<tokio::time::Instant>,
+    /// Whether the next reload can be a hot restart.
+    health: HotRestartHealth,
     recovery: recovery::Recovery,
     /// The Envoy binary the serving family runs: a reload that would run another checks first
     /// whether a hot restart across them can work.
     binary: Option<BinaryId>,
     /// The checks run while the watched files settle.
-    early: early_checks::Early,
+    early: file_changes::Early,
+    /// Checkers killed because their checks were no longer wanted, until they are reaped.
+    killed_checkers: Vec<nix::unistd::Pid>,
 }
 
 /// Runs `launch` to completion and returns the status the launcher exits with.
@@ -265,6 +254,7 @@ impl<P: Processes> Supervisor<P> {
             launch,
             settings,
             processes,
+            timers: Timers::new(events.clone()),
             events,
             phase: Phase::Running,
             reload: ReloadState::Idle,
@@ -273,17 +263,15 @@ impl<P: Processes> Supervisor<P> {
             systemd,
             shutdown_waiters: Vec::new(),
             drained: None,
-            generation: 0,
-            lost_parent: None,
             older_exited: None,
             older_alive: tokio::sync::watch::Sender::new(false),
             family,
             families: 1,
-            blocked: None,
-            expected_abort: None,
+            health: HotRestartHealth::Serving,
             recovery,
             binary: argv.first().and_then(|program| BinaryId::of(program)),
-            early: early_checks::Early::default(),
+            early: file_changes::Early::default(),
+            killed_checkers: Vec::new(),
         };
         match admin {
             // Ready once Envoy says it is LIVE, however long its initialisation (xDS, say) takes.
@@ -338,13 +326,9 @@ impl<P: Processes> Supervisor<P> {
             Event::Deadline(generation) => return self.on_deadline(generation),
             Event::DrainEnded(end) => self.on_drain_ended(end),
             Event::FamilyDrained { attempt, end } => self.on_family_drained(attempt, end),
-            Event::VersionChecked { attempt, result } => self.on_version_checked(attempt, result),
             Event::FilesChanging => self.on_files_changing(),
             Event::FilesChanged(files) => self.on_files_settled(files),
-            Event::EarlyPreflight { attempt, input, result } => self.on_early_preflight(attempt, input, result),
-            Event::Preflight { attempt, result } => self.on_preflight(attempt, result),
-            Event::Validated { attempt, result } if self.is_early_attempt(attempt) => self.on_early_validated(result),
-            Event::Validated { attempt, result } => self.on_validated(attempt, result),
+            Event::Checked { attempt, report } => self.on_check_report(attempt, report),
             Event::EpochLive { epoch, poll, result } => self.on_epoch_live(epoch, poll, result),
             Event::Control(request) => self.on_control(request),
         }
@@ -360,7 +344,7 @@ impl<P: Processes> Supervisor<P> {
             Intent::Reap => return self.reap(),
             Intent::Stop => self.on_stop(&signal_name(sig), sig),
             Intent::Reload => {
-                if let Err(refusal) = self.request_reload("SIGHUP".into(), None, false, false) {
+                if let Err(refusal) = self.request_reload(Trigger::Signal) {
                     // systemd's notify-reload waits for RELOADING=1 then READY=1 after a SIGHUP.
                     self.systemd.reloading("reload refused");
                     self.systemd.ready(&format!("reload refused: {refusal}"));
@@ -381,28 +365,12 @@ impl<P: Processes> Supervisor<P> {
         None
     }
 
-    /// The one timer path: `Event::Deadline(generation)` after `after`. Whoever waits for it keeps
-    /// the generation; a deadline whose waiter has moved on finds nobody and is dropped.
-    fn schedule(&mut self, after: Duration) -> Generation {
-        let generation = self.next_generation();
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let _ = events.send(Event::Deadline(generation));
-        });
-        generation
-    }
-
-    fn next_generation(&mut self) -> Generation {
-        self.generation += 1;
-        self.generation
-    }
-
+    /// A deadline, for whoever waits for it; a deadline whose waiter has moved on is dropped.
     fn on_deadline(&mut self, generation: Generation) -> Option<Exit> {
-        if self.phase.deadline() == Some(generation) {
-            return self.on_stop_deadline();
+        if let Some(exit) = self.on_stop_deadline(generation) {
+            return exit;
         }
-        if self.on_early_deadline(generation) {
+        if self.on_check_deadline(generation) {
             return None;
         }
         if self.recovery.due(generation) {
@@ -421,7 +389,7 @@ impl<P: Processes> Supervisor<P> {
         family: Family,
         timeout: Option<Duration>,
     ) -> (Generation, Option<JoinHandle<()>>) {
-        let poll = self.next_generation();
+        let poll = self.timers.next();
         let Some((admin, restart_epoch, kept)) =
             self.epochs.find(epoch).and_then(|e| Some((e.admin.clone()?, e.restart_epoch, e.admin_kept.clone())))
         else {
@@ -429,7 +397,7 @@ impl<P: Processes> Supervisor<P> {
         };
         let events = self.events.clone();
         let task = tokio::spawn(async move {
-            let result = crate::reload::await_live(admin, restart_epoch, family, timeout).await;
+            let result = crate::admin::await_live(admin, restart_epoch, family, timeout).await;
             // Opened before the supervisor hears of LIVE: from then on the epoch can be drained even
             // if its admin listener goes.
             if let Ok(endpoint) = &result
@@ -449,8 +417,7 @@ impl<P: Processes> Supervisor<P> {
             }
             ControlRequest::Shutdown(reply) => self.on_shutdown_request(reply),
             ControlRequest::Reload { reply, cold } => {
-                let trigger = if cold { "control API (cold)" } else { "control API" };
-                let _ = self.request_reload(trigger.into(), Some(reply), cold, false);
+                let _ = self.request_reload(Trigger::Control { reply: Some(reply), cold });
             }
             ControlRequest::EnvoyAdmin(reply) => {
                 let _ = reply.send(self.current_admin_endpoint());

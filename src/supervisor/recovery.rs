@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use super::trigger::Trigger;
 use super::{Generation, RecoverSettings, Supervisor};
 use crate::clock::unix_seconds;
+use crate::outcome::{Refusal, ReloadResult};
 use crate::process::Processes;
-use crate::reload::Refusal;
 use crate::status::{RecoveryStatus, ReloadStatus};
 
 #[derive(Debug)]
@@ -77,38 +78,38 @@ impl<P: Processes> Supervisor<P> {
     /// Arms the recovery timer while hot restarts are blocked, unless it is armed, a reload is
     /// under way (its end comes back here), the launcher stops, or recovery is off.
     pub(super) fn schedule_recovery(&mut self) {
-        let blocked = self.blocked.is_some();
+        let blocked = self.health.blocked().is_some();
         let idle = !matches!(self.reload, super::ReloadState::Busy(_));
         let running = matches!(self.phase, super::Phase::Running);
         if !self.settings.recover.enabled || !blocked || !idle || !running || self.recovery.timer.is_some() {
             return;
         }
         let delay = self.recovery.take_delay();
-        let generation = self.schedule(delay);
+        let generation = self.timers.schedule(delay);
         self.recovery.timer = Some((generation, Instant::now() + delay));
         tracing::info!("recovery: a cold handover to a new Envoy family in {delay:?}");
     }
 
     /// The recovery timer fired: a cold handover now.
     pub(super) fn recover_now(&mut self) {
-        let Some(why) = self.blocked.clone() else { return };
-        let _ = self.request_reload(format!("recovery ({why})"), None, true, false);
+        let Some(why) = self.health.blocked().map(str::to_string) else { return };
+        let _ = self.request_reload(Trigger::Recovery { why });
     }
 
     /// Records how a cold handover ended (`why` it ran, how long it took).
     pub(super) fn record_recovery(
         &mut self,
-        result: &'static str,
+        result: ReloadResult,
         outcome: &Result<u32, Refusal>,
         why: String,
         took: Duration,
     ) {
-        self.metrics.recovery(result);
+        self.metrics.recovery(result.label());
         let detail = match outcome {
             Ok(epoch) => format!("epoch {epoch} serves, {:.1}s after the trigger ({why})", took.as_secs_f64()),
             Err(refusal) => format!("{refusal} ({why})"),
         };
-        if result == "success" {
+        if result == ReloadResult::Success {
             self.recovery.succeeded();
         } else {
             self.recovery.failures += 1;

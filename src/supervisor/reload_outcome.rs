@@ -1,24 +1,88 @@
-//! How a reload ends: refused before anything started, failed after a new epoch started (which
-//! blocks Envoy's hot restart), done, or cancelled by a shutdown; its callers are answered, the
-//! queued trigger starts, and while hot restarts are blocked the recovery is armed.
+//! How a reload ends: the new epoch LIVE (or not), refused before anything started, failed after
+//! a new epoch started (which blocks Envoy's hot restart), or cancelled by a shutdown; its callers
+//! are answered, the queued trigger starts, and while hot restarts are blocked the recovery is
+//! armed.
 
 use super::Supervisor;
-use super::reload_state::Step;
+use super::reload_state::{Step, answer};
+use crate::admin::NotLive;
 use crate::clock::unix_seconds;
+use crate::http::Endpoint;
+use crate::outcome::{Refusal, ReloadResult};
 use crate::process::Processes;
-use crate::reload::Refusal;
 use crate::status::ReloadStatus;
 
 impl<P: Processes> Supervisor<P> {
-    /// A reload that failed before any process was started: nothing changed, the next may succeed.
-    pub(super) fn reload_refused(&mut self, reason: &str) {
+    /// The LIVE poll `live_poll` of `epoch` ended: the launcher is ready (epoch 0, or the current
+    /// epoch once more), a new epoch takes over, or it failed.
+    pub(super) fn on_epoch_live(
+        &mut self,
+        epoch: u32,
+        live_poll: super::Generation,
+        result: Result<Endpoint, NotLive>,
+    ) {
+        if let Ok(endpoint) = &result {
+            self.epochs.answered_on(epoch, endpoint.clone());
+        }
+        if epoch == self.epochs.current_number() && result.is_ok() {
+            if let Some(serving) = self.epochs.mark_live(epoch, &mut self.processes) {
+                tracing::info!(pid = serving.pid.as_raw(), "Envoy epoch {epoch} is LIVE");
+                self.systemd.ready(&format!("serving: epoch {epoch} is LIVE"));
+            }
+            if self.family.base_id.is_none() {
+                // Once, now that epoch 0 has written it: later epochs need it even if the runtime
+                // directory is deleted under us.
+                self.family.base_id = self.launch.base_id(&self.family);
+            }
+            if let Some(waiters) = self.reload.release_held() {
+                let cold = self.cold_while_blocked("the held trigger");
+                self.start_reload(&format!("epoch {epoch} is LIVE; the held trigger"), waiters, cold);
+            }
+            return;
+        }
+        let Some(busy) = self.reload.busy() else { return };
+        let Step::Starting { epoch: starting, pid, live_poll: expected, ref family, .. } = busy.step else { return };
+        if starting != epoch || live_poll != expected {
+            return;
+        }
+        if let Some(new_family) = family.clone() {
+            return self.on_new_family_live(epoch, pid, new_family, result);
+        }
+        match result {
+            Ok(_) => {
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    "hot restart done: epoch {epoch} is LIVE, {:.2?} after the trigger; epoch {} drains and exits on its own",
+                    busy.started.elapsed(),
+                    self.epochs.current_number()
+                );
+                self.epochs.promote(epoch, &mut self.processes);
+                self.forget_lost_parent();
+                self.metrics.current_epoch.set(i64::from(epoch));
+                self.reload_ended(ReloadResult::Success, Ok(epoch), format!("epoch {epoch} is LIVE"));
+                self.resume_stop();
+            }
+            Err(reason) => {
+                // Never SIGTERM a new epoch: Envoy's shutdown would take its parent, the serving
+                // epoch, down with it. SIGKILL ends it alone.
+                self.processes.signal(pid, libc::SIGKILL);
+                self.reload_failed_after_start(epoch, reason);
+                self.resume_stop();
+            }
+        }
+    }
+
+    /// A reload that ended before any process was started: nothing changed, the next may succeed.
+    pub(super) fn reload_refused(&mut self, refusal: Refusal) {
         let what = if self.reload.is_cold() { "cold handover" } else { "hot restart" };
-        tracing::error!("{what} refused, epoch {} keeps serving: {reason}", self.epochs.current_number());
-        self.reload_ended("refused", Err(Refusal::Invalid(reason.to_string())), format!("reload refused: {reason}"));
+        let current = self.epochs.current_number();
+        tracing::error!(refusal = refusal.label(), "{what} refused, epoch {current} keeps serving: {refusal}");
+        let status = format!("reload refused: {refusal}");
+        self.reload_ended(ReloadResult::Refused, Err(refusal), status);
     }
 
     /// Records how a reload ended, answers its callers, and starts the queued one or tells systemd.
-    pub(super) fn reload_ended(&mut self, result: &'static str, outcome: Result<u32, Refusal>, status: String) {
+    pub(super) fn reload_ended(&mut self, result: ReloadResult, outcome: Result<u32, Refusal>, status: String) {
         let handover = self.reload.busy().and_then(|busy| Some((busy.cold.clone()?, busy.started.elapsed())));
         if outcome.is_ok()
             && let Some(binary) = self.reload.busy().and_then(|busy| busy.binary.take())
@@ -35,17 +99,18 @@ impl<P: Processes> Supervisor<P> {
                 let cold = queued.cold.or_else(|| self.cold_while_blocked("the queued trigger"));
                 self.start_reload("queued trigger", queued.waiters, cold)
             }
-            None if self.blocked.is_some() => {
-                let why = self.blocked.clone().unwrap_or_default();
-                self.systemd.ready(&format!("degraded: {why}"));
-                self.schedule_recovery();
-            }
-            None => self.systemd.ready(&status),
+            None => match self.health.blocked().map(str::to_string) {
+                Some(why) => {
+                    self.systemd.ready(&format!("degraded: {why}"));
+                    self.schedule_recovery();
+                }
+                None => self.systemd.ready(&status),
+            },
         }
     }
 
-    pub(super) fn record_reload(&mut self, result: &'static str, outcome: &Result<u32, Refusal>) {
-        self.metrics.reload(result);
+    pub(super) fn record_reload(&mut self, result: ReloadResult, outcome: &Result<u32, Refusal>) {
+        self.metrics.reload(result.label());
         let detail = match outcome {
             Ok(epoch) => format!("epoch {epoch}"),
             Err(refusal) => refusal.to_string(),
@@ -58,7 +123,7 @@ impl<P: Processes> Supervisor<P> {
     /// serving epoch may have lost its admin API. The way out is a cold handover to a new family
     /// (after the recovery backoff, or at once for the next trigger); with --no-recover, hot
     /// restarts are refused until the launcher restarts.
-    pub(super) fn reload_failed_after_start(&mut self, epoch: u32, reason: String) {
+    pub(super) fn reload_failed_after_start(&mut self, epoch: u32, reason: NotLive) {
         if self.reload.is_cold() {
             return self.new_family_failed(epoch, reason);
         }
@@ -73,14 +138,13 @@ impl<P: Processes> Supervisor<P> {
              API may be gone"
         );
         tracing::error!("degraded: {why}; epoch {current} keeps serving");
-        self.metrics.degraded.set(1);
         let failure = Refusal::Failed(why.clone());
-        self.record_reload("failed", &Err(failure.clone()));
+        self.record_reload(ReloadResult::Failed, &Err(failure.clone()));
+        self.block_hot_restarts(why.clone());
         self.systemd.ready(&format!("degraded: {why}"));
         let queued = self.reload.block(failure);
-        let blocked = Err(Refusal::Blocked(why.clone()));
-        queued.into_iter().for_each(|w| super::reload_state::answer(Some(w), &blocked));
-        self.blocked = Some(why);
+        let blocked = Err(Refusal::Blocked(why));
+        queued.into_iter().for_each(|w| answer(Some(w), &blocked));
         self.schedule_recovery();
     }
 
@@ -89,7 +153,7 @@ impl<P: Processes> Supervisor<P> {
         self.discard_early_checks();
         let cold = self.reload.is_cold();
         match self.reload.cancel() {
-            Some(Step::Validating { pid, .. }) => self.processes.signal(pid, libc::SIGKILL),
+            Some(Step::Checking(run)) => self.abandon_checks(run),
             Some(Step::Starting { poll, pid, .. }) => {
                 if let Some(poll) = poll {
                     poll.abort();

@@ -3,16 +3,17 @@
 //! restarts are blocked, cannot be represented. Pure: it starts, signals and spawns nothing; the
 //! supervisor does that and records the step here.
 
-use std::path::PathBuf;
-
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Generation;
-use crate::admin::{AdminAddress, Family};
-use crate::reload::{BinaryId, Input, Refusal};
+use super::checks::{CheckRun, Verdict};
+use super::timers::KillTimer;
+use crate::admin::Family;
+use crate::checks::BinaryId;
+use crate::outcome::Refusal;
 
 /// A caller of `/reload`, answered with the new epoch or why there is none.
 pub type ReloadReply = oneshot::Sender<Result<u32, Refusal>>;
@@ -40,7 +41,7 @@ pub struct Busy {
     pub step: Step,
     /// A cold handover (a new Envoy family) rather than a hot restart, and why.
     pub cold: Option<String>,
-    /// The Envoy binary the preflight found, once it has run.
+    /// The Envoy binary the checks found, once they have passed.
     pub binary: Option<BinaryId>,
     /// Callers waiting for this attempt.
     waiters: Vec<ReloadReply>,
@@ -58,21 +59,16 @@ pub struct Queued {
 /// The steps of a reload, in order.
 #[derive(Debug)]
 pub enum Step {
-    /// Certificate checks and the base id, off the runtime thread.
-    Preflight,
-    /// The Envoy binary is not the one that runs (an upgrade): `envoy --hot-restart-version` runs
-    /// as our child, to learn whether a hot restart can work or a cold handover is needed.
-    CheckingVersion { pid: Pid, output: PathBuf, checked: Checked, deadline: Generation },
-    /// `envoy --mode validate` runs as our child, SIGKILLed at `deadline`; once `killed`, the
-    /// reload is refused at the next `deadline` if it has still not exited.
-    Validating { pid: Pid, output: PathBuf, checked: Checked, deadline: Generation, killed: bool },
+    /// The checks machine: preflight, maybe the new binary's hot restart version, `envoy --mode
+    /// validate`.
+    Checking(CheckRun),
     /// The previous epoch still drains: the new one waits for it, so that there are never three.
     /// (Ending it early is no option: Envoy's current epoch must tell it to terminate itself when
     /// the next one starts, and aborts when it cannot.) Refused at `deadline`.
-    WaitingForDraining { oldest: Pid, checked: Checked, deadline: Generation },
+    WaitingForDraining { oldest: Pid, verdict: Verdict, deadline: Generation },
     /// The draining epoch has exited: the files must stay as checked for a debounce (a `cp cert;
     /// cp key` may have begun the moment it exited) before the new epoch reads them, at `deadline`.
-    Settling { checked: Checked, deadline: Generation },
+    Settling { verdict: Verdict, deadline: Generation },
     /// Epoch `epoch` runs; `poll` asks its admin until it is LIVE and answers as `live_poll`.
     /// For a cold handover, `family` is the new family, with what was checked for it.
     Starting {
@@ -80,16 +76,16 @@ pub enum Step {
         pid: Pid,
         poll: Option<JoinHandle<()>>,
         live_poll: Generation,
-        family: Option<(Family, Checked)>,
+        family: Option<(Family, Verdict)>,
     },
     /// Cold handover: the new family serves; the old one is drained through its admin (`drain`),
-    /// then stopped (SIGTERM at the drain's end, SIGKILL at `deadline`). Once it is gone, the new
-    /// family is hot-restarted onto the configured admin address, with `checked`.
+    /// then stopped (SIGTERM at the drain's end, then `stop`: SIGKILL, then going on without it).
+    /// Once it is gone, the new family is hot-restarted onto the configured admin address, with
+    /// `verdict`.
     HandingOver {
         drain: Option<JoinHandle<()>>,
-        deadline: Option<Generation>,
-        killed: bool,
-        checked: Checked,
+        stop: Option<KillTimer>,
+        verdict: Verdict,
         old: Family,
         /// How long after the trigger the new family served.
         served_after: std::time::Duration,
@@ -99,23 +95,13 @@ pub enum Step {
 impl Step {
     pub fn name(&self) -> &'static str {
         match self {
-            Step::Preflight => "checking certificates",
-            Step::CheckingVersion { .. } => "checking the new Envoy binary's hot restart version",
-            Step::Validating { .. } => "validating",
+            Step::Checking(run) => run.step_name(),
             Step::WaitingForDraining { .. } => "waiting for the draining epoch to exit",
             Step::Settling { .. } => "letting the files settle",
             Step::Starting { .. } => "starting the new epoch",
             Step::HandingOver { .. } => "draining the old Envoy family",
         }
     }
-}
-
-/// What the preflight found, carried to the new epoch's start: the input that was checked.
-#[derive(Debug, Clone)]
-pub struct Checked {
-    pub input: Input,
-    /// Where the new epoch's admin will be, from the bootstrap that was checked.
-    pub admin: Option<AdminAddress>,
 }
 
 /// What becomes of a trigger.
@@ -159,9 +145,10 @@ impl ReloadState {
         }
     }
 
-    /// A reload (cold when `cold` says why) starts at its first step.
-    pub fn begin(&mut self, attempt: Generation, waiters: Vec<ReloadReply>, cold: Option<String>) {
-        let step = Step::Preflight;
+    /// A reload (cold when `cold` says why) starts with its checks, `run`.
+    pub fn begin(&mut self, run: CheckRun, waiters: Vec<ReloadReply>, cold: Option<String>) {
+        let attempt = run.attempt;
+        let step = Step::Checking(run);
         *self = ReloadState::Busy(Box::new(Busy {
             attempt,
             started: Instant::now(),
@@ -173,12 +160,23 @@ impl ReloadState {
         }));
     }
 
-    /// The reload under way starts over at its first step, as attempt `attempt`, for the same
-    /// callers (its input changed after it was checked).
-    pub fn begin_again(&mut self, attempt: Generation) {
+    /// The reload under way starts over with new checks, `run`, for the same callers (its input
+    /// changed after it was checked).
+    pub fn begin_again(&mut self, run: CheckRun) {
         if let ReloadState::Busy(busy) = self {
-            busy.attempt = attempt;
-            busy.step = Step::Preflight;
+            busy.attempt = run.attempt;
+            busy.step = Step::Checking(run);
+        }
+    }
+
+    /// The checks of the reload under way, while it is at them.
+    pub fn checks(&mut self) -> Option<&mut CheckRun> {
+        match self {
+            ReloadState::Busy(busy) => match &mut busy.step {
+                Step::Checking(run) => Some(run),
+                _ => None,
+            },
+            _ => None,
         }
     }
 
@@ -287,7 +285,7 @@ mod tests {
         let mut state = ReloadState::Idle;
         let (first, mut first_rx) = caller();
         let Admission::Start(waiters) = state.admit(Some(first), true, None) else { panic!("idle starts") };
-        state.begin(1, waiters, None);
+        state.begin(CheckRun::at(1), waiters, None);
         assert_eq!(state.step_name(), Some("checking certificates"));
         assert!(matches!(state.admit(None, true, None), Admission::Queued { first: true }));
         let (second, mut second_rx) = caller();
@@ -299,7 +297,7 @@ mod tests {
         assert_eq!(first_rx.try_recv().expect("answered"), Ok(1));
         assert!(second_rx.try_recv().is_err(), "the queued caller waits for the next reload");
         assert!(matches!(state, ReloadState::Idle));
-        state.begin(2, queued.waiters, None);
+        state.begin(CheckRun::at(2), queued.waiters, None);
         assert!(state.finish(&Err(Refusal::Invalid("bad".into()))).is_none(), "nothing queued");
         assert_eq!(second_rx.try_recv().expect("answered"), Err(Refusal::Invalid("bad".into())));
     }
@@ -310,7 +308,7 @@ mod tests {
         let (first, mut first_rx) = caller();
         let (queued, mut queued_rx) = caller();
         let Admission::Start(waiters) = state.admit(Some(first), true, None) else { panic!("idle starts") };
-        state.begin(1, waiters, None);
+        state.begin(CheckRun::at(1), waiters, None);
         state.admit(Some(queued), true, None);
         let handed_back = state.block(Refusal::Failed("epoch 1 failed".into()));
         assert_eq!(first_rx.try_recv().expect("answered"), Err(Refusal::Failed("epoch 1 failed".into())));
@@ -324,7 +322,7 @@ mod tests {
         let mut state = ReloadState::Idle;
         assert!(matches!(state.admit(None, false, None), Admission::Held { first: true }));
         let Admission::Start(waiters) = state.admit(None, false, Some("by hand")) else { panic!("cold starts") };
-        state.begin(1, waiters, Some("by hand".into()));
+        state.begin(CheckRun::at(1), waiters, Some("by hand".into()));
         assert!(state.is_cold());
         state.admit(None, true, None);
         state.admit(None, true, Some("recovery"));
@@ -339,9 +337,9 @@ mod tests {
         let (first, mut first_rx) = caller();
         let (queued, mut queued_rx) = caller();
         let Admission::Start(waiters) = state.admit(Some(first), true, None) else { panic!("idle starts") };
-        state.begin(1, waiters, None);
+        state.begin(CheckRun::at(1), waiters, None);
         state.admit(Some(queued), true, None);
-        assert!(matches!(state.cancel(), Some(Step::Preflight)));
+        assert!(matches!(state.cancel(), Some(Step::Checking(_))));
         assert_eq!(first_rx.try_recv().expect("answered"), Err(Refusal::ShuttingDown));
         assert_eq!(queued_rx.try_recv().expect("answered"), Err(Refusal::ShuttingDown));
         assert!(matches!(state, ReloadState::Idle));
@@ -357,7 +355,7 @@ mod tests {
         let waiters = state.release_held().expect("held");
         assert!(matches!(state, ReloadState::Idle));
         assert!(state.release_held().is_none(), "once");
-        state.begin(1, waiters, None);
+        state.begin(CheckRun::at(1), waiters, None);
         state.finish(&Ok(1));
         assert_eq!(first_rx.try_recv().expect("answered"), Ok(1));
 

@@ -1,5 +1,4 @@
-//! What the supervisor reports: `/status` as it stands, and what a draining epoch's early end
-//! means for the epoch that serves.
+//! What the supervisor reports: `/status` as it stands, and where Envoy's admin answers.
 
 use std::time::{Duration, SystemTime};
 
@@ -7,16 +6,12 @@ use super::Supervisor;
 use super::epochs::Epoch;
 use super::reload_state::Step;
 use super::shutdown::Phase;
-use crate::bootstrap::DEFAULT_STATS_FLUSH;
 use crate::clock::unix_seconds;
+use crate::control::NoAdmin;
 use crate::health::ProbeTarget;
 use crate::http::Endpoint;
-use crate::process::{Exit, Processes};
+use crate::process::Processes;
 use crate::status::{DrainStatus, EpochStatus, Status};
-
-/// How long Envoy's current epoch retries before it aborts when its parent is gone
-/// (docs/ARCHITECTURE.md, "Envoy facts").
-const ORPHANED_EPOCH_BLOCK: Duration = Duration::from_secs(10);
 
 /// How long after an older epoch exits its counters may still arrive in the current one (the
 /// current epoch merges them at its stats flushes, every 5 s by default).
@@ -57,9 +52,9 @@ impl<P: Processes> Supervisor<P> {
             state,
             ready: not_ready.is_none(),
             not_ready,
-            degraded: self.blocked.clone(),
-            recovery: self.recovery.status(self.blocked.is_some()),
-            warnings: self.lost_parent.iter().cloned().collect(),
+            degraded: self.health.blocked().map(str::to_string),
+            recovery: self.recovery.status(self.health.blocked().is_some()),
+            warnings: self.health.warning().map(str::to_string).into_iter().collect(),
             current_epoch: self.epochs.current_number(),
             epochs: self.epochs.iter().map(|e| self.epoch_status(e)).collect(),
             reload: self.reload.step_name(),
@@ -78,14 +73,13 @@ impl<P: Processes> Supervisor<P> {
 
     /// Where the serving epoch's admin answers, for the control API's read-only window on it; or
     /// why there is none.
-    pub(super) fn current_admin_endpoint(&self) -> Result<Endpoint, String> {
+    pub(super) fn current_admin_endpoint(&self) -> Result<Endpoint, NoAdmin> {
         if !self.launch.is_envoy() {
-            return Err("the command is not Envoy: there is no admin to read".into());
+            return Err(NoAdmin::NotEnvoy);
         }
-        let current = self.epochs.current_number();
         match self.epochs.current_admin() {
             Some(admin) => Ok(admin.address().clone()),
-            None => Err(format!("the admin address of Envoy's epoch {current} is not known yet")),
+            None => Err(NoAdmin::NotKnownYet { epoch: self.epochs.current_number() }),
         }
     }
 
@@ -113,55 +107,5 @@ impl<P: Processes> Supervisor<P> {
     fn parent_told_to_exit_at(&self) -> Option<SystemTime> {
         let current = self.epochs.find(self.epochs.current_number())?;
         Some(current.started_at + self.launch.envoy.as_ref()?.parent_shutdown_time)
-    }
-
-    /// A draining epoch exited. At its time (told to by its successor) that is the end of a hot
-    /// restart; before it, Envoy's current epoch will find its parent gone at its next stats flush
-    /// (it merges the parent's stats), retry for 10 s and abort: said at once, with when.
-    pub(super) fn on_draining_epoch_exit(&mut self, epoch: &Epoch, exit: Exit) {
-        // While the launcher stops, the newest epoch tells its parent to exit: that is no loss.
-        if !matches!(self.phase, Phase::Running) {
-            return;
-        }
-        let Some(current) = self.epochs.find(self.epochs.current_number()) else { return };
-        let Some(envoy) = &self.launch.envoy else { return };
-        // Within a second of the time it is told, the exit is the normal one.
-        let told_at = current.started + envoy.parent_shutdown_time;
-        let early = told_at.saturating_duration_since(tokio::time::Instant::now()) > Duration::from_secs(1);
-        if !early {
-            return;
-        }
-        let flush = self.launch.envoy.as_ref().map_or(DEFAULT_STATS_FLUSH, |e| e.stats_flush_interval);
-        let abort_by = SystemTime::now() + flush + ORPHANED_EPOCH_BLOCK;
-        self.expected_abort = Some(tokio::time::Instant::now() + flush + ORPHANED_EPOCH_BLOCK);
-        let current = self.epochs.current_number();
-        let warning = format!(
-            "draining epoch {} ended early ({exit}): Envoy's epoch {current} will fail to reach it at its next \
-             stats flush (within {}s), retry for {}s and abort, by about {}; a hot restart before then fails too",
-            epoch.number,
-            flush.as_secs(),
-            ORPHANED_EPOCH_BLOCK.as_secs(),
-            humantime::format_rfc3339_seconds(abort_by),
-        );
-        tracing::error!("{warning}");
-        self.metrics.draining_epochs_lost.inc();
-        self.metrics.expected_abort.set(unix_seconds(abort_by) as i64);
-        self.systemd.status(&warning);
-        self.lost_parent = Some(warning.clone());
-        // The current epoch is doomed and cannot be hot-restarted: a new family must serve before it
-        // aborts, so no backoff.
-        self.blocked = Some(format!("draining epoch {} ended early and epoch {current} will abort", epoch.number));
-        self.metrics.degraded.set(1);
-        if self.settings.recover.enabled {
-            let _ = self.request_reload(format!("draining epoch {} ended early", epoch.number), None, true, false);
-        }
-    }
-
-    /// A new epoch serves: what was said about the one before no longer holds.
-    pub(super) fn forget_lost_parent(&mut self) {
-        self.expected_abort = None;
-        if self.lost_parent.take().is_some() {
-            self.metrics.expected_abort.set(0);
-        }
     }
 }

@@ -1,24 +1,18 @@
 //! The supervisor's side of a stop: the graceful drain, SIGTERM to the newest epoch, SIGKILL at
 //! the kill timeout, and, once the current epoch has exited, the processes it left behind.
 
-use std::time::Duration;
-
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::reload_state::Step;
+use super::timers::{KillStep, KillTimer, REAP_AFTER_KILL_TIMEOUT};
 use super::{Event, Generation, Supervisor};
 use crate::drain::{self, DrainEnd};
 use crate::process::{Exit, Processes, signal_name};
 use crate::signals::{self, Intent, Running};
-
-use super::reload_state::Step;
-
-/// How long to wait for SIGKILLed processes to be reaped before giving up on them (a process in
-/// uninterruptible sleep can outlive SIGKILL; the launcher must still exit).
-pub const REAP_AFTER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the launcher is in its life.
 #[derive(Debug)]
@@ -38,23 +32,13 @@ pub enum Phase {
         /// The open connections at the drain's last poll.
         progress: watch::Receiver<Option<u64>>,
     },
-    /// The stop signal was sent (SIGTERM, or the user's signal without a drain). At `deadline`,
-    /// SIGKILL, or after SIGKILL (`killed`), giving up on a process that not even SIGKILL ends
-    /// (uninterruptible sleep). No deadline for a plain command: it decides how long it takes.
+    /// The stop signal was sent (SIGTERM, or the user's signal without a drain); `stop` then
+    /// escalates to SIGKILL, and gives up on a process that not even SIGKILL ends (uninterruptible
+    /// sleep). No timer for a plain command: it decides how long it takes.
     Stopping {
-        deadline: Option<Generation>,
-        killed: bool,
+        stop: Option<KillTimer>,
         stop_signal: i32,
     },
-}
-
-impl Phase {
-    pub fn deadline(&self) -> Option<Generation> {
-        match self {
-            Phase::Stopping { deadline, .. } => *deadline,
-            _ => None,
-        }
-    }
 }
 
 impl<P: Processes> Supervisor<P> {
@@ -187,23 +171,28 @@ impl<P: Processes> Supervisor<P> {
         self.epochs.stop_newest(&mut self.processes, sig);
         // An old family still draining after a cold handover stops too.
         self.epochs.stop_older_families(&mut self.processes, sig);
-        let deadline = self.launch.is_envoy().then(|| self.schedule(self.settings.kill_timeout));
-        self.phase = Phase::Stopping { deadline, killed: false, stop_signal: sig };
+        let stop = self.launch.is_envoy().then(|| KillTimer::start(&mut self.timers, self.settings.kill_timeout));
+        self.phase = Phase::Stopping { stop, stop_signal: sig };
     }
 
-    /// SIGKILL when SIGTERM was not enough; the launcher's own exit (137) when SIGKILL was not either.
-    pub(super) fn on_stop_deadline(&mut self) -> Option<Exit> {
-        if matches!(self.phase, Phase::Stopping { killed: true, .. }) {
-            tracing::error!(
-                "Envoy survived SIGKILL for {REAP_AFTER_KILL_TIMEOUT:?} (uninterruptible sleep?): exiting anyway"
-            );
-            return Some(Exit::Signal(libc::SIGKILL));
+    /// A deadline of the stop: SIGKILL when SIGTERM was not enough; the launcher's own exit (137)
+    /// when SIGKILL was not either. None when `generation` is not the stop's.
+    pub(super) fn on_stop_deadline(&mut self, generation: Generation) -> Option<Option<Exit>> {
+        let Phase::Stopping { stop: Some(stop), stop_signal } = &mut self.phase else { return None };
+        match stop.on_deadline(generation, &mut self.timers)? {
+            KillStep::GiveUp => {
+                tracing::error!(
+                    "Envoy survived SIGKILL for {REAP_AFTER_KILL_TIMEOUT:?} (uninterruptible sleep?): exiting anyway"
+                );
+                Some(Some(Exit::Signal(libc::SIGKILL)))
+            }
+            KillStep::Kill => {
+                *stop_signal = libc::SIGKILL;
+                tracing::warn!("Envoy still running {:?} after SIGTERM: sending SIGKILL", self.settings.kill_timeout);
+                self.epochs.signal_all(&mut self.processes, libc::SIGKILL);
+                Some(None)
+            }
         }
-        tracing::warn!("Envoy still running {:?} after SIGTERM: sending SIGKILL", self.settings.kill_timeout);
-        self.epochs.signal_all(&mut self.processes, libc::SIGKILL);
-        let deadline = Some(self.schedule(REAP_AFTER_KILL_TIMEOUT));
-        self.phase = Phase::Stopping { deadline, killed: true, stop_signal: libc::SIGKILL };
-        None
     }
 
     /// SIGTERM to every process left behind, SIGKILL after the kill timeout, and reap them all: the

@@ -7,7 +7,7 @@ async fn blocked() -> Harness {
     let mut h = Harness::serving();
     let new = h.validated_after_sighup().await;
     h.exit(new, Exit::Code(1));
-    assert!(h.sup.blocked.is_some());
+    assert!(h.sup.health.blocked().is_some());
     h
 }
 
@@ -73,7 +73,7 @@ async fn a_blocked_hot_restart_is_recovered_by_a_new_family_that_is_then_put_bac
     let status = h.sup.status();
     assert_eq!((status.current_epoch, status.reload), (next, None));
     let recovery = status.recovery.expect("recovery shown once one ran");
-    assert_eq!(recovery.last.map(|l| l.result), Some("success"));
+    assert_eq!(recovery.last.map(|l| l.result), Some(ReloadResult::Success));
     assert!(h.sup.metrics.render().contains("sesame_recoveries_total{result=\"success\"} 1"));
 }
 
@@ -84,7 +84,7 @@ async fn a_failed_new_family_is_retried_with_a_doubling_backoff_and_the_old_one_
         assert_eq!(h.recovery_fires().await, Duration::from_secs(expected));
         let new = h.new_family_started().await;
         h.exit(new, Exit::Code(1));
-        assert!(h.sup.blocked.is_some() && h.sup.status().ready, "epoch 0 serves on");
+        assert!(h.sup.health.blocked().is_some() && h.sup.status().ready, "epoch 0 serves on");
         assert_eq!(h.sup.epochs.current_number(), 0);
     }
     assert!(h.world.signals().is_empty(), "the serving epoch is never signalled");
@@ -121,7 +121,7 @@ async fn a_cold_handover_by_hand_runs_while_nothing_is_blocked() {
     let new = h.new_family_started().await;
     h.exit(new, Exit::Code(1));
     assert!(matches!(caller.try_recv(), Ok(Err(Refusal::Failed(_)))));
-    assert!(h.sup.blocked.is_none(), "a failed new family blocks nothing");
+    assert!(h.sup.health.blocked().is_none(), "a failed new family blocks nothing");
     assert!(h.sup.recovery.status(false).is_some_and(|r| r.next_attempt_in_seconds.is_none()), "and is not retried");
 }
 

@@ -20,10 +20,10 @@ use crate::admin::{AdminAddress, Listeners};
 use crate::envoy::EnvoyFlags;
 use crate::http::Endpoint;
 use crate::launch::EnvoyLaunch;
+use crate::outcome::{Refusal, ReloadResult};
 use crate::process::{Reaped, SpawnError};
-use crate::reload::Refusal;
 
-mod early_checks;
+mod file_changes;
 mod handover;
 mod reload;
 mod shutdown;
@@ -100,6 +100,16 @@ impl Fake {
     fn signals(&self) -> Vec<(Pid, i32)> {
         self.0.borrow().signals.clone()
     }
+}
+
+/// The preflight of a run of the checks reports.
+fn is_preflight(event: &Event) -> bool {
+    matches!(event, Event::Checked { report: checks::CheckReport::Preflight(..), .. })
+}
+
+/// The validator's verdict is read.
+fn is_verdict(event: &Event) -> bool {
+    matches!(event, Event::Checked { report: checks::CheckReport::Validated(_), .. })
 }
 
 pub(super) struct Harness {
@@ -243,11 +253,11 @@ impl Harness {
     /// A reload through to `Starting`: preflight and validator pass; returns the new epoch's pid.
     /// The reload under way passes its preflight and its validator.
     async fn validator_passes(&mut self) {
-        self.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+        self.until("the preflight", is_preflight).await;
         let validator = self.world.last_with("validate");
         assert_eq!(self.sup.status().reload, Some("validating"));
         self.exit(validator, Exit::Code(0));
-        self.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+        self.until("the verdict", is_verdict).await;
     }
 
     async fn validated(&mut self) -> Pid {

@@ -24,7 +24,7 @@ async fn a_reload_runs_every_step_and_the_new_epoch_serves() {
     assert_eq!(caller.try_recv().expect("answered"), Ok(1));
     let status = h.sup.status();
     assert_eq!((status.current_epoch, status.reload, status.ready), (1, None, true));
-    assert_eq!(status.last_reload.map(|r| r.result), Some("success"));
+    assert_eq!(status.last_reload.map(|r| r.result), Some(ReloadResult::Success));
     assert_eq!(h.pid_of(1), new);
     assert!(h.world.signals().is_empty(), "nobody was signalled: {:?}", h.world.signals());
 
@@ -66,11 +66,11 @@ async fn a_refused_reload_changes_nothing_and_the_next_may_succeed() {
     let bootstrap = h.dir.path().join("envoy.yaml");
     std::fs::write(&bootstrap, "admin: [unclosed\n").expect("break the bootstrap");
     let mut caller = h.reload_request();
-    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    h.until("the preflight", is_preflight).await;
     let Ok(Err(Refusal::Invalid(reason))) = caller.try_recv() else { panic!("refused as invalid") };
     assert!(reason.contains("cannot parse the bootstrap"), "{reason}");
     assert_eq!(h.world.spawned().len(), 1, "nothing was started");
-    assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some("refused"));
+    assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some(ReloadResult::Refused));
 
     std::fs::write(&bootstrap, "static_resources: {}\n").expect("mend it");
     h.signal(libc::SIGHUP);
@@ -90,30 +90,32 @@ async fn the_base_id_is_kept_when_its_file_is_deleted() {
 async fn a_failing_validator_is_a_refusal() {
     let mut h = Harness::serving();
     let mut caller = h.reload_request();
-    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    h.until("the preflight", is_preflight).await;
     std::fs::write(h.dir.path().join("envoy-validate.log"), "[x][critical][main] error: bad cert\n").expect("log");
     h.exit(h.world.last_with("validate"), Exit::Code(1));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+    h.until("the verdict", is_verdict).await;
     let answer = caller.try_recv().expect("answered");
     assert_eq!(answer, Err(Refusal::Invalid("envoy --mode validate failed (exit status 1): error: bad cert".into())));
     assert_eq!(h.world.spawned().len(), 2, "epoch 0 and the validator, no epoch 1");
-    assert!(h.sup.blocked.is_none(), "a refusal does not block");
+    assert!(h.sup.health.blocked().is_none(), "a refusal does not block");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_hung_validator_is_killed_at_the_reload_timeout() {
     let mut h = Harness::serving();
-    h.signal(libc::SIGHUP);
-    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    let mut caller = h.reload_request();
+    h.until("the preflight", is_preflight).await;
     let validator = h.world.last_with("validate");
     let started = tokio::time::Instant::now();
     h.until("the validator's deadline", |e| matches!(e, Event::Deadline(_))).await;
     assert_eq!(started.elapsed(), RELOAD_TIMEOUT);
     assert_eq!(h.world.signals(), vec![(validator, libc::SIGKILL)]);
     h.exit(validator, Exit::Signal(libc::SIGKILL));
-    h.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
-    assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some("refused"));
+    assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some(ReloadResult::Refused));
     assert_eq!(h.sup.status().reload, None);
+    // Its end after SIGKILL is no verdict on the input: a timeout, which the control API answers with 504.
+    let Ok(Err(Refusal::TimedOut(reason))) = caller.try_recv() else { panic!("refused as timed out") };
+    assert_eq!(reason, format!("envoy --mode validate still running after {RELOAD_TIMEOUT:?}: killed"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -171,7 +173,8 @@ async fn a_draining_epoch_that_outlives_its_parent_shutdown_time_refuses_the_rel
     h.until_state("the draining epoch's deadline", |sup| sup.reload.step().is_none()).await;
     assert!(started.elapsed() <= PARENT_SHUTDOWN + KILL_TIMEOUT, "{:?}", started.elapsed());
     assert!(started.elapsed() >= PARENT_SHUTDOWN, "{:?}", started.elapsed());
-    let Ok(Err(Refusal::Invalid(reason))) = caller.try_recv() else { panic!("refused") };
+    // Not the input's fault: a timeout, which the control API answers with 504.
+    let Ok(Err(Refusal::TimedOut(reason))) = caller.try_recv() else { panic!("refused as timed out") };
     assert!(reason.contains("outlived its parent shutdown time"), "{reason}");
     assert!(h.world.signals().is_empty(), "the draining epoch is never ended early");
 }
@@ -185,7 +188,7 @@ async fn a_stale_deadline_is_dropped() {
     h.exit(h.pid_of(0), Exit::Code(0));
     tokio::time::sleep(Duration::from_secs(10)).await;
     h.signal(libc::SIGHUP);
-    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    h.until("the preflight", is_preflight).await;
     let second = h.world.last_with("validate");
     // The first validator's deadline comes 20 s before the second's: it must not kill the second.
     h.until("the first validator's deadline", |e| matches!(e, Event::Deadline(_))).await;
@@ -198,11 +201,12 @@ async fn a_stale_deadline_is_dropped() {
 async fn a_validator_that_survives_sigkill_does_not_hold_the_reload() {
     let mut h = Harness::serving();
     let mut caller = h.reload_request();
-    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    h.until("the preflight", is_preflight).await;
     let started = tokio::time::Instant::now();
     h.until_state("the reload to end", |sup| sup.reload.step().is_none()).await;
-    assert_eq!(started.elapsed(), RELOAD_TIMEOUT + crate::supervisor::shutdown::REAP_AFTER_KILL_TIMEOUT);
-    let Ok(Err(Refusal::Invalid(reason))) = caller.try_recv() else { panic!("refused") };
+    assert_eq!(started.elapsed(), RELOAD_TIMEOUT + crate::supervisor::timers::REAP_AFTER_KILL_TIMEOUT);
+    // Not the input's fault: sesame could not judge it, which the control API answers with 503.
+    let Ok(Err(Refusal::Fault(reason))) = caller.try_recv() else { panic!("refused as a fault") };
     assert!(reason.contains("survived SIGKILL"), "{reason}");
     // The next reload is not held by it either.
     h.signal(libc::SIGHUP);
@@ -217,8 +221,8 @@ async fn a_live_answer_from_another_poll_is_stale() {
     let stale = live_poll - 1;
     h.sup.handle(Event::EpochLive { epoch: 1, poll: stale, result: Ok(Endpoint::Unix("/x".into())) });
     assert_eq!(h.sup.epochs.current_number(), 0, "a stale answer promotes nobody");
-    h.sup.handle(Event::EpochLive { epoch: 1, poll: stale, result: Err("gone".into()) });
-    assert!(h.world.signals().is_empty() && h.sup.blocked.is_none(), "nor fails anybody");
+    h.sup.handle(Event::EpochLive { epoch: 1, poll: stale, result: Err(crate::admin::NotLive::Exited("gone".into())) });
+    assert!(h.world.signals().is_empty() && h.sup.health.blocked().is_none(), "nor fails anybody");
     h.live(1);
     assert_eq!(h.sup.epochs.current_number(), 1);
 }
@@ -227,7 +231,7 @@ async fn a_live_answer_from_another_poll_is_stale() {
 async fn the_serving_epoch_exiting_answers_the_reload_callers_at_once() {
     let mut h = Harness::serving();
     let mut caller = h.reload_request();
-    h.until("the preflight", |e| matches!(e, Event::Preflight { .. })).await;
+    h.until("the preflight", is_preflight).await;
     let validator = h.world.last_with("validate");
     assert_eq!(h.exit(h.pid_of(0), Exit::Code(1)), Some(Exit::Code(1)));
     assert_eq!(caller.try_recv(), Ok(Err(Refusal::ShuttingDown)));

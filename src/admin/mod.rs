@@ -1,5 +1,5 @@
 //! Envoy's admin API, as the launcher uses it: whether an epoch is LIVE, how many downstream
-//! connections are open, and the drain requests. Requests go through `http::HttpClient`, each
+//! connections are open, and the drain requests (`live`: the wait for an epoch to be LIVE). Requests go through `http::HttpClient`, each
 //! bounded by a timeout.
 
 use std::time::Duration;
@@ -8,6 +8,9 @@ use hyper::Method;
 use hyper::body::Bytes;
 
 use crate::http::{Endpoint, HttpClient, HttpError, KeptConnection};
+
+mod live;
+pub use live::{NotLive, await_live};
 
 /// How long one admin request may take. Envoy answers in milliseconds; a second means it is hung.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);

@@ -20,14 +20,14 @@ impl Harness {
     }
 
     async fn early_preflight(&mut self) -> Pid {
-        self.until("the early preflight", |e| matches!(e, Event::EarlyPreflight { .. })).await;
+        self.until("the early preflight", is_preflight).await;
         self.world.last_with("validate")
     }
 
     /// The validator exits and its verdict is handled.
     async fn verdict(&mut self, validator: Pid, exit: Exit) {
         self.exit(validator, exit);
-        self.until("the verdict", |e| matches!(e, Event::Validated { .. })).await;
+        self.until("the verdict", is_verdict).await;
     }
 
     fn validators(&self) -> usize {
@@ -49,7 +49,7 @@ async fn checks_done_before_the_debounce_ends_start_the_new_epoch_at_once() {
     assert_eq!(h.validators(), 1, "validated once");
     h.live(1);
     let status = h.sup.status();
-    assert_eq!((status.current_epoch, status.last_reload.map(|r| r.result)), (1, Some("success")));
+    assert_eq!((status.current_epoch, status.last_reload.map(|r| r.result)), (1, Some(ReloadResult::Success)));
 }
 
 #[tokio::test(start_paused = true)]
@@ -116,7 +116,7 @@ async fn failed_checks_are_a_refusal_at_the_debounces_end() {
     let last = status.last_reload.expect("a reload");
     assert_eq!(
         (last.result, last.detail.as_str()),
-        ("refused", "envoy --mode validate failed (exit status 1): error: bad cert")
+        (ReloadResult::Refused, "envoy --mode validate failed (exit status 1): error: bad cert")
     );
     assert_eq!((status.reload, status.current_epoch), (None, 0));
     assert_eq!(h.world.spawned().len(), 2, "epoch 0 and the validator, no epoch 1");
@@ -132,7 +132,7 @@ async fn a_bootstrap_that_does_not_parse_is_refused_at_the_debounces_end() {
     let mut h = Harness::serving();
     std::fs::write(h.bootstrap(), "admin: [unclosed\n").expect("break it");
     h.files_changing();
-    h.until("the early preflight", |e| matches!(e, Event::EarlyPreflight { .. })).await;
+    h.until("the early preflight", is_preflight).await;
     assert_eq!(h.validators(), 0);
     h.files_settled();
     let detail = h.sup.status().last_reload.expect("a reload").detail;
@@ -179,7 +179,7 @@ async fn files_that_keep_changing_start_a_few_validators_per_debounce_not_one_pe
     }
     assert_eq!(h.validators(), 3, "three early checks in one debounce, then the reload checks for itself");
     h.files_settled();
-    h.until("the reload's own validator", |e| matches!(e, Event::Preflight { .. })).await;
+    h.until("the reload's own validator", is_preflight).await;
     assert_eq!(h.validators(), 4, "the debounce's end checks the files as they are");
     // The next debounce may check early again.
     h.verdict(h.world.last_with("validate"), Exit::Code(0)).await;
@@ -198,7 +198,7 @@ async fn after_a_refused_reload_files_touched_again_are_checked_again_even_uncha
     std::fs::write(h.dir.path().join("envoy-validate.log"), "[x][critical][main] error: half a pair\n").expect("log");
     h.verdict(validator, Exit::Code(1)).await;
     h.files_settled();
-    assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some("refused"));
+    assert_eq!(h.sup.status().last_reload.map(|r| r.result), Some(ReloadResult::Refused));
     // The watcher saw no change since its last debounce (it hashed the files between two writes
     // that the refused checks straddled): the files are checked again all the same.
     h.files_changing();

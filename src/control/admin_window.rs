@@ -41,7 +41,7 @@ impl ControlApi {
     /// Envoy's answer to `admin_path`, passed on as it arrives. `ends_by` is the connection's end:
     /// set to `WHOLE_ANSWER_TIMEOUT` from now, since only dropping the connection can end an answer
     /// whose client stopped reading.
-    pub(super) async fn envoy_admin(
+    pub(super) async fn admin_window(
         &self,
         admin_path: &str,
         ends_by: &tokio::sync::watch::Sender<Option<Instant>>,
