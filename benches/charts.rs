@@ -1,4 +1,4 @@
-//! Renders the charts of the README from the raw figures that the other benchmarks wrote under
+//! Renders the charts of docs/benchmarks.md from the raw figures that the other benchmarks wrote under
 //! target/bench/ (so that a chart can be redrawn without measuring again). Run by `make bench`
 //! after the measurements.
 
