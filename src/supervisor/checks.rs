@@ -42,13 +42,33 @@ pub enum CheckReport {
     Validated(Result<(), Refusal>),
 }
 
+/// What a run of the checks is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// The files while they settle, for the reload the debounce's end will trigger.
+    WhileSettling,
+    /// A hot restart.
+    HotRestart,
+    /// A cold handover: the listeners are checked beside the serving epochs, and no version check
+    /// is needed (a new family shares nothing with the serving one).
+    ColdHandover,
+}
+
+impl Purpose {
+    /// How the log names its checks.
+    fn checks(self) -> &'static str {
+        match self {
+            Purpose::WhileSettling => "checks while the files settle",
+            Purpose::HotRestart | Purpose::ColdHandover => "checks",
+        }
+    }
+}
+
 /// One run of the checks; its events carry `attempt`.
 #[derive(Debug)]
 pub struct CheckRun {
     pub attempt: Generation,
-    /// For a cold handover: the listeners are checked beside the serving epochs, and no version
-    /// check is needed (a new family shares nothing with the serving one).
-    cold: bool,
+    purpose: Purpose,
     /// The files it stands for, once the preflight has read them.
     input: Option<Input>,
     stage: Stage,
@@ -125,7 +145,7 @@ impl CheckRun {
     /// A run at its preflight, for tests of what holds it.
     #[cfg(test)]
     pub fn at(attempt: Generation) -> CheckRun {
-        CheckRun { attempt, cold: false, input: None, stage: Stage::Preflight }
+        CheckRun { attempt, purpose: Purpose::HotRestart, input: None, stage: Stage::Preflight }
     }
 
     /// What it is doing, for `/status`.
@@ -177,8 +197,9 @@ impl CheckRun {
     }
 
     fn finish(&mut self, outcome: Result<Verdict, Refusal>) -> bool {
-        if let Err(refusal) = &outcome {
-            tracing::debug!("checks failed: {refusal}");
+        match &outcome {
+            Ok(_) => tracing::debug!("{} passed", self.purpose.checks()),
+            Err(refusal) => tracing::debug!("{} failed: {refusal}", self.purpose.checks()),
         }
         self.stage = Stage::Done(outcome);
         true
@@ -219,7 +240,7 @@ impl CheckRun {
     ) -> bool {
         if !input.unchanged() {
             // Changed while they were checked: checked again, as they are now.
-            spawn_preflight(self.attempt, self.cold, hands);
+            spawn_preflight(self.attempt, self.purpose, hands);
             return false;
         }
         self.input = Some(input.clone());
@@ -230,7 +251,7 @@ impl CheckRun {
         let admin = hands.launch.admin_address(preflight.admin);
         let verdict = Verdict { input, admin, binary: preflight.binary, cold_because: None };
         let upgraded = matches!((&verdict.binary, hands.serving_binary), (Some(new), Some(serving)) if new != serving);
-        if upgraded && !self.cold {
+        if upgraded && self.purpose != Purpose::ColdHandover {
             return self.check_version(verdict, hands);
         }
         self.validate(verdict, hands)
@@ -323,13 +344,14 @@ impl CheckRun {
 }
 
 /// The preflight, off the runtime thread; it reports as `attempt`.
-fn spawn_preflight<P>(attempt: Generation, cold: bool, hands: &Hands<'_, P>) {
+fn spawn_preflight<P>(attempt: Generation, purpose: Purpose, hands: &Hands<'_, P>) {
     let command = hands.launch.command.clone();
     let watched = hands.settings.watch.files();
     let expiry_warn = hands.settings.cert_expiry_warn;
     let user = hands.launch.user.clone();
     // A new family binds every listener beside the serving one: what only the serving epochs may
     // hold is found first.
+    let cold = purpose == Purpose::ColdHandover;
     let ours: Option<Vec<i32>> = cold.then(|| hands.epochs.iter().map(|e| e.pid.as_raw()).collect());
     let events = hands.events.clone();
     tokio::task::spawn_blocking(move || {
@@ -356,11 +378,11 @@ fn spawn_checker<P: Processes>(
 }
 
 impl<P: Processes> Supervisor<P> {
-    /// A run of the checks on the files as they are now (`cold`: for a cold handover).
-    pub(super) fn start_checks(&mut self, cold: bool) -> CheckRun {
+    /// A run of the checks on the files as they are now.
+    pub(super) fn start_checks(&mut self, purpose: Purpose) -> CheckRun {
         let attempt = self.timers.next();
-        spawn_preflight(attempt, cold, &hands!(self));
-        CheckRun { attempt, cold, input: None, stage: Stage::Preflight }
+        spawn_preflight(attempt, purpose, &hands!(self));
+        CheckRun { attempt, purpose, input: None, stage: Stage::Preflight }
     }
 
     /// A run no longer wanted (its files changed, a reload of its own, a stop).

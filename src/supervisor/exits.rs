@@ -1,5 +1,5 @@
-//! Exits: every SIGCHLD reaps what has exited; an epoch's exit means the end of the launcher (the
-//! current one), a failed reload (a starting one), or a drained epoch (an older one).
+//! An epoch's exit: the end of the launcher (the current one), a failed reload (a starting one), or
+//! a drained epoch (an older one).
 
 use super::Supervisor;
 use super::epochs::Epoch;
@@ -8,38 +8,9 @@ use crate::drain::DrainEnd;
 use crate::process::{Exit, Processes};
 
 impl<P: Processes> Supervisor<P> {
-    /// Reaps everything that exited; returns the current epoch's exit if it was among them.
-    pub(super) fn reap(&mut self) -> Option<Exit> {
-        let mut current_exit = None;
-        let reaped = self.processes.reap();
-        for (pid, sig) in reaped.stopped {
-            // A plain command stopped by job control (Ctrl-Z reaches its group, which holds the
-            // terminal): the launcher stops too, so that the shell sees its job stopped.
-            let job_control = matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU);
-            if job_control && !self.launch.is_envoy() && self.epochs.find(0).is_some_and(|e| e.pid == pid) {
-                self.processes.suspend();
-            }
-        }
-        for (pid, exit) in reaped.exits {
-            if let Some(epoch) = self.epochs.remove(pid) {
-                self.metrics.reaped("epoch");
-                self.metrics.live_epochs.set(self.epochs.len() as i64);
-                if let Some(exit) = self.on_epoch_exit(epoch, exit) {
-                    current_exit = Some(exit);
-                }
-            } else if self.on_checker_exit(pid, exit) {
-                self.metrics.reaped("validator");
-            } else {
-                self.metrics.reaped("orphan");
-                tracing::debug!(pid = pid.as_raw(), "reaped an adopted orphan ({exit})");
-            }
-        }
-        current_exit
-    }
-
     /// An epoch exited. The current one ends the launcher; a starting one fails the reload; an
     /// old one has finished draining, as it should.
-    fn on_epoch_exit(&mut self, epoch: Epoch, exit: Exit) -> Option<Exit> {
+    pub(super) fn on_epoch_exit(&mut self, epoch: Epoch, exit: Exit) -> Option<Exit> {
         let lived = epoch.started.elapsed();
         if epoch.number == self.epochs.current_number() {
             let what = if self.launch.is_envoy() { format!("Envoy epoch {}", epoch.number) } else { "child".into() };

@@ -365,6 +365,36 @@ impl<P: Processes> Supervisor<P> {
         None
     }
 
+    /// Reaps everything that exited and hands each exit to its owner (an epoch's to `exits`, a
+    /// checker's to `checks`); returns the current epoch's exit if it was among them.
+    fn reap(&mut self) -> Option<Exit> {
+        let mut current_exit = None;
+        let reaped = self.processes.reap();
+        for (pid, sig) in reaped.stopped {
+            // A plain command stopped by job control (Ctrl-Z reaches its group, which holds the
+            // terminal): the launcher stops too, so that the shell sees its job stopped.
+            let job_control = matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU);
+            if job_control && !self.launch.is_envoy() && self.epochs.find(0).is_some_and(|e| e.pid == pid) {
+                self.processes.suspend();
+            }
+        }
+        for (pid, exit) in reaped.exits {
+            if let Some(epoch) = self.epochs.remove(pid) {
+                self.metrics.reaped("epoch");
+                self.metrics.live_epochs.set(self.epochs.len() as i64);
+                if let Some(exit) = self.on_epoch_exit(epoch, exit) {
+                    current_exit = Some(exit);
+                }
+            } else if self.on_checker_exit(pid, exit) {
+                self.metrics.reaped("validator");
+            } else {
+                self.metrics.reaped("orphan");
+                tracing::debug!(pid = pid.as_raw(), "reaped an adopted orphan ({exit})");
+            }
+        }
+        current_exit
+    }
+
     /// A deadline, for whoever waits for it; a deadline whose waiter has moved on is dropped.
     fn on_deadline(&mut self, generation: Generation) -> Option<Exit> {
         if let Some(exit) = self.on_stop_deadline(generation) {

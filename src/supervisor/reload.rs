@@ -3,13 +3,13 @@
 //! epoch, start epoch N+1. Each step records itself in `ReloadState`; its result comes back as an
 //! event. How it ends (LIVE, refused, failed) is `reload_outcome`'s.
 
-use super::checks::CheckRun;
+use super::checks::{CheckRun, Purpose};
 use super::epochs::Epoch;
 use super::reload_state::{Admission, ReloadReply, Step, answer};
 use super::shutdown::Phase;
 use super::trigger::Trigger;
 use super::{Supervisor, shell_words};
-use crate::outcome::Refusal;
+use crate::outcome::{Refusal, ReloadResult};
 use crate::process::{Exit, Processes};
 
 impl<P: Processes> Supervisor<P> {
@@ -60,6 +60,29 @@ impl<P: Processes> Supervisor<P> {
         Ok(())
     }
 
+    /// A debounce ended, with `changed` files since the last one: a reload (which brings the checks
+    /// run meanwhile when they stand for the files as they are now), or nothing. The next debounce
+    /// may start checks again.
+    pub(super) fn on_files_settled(&mut self, changed: Vec<std::path::PathBuf>) {
+        self.early.started = 0;
+        // The watcher compares with the files at its last debounce's end, but a refused reload read
+        // them at another moment (a write may have been half done then): after a refusal, files
+        // touched again are checked again, even when they hash as before.
+        let refused = self.last_reload.as_ref().is_some_and(|r| r.result == ReloadResult::Refused);
+        if changed.is_empty() && !refused {
+            return self.discard_early_checks();
+        }
+        let checks = match self.early.run.take() {
+            Some(run) if run.stands_for_current_files() => Some(Box::new(run)),
+            Some(run) => {
+                self.abandon_checks(run);
+                None
+            }
+            None => None,
+        };
+        let _ = self.request_reload(Trigger::FilesSettled { changed, checks });
+    }
+
     /// Why `trigger` cannot start a reload now, if it cannot.
     fn refusal_for(&self, trigger: &Trigger) -> Option<Refusal> {
         if !matches!(self.phase, Phase::Running) {
@@ -103,7 +126,7 @@ impl<P: Processes> Supervisor<P> {
             tracing::info!("{trigger}: validating for a hot restart to epoch {next}");
             self.systemd.reloading(&format!("hot restart to epoch {next}"));
         }
-        let run = self.start_checks(cold.is_some());
+        let run = self.start_checks(if cold.is_some() { Purpose::ColdHandover } else { Purpose::HotRestart });
         self.reload.begin(run, waiters, cold);
     }
 
@@ -123,7 +146,7 @@ impl<P: Processes> Supervisor<P> {
 
     /// The reload under way checks its input again, from the first step.
     pub(super) fn preflight_again(&mut self) {
-        let run = self.start_checks(self.reload.is_cold());
+        let run = self.start_checks(if self.reload.is_cold() { Purpose::ColdHandover } else { Purpose::HotRestart });
         self.reload.begin_again(run);
     }
 
