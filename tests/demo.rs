@@ -36,8 +36,10 @@ fn demo_serves_http_and_https_and_sigterm_ends_everything() {
     wait_until_serving(&launcher, http, https);
     let envoy_pids = children_of(launcher.pid());
     assert_eq!(envoy_pids.len(), 1, "one Envoy under the launcher");
-    let log = launcher.log();
-    assert!(log.contains("--restart-epoch 0 --use-dynamic-base-id --base-id-path"), "{log}");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", envoy_pids[0])).expect("Envoy's command line");
+    let argv: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let flags: [&[u8]; 4] = [b"--restart-epoch", b"0", b"--use-dynamic-base-id", b"--base-id-path"];
+    assert!(argv.windows(4).any(|w| w == flags), "{:?}", String::from_utf8_lossy(&cmdline));
     let base_id: u64 = std::fs::read_to_string(launcher.runtime_dir().join("envoy-base-id"))
         .expect("base id file")
         .trim()

@@ -56,7 +56,7 @@ fn late_clients(keep_listening: &str) -> LateClients {
     // connections comes after its health check failure and drain request.
     launcher.wait_for_status("the drain's first count", |s| s["drain"]["connections"].is_number());
     let mut late = LateClients::default();
-    while !launcher.log().contains("drain ended") && started.elapsed() < Duration::from_secs(15) {
+    while launcher.is_draining() && started.elapsed() < Duration::from_secs(15) {
         match late_request(port) {
             Some(close) => {
                 late.answered += 1;

@@ -112,7 +112,7 @@ fn a_scrape_does_not_hold_the_drain() {
 
     let stop = Instant::now();
     envoy.launcher.signal(Signal::SIGTERM);
-    envoy.launcher.wait_for_log("draining Envoy through its admin");
+    envoy.launcher.wait_for_drain();
     let (status, _, body) = envoy.scrape("/envoy/stats/prometheus");
     assert_eq!((status, body.contains("envoy_server_live")), (200, true), "a scrape during the drain: {body}");
     let code = envoy.launcher.exit_code(Duration::from_secs(30));

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Launcher, Mode, alive, wait_for};
+use common::{Launcher, Mode, alive, reaped_children, wait_for};
 use nix::sys::signal::Signal;
 
 const EXIT: Duration = Duration::from_secs(10);
@@ -74,8 +74,9 @@ fn signals_reach_the_child() {
     assert_eq!(launcher.exit_code(EXIT), 143, "log:\n{}", launcher.log());
 }
 
-/// Leaves 200 orphans that exit at once, waits until none of them is a zombie, then exits 7 (or 99
-/// when zombies remain for 10 s). $PPID is the launcher in both modes.
+/// Leaves 200 orphans that exit at once, waits until none of them is a zombie and the file $1
+/// exists, then exits 7 (or 99 when zombies remain for 10 s, 98 when $1 does not come within 30 s).
+/// $PPID is the launcher in both modes.
 const ORPHANS: &str = r#"
     i=0
     while [ $i -lt 200 ]; do (/bin/true &); i=$((i+1)); done
@@ -84,16 +85,26 @@ const ORPHANS: &str = r#"
         [ "$(date +%s)" -lt $deadline ] || exit 99
         sleep 0.02
     done
+    deadline=$(( $(date +%s) + 30 ))
+    while [ ! -e "$1" ]; do
+        [ "$(date +%s)" -lt $deadline ] || exit 98
+        sleep 0.02
+    done
     exit 7
 "#;
 
 fn assert_reaps_200_orphans(mode: Mode) {
-    let mut launcher = Launcher::start(mode, &["--log-level", "debug"], &["sh", "-c", ORPHANS]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let done = dir.path().join("counted");
+    let done_arg = done.to_string_lossy().into_owned();
+    let mut launcher = Launcher::start(mode, &[], &["sh", "-c", ORPHANS, "orphans", &done_arg]);
+    // Counted while the command still runs (its exit ends the launcher and its /metrics).
+    let reaped = launcher.wait_for_metric(&reaped_children("orphan"), |n| n >= 200);
+    std::fs::write(&done, "").expect("tell the command to exit");
     let code = launcher.exit_code(Duration::from_secs(30));
     let log = launcher.log();
     assert_eq!(code, 7, "7 means no zombie was left, 99 that zombies stayed; log:\n{log}");
-    let reaped = log.matches("reaped an adopted orphan").count();
-    assert_eq!(reaped, 200, "every orphan is reaped by the launcher and logged at debug");
+    assert_eq!(reaped, 200, "every orphan is reaped by the launcher, and counted");
 }
 
 #[test]
@@ -158,7 +169,7 @@ fn an_inherited_signal_mask_does_not_blind_the_launcher() {
     let ready = dir.path().join("ready");
     let script = format!("(sleep 0.2 &); : > {}; exec sleep 1000", ready.display());
     // sesame starts with SIGCHLD and SIGTERM blocked, as a careless parent may leave them.
-    let mut launcher = Launcher::start_with(Mode::Pid1, &["--log-level", "debug"], &["sh", "-c", &script], |command| {
+    let mut launcher = Launcher::start_with(Mode::Pid1, &[], &["sh", "-c", &script], |command| {
         // SAFETY: runs in the forked test child before exec; sigprocmask is async-signal-safe.
         unsafe {
             command.pre_exec(|| {
@@ -171,7 +182,8 @@ fn an_inherited_signal_mask_does_not_blind_the_launcher() {
         }
     });
     wait_for(EXIT, "the child to start", || ready.exists());
-    wait_for(EXIT, "the orphaned sleep to be reaped", || launcher.log().contains("reaped an adopted orphan"));
+    // The orphaned sleep is reaped: SIGCHLD reached the launcher.
+    launcher.wait_for_metric(&reaped_children("orphan"), |n| n >= 1);
     launcher.signal(Signal::SIGTERM);
     assert_eq!(launcher.exit_code(EXIT), 143, "SIGTERM reached the launcher and the child; log:\n{}", launcher.log());
 }

@@ -139,7 +139,7 @@ fn a_bad_write_then_a_good_one_within_the_debounce_serves_the_good_one_unrefused
     tls.wait_for_epoch(1);
     let log = tls.launcher.log();
     assert_eq!(tls.launcher.status()["last_reload"]["result"], "success", "{log}");
-    assert!(!log.contains("refused"), "{log}");
+    assert_eq!(tls.launcher.reloads("refused"), 0, "{log}");
     assert!(
         log.contains("since the first change, for a hot restart to epoch 1"),
         "checked while the files settled:\n{log}"
@@ -192,10 +192,10 @@ fn sighup_restarts_without_a_change_and_coalesces_during_a_restart() {
     tls.launcher.wait_for_status("the second reload to start", |s| !s["reload"].is_null());
     tls.launcher.signal(Signal::SIGHUP);
     tls.launcher.signal(Signal::SIGHUP);
+    // The two SIGHUPs sent during the second restart make one more (epoch 3), and nothing is under
+    // way or queued once it serves.
     tls.wait_for_epoch(3);
-    let log = tls.launcher.log();
-    assert_eq!(tls.restarts(), 3, "{log}");
-    assert!(log.contains("a hot restart is under way; one more will follow it"), "{log}");
+    assert_eq!(tls.restarts(), 3, "{}", tls.launcher.log());
     assert_eq!(tls.serial(), 1, "same certificate, new epoch");
     let epochs = common::children_of(tls.launcher.pid()).len();
     assert!(epochs <= 2, "never more than two Envoy processes: {epochs}");
@@ -227,7 +227,9 @@ fn sigterm_during_a_hot_restart_ends_both_epochs() {
     let mut tls = start_tls(false, &["--drain-timeout", "5s"]);
     let first = common::children_of(tls.launcher.pid());
     tls.launcher.signal(Signal::SIGHUP);
-    tls.launcher.wait_for_log("hot restart: started epoch 1");
+    tls.launcher.wait_for_status("epoch 1 to be started", |s| {
+        s["epochs"].as_array().is_some_and(|epochs| epochs.iter().any(|e| e["epoch"] == 1))
+    });
     tls.launcher.signal(Signal::SIGTERM);
     let code = tls.launcher.exit_code(Duration::from_secs(30));
     let log = tls.launcher.log();

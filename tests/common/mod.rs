@@ -389,10 +389,82 @@ impl Launcher {
         }
     }
 
+    /// Waits until `/status` shows the drain of a stop under way (sesame talks to Envoy's admin).
+    pub fn wait_for_drain(&self) -> serde_json::Value {
+        self.wait_for_status("the drain to start", draining)
+    }
+
+    /// Whether `/status` shows the drain under way now: false once it has ended (or the launcher is
+    /// gone).
+    pub fn is_draining(&self) -> bool {
+        self.try_status().is_ok_and(|status| draining(&status))
+    }
+
+    /// The launcher's `GET /metrics` over its control socket, as text.
+    pub fn metrics(&self) -> String {
+        self.try_metrics().unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()))
+    }
+
+    fn try_metrics(&self) -> Result<String, String> {
+        let (code, text) = control(&self.runtime_dir().join("control.sock"), "GET", "/metrics")
+            .map_err(|e| format!("GET /metrics: {e}"))?;
+        if code != 200 {
+            return Err(format!("GET /metrics answered {code}: {text}"));
+        }
+        Ok(text)
+    }
+
+    /// One series of `/metrics`, named as the text shows it, labels included
+    /// (`sesame_reaped_children_total{kind="orphan"}`); 0 while it is not shown (a labelled
+    /// counter appears at its first count).
+    pub fn metric(&self, series: &str) -> i64 {
+        series_value(&self.metrics(), series)
+    }
+
+    /// Waits until the series `series` of `/metrics` satisfies `holds`; returns its value. On
+    /// timeout, fails with the last scrape (or why there was none) and the log.
+    pub fn wait_for_metric(&self, series: &str, holds: impl Fn(i64) -> bool) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let metrics = self.try_metrics();
+            if let Ok(text) = &metrics
+                && holds(series_value(text, series))
+            {
+                return series_value(text, series);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {series} to hold; metrics {metrics:#?}\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// `sesame_reloads_total{result="RESULT"}` from the launcher's `/metrics`.
     pub fn reloads(&self, result: &str) -> u64 {
-        let (_, text) = control(&self.runtime_dir().join("control.sock"), "GET", "/metrics").expect("GET /metrics");
-        let series = format!("sesame_reloads_total{{result=\"{result}\"}} ");
-        text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0)
+        self.metric(&format!("sesame_reloads_total{{result=\"{result}\"}}")) as u64
     }
+
+    /// `sesame_recoveries_total{result="RESULT"}`: cold handovers by result.
+    pub fn recoveries(&self, result: &str) -> u64 {
+        self.metric(&format!("sesame_recoveries_total{{result=\"{result}\"}}")) as u64
+    }
+}
+
+/// The series of `/metrics` that counts the processes reaped of `kind` (epoch, validator, orphan).
+pub fn reaped_children(kind: &str) -> String {
+    format!("sesame_reaped_children_total{{kind=\"{kind}\"}}")
+}
+
+/// Whether a `/status` shows the drain of a stop under way.
+pub fn draining(status: &serde_json::Value) -> bool {
+    status["drain"].is_object()
+}
+
+/// The value of `series` (name and labels, as the text shows them) in a Prometheus text; 0 when
+/// it is not there.
+fn series_value(text: &str, series: &str) -> i64 {
+    let prefix = format!("{series} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok()).map_or(0, |value| value as i64)
 }
