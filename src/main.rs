@@ -3,18 +3,18 @@
 //! Module map (dependencies point down; no worker names the supervisor):
 //! - `main`, `cli`, `lock`, `launch`: parse the command line, lock the runtime directory, decide
 //!   what runs; `client`: the clients.
-//! - `supervisor`: the one owner of state and its event loop; `epochs`, `reload_state` (pure),
-//!   `reload` (the steps), `shutdown` (drain, stop, leftovers).
-//! - workers, which return or publish results: `signals` (the signal table), `drain`, `reload`
-//!   (preflight, verdict, LIVE poll), `watch`, `control` (the control API), `systemd`.
-//!   `supervisor::handover` and `supervisor::recovery`: the cold handover to a new Envoy family,
-//!   and when it runs by itself.
-//! - Envoy: `envoy` (its command line), `bootstrap` (its config), `admin` (its admin API),
-//!   `ports` (whether a new family can bind beside the serving one).
-//! - leaves: `process` (spawn, signal, reap), `http`, `certs`, `status`, `metrics`, `demo`,
-//!   `files`, `clock`, `logging`, `inotify` (directory watches), `memory` (the pages an idle
-//!   launcher gives back), `cpu_limit` (the CPU quota, for Envoy's worker count), `user`
-//!   (`--envoy-user`: the ids a child takes, and what that user can read).
+//! - `supervisor`: the one owner of state and its event loop; `checks` (the one checks machine),
+//!   `file_changes` (checks while the files settle), `reload` and `reload_outcome` (a reload's steps
+//!   and ends), `health` (whether hot restarts work), `timers`, `shutdown`; `handover` and
+//!   `recovery`: the cold handover to a new Envoy family, and when it runs by itself.
+//! - workers, which return or publish results: `signals` (the signal table), `drain`, `checks`
+//!   (preflight, verdicts, the input's hashes), `watch`, `control` (the control API), `systemd`.
+//! - Envoy: `envoy` (its command line), `bootstrap` (its config), `admin` (its admin API and the
+//!   LIVE poll), `ports` (whether a new family can bind beside the serving one).
+//! - leaves: `process` (spawn, signal, reap), `http`, `certs`, `outcome` (how a reload ends),
+//!   `status`, `metrics`, `demo`, `files`, `clock`, `logging`, `inotify` (directory watches),
+//!   `memory` (the pages an idle launcher gives back), `cpu_limit` (the CPU quota, for Envoy's
+//!   worker count), `user` (`--envoy-user`: the ids a child takes, and what that user can read).
 
 mod admin;
 mod bootstrap;

@@ -10,13 +10,13 @@
 //!   *current* epoch (the one serving) ends the launcher.
 //! - SIGTERM/SIGINT to an Envoy start a graceful drain (`shutdown`); then the newest epoch gets
 //!   SIGTERM, and SIGKILL after the kill timeout.
-//! - SIGHUP, a changed file or `/reload` start a reload (`reload`): certificate checks, `envoy
-//!   --mode validate`, then epoch N+1, which must answer LIVE on the admin API. At most one runs at a
-//!   time, one more is queued. A new epoch that fails never costs the serving one.
+//! - SIGHUP, a changed file or `/reload` start a reload (`reload`): the checks (`checks`: certificate
+//!   checks, `envoy --mode validate`), then epoch N+1, which must answer LIVE on the admin API. At
+//!   most one runs at a time, one more is queued. A new epoch that fails never costs the serving one.
 //! - any other signal is forwarded, as the signal table (`signals::intent`) says.
 //!
 //! Processes are reached only through `Processes`, and every deadline comes back as an event keyed
-//! by a generation number, so the state machine runs the same under unit tests with a fake process
+//! by a generation number (`timers`), so the state machine runs the same under unit tests with a fake process
 //! layer and tokio's paused time.
 
 mod checks;
