@@ -1,7 +1,6 @@
 //! The files a check stands for, as they were read: each path with a hash of its content, so that
 //! a later step can tell whether what it is about to use is what was checked.
 
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 /// The files a new epoch reads (the bootstrap, every file it names, the watched ones) and what
@@ -38,10 +37,7 @@ impl Input {
 }
 
 fn content_hash(file: &Path) -> Option<u64> {
-    let bytes = std::fs::read(file).ok()?;
-    let mut hasher = std::hash::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    Some(hasher.finish())
+    std::fs::read(file).ok().map(|bytes| crate::files::content_hash(&bytes))
 }
 
 #[cfg(test)]
