@@ -15,13 +15,18 @@ pub enum Compatibility {
     Incompatible(String),
 }
 
-/// Reads what `envoy --mode validate` printed and turns its exit into the verdict.
+/// Reads what `envoy --mode validate` printed and turns its exit into the verdict: a non-zero
+/// status is its "no"; a death by a signal (the OOM killer, a crash) is no verdict on the input.
 pub async fn validation_verdict(exit: Exit, output: PathBuf) -> Result<(), Refusal> {
     if exit == Exit::Code(0) {
         return Ok(());
     }
     let text = tokio::fs::read_to_string(&output).await.unwrap_or_default();
-    Err(Refusal::Invalid(format!("envoy --mode validate failed ({exit}): {}", last_error_line(&text))))
+    let why = format!("envoy --mode validate failed ({exit}): {}", last_error_line(&text));
+    Err(match exit {
+        Exit::Signal(_) => Refusal::Fault(why),
+        Exit::Code(_) => Refusal::Invalid(why),
+    })
 }
 
 /// Whether the binary that `envoy --hot-restart-version` ran as (`exit`, its output in `output`)
@@ -33,10 +38,8 @@ pub async fn hot_restart_compatibility(
 ) -> Result<Compatibility, Refusal> {
     let text = tokio::fs::read_to_string(&output).await.unwrap_or_default();
     if exit != Exit::Code(0) {
-        return Err(Refusal::Invalid(format!(
-            "envoy --hot-restart-version failed ({exit}): {}",
-            last_error_line(&text)
-        )));
+        // Not the user's files: the new binary cannot say whether a hot restart to it can work.
+        return Err(Refusal::Fault(format!("envoy --hot-restart-version failed ({exit}): {}", last_error_line(&text))));
     }
     // Envoy prints it on stderr, as a log line or bare, depending on the version.
     let new = last_error_line(&text);
@@ -75,5 +78,21 @@ mod tests {
             "error initializing configuration: Failed to load certificate chain from /c/a.crt"
         );
         assert_eq!(last_error_line(""), "no output");
+    }
+
+    #[tokio::test]
+    async fn only_a_validator_that_says_no_refuses_the_input() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("out.log");
+        std::fs::write(&output, "[x][critical][main] error: bad cert\n").expect("write");
+        assert_eq!(validation_verdict(Exit::Code(0), output.clone()).await, Ok(()));
+        let said_no = validation_verdict(Exit::Code(1), output.clone()).await;
+        assert!(matches!(said_no, Err(Refusal::Invalid(ref why)) if why.ends_with("error: bad cert")), "{said_no:?}");
+        let died = validation_verdict(Exit::Signal(libc::SIGKILL), output.clone()).await;
+        assert!(matches!(died, Err(Refusal::Fault(_))), "killed by someone else: no verdict on the input: {died:?}");
+        let crashed = validation_verdict(Exit::Signal(libc::SIGSEGV), output.clone()).await;
+        assert!(matches!(crashed, Err(Refusal::Fault(_))), "{crashed:?}");
+        let no_version = hot_restart_compatibility(Exit::Code(1), output, None).await;
+        assert!(matches!(no_version, Err(Refusal::Fault(_))), "a broken new binary is no bad input: {no_version:?}");
     }
 }

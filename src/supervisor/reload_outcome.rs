@@ -143,6 +143,12 @@ impl<P: Processes> Supervisor<P> {
         self.block_hot_restarts(why.clone());
         self.systemd.ready(&format!("degraded: {why}"));
         let queued = self.reload.block(failure);
+        if self.settings.recover.enabled && !queued.is_empty() {
+            // The queued callers asked for their files to be served: they wait for the way out, a
+            // cold handover, which starts now (the recovery's first attempt would, too).
+            let cold = self.cold_while_blocked("the queued trigger");
+            return self.start_reload("the queued trigger", queued, cold);
+        }
         let blocked = Err(Refusal::Blocked(why));
         queued.into_iter().for_each(|w| answer(Some(w), &blocked));
         self.schedule_recovery();

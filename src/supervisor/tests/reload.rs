@@ -136,6 +136,18 @@ async fn a_new_epoch_that_exits_blocks_hot_restarts_and_the_old_one_serves() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_caller_queued_behind_a_new_epoch_that_fails_waits_for_the_cold_handover() {
+    let mut h = Harness::serving();
+    let _first = h.reload_request();
+    let new = h.validated().await;
+    let mut queued = h.reload_request();
+    h.exit(new, Exit::Code(1));
+    assert!(queued.try_recv().is_err(), "not refused as blocked: recovery is on");
+    assert!(h.sup.reload.is_cold(), "the queued trigger is the cold handover: {:?}", h.sup.reload.step());
+    assert_eq!(h.sup.status().reload, Some("checking certificates"));
+}
+
+#[tokio::test(start_paused = true)]
 async fn without_recovery_a_blocked_hot_restart_refuses_every_trigger() {
     let mut h = Harness::serving();
     h.sup.settings.recover.enabled = false;
