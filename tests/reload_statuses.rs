@@ -7,18 +7,20 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::{Launcher, Mode, admin_get, control, envoy_bin, proxy_bootstrap};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// An `envoy` that is the real one, except that `--mode validate` hangs.
-fn envoy_whose_validator_hangs(dir: &Path) -> PathBuf {
+/// An `envoy` that is the real one, except that `--mode validate` hangs: in its own process
+/// (`exec`), or in a child it waits for.
+fn envoy_whose_validator_hangs(dir: &Path, hang: &str) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).expect("bin dir");
     let wrapper = bin.join("envoy");
     let script = format!(
-        "#!/bin/sh\nfor arg in \"$@\"; do [ \"$arg\" = validate ] && exec sleep 600; done\nexec {} \"$@\"\n",
+        "#!/bin/sh\nfor arg in \"$@\"; do [ \"$arg\" = validate ] && {hang}; done\nexec {} \"$@\"\n",
         envoy_bin().display()
     );
     std::fs::write(&wrapper, script).expect("wrapper");
@@ -32,10 +34,27 @@ fn reload(launcher: &Launcher) -> (u16, String) {
 
 #[test]
 fn a_validator_past_the_reload_timeout_is_a_timeout_for_the_caller() {
+    validator_past_the_reload_timeout("exec sleep 600");
+}
+
+#[test]
+fn a_validator_killed_at_the_reload_timeout_leaves_no_process_behind() {
+    // A wrapper that does not exec: the validator's own child must go with it.
+    let launcher = validator_past_the_reload_timeout("{ sleep 600; exit 0; }");
+    let sesame = launcher.pid();
+    common::wait_for(Duration::from_secs(10), "the validator's child to be gone", || {
+        common::children_of(sesame).iter().all(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            !String::from_utf8_lossy(&cmdline).starts_with("sleep")
+        })
+    });
+}
+
+fn validator_past_the_reload_timeout(hang: &str) -> Launcher {
     let dir = tempfile::tempdir().expect("tempdir");
     let [port] = common::free_ports();
     let bootstrap = proxy_bootstrap(dir.path(), port, common::free_port());
-    let envoy = envoy_whose_validator_hangs(dir.path());
+    let envoy = envoy_whose_validator_hangs(dir.path(), hang);
     let (envoy, bootstrap) = (envoy.to_string_lossy().into_owned(), bootstrap.to_string_lossy().into_owned());
     let launcher =
         Launcher::start(Mode::Plain, &["--reload-timeout", "1s", "--no-auto-watch"], &[&envoy, "-c", &bootstrap]);
@@ -48,6 +67,7 @@ fn a_validator_past_the_reload_timeout_is_a_timeout_for_the_caller() {
     assert_eq!((status["current_epoch"].as_u64(), status["ready"].as_bool()), (Some(0), Some(true)), "{status:#}");
     assert_eq!(status["last_reload"]["result"], "refused", "{status:#}");
     assert_eq!(admin_get(&dir.path().join("admin.sock"), "/ready"), Some(200), "epoch 0 serves on");
+    launcher
 }
 
 #[test]

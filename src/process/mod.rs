@@ -213,6 +213,9 @@ pub trait Processes {
     fn spawn(&mut self, argv: &[OsString], foreground: bool, output: Option<std::fs::File>) -> Result<Pid, SpawnError>;
     /// Sends `sig` to one process; logs (never fails) when it cannot.
     fn signal(&mut self, pid: Pid, sig: i32);
+    /// Sends `sig` to the process group that `leader` (a child spawned in a group of its own, not
+    /// reaped yet, so the group id cannot have been reused) leads: a checker and what it started.
+    fn signal_group(&mut self, leader: Pid, sig: i32);
     /// What the children the launcher started did since the last call (exited, stopped), and
     /// whether any child is left; orphans are reaped and counted, not returned.
     fn reap(&mut self) -> Reaped;
@@ -259,6 +262,13 @@ impl Processes for System {
         tracing::debug!("sending {} to {pid}", signal_name(sig));
         if let Err(e) = send(pid, sig) {
             tracing::warn!("cannot send {} to {pid}: {e}", signal_name(sig));
+        }
+    }
+
+    fn signal_group(&mut self, leader: Pid, sig: i32) {
+        tracing::debug!("sending {} to the process group of {leader}", signal_name(sig));
+        if let Err(e) = send(Pid::from_raw(-leader.as_raw()), sig) {
+            tracing::warn!("cannot send {} to the process group of {leader}: {e}", signal_name(sig));
         }
     }
 

@@ -323,7 +323,7 @@ impl CheckRun {
             KillStep::Kill => {
                 // Its exit brings the verdict; one that not even SIGKILL ends must not hold the reload.
                 tracing::warn!("{} still running after {timeout:?}: SIGKILL", checker.name);
-                hands.processes.signal(checker.pid, libc::SIGKILL);
+                hands.processes.signal_group(checker.pid, libc::SIGKILL);
                 Some(false)
             }
             KillStep::GiveUp => {
@@ -337,7 +337,7 @@ impl CheckRun {
     /// No longer wanted: a checker still running is killed, and reaped as ours when it exits.
     fn abandon<P: Processes>(self, processes: &mut P, killed: &mut Vec<Pid>) {
         if let Some(checker) = self.checker().filter(|c| !c.exited) {
-            processes.signal(checker.pid, libc::SIGKILL);
+            processes.signal_group(checker.pid, libc::SIGKILL);
             killed.push(checker.pid);
         }
     }

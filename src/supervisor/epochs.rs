@@ -301,6 +301,9 @@ mod tests {
         fn signal(&mut self, pid: Pid, sig: i32) {
             self.0.push((pid, sig));
         }
+        fn signal_group(&mut self, _: Pid, _: i32) {
+            unreachable!("epochs are signalled one by one")
+        }
         fn reap(&mut self) -> crate::process::Reaped {
             unreachable!("epochs never reap")
         }

@@ -62,6 +62,10 @@ impl Processes for Fake {
         self.0.borrow_mut().signals.push((pid, sig));
     }
 
+    fn signal_group(&mut self, leader: Pid, sig: i32) {
+        self.signal(leader, sig);
+    }
+
     fn reap(&mut self) -> Reaped {
         let mut world = self.0.borrow_mut();
         let (exits, stopped) = (std::mem::take(&mut world.exited), std::mem::take(&mut world.stopped));
