@@ -160,8 +160,13 @@ impl<P: Processes> Supervisor<P> {
         };
         let Some(busy) = self.reload.busy() else { return };
         busy.binary = verdict.binary.clone();
-        if busy.cold.is_none() {
-            busy.cold = verdict.cold_because.clone();
+        if busy.cold.is_none()
+            && let Some(why) = verdict.cold_because.clone()
+        {
+            // These checks were a hot restart's: a cold handover's also look at the ports beside
+            // the serving family, so they run again, as its own.
+            busy.cold = Some(why);
+            return self.preflight_again();
         }
         if busy.cold.is_some() { self.start_new_family(verdict) } else { self.start_next_epoch(verdict) }
     }

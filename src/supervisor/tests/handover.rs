@@ -143,3 +143,20 @@ async fn a_stop_while_the_old_family_drains_lets_it_finish_then_drains_the_new_o
     let spawned = h.world.spawned().len();
     assert!(h.world.spawned()[spawned - 1].0 == new, "no hot restart to put the admin back while stopping");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_new_binary_that_cannot_hot_restart_the_serving_one_is_checked_again_as_a_cold_handover() {
+    let mut h = Harness::serving();
+    std::fs::write(h.dir.path().join("envoy"), "a new binary, of another size\n").expect("upgrade");
+    h.signal(libc::SIGHUP);
+    h.until("the preflight", is_preflight).await;
+    let checker = h.world.last_with("--hot-restart-version");
+    h.exit(checker, Exit::Code(0));
+    // The serving epoch's version is not known here (no admin answers): a cold handover is needed.
+    h.validator_passes_after_preflight().await;
+    // Its checks ran as a hot restart's: the cold handover's own (the ports beside the serving
+    // family) run before any new family starts.
+    assert!(h.sup.reload.is_cold(), "{:?}", h.sup.reload.step());
+    assert_eq!(h.sup.status().reload, Some("checking certificates"), "checked again, as a cold handover");
+    assert_eq!(h.world.spawned().iter().filter(|(_, argv)| argv.iter().any(|a| a.contains("family-"))).count(), 0);
+}

@@ -127,7 +127,10 @@ fn launch(dir: &std::path::Path, envoy: bool) -> Launch {
     let bootstrap = dir.join("envoy.yaml");
     std::fs::write(&bootstrap, "static_resources: {}\n").expect("bootstrap");
     std::fs::write(dir.join("envoy-base-id"), "7\n").expect("base id");
-    let command: Vec<OsString> = vec!["envoy".into(), "-c".into(), bootstrap.into()];
+    // A file of its own, so that a test can upgrade it (sesame knows a binary by its inode and size).
+    let binary = dir.join("envoy");
+    std::fs::write(&binary, "the serving binary\n").expect("binary");
+    let command: Vec<OsString> = vec![binary.into(), "-c".into(), bootstrap.into()];
     if !envoy {
         return Launch { command: vec!["sleep".into(), "1000".into()], envoy: None, user: None };
     }
@@ -260,6 +263,19 @@ impl Harness {
         self.until("the preflight", is_preflight).await;
         let validator = self.world.last_with("validate");
         assert_eq!(self.sup.status().reload, Some("validating"));
+        self.exit(validator, Exit::Code(0));
+        self.until("the verdict", is_verdict).await;
+    }
+
+    /// The reload's validator, spawned after a step that follows the preflight, passes.
+    async fn validator_passes_after_preflight(&mut self) {
+        let validator = loop {
+            let spawned = self.world.spawned();
+            if let Some((pid, _)) = spawned.iter().rev().find(|(_, argv)| argv.iter().any(|a| a == "validate")) {
+                break *pid;
+            }
+            self.until("the validator", |_| true).await;
+        };
         self.exit(validator, Exit::Code(0));
         self.until("the verdict", is_verdict).await;
     }
