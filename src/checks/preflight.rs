@@ -23,7 +23,7 @@ pub struct Preflight {
 /// Blocking: reads the bootstrap and checks every certificate/key pair; for a cold handover
 /// (`handover_beside`: the pids of the serving epochs), also that its listeners can bind beside
 /// them; with `--envoy-user`, that the user can read every file (the launcher reads them as root).
-/// The input is `watched` (a new epoch may read them in ways the bootstrap does not say), the
+/// The input is `watched` (the watched files, for the checks run while they settle), the
 /// bootstrap and every file it names, read before anything is checked (and returned, passed or
 /// not): a change from then on shows when the epoch is started.
 pub fn preflight(

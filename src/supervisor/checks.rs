@@ -346,7 +346,11 @@ impl CheckRun {
 /// The preflight, off the runtime thread; it reports as `attempt`.
 fn spawn_preflight<P>(attempt: Generation, purpose: Purpose, hands: &Hands<'_, P>) {
     let command = hands.launch.command.clone();
-    let watched = hands.settings.watch.files();
+    // While the files settle, the run stands for every watched file (a new epoch may read a
+    // `--watch` file in ways the bootstrap does not say); a reload's own run stands for what the
+    // bootstrap names: a `--watch` neighbour that never rests (an access log) must not make it
+    // check again for ever.
+    let watched = if purpose == Purpose::WhileSettling { hands.settings.watch.files() } else { Vec::new() };
     let expiry_warn = hands.settings.cert_expiry_warn;
     let user = hands.launch.user.clone();
     // A new family binds every listener beside the serving one: what only the serving epochs may

@@ -305,3 +305,20 @@ async fn a_copy_that_begins_as_the_draining_epoch_exits_is_checked_again() {
     assert_eq!(h.sup.status().reload, Some("checking certificates"), "checked again");
     assert_eq!(h.world.spawned().len(), spawned, "no epoch on files that moved");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_neighbour_that_changes_during_a_reload_does_not_make_it_check_again() {
+    let mut h = Harness::serving();
+    let busy = h.dir.path().join("access.log");
+    std::fs::write(&busy, "one\n").expect("write");
+    h.sup.settings.watch.extra = vec![busy.clone()];
+    h.signal(libc::SIGHUP);
+    h.until("the preflight", is_preflight).await;
+    // An access log in a --watch directory is written all the time: the reload's own checks stand
+    // for what the bootstrap names, so the new epoch starts.
+    std::fs::write(&busy, "two\n").expect("write");
+    let validator = h.world.last_with("validate");
+    h.exit(validator, Exit::Code(0));
+    h.until("the verdict", is_verdict).await;
+    assert_eq!(h.sup.status().reload, Some("starting the new epoch"));
+}
