@@ -56,6 +56,11 @@ impl Bootstrap {
         Ok(Some(Bootstrap { path, opaque, value, content_hash }))
     }
 
+    /// The parsed bootstrap, as Envoy will read it (`--config-yaml` merged).
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
     /// The admin address: `admin.address.pipe.path` or `admin.address.socket_address` (Envoy also
     /// accepts the camelCase spelling of each field).
     pub fn admin_address(&self) -> Option<Endpoint> {
@@ -93,7 +98,7 @@ fn field<'a>(object: &'a Value, snake: &str) -> Option<&'a Value> {
     object.get(snake).or_else(|| object.get(camel_case(snake)))
 }
 
-fn camel_case(snake: &str) -> String {
+pub fn camel_case(snake: &str) -> String {
     let mut parts = snake.split('_');
     let mut name = parts.next().unwrap_or_default().to_string();
     for part in parts {

@@ -26,6 +26,9 @@ pub struct TlsPair {
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub expires_in: Duration,
+    /// The leaf's notAfter, in seconds since the epoch, and its serial number (lowercase hex).
+    pub not_after_unix: i64,
+    pub serial: String,
     /// Why the key was not matched against the certificate: a key beyond sesame's checks (a curve
     /// that ring does not do, an encrypted key), left to `envoy --mode validate`, which reads it as
     /// Envoy will.
@@ -61,9 +64,17 @@ pub enum CertError {
 /// Checks one pair at `now`. Never refuses what Envoy accepts: what it cannot judge, it leaves to
 /// Envoy's validator and says so.
 pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, CertError> {
-    let chain = read_chain(&pair.cert)?;
+    let chain = read(&pair.cert, "certificate")?;
+    let key = read(&pair.key, "private key")?;
+    check_pair_bytes(pair, &chain, &key, now)
+}
+
+/// `check_pair` on bytes already read (`chain` from `pair.cert`, `key` from `pair.key`): what
+/// passes is exactly what was read.
+pub fn check_pair_bytes(pair: &TlsPair, chain: &[u8], key: &[u8], now: SystemTime) -> Result<Checked, CertError> {
+    let chain = parse_chain(&pair.cert, chain)?;
     let leaf = chain[0].clone();
-    let key_left_to_envoy = match read_key(pair)? {
+    let key_left_to_envoy = match parse_key(pair, key)? {
         Key::Encrypted => Some("the key is encrypted (the bootstrap gives its password)".to_string()),
         Key::Plain(key) => match rustls::crypto::ring::sign::any_supported_type(&key) {
             Err(e) => Some(format!("its type is beyond sesame's checks ({e})")),
@@ -78,7 +89,7 @@ pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, CertError>
             }
         },
     };
-    let (not_before, not_after) = validity(&leaf, &pair.cert)?;
+    let (not_before, not_after, serial) = validity(&leaf, &pair.cert)?;
     let now_secs = crate::clock::unix_seconds(now) as i64;
     if now_secs < not_before {
         return Err(CertError::NotYetValid { path: pair.cert.clone(), from: format_time(not_before) });
@@ -86,14 +97,23 @@ pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, CertError>
     if now_secs > not_after {
         return Err(CertError::Expired { path: pair.cert.clone(), on: format_time(not_after) });
     }
-    Ok(Checked { expires_in: Duration::from_secs((not_after - now_secs) as u64), key_left_to_envoy })
+    let expires_in = Duration::from_secs((not_after - now_secs) as u64);
+    Ok(Checked { expires_in, not_after_unix: not_after, serial, key_left_to_envoy })
 }
 
-fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, CertError> {
+    std::fs::read(path).map_err(|e| CertError::Unreadable { what, path: path.into(), error: e.to_string() })
+}
+
+/// A CA bundle (or a CRL's issuer bundle) read as `bytes` from `path`: at least one certificate,
+/// every block whole.
+pub fn check_ca_bundle(path: &Path, bytes: &[u8]) -> Result<(), CertError> {
+    parse_chain(path, bytes).map(|_| ())
+}
+
+fn parse_chain(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let what = "certificate";
-    let bytes =
-        std::fs::read(path).map_err(|e| CertError::Unreadable { what, path: path.into(), error: e.to_string() })?;
-    let chain: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<_, _>>()
         .map_err(|e| CertError::BadPem { what, path: path.into(), fault: pem_fault(&e) })?;
     if chain.is_empty() {
@@ -108,11 +128,9 @@ enum Key {
     Encrypted,
 }
 
-fn read_key(pair: &TlsPair) -> Result<Key, CertError> {
+fn parse_key(pair: &TlsPair, bytes: &[u8]) -> Result<Key, CertError> {
     let (what, path) = ("private key", &pair.key);
-    let bytes =
-        std::fs::read(path).map_err(|e| CertError::Unreadable { what, path: path.clone(), error: e.to_string() })?;
-    let text = String::from_utf8_lossy(&bytes);
+    let text = String::from_utf8_lossy(bytes);
     // PKCS#8 "ENCRYPTED PRIVATE KEY", or the legacy OpenSSL header of an encrypted PKCS#1/SEC1 key.
     if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") || text.contains("Proc-Type: 4,ENCRYPTED") {
         if pair.key_password {
@@ -120,7 +138,7 @@ fn read_key(pair: &TlsPair) -> Result<Key, CertError> {
         }
         return Err(CertError::EncryptedWithoutPassword { path: path.clone() });
     }
-    match PrivateKeyDer::from_pem_slice(&bytes) {
+    match PrivateKeyDer::from_pem_slice(bytes) {
         Ok(key) => Ok(Key::Plain(key)),
         Err(rustls::pki_types::pem::Error::NoItemsFound) => {
             Err(CertError::BadPem { what, path: path.clone(), fault: "no PEM PRIVATE KEY block".into() })
@@ -147,14 +165,20 @@ fn pem_fault(error: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
-/// notBefore and notAfter of the certificate read from `path`, in seconds since the epoch.
-fn validity(cert: &CertificateDer<'_>, path: &Path) -> Result<(i64, i64), CertError> {
+/// notBefore and notAfter of the certificate read from `path`, in seconds since the epoch, and its
+/// serial number.
+fn validity(cert: &CertificateDer<'_>, path: &Path) -> Result<(i64, i64, String), CertError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| CertError::Unusable {
         path: path.to_path_buf(),
         detail: format!("not an X.509 certificate: {e}"),
     })?;
     let validity = parsed.validity();
-    Ok((validity.not_before.timestamp(), validity.not_after.timestamp()))
+    // As Envoy's `/certs` shows it: lowercase hex, no separators, without the zero byte that DER
+    // puts before a serial whose first bit is set.
+    let raw = parsed.tbs_certificate.raw_serial();
+    let significant = raw.iter().position(|b| *b != 0).map_or(&raw[raw.len().saturating_sub(1)..], |at| &raw[at..]);
+    let serial: String = significant.iter().map(|b| format!("{b:02x}")).collect();
+    Ok((validity.not_before.timestamp(), validity.not_after.timestamp(), serial))
 }
 
 fn format_time(secs: i64) -> String {

@@ -274,6 +274,18 @@ pub struct ReloadOptions {
     /// move to the new family's instead of being reset.
     #[arg(long, env = "SESAME_NO_TCP_MIGRATE_REQ")]
     pub no_tcp_migrate_req: bool,
+
+    /// How a changed certificate, key or CA bundle reaches Envoy: hot-restart (a new epoch), or
+    /// in-place (Envoy swaps it through file-based SDS, with the bytes that passed the checks: no new
+    /// epoch, no connection touched). Anything else that changes is a hot restart either way.
+    #[arg(long, env = "SESAME_CERT_RELOAD", value_enum, default_value_t = CertReload::HotRestart)]
+    pub cert_reload: CertReload,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CertReload {
+    HotRestart,
+    InPlace,
 }
 
 /// Envoy's own drain flags, added to an Envoy command only where the user gave none.

@@ -23,7 +23,7 @@ fn is_flag(arg: &OsStr, flag: &str) -> bool {
 }
 
 /// `args` without any occurrence of the valued `flag` (both spellings, with its value).
-fn without_flag(args: &[OsString], flag: &str) -> Vec<OsString> {
+pub fn without_flag(args: &[OsString], flag: &str) -> Vec<OsString> {
     let mut kept = Vec::with_capacity(args.len());
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {

@@ -9,12 +9,13 @@ use anyhow::Context;
 
 use crate::admin::{AdminAddress, Family, Listeners};
 use crate::bootstrap::{Bootstrap, BootstrapFiles};
-use crate::cli::RunOptions;
+use crate::cli::{CertReload, RunOptions};
 use crate::cpu_limit::{self, ConcurrencySetting};
 use crate::demo::Demo;
 use crate::envoy::{self, BaseId, EnvoyFlags};
 use crate::files::{create_owned_dir, create_private_dir};
 use crate::http::Endpoint;
+use crate::sds::{Prepared, SdsFiles};
 use crate::user::EnvoyUser;
 
 /// The command the supervisor starts, and whether it is Envoy (drain and hot restart apply) or any
@@ -54,6 +55,17 @@ pub struct EnvoyLaunch {
     /// What was read of the command's bootstrap (None when it could not be): the watcher starts
     /// from it.
     pub bootstrap_files: Option<BootstrapFiles>,
+    /// `--cert-reload in-place`: where the rewritten bootstrap and the secret files are; each epoch
+    /// runs on them. None for hot restarts only.
+    pub sds: Option<InPlace>,
+}
+
+/// How an in-place launcher gives Envoy its certificates.
+#[derive(Debug, Clone)]
+pub struct InPlace {
+    pub files: SdsFiles,
+    /// What epoch 0 starts on (taken by the supervisor).
+    pub first: Option<Prepared>,
 }
 
 impl Launch {
@@ -115,7 +127,11 @@ impl Launch {
             (Some(_), Some(id)) if restart_epoch > 0 => BaseId::Picked(id),
             (Some(file), _) => BaseId::Dynamic(PathBuf::from(file)),
         };
-        envoy::epoch_command(&self.command, restart_epoch, &base_id, &envoy.flags)
+        let command = match &envoy.sds {
+            Some(sds) => sds.files.command(&self.command),
+            None => self.command.clone(),
+        };
+        envoy::epoch_command(&command, restart_epoch, &base_id, &envoy.flags)
     }
 
     /// The command line of the first epoch of a new family in a cold handover: its admin on
@@ -220,7 +236,9 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         Listeners::All
     };
     let admin_override = options.admin.is_some();
+    let sds = in_place(options, bootstrap.as_ref(), &command, &envoy_dir, user.as_ref())?;
     let envoy = EnvoyLaunch {
+        sds,
         drained_listeners,
         admin: None,
         admin_override,
@@ -241,6 +259,50 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         envoy.admin = epoch0_admin;
     }
     Ok(launch)
+}
+
+/// `--cert-reload in-place`: the SDS files epoch 0 starts on, made now from the user's files (a
+/// certificate that fails the checks is refused here, by name). A bootstrap sesame cannot read
+/// (protobuf, or none) keeps hot restarts, said once.
+fn in_place(
+    options: &RunOptions,
+    bootstrap: Option<&Bootstrap>,
+    command: &[OsString],
+    envoy_dir: &Path,
+    user: Option<&EnvoyUser>,
+) -> anyhow::Result<Option<InPlace>> {
+    if options.reload.cert_reload != CertReload::InPlace {
+        return Ok(None);
+    }
+    let Some(bootstrap) = bootstrap.filter(|b| !b.opaque) else {
+        tracing::warn!(
+            "--cert-reload in-place: sesame cannot read this bootstrap (a protobuf, or none): certificates are \
+             rotated by hot restarts"
+        );
+        return Ok(None);
+    };
+    let files = SdsFiles { dir: envoy_dir.join("sds"), bootstrap: envoy_dir.join("envoy-sds-bootstrap.json") };
+    files.remove();
+    match user {
+        Some(user) => create_owned_dir(&files.dir, user.uid, user.gid)?,
+        None => create_private_dir(&files.dir)?,
+    }
+    let first = files.prepare(bootstrap, command)?;
+    files.write(&first, user)?;
+    tracing::info!(
+        "--cert-reload in-place: {} secrets given to Envoy by file-based SDS from {} (Envoy runs on {})",
+        first.secrets.len(),
+        files.dir.display(),
+        files.bootstrap.display()
+    );
+    if !first.node_set.is_empty() {
+        tracing::info!(
+            "the bootstrap names no node {}: Envoy needs one for SDS, sesame sets it to \"sesame\" (set node.id and \
+             node.cluster to choose)",
+            first.node_set.join(" and ")
+        );
+    }
+    Ok(Some(InPlace { files, first: Some(first) }))
 }
 
 /// `--envoy-user`, resolved once: the child between fork and exec cannot read the user database.

@@ -40,6 +40,7 @@ mod metrics;
 mod outcome;
 mod ports;
 mod process;
+mod sds;
 mod signals;
 mod status;
 mod supervisor;

@@ -19,6 +19,17 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RotationLabel {
+    pub mode: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: String,
 }
@@ -37,6 +48,8 @@ pub struct Metrics {
     pub reaped: Family<KindLabel, Counter>,
     pub draining_epochs_lost: Counter,
     pub expected_abort: Gauge,
+    pub rotations: Family<RotationLabel, Counter>,
+    pub certificate_not_after: Family<PathLabel, Gauge>,
 }
 
 impl Metrics {
@@ -55,6 +68,8 @@ impl Metrics {
             reaped: Family::default(),
             draining_epochs_lost: Counter::default(),
             expected_abort: Gauge::default(),
+            rotations: Family::default(),
+            certificate_not_after: Family::default(),
             registry: Registry::default(),
         };
         registry.register("epochs_started", "Envoy epochs started", metrics.epochs_started.clone());
@@ -93,6 +108,17 @@ impl Metrics {
             "When Envoy's current epoch is expected to abort because its draining parent is gone (0: not expected)",
             metrics.expected_abort.clone(),
         );
+        registry.register(
+            "rotations",
+            "Certificate rotations by mode (in_place: an SDS swap) and result (success, refused by sesame's checks, \
+             rejected by Envoy, unconfirmed)",
+            metrics.rotations.clone(),
+        );
+        registry.register(
+            "certificate_not_after_timestamp_seconds",
+            "When each certificate given to Envoy by SDS expires (its notAfter), by the path it was read from",
+            metrics.certificate_not_after.clone(),
+        );
         Metrics { registry, ..metrics }
     }
 
@@ -102,6 +128,15 @@ impl Metrics {
 
     pub fn recovery(&self, result: &str) {
         self.recoveries.get_or_create(&ResultLabel { result: result.into() }).inc();
+    }
+
+    pub fn rotation(&self, mode: &str, result: &str) {
+        self.rotations.get_or_create(&RotationLabel { mode: mode.into(), result: result.into() }).inc();
+    }
+
+    pub fn certificate_expires(&self, path: &std::path::Path, not_after_unix: i64) {
+        let label = PathLabel { path: path.display().to_string() };
+        self.certificate_not_after.get_or_create(&label).set(not_after_unix);
     }
 
     pub fn reaped(&self, kind: &str) {

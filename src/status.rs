@@ -26,11 +26,34 @@ pub struct Status {
     pub reload: Option<&'static str>,
     pub last_reload: Option<ReloadStatus>,
     pub drain: Option<DrainStatus>,
+    /// `--cert-reload in-place`: each secret given to Envoy by SDS.
+    pub certificates: Option<Vec<CertificateStatus>>,
     /// What Envoy's admin said when asked for this answer; None without an admin.
     pub envoy: Option<EnvoyReport>,
     /// Whose admin to ask, filled by the supervisor and asked by the control API.
     #[serde(skip)]
     pub probe: Option<ProbeTarget>,
+}
+
+/// A certificate (or CA bundle) that Envoy gets from sesame by SDS.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertificateStatus {
+    /// The certificate chain (or CA bundle) it is read from, and the key.
+    pub path: String,
+    pub key: Option<String>,
+    /// The SDS secret's name in Envoy (its `sds.<name>.*` stats).
+    pub secret: String,
+    /// The leaf's serial (lowercase hex, as Envoy's `/certs` shows it) and notAfter.
+    pub serial: Option<String>,
+    pub not_after_unix: Option<i64>,
+    /// How Envoy got what it has: "start" (read by an epoch as it started) or "in-place".
+    pub rotated: &'static str,
+    pub rotated_at_unix: u64,
+    /// What Envoy said of it: "confirmed" (its update counter and `/certs`), or why not.
+    pub envoy: String,
+    /// The files' state when they settled last, if it was not applied (refused by sesame's
+    /// checks, or rejected by Envoy).
+    pub refused: Option<ReloadStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -10,7 +10,9 @@ use hyper::body::Bytes;
 use crate::http::{Endpoint, HttpClient, HttpError, KeptConnection};
 
 mod live;
+mod sds;
 pub use live::{NotLive, await_live};
+pub use sds::SdsUpdates;
 
 /// How long one admin request may take. Envoy answers in milliseconds; a second means it is hung.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);

@@ -9,6 +9,7 @@ use crate::bootstrap::Bootstrap;
 use crate::certs;
 use crate::http::Endpoint;
 use crate::outcome::Refusal;
+use crate::sds::{Prepared, SdsFiles};
 use crate::user::EnvoyUser;
 
 /// What the preflight learned, besides that the input passed.
@@ -18,6 +19,9 @@ pub struct Preflight {
     pub admin: Option<Endpoint>,
     /// The Envoy binary a new epoch would run.
     pub binary: Option<BinaryId>,
+    /// `--cert-reload in-place`: the SDS files the new epoch will run on, made from the bytes that
+    /// passed (written when it starts).
+    pub sds: Option<Prepared>,
 }
 
 /// Blocking: reads the bootstrap and checks every certificate/key pair; for a cold handover
@@ -32,6 +36,7 @@ pub fn preflight(
     expiry_warn: Duration,
     handover_beside: Option<&[i32]>,
     user: Option<&EnvoyUser>,
+    sds: Option<&SdsFiles>,
 ) -> (Input, Result<Preflight, Refusal>) {
     let mut files = watched;
     files.extend(crate::envoy::config_path(command));
@@ -41,7 +46,7 @@ pub fn preflight(
     };
     files.extend(bootstrap.iter().flat_map(Bootstrap::referenced_files));
     let input = Input::read(files);
-    let result = check(command, bootstrap, &input, expiry_warn, handover_beside, user);
+    let result = check(command, bootstrap, &input, expiry_warn, handover_beside, user, sds);
     (input, result)
 }
 
@@ -52,12 +57,17 @@ fn check(
     expiry_warn: Duration,
     handover_beside: Option<&[i32]>,
     user: Option<&EnvoyUser>,
+    sds: Option<&SdsFiles>,
 ) -> Result<Preflight, Refusal> {
     let binary = command.first().and_then(|program| BinaryId::of(program));
     if let (Some(ours), Some(bootstrap)) = (handover_beside, &bootstrap) {
         crate::ports::check_handover(&bootstrap.listener_binds(), ours).map_err(invalid)?;
     }
     let admin = bootstrap.as_ref().and_then(Bootstrap::admin_address);
+    let sds = match (sds, &bootstrap) {
+        (Some(files), Some(bootstrap)) => Some(files.prepare(bootstrap, command).map_err(invalid)?),
+        _ => None,
+    };
     let pairs = bootstrap.map(|b| b.tls_pairs()).unwrap_or_default();
     if let Some(user) = user {
         let named = pairs.iter().flat_map(|p| [("certificate", p.cert.as_path()), ("private key", p.key.as_path())]);
@@ -84,7 +94,7 @@ fn check(
         }
     }
     tracing::debug!("{} certificate/key pairs checked", pairs.len());
-    Ok(Preflight { admin, binary })
+    Ok(Preflight { admin, binary, sds })
 }
 
 fn invalid(problem: impl std::fmt::Display) -> Refusal {

@@ -31,6 +31,8 @@ pub struct Verdict {
     pub binary: Option<BinaryId>,
     /// The new binary cannot hot-restart the serving one: a cold handover instead, for this reason.
     pub cold_because: Option<String>,
+    /// `--cert-reload in-place`: the SDS files the new epoch runs on, from the bytes checked.
+    pub sds: Option<crate::sds::Prepared>,
 }
 
 /// What a step of the checks reports back, as `Event::Checked`.
@@ -249,7 +251,7 @@ impl CheckRun {
             Err(refusal) => return self.finish(Err(refusal)),
         };
         let admin = hands.launch.admin_address(preflight.admin);
-        let verdict = Verdict { input, admin, binary: preflight.binary, cold_because: None };
+        let verdict = Verdict { input, admin, binary: preflight.binary, cold_because: None, sds: preflight.sds };
         let upgraded = matches!((&verdict.binary, hands.serving_binary), (Some(new), Some(serving)) if new != serving);
         if upgraded && self.purpose != Purpose::ColdHandover {
             return self.check_version(verdict, hands);
@@ -353,13 +355,15 @@ fn spawn_preflight<P>(attempt: Generation, purpose: Purpose, hands: &Hands<'_, P
     let watched = if purpose == Purpose::WhileSettling { hands.settings.watch.files() } else { Vec::new() };
     let expiry_warn = hands.settings.cert_expiry_warn;
     let user = hands.launch.user.clone();
+    let sds = hands.launch.envoy.as_ref().and_then(|e| e.sds.as_ref()).map(|sds| sds.files.clone());
     // A new family binds every listener beside the serving one: what only the serving epochs may
     // hold is found first.
     let cold = purpose == Purpose::ColdHandover;
     let ours: Option<Vec<i32>> = cold.then(|| hands.epochs.iter().map(|e| e.pid.as_raw()).collect());
     let events = hands.events.clone();
     tokio::task::spawn_blocking(move || {
-        let (input, result) = checks::preflight(&command, watched, expiry_warn, ours.as_deref(), user.as_ref());
+        let (input, result) =
+            checks::preflight(&command, watched, expiry_warn, ours.as_deref(), user.as_ref(), sds.as_ref());
         let _ = events.send(Event::Checked { attempt, report: CheckReport::Preflight(input, result) });
     });
 }

@@ -30,6 +30,7 @@ impl<P: Processes> Supervisor<P> {
     /// A watched file was touched, at the start of a debounce or during it: checks of the files as
     /// they are now start, unless the run under way may already stand for them.
     pub(super) fn on_files_changing(&mut self) {
+        self.on_secret_files_touched();
         if !self.may_check_early() {
             return self.discard_early_checks();
         }
@@ -53,7 +54,10 @@ impl<P: Processes> Supervisor<P> {
     /// Only where the debounce's end would start a hot restart of its own: a reload under way, a
     /// block (a cold handover checks more) or a stop leave the checks to it.
     fn may_check_early(&self) -> bool {
-        matches!(self.phase, Phase::Running)
+        // In place, most changes are certificates, which need no validator: a reload checks
+        // for itself when the debounce ends.
+        self.in_place.is_none()
+            && matches!(self.phase, Phase::Running)
             && matches!(self.reload, ReloadState::Idle)
             && self.health.blocked().is_none()
             && self.launch.is_envoy()

@@ -30,13 +30,18 @@ const BEFORE_ABORT: Duration = Duration::from_secs(2);
 impl<P: Processes> Supervisor<P> {
     /// Starts restart epoch 0 of a new family, with its admin on a private socket.
     pub(super) fn start_new_family(&mut self, verdict: Verdict) {
-        let Some(envoy) = &self.launch.envoy else { return };
         if !verdict.input.unchanged() {
             tracing::info!(
                 "the files changed since they were checked: checking them again before the new family starts"
             );
             return self.preflight_again();
         }
+        if let Some(prepared) = &verdict.sds
+            && let Err(e) = self.write_epoch_secrets(prepared)
+        {
+            return self.reload_refused(Refusal::Fault(format!("{e:#}")));
+        }
+        let Some(envoy) = &self.launch.envoy else { return };
         let number = self.families;
         let family = self.launch.family(number);
         let admin_socket = private_admin(&envoy.envoy_dir, number);

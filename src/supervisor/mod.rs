@@ -25,6 +25,7 @@ mod exits;
 mod file_changes;
 mod handover;
 mod health;
+mod in_place;
 mod recovery;
 mod reload;
 mod reload_outcome;
@@ -96,6 +97,11 @@ enum Event {
     },
     /// A request on the control API.
     Control(ControlRequest),
+    /// The in-place rotation `attempt` ended: what became of each secret Envoy had.
+    Rotated {
+        attempt: Generation,
+        outcomes: Vec<crate::sds::Outcome>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +161,8 @@ struct Supervisor<P: Processes> {
     early: file_changes::Early,
     /// Checkers killed because their checks were no longer wanted, until they are reaped.
     killed_checkers: Vec<nix::unistd::Pid>,
+    /// `--cert-reload in-place`: what Envoy has of the secrets, and the rotation under way.
+    in_place: Option<in_place::InPlace>,
 }
 
 /// Runs `launch` to completion and returns the status the launcher exits with.
@@ -206,6 +214,7 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
     supervisor.stop_leftovers(&mut events).await;
     control_socket.remove();
     supervisor.remove_shared_memory();
+    supervisor.remove_secrets();
     supervisor.remove_family_files();
     exit.status_code()
 }
@@ -214,7 +223,7 @@ impl<P: Processes> Supervisor<P> {
     /// Starts epoch 0 (or the plain command), the watcher and the LIVE poll; Err is the exit status
     /// when the command cannot be started.
     fn start(
-        launch: Launch,
+        mut launch: Launch,
         settings: Settings,
         mut processes: P,
         events: UnboundedSender<Event>,
@@ -249,6 +258,7 @@ impl<P: Processes> Supervisor<P> {
         metrics.epochs_started.inc();
         metrics.live_epochs.set(1);
         let recovery = recovery::Recovery::new(&settings.recover);
+        let in_place = launch.envoy.as_mut().and_then(|e| e.sds.as_mut()).map(in_place::InPlace::new);
         let mut supervisor = Supervisor {
             epochs: Epochs::new(Epoch::new(0, pid, admin.is_none()).with_admin(admin.clone())),
             launch,
@@ -272,7 +282,9 @@ impl<P: Processes> Supervisor<P> {
             binary: argv.first().and_then(|program| BinaryId::of(program)),
             early: file_changes::Early::default(),
             killed_checkers: Vec::new(),
+            in_place,
         };
+        supervisor.export_expiry();
         match admin {
             // Ready once Envoy says it is LIVE, however long its initialisation (xDS, say) takes.
             Some(_) => {
@@ -311,6 +323,7 @@ impl<P: Processes> Supervisor<P> {
     fn handle(&mut self, event: Event) -> Option<Exit> {
         let live = matches!(event, Event::EpochLive { result: Ok(_), .. });
         let exit = self.handle_event(event);
+        self.rotate_when_possible();
         let older = self.epochs.older().is_some();
         self.older_alive.send_if_modified(|alive| std::mem::replace(alive, older) != older);
         if live {
@@ -331,6 +344,7 @@ impl<P: Processes> Supervisor<P> {
             Event::Checked { attempt, report } => self.on_check_report(attempt, report),
             Event::EpochLive { epoch, poll, result } => self.on_epoch_live(epoch, poll, result),
             Event::Control(request) => self.on_control(request),
+            Event::Rotated { attempt, outcomes } => self.on_rotated(attempt, outcomes),
         }
         None
     }
@@ -400,7 +414,7 @@ impl<P: Processes> Supervisor<P> {
         if let Some(exit) = self.on_stop_deadline(generation) {
             return exit;
         }
-        if self.on_check_deadline(generation) {
+        if self.on_check_deadline(generation) || self.on_rotation_deadline(generation) {
             return None;
         }
         if self.recovery.due(generation) {

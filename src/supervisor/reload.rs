@@ -69,7 +69,7 @@ impl<P: Processes> Supervisor<P> {
         // them at another moment (a write may have been half done then): after a refusal, files
         // touched again are checked again, even when they hash as before.
         let refused = self.last_reload.as_ref().is_some_and(|r| r.result == ReloadResult::Refused);
-        if changed.is_empty() && !refused {
+        if self.rotate_settled(&changed) || (changed.is_empty() && !refused) {
             return self.discard_early_checks();
         }
         let checks = match self.early.run.take() {
@@ -214,6 +214,11 @@ impl<P: Processes> Supervisor<P> {
         }
         if let Some(refusal) = self.base_id_unknown() {
             return self.reload_refused(refusal);
+        }
+        if let Some(prepared) = &verdict.sds
+            && let Err(e) = self.write_epoch_secrets(prepared)
+        {
+            return self.reload_refused(Refusal::Fault(format!("{e:#}")));
         }
         super::forget_admin_address_file(verdict.admin.as_ref());
         let argv = self.launch.epoch_argv(&self.family, restart_epoch);

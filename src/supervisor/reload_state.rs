@@ -119,6 +119,10 @@ impl ReloadState {
     /// Admits a trigger (with its caller, for `/reload`), knowing whether the current epoch is LIVE.
     /// A cold handover does not wait for the current epoch (it may never be LIVE again): it starts
     /// unless a reload is under way.
+    pub fn is_idle(&self) -> bool {
+        matches!(self, ReloadState::Idle)
+    }
+
     pub fn admit(&mut self, waiter: Option<ReloadReply>, current_live: bool, cold: Option<&str>) -> Admission {
         match self {
             ReloadState::Idle if current_live || cold.is_some() => Admission::Start(waiter.into_iter().collect()),

@@ -55,6 +55,7 @@ impl<P: Processes> Supervisor<P> {
             degraded: self.health.blocked().map(str::to_string),
             recovery: self.recovery.status(self.health.blocked().is_some()),
             warnings: self.health.warning().map(str::to_string).into_iter().collect(),
+            certificates: self.in_place.as_ref().map(|i| i.report()),
             current_epoch: self.epochs.current_number(),
             epochs: self.epochs.iter().map(|e| self.epoch_status(e)).collect(),
             reload: self.reload.step_name(),

@@ -147,6 +147,7 @@ fn launch(dir: &std::path::Path, envoy: bool) -> Launch {
         drained_listeners: Listeners::All,
         stats_flush_interval: Duration::from_secs(5),
         bootstrap_files: None,
+        sds: None,
     };
     Launch { command, envoy: Some(envoy), user: None }
 }

@@ -1,0 +1,82 @@
+//! An epoch's SDS files: the user's bootstrap (with `--config-yaml` merged) rewritten for SDS, and
+//! every secret from checked bytes. Made (read and checked) by the preflight, written just before
+//! the epoch that runs on them starts.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use super::{CheckedSecret, ensure_node, rewrite, write_secret};
+use crate::bootstrap::Bootstrap;
+use crate::certs::CertError;
+use crate::user::EnvoyUser;
+
+/// Where an in-place launcher keeps what it gives Envoy.
+#[derive(Debug, Clone)]
+pub struct SdsFiles {
+    /// The watched directory of the secret files.
+    pub dir: PathBuf,
+    /// The rewritten bootstrap, which Envoy's `-c` names.
+    pub bootstrap: PathBuf,
+}
+
+/// What an epoch will run on: the secrets of the user's bootstrap as it was read, each checked,
+/// and the rewritten bootstrap. Nothing is written yet.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub secrets: Vec<CheckedSecret>,
+    pub bootstrap: Vec<u8>,
+    /// The node fields sesame set, for Envoy's SDS (none when the bootstrap has them).
+    pub node_set: Vec<&'static str>,
+}
+
+impl SdsFiles {
+    /// Rewrites `bootstrap` (read from `command`) and reads and checks every secret it names.
+    /// Blocking.
+    pub fn prepare(&self, bootstrap: &Bootstrap, command: &[OsString]) -> Result<Prepared, CertError> {
+        let mut value = bootstrap.value().clone();
+        let secrets = rewrite(&mut value, &self.dir);
+        // Envoy refuses SDS without a node, and needs none without SDS.
+        let node_set = if secrets.is_empty() { Vec::new() } else { ensure_node(&mut value, command) };
+        let secrets = super::check_secrets(&secrets, SystemTime::now())?;
+        let bootstrap = serde_json::to_vec_pretty(&value).unwrap_or_default();
+        Ok(Prepared { secrets, bootstrap, node_set })
+    }
+
+    /// Writes what was prepared: the secrets first (Envoy must find them when it reads the
+    /// bootstrap), then the bootstrap. The secrets an epoch serves now are swapped too, to bytes
+    /// that passed the same checks.
+    pub fn write(&self, prepared: &Prepared, user: Option<&EnvoyUser>) -> anyhow::Result<()> {
+        for secret in &prepared.secrets {
+            write_secret(secret, user)?;
+        }
+        crate::files::write_atomically(&self.bootstrap, &prepared.bootstrap, 0o600)?;
+        if let Some(user) = user {
+            std::os::unix::fs::lchown(&self.bootstrap, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+        }
+        Ok(())
+    }
+
+    /// The Envoy command that runs on the rewritten bootstrap: `-c` names it, and the user's
+    /// `--config-yaml` (merged into it) is left out.
+    pub fn command(&self, user_command: &[OsString]) -> Vec<OsString> {
+        let mut argv = crate::envoy::without_flag(user_command, "--config-yaml");
+        argv = crate::envoy::without_flag(&argv, "-c");
+        argv = crate::envoy::without_flag(&argv, "--config-path");
+        argv.extend(["-c".into(), self.bootstrap.clone().into()]);
+        argv
+    }
+
+    /// What a run left: the secrets (keys among them) and the bootstrap. At exit, and before a
+    /// start (a run that was SIGKILLed left them).
+    pub fn remove(&self) {
+        for path in [&self.dir, &self.bootstrap] {
+            let removed = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+            if let Err(e) = removed
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The secrets' bytes: read once from the user's files, checked, and written for Envoy as SDS
+//! resources, atomically, private to Envoy's user. What Envoy reads is what passed the checks.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde_json::json;
+
+use super::{Secret, SecretFiles};
+use crate::certs::{self, CertError, TlsPair};
+use crate::user::EnvoyUser;
+
+/// A secret whose files passed the checks, with their bytes as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedSecret {
+    pub secret: Secret,
+    /// The SDS resource file's content.
+    pub resource: Vec<u8>,
+    /// For a certificate: its leaf's serial (lowercase hex) and notAfter (Unix seconds).
+    pub leaf: Option<(String, i64)>,
+    /// How many certificates the chain (or the CA bundle) holds: a file written in steps has
+    /// fewer until it is whole.
+    pub certificates: usize,
+}
+
+impl CheckedSecret {
+    /// Where the secret's certificate (or CA bundle) comes from, as the user named it.
+    pub fn path(&self) -> &Path {
+        match &self.secret.files {
+            SecretFiles::Certificate { chain, .. } => chain,
+            SecretFiles::TrustedCa { ca, .. } => ca,
+        }
+    }
+}
+
+/// Reads and checks every secret's files at `now`; the first failure names its file.
+pub fn check_secrets(secrets: &[Secret], now: SystemTime) -> Result<Vec<CheckedSecret>, CertError> {
+    secrets.iter().map(|secret| check_secret(secret, now)).collect()
+}
+
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, CertError> {
+    std::fs::read(path).map_err(|e| CertError::Unreadable { what, path: path.into(), error: e.to_string() })
+}
+
+fn text(path: &Path, what: &'static str, bytes: Vec<u8>) -> Result<String, CertError> {
+    String::from_utf8(bytes).map_err(|_| CertError::BadPem { what, path: path.into(), fault: "not PEM text".into() })
+}
+
+pub fn check_secret(secret: &Secret, now: SystemTime) -> Result<CheckedSecret, CertError> {
+    let (content, leaf, certificates) = match &secret.files {
+        SecretFiles::Certificate { chain, key } => {
+            let (chain_bytes, key_bytes) = (read(chain, "certificate")?, read(key, "private key")?);
+            let pair = TlsPair { cert: chain.clone(), key: key.clone(), key_password: false };
+            let checked = certs::check_pair_bytes(&pair, &chain_bytes, &key_bytes, now)?;
+            let (chain_text, key_text) =
+                (text(chain, "certificate", chain_bytes)?, text(key, "private key", key_bytes)?);
+            let certificates = count_certificates(&chain_text);
+            let content = json!({ "tls_certificate": {
+                "certificate_chain": { "inline_string": chain_text },
+                "private_key": { "inline_string": key_text },
+            }});
+            (content, Some((checked.serial, checked.not_after_unix)), certificates)
+        }
+        SecretFiles::TrustedCa { ca, crl } => {
+            let ca_bytes = read(ca, "CA bundle")?;
+            certs::check_ca_bundle(ca, &ca_bytes)?;
+            let ca_text = text(ca, "CA bundle", ca_bytes)?;
+            let certificates = count_certificates(&ca_text);
+            let mut context = json!({ "trusted_ca": { "inline_string": ca_text } });
+            if let Some(crl) = crl {
+                context["crl"] = json!({ "inline_string": text(crl, "CRL", read(crl, "CRL")?)? });
+            }
+            (json!({ "validation_context": context }), None, certificates)
+        }
+    };
+    let mut resource = content;
+    resource["@type"] = json!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret");
+    resource["name"] = json!(secret.name);
+    let resource = serde_json::to_vec(&json!({ "resources": [resource] })).unwrap_or_default();
+    Ok(CheckedSecret { secret: secret.clone(), resource, leaf, certificates })
+}
+
+fn count_certificates(pem: &str) -> usize {
+    pem.matches("-----BEGIN CERTIFICATE-----").count()
+}
+
+/// Writes `checked` where Envoy reads it: by rename into its watched directory (Envoy swaps the
+/// secret on the move), mode 0600, owned by Envoy's user when it runs as another.
+pub fn write_secret(checked: &CheckedSecret, user: Option<&EnvoyUser>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = &checked.secret.path;
+    let tmp = path.with_extension("writing");
+    // A leftover (or planted) temporary file or link is removed, never written through.
+    let _ = std::fs::remove_file(&tmp);
+    let failed = |e: std::io::Error| anyhow::anyhow!("cannot write the secret {}: {e}", path.display());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(failed)?;
+    file.write_all(&checked.resource).and_then(|()| file.sync_all()).map_err(failed)?;
+    // Given away before the rename: Envoy must be able to read it the moment it appears.
+    if let Some(user) = user {
+        std::os::unix::fs::fchown(&file, Some(user.uid.as_raw()), Some(user.gid.as_raw())).map_err(failed)?;
+    }
+    std::fs::rename(&tmp, path).map_err(failed)
+}

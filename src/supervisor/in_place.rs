@@ -1,0 +1,250 @@
+//! `--cert-reload in-place`: certificates swapped in the serving Envoy through file-based SDS, with
+//! no new epoch. A touch of the watched files starts a short quiet wait; then one attempt
+//! (`sds::attempt`, off the supervisor) reads each secret's files, writes those that changed and
+//! pass the checks, and reads Envoy's answer back. While the files settle a state that fails is
+//! waited on, not refused; at the debounce's end it is refused by name. One attempt at a time,
+//! never beside a reload (whose new epoch is given the secrets as its own checks read them).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use super::shutdown::Phase;
+use super::{Event, Generation, Supervisor};
+use crate::clock::unix_seconds;
+use crate::launch::InPlace as InPlaceLaunch;
+use crate::process::Processes;
+use crate::sds::{CheckedSecret, Outcome, Prepared, SdsFiles};
+use crate::status::{CertificateStatus, ReloadStatus};
+
+/// From the last touch of a watched file to the attempt: the events of one write (or of a
+/// `..data` swap) come together, and a write that is still going on shows as a PEM not whole.
+pub(super) const QUIET: Duration = Duration::from_millis(10);
+
+/// How long Envoy may take to say whether it took a secret.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a secret came to be what Envoy has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum How {
+    /// Read by an epoch at its start (the first, or one a hot restart started).
+    Start,
+    /// Swapped in place.
+    InPlace,
+}
+
+/// One secret as Envoy has it.
+#[derive(Debug, Clone)]
+pub(super) struct Served {
+    secret: CheckedSecret,
+    how: How,
+    at_unix: u64,
+    /// What Envoy said of it: "confirmed", or why not.
+    envoy: String,
+    /// The last attempt that did not apply its files, if the files still fail.
+    refused: Option<ReloadStatus>,
+}
+
+/// The in-place state: what Envoy has, and the attempt under way or wanted.
+#[derive(Debug)]
+pub(super) struct InPlace {
+    files: SdsFiles,
+    served: Vec<Served>,
+    quiet: Option<Generation>,
+    running: Option<Generation>,
+    /// An attempt is wanted (true: as at the debounce's end) once one may run.
+    wanted: Option<bool>,
+}
+
+impl InPlace {
+    pub fn new(launch: &mut InPlaceLaunch) -> InPlace {
+        let served = launch.first.take().map(|first| first.secrets).unwrap_or_default();
+        let at_unix = unix_seconds(SystemTime::now());
+        let served = served
+            .into_iter()
+            .map(|secret| Served { secret, how: How::Start, at_unix, envoy: "read at start".into(), refused: None })
+            .collect();
+        InPlace { files: launch.files.clone(), served, quiet: None, running: None, wanted: None }
+    }
+
+    /// Whether every one of `paths` is a file of a secret: a change of them alone is a rotation.
+    pub fn only_secret_files(&self, paths: &[PathBuf]) -> bool {
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let ours: Vec<PathBuf> = self.served.iter().flat_map(|s| s.secret.secret.files.paths()).map(absolute).collect();
+        !paths.is_empty() && paths.iter().all(|p| ours.contains(&absolute(p)))
+    }
+
+    /// `/status`'s certificates.
+    pub fn report(&self) -> Vec<CertificateStatus> {
+        self.served
+            .iter()
+            .map(|served| {
+                let files = served.secret.secret.files.paths();
+                CertificateStatus {
+                    path: served.secret.path().display().to_string(),
+                    key: files.get(1).filter(|_| served.secret.leaf.is_some()).map(|k| k.display().to_string()),
+                    secret: served.secret.secret.name.clone(),
+                    serial: served.secret.leaf.as_ref().map(|(serial, _)| serial.clone()),
+                    not_after_unix: served.secret.leaf.as_ref().map(|(_, not_after)| *not_after),
+                    rotated: match served.how {
+                        How::Start => "start",
+                        How::InPlace => "in-place",
+                    },
+                    rotated_at_unix: served.at_unix,
+                    envoy: served.envoy.clone(),
+                    refused: served.refused.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl<P: Processes> Supervisor<P> {
+    /// A watched file was touched: an attempt after the quiet wait.
+    pub(super) fn on_secret_files_touched(&mut self) {
+        let Some(in_place) = self.in_place.as_mut() else { return };
+        in_place.quiet = Some(self.timers.schedule(QUIET));
+    }
+
+    /// The quiet wait `generation` ran out; false when it is not its.
+    pub(super) fn on_rotation_deadline(&mut self, generation: Generation) -> bool {
+        let Some(in_place) = self.in_place.as_mut().filter(|i| i.quiet == Some(generation)) else { return false };
+        in_place.quiet = None;
+        self.want_rotation(false);
+        true
+    }
+
+    /// The debounce ended with only secret files changed (or touched again): the attempt that
+    /// refuses what still fails. True when in-place took the change.
+    pub(super) fn rotate_settled(&mut self, changed: &[PathBuf]) -> bool {
+        let Some(in_place) = self.in_place.as_ref() else { return false };
+        let refused = in_place.served.iter().any(|s| s.refused.is_some());
+        if !(in_place.only_secret_files(changed) || (changed.is_empty() && refused)) {
+            return false;
+        }
+        self.want_rotation(true);
+        true
+    }
+
+    fn want_rotation(&mut self, settled: bool) {
+        let Some(in_place) = self.in_place.as_mut() else { return };
+        in_place.wanted = Some(settled || in_place.wanted.unwrap_or(false));
+        self.rotate_when_possible();
+    }
+
+    /// Starts the attempt wanted, if one may run now: Envoy serving, no stop, no reload, no other
+    /// attempt. Called after every event.
+    pub(super) fn rotate_when_possible(&mut self) {
+        let may = matches!(self.phase, Phase::Running) && self.reload.is_idle() && self.epochs.current_is_live();
+        let admin = self.epochs.current_admin();
+        let user = self.launch.user.clone();
+        let Some(in_place) = self.in_place.as_mut() else { return };
+        let (Some(settled), None, true, Some(admin)) = (in_place.wanted, in_place.running, may, admin) else { return };
+        in_place.wanted = None;
+        let attempt = self.timers.next();
+        in_place.running = Some(attempt);
+        let served: Vec<CheckedSecret> = in_place.served.iter().map(|s| s.secret.clone()).collect();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let outcomes = crate::sds::attempt(served, settled, admin, user, CONFIRM_TIMEOUT).await;
+            let _ = events.send(Event::Rotated { attempt, outcomes });
+        });
+    }
+
+    /// The attempt `attempt` ended: what Envoy has now, one log line per secret that changed.
+    pub(super) fn on_rotated(&mut self, attempt: Generation, outcomes: Vec<Outcome>) {
+        let Some(in_place) = self.in_place.as_mut().filter(|i| i.running == Some(attempt)) else { return };
+        in_place.running = None;
+        let now = unix_seconds(SystemTime::now());
+        for (served, outcome) in in_place.served.iter_mut().zip(outcomes) {
+            let path = served.secret.path().display().to_string();
+            let refuse = |served: &mut Served, detail: String| {
+                served.refused =
+                    Some(ReloadStatus { result: crate::outcome::ReloadResult::Refused, detail, at_unix: now });
+            };
+            match outcome {
+                Outcome::Unchanged => served.refused = None,
+                Outcome::Waiting(why) => tracing::debug!("in place: {path} is not applied yet: {why}"),
+                Outcome::Refused(e) => {
+                    tracing::error!("in place: {e}: Envoy keeps serving {}", describe(&served.secret));
+                    self.metrics.rotation("in_place", "refused");
+                    refuse(served, e.to_string());
+                }
+                Outcome::Failed(why) => {
+                    tracing::error!("in place: {why}: Envoy keeps serving {}", describe(&served.secret));
+                    self.metrics.rotation("in_place", "failed");
+                    refuse(served, why);
+                }
+                Outcome::Rejected(secret) => {
+                    let why =
+                        format!("Envoy rejected {} (sds.{}.update_rejected)", describe(&secret), secret.secret.name);
+                    tracing::error!("in place: {why}: it keeps serving {}", describe(&served.secret));
+                    self.metrics.rotation("in_place", "rejected");
+                    refuse(served, why);
+                }
+                Outcome::Rotated(secret) => {
+                    let was = served.secret.leaf.as_ref().map(|(serial, _)| format!(" (was serial {serial})"));
+                    tracing::info!("in place: Envoy serves {}{}", describe(&secret), was.unwrap_or_default());
+                    self.metrics.rotation("in_place", "success");
+                    *served =
+                        Served { secret, how: How::InPlace, at_unix: now, envoy: "confirmed".into(), refused: None };
+                }
+                Outcome::Unconfirmed(secret, why) => {
+                    tracing::warn!("in place: {} written; {why}", describe(&secret));
+                    self.metrics.rotation("in_place", "unconfirmed");
+                    *served = Served { secret, how: How::InPlace, at_unix: now, envoy: why, refused: None };
+                }
+            }
+            if let Some((_, not_after)) = served.secret.leaf {
+                self.metrics.certificate_expires(served.secret.path(), not_after);
+            }
+        }
+        self.rotate_when_possible();
+    }
+
+    /// A new epoch is about to start on `prepared` (its checks read and checked it): the secrets
+    /// are written, for it and for the epoch that serves now.
+    pub(super) fn write_epoch_secrets(&mut self, prepared: &Prepared) -> anyhow::Result<()> {
+        let Some(in_place) = self.in_place.as_mut() else { return Ok(()) };
+        in_place.files.write(prepared, self.launch.user.as_ref())?;
+        let now = unix_seconds(SystemTime::now());
+        let mut served = Vec::with_capacity(prepared.secrets.len());
+        for secret in &prepared.secrets {
+            let kept = in_place.served.iter().find(|s| s.secret.resource == secret.resource).cloned();
+            served.push(kept.unwrap_or_else(|| Served {
+                secret: secret.clone(),
+                how: How::Start,
+                at_unix: now,
+                envoy: "read at the start of the next epoch".into(),
+                refused: None,
+            }));
+            if let Some((_, not_after)) = secret.leaf {
+                self.metrics.certificate_expires(secret.path(), not_after);
+            }
+        }
+        in_place.served = served;
+        Ok(())
+    }
+
+    /// Each certificate's notAfter, as it stands.
+    pub(super) fn export_expiry(&self) {
+        for served in self.in_place.iter().flat_map(|i| &i.served) {
+            if let Some((_, not_after)) = served.secret.leaf {
+                self.metrics.certificate_expires(served.secret.path(), not_after);
+            }
+        }
+    }
+
+    pub(super) fn remove_secrets(&self) {
+        if let Some(in_place) = &self.in_place {
+            in_place.files.remove();
+        }
+    }
+}
+
+/// A secret as the log names it: its file and, for a certificate, its serial.
+fn describe(secret: &CheckedSecret) -> String {
+    match &secret.leaf {
+        Some((serial, _)) => format!("{} (serial {serial})", secret.path().display()),
+        None => format!("the CA bundle {}", secret.path().display()),
+    }
+}
