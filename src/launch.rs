@@ -55,8 +55,8 @@ pub struct EnvoyLaunch {
     /// What was read of the command's bootstrap (None when it could not be): the watcher starts
     /// from it.
     pub bootstrap_files: Option<BootstrapFiles>,
-    /// `--cert-reload in-place`: where the rewritten bootstrap and the secret files are; each epoch
-    /// runs on them. None for hot restarts only.
+    /// Where the rewritten bootstrap and the secret files are; each epoch runs on them. None when
+    /// the bootstrap names no certificate by file (or cannot be read).
     pub sds: Option<InPlace>,
 }
 
@@ -66,6 +66,9 @@ pub struct InPlace {
     pub files: SdsFiles,
     /// What epoch 0 starts on (taken by the supervisor).
     pub first: Option<Prepared>,
+    /// `--cert-reload in-place`: a change of only these files is swapped in the serving Envoy;
+    /// otherwise it is a hot restart, whose new epoch gets them.
+    pub rotate_in_place: bool,
 }
 
 impl Launch {
@@ -261,9 +264,11 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
     Ok(launch)
 }
 
-/// `--cert-reload in-place`: the SDS files epoch 0 starts on, made now from the user's files (a
-/// certificate that fails the checks is refused here, by name). A bootstrap sesame cannot read
-/// (protobuf, or none) keeps hot restarts, said once.
+/// The SDS files epoch 0 starts on, made now from the user's files (a certificate that fails the
+/// checks is refused here, by name), when the bootstrap names a certificate or CA by file. In both
+/// modes: what Envoy serves is what sesame checked. A bootstrap sesame cannot read (protobuf, or
+/// none) is given to Envoy as it is; `--cert-reload in-place` then falls back to hot restarts, said
+/// once.
 fn in_place(
     options: &RunOptions,
     bootstrap: Option<&Bootstrap>,
@@ -271,14 +276,14 @@ fn in_place(
     envoy_dir: &Path,
     user: Option<&EnvoyUser>,
 ) -> anyhow::Result<Option<InPlace>> {
-    if options.reload.cert_reload != CertReload::InPlace {
-        return Ok(None);
-    }
+    let rotate_in_place = options.reload.cert_reload == CertReload::InPlace;
     let Some(bootstrap) = bootstrap.filter(|b| !b.opaque) else {
-        tracing::warn!(
-            "--cert-reload in-place: sesame cannot read this bootstrap (a protobuf, or none): certificates are \
-             rotated by hot restarts"
-        );
+        if rotate_in_place {
+            tracing::warn!(
+                "--cert-reload in-place: sesame cannot read this bootstrap (a protobuf, or none): certificates are \
+                 read by Envoy from their files and rotated by hot restarts"
+            );
+        }
         return Ok(None);
     };
     let files = SdsFiles { dir: envoy_dir.join("sds"), bootstrap: envoy_dir.join("envoy-sds-bootstrap.json") };
@@ -288,12 +293,21 @@ fn in_place(
         None => create_private_dir(&files.dir)?,
     }
     let first = files.prepare(bootstrap, command)?;
+    if first.secrets.is_empty() {
+        files.remove();
+        if rotate_in_place {
+            tracing::info!("--cert-reload in-place: the bootstrap names no certificate or CA by file");
+        }
+        return Ok(None);
+    }
     files.write(&first, user)?;
     tracing::info!(
-        "--cert-reload in-place: {} secrets given to Envoy by file-based SDS from {} (Envoy runs on {})",
+        "{} certificates and CA bundles given to Envoy by file-based SDS from {}, as checked (Envoy runs on {}); \
+         changed, they are {}",
         first.secrets.len(),
         files.dir.display(),
-        files.bootstrap.display()
+        files.bootstrap.display(),
+        if rotate_in_place { "swapped in place" } else { "hot-restarted" }
     );
     if !first.node_set.is_empty() {
         tracing::info!(
@@ -302,7 +316,7 @@ fn in_place(
             first.node_set.join(" and ")
         );
     }
-    Ok(Some(InPlace { files, first: Some(first) }))
+    Ok(Some(InPlace { files, first: Some(first), rotate_in_place }))
 }
 
 /// `--envoy-user`, resolved once: the child between fork and exec cannot read the user database.

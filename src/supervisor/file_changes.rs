@@ -56,7 +56,7 @@ impl<P: Processes> Supervisor<P> {
     fn may_check_early(&self) -> bool {
         // In place, most changes are certificates, which need no validator: a reload checks
         // for itself when the debounce ends.
-        self.in_place.is_none()
+        !self.rotates_in_place()
             && matches!(self.phase, Phase::Running)
             && matches!(self.reload, ReloadState::Idle)
             && self.health.blocked().is_none()

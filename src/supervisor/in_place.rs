@@ -26,8 +26,10 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How a secret came to be what Envoy has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum How {
-    /// Read by an epoch at its start (the first, or one a hot restart started).
+    /// Read by epoch 0 at its start.
     Start,
+    /// Written for the epoch a reload started (and swapped in the epochs serving then).
+    HotRestart,
     /// Swapped in place.
     InPlace,
 }
@@ -48,6 +50,8 @@ pub(super) struct Served {
 #[derive(Debug)]
 pub(super) struct InPlace {
     files: SdsFiles,
+    /// `--cert-reload in-place`; otherwise the state only follows what hot restarts wrote.
+    rotate: bool,
     served: Vec<Served>,
     quiet: Option<Generation>,
     running: Option<Generation>,
@@ -63,7 +67,8 @@ impl InPlace {
             .into_iter()
             .map(|secret| Served { secret, how: How::Start, at_unix, envoy: "read at start".into(), refused: None })
             .collect();
-        InPlace { files: launch.files.clone(), served, quiet: None, running: None, wanted: None }
+        let rotate = launch.rotate_in_place;
+        InPlace { files: launch.files.clone(), rotate, served, quiet: None, running: None, wanted: None }
     }
 
     /// Whether every one of `paths` is a file of a secret: a change of them alone is a rotation.
@@ -87,6 +92,7 @@ impl InPlace {
                     not_after_unix: served.secret.leaf.as_ref().map(|(_, not_after)| *not_after),
                     rotated: match served.how {
                         How::Start => "start",
+                        How::HotRestart => "hot-restart",
                         How::InPlace => "in-place",
                     },
                     rotated_at_unix: served.at_unix,
@@ -101,7 +107,7 @@ impl InPlace {
 impl<P: Processes> Supervisor<P> {
     /// A watched file was touched: an attempt after the quiet wait.
     pub(super) fn on_secret_files_touched(&mut self) {
-        let Some(in_place) = self.in_place.as_mut() else { return };
+        let Some(in_place) = self.in_place.as_mut().filter(|i| i.rotate) else { return };
         in_place.quiet = Some(self.timers.schedule(QUIET));
     }
 
@@ -116,7 +122,7 @@ impl<P: Processes> Supervisor<P> {
     /// The debounce ended with only secret files changed (or touched again): the attempt that
     /// refuses what still fails. True when in-place took the change.
     pub(super) fn rotate_settled(&mut self, changed: &[PathBuf]) -> bool {
-        let Some(in_place) = self.in_place.as_ref() else { return false };
+        let Some(in_place) = self.in_place.as_ref().filter(|i| i.rotate) else { return false };
         let refused = in_place.served.iter().any(|s| s.refused.is_some());
         if !(in_place.only_secret_files(changed) || (changed.is_empty() && refused)) {
             return false;
@@ -207,14 +213,15 @@ impl<P: Processes> Supervisor<P> {
         let Some(in_place) = self.in_place.as_mut() else { return Ok(()) };
         in_place.files.write(prepared, self.launch.user.as_ref())?;
         let now = unix_seconds(SystemTime::now());
+        let epoch = self.epochs.next_number();
         let mut served = Vec::with_capacity(prepared.secrets.len());
         for secret in &prepared.secrets {
             let kept = in_place.served.iter().find(|s| s.secret.resource == secret.resource).cloned();
             served.push(kept.unwrap_or_else(|| Served {
                 secret: secret.clone(),
-                how: How::Start,
+                how: How::HotRestart,
                 at_unix: now,
-                envoy: "read at the start of the next epoch".into(),
+                envoy: format!("written for epoch {epoch}"),
                 refused: None,
             }));
             if let Some((_, not_after)) = secret.leaf {
@@ -223,6 +230,10 @@ impl<P: Processes> Supervisor<P> {
         }
         in_place.served = served;
         Ok(())
+    }
+
+    pub(super) fn rotates_in_place(&self) -> bool {
+        self.in_place.as_ref().is_some_and(|i| i.rotate)
     }
 
     /// Each certificate's notAfter, as it stands.

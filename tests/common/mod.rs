@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod in_place;
 pub mod load;
+pub mod long_lived;
 pub mod rotation;
 pub mod tls;
 

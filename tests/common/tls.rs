@@ -38,7 +38,7 @@ pub fn replace_file(path: &Path, contents: &str) {
 }
 
 /// The serial of a DER certificate, as the big-endian bytes of its integer.
-fn serial_of(cert: &CertificateDer<'_>) -> u64 {
+pub fn serial_of(cert: &CertificateDer<'_>) -> u64 {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).expect("x509");
     let bytes = parsed.raw_serial();
     bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
@@ -80,14 +80,24 @@ impl ServerCertVerifier for AcceptAny {
     }
 }
 
-fn client_config() -> Arc<rustls::ClientConfig> {
+pub fn client_config() -> Arc<rustls::ClientConfig> {
+    client_config_presenting(None)
+}
+
+/// The same, presenting a client certificate (its chain and key) when given one.
+pub fn client_config_presenting(
+    client: Option<(Vec<CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("protocol versions")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)));
+    let config = match client {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).expect("client certificate"),
+        None => builder.with_no_client_auth(),
+    };
     Arc::new(config)
 }
 
