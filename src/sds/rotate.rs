@@ -189,3 +189,80 @@ async fn confirm(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sds::{Secret, SecretFiles, check_secret};
+
+    fn pair(serial: u64) -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        (params.self_signed(&key).expect("sign").pem(), key.serialize_pem())
+    }
+
+    struct Files {
+        dir: tempfile::TempDir,
+        secret: Secret,
+    }
+
+    impl Files {
+        fn new(cert: &str, key: &str) -> Files {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (chain, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+            std::fs::write(&chain, cert).expect("cert");
+            std::fs::write(&key_path, key).expect("key");
+            let path = dir.path().join("secret.json");
+            let secret = Secret { name: "s".into(), files: SecretFiles::Certificate { chain, key: key_path }, path };
+            Files { dir, secret }
+        }
+
+        fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.dir.path().join(name), text).expect("write");
+        }
+
+        fn served(&self) -> CheckedSecret {
+            check_secret(&self.secret, SystemTime::now()).expect("the first pair passes")
+        }
+    }
+
+    fn next(served: &CheckedSecret, settled: bool) -> Next {
+        next_state(served, settled, SystemTime::now())
+    }
+
+    #[test]
+    fn a_state_that_fails_waits_while_the_files_settle_and_is_refused_once_they_have() {
+        let (cert, key) = pair(1);
+        let files = Files::new(&cert, &key);
+        let served = files.served();
+        assert!(matches!(next(&served, false), Next::Keep), "the same bytes: nothing to swap");
+        let (_, other_key) = pair(2);
+        files.write("k.pem", &other_key);
+        assert!(matches!(next(&served, false), Next::Not(Outcome::Waiting(_))), "a key before its certificate");
+        assert!(matches!(next(&served, true), Next::Not(Outcome::Refused(_))), "settled on a mismatch");
+        files.write("c.pem", &cert[..cert.len() / 2]);
+        assert!(matches!(next(&served, false), Next::Not(Outcome::Waiting(_))), "a PEM not whole");
+    }
+
+    #[test]
+    fn a_chain_with_fewer_certificates_waits_for_the_debounce_and_a_whole_one_is_written_at_once() {
+        let (leaf, key) = pair(1);
+        let (intermediate, _) = pair(9);
+        let files = Files::new(&format!("{leaf}{intermediate}"), &key);
+        let served = files.served();
+        assert_eq!(served.certificates, 2);
+        // The leaf written before the intermediate is appended: it passes the pair check, but a
+        // client that needs the intermediate would fail.
+        let (new_leaf, new_key) = pair(3);
+        files.write("k.pem", &new_key);
+        files.write("c.pem", &new_leaf);
+        assert!(matches!(next(&served, false), Next::Not(Outcome::Waiting(_))), "a chain that lost a certificate");
+        assert!(matches!(next(&served, true), Next::Write(_)), "settled, it is what the user meant");
+        files.write("c.pem", &format!("{new_leaf}{intermediate}"));
+        match next(&served, false) {
+            Next::Write(checked) => assert_eq!(checked.leaf.map(|(serial, _)| serial), Some("03".to_string())),
+            _ => panic!("a whole chain is written at once"),
+        }
+    }
+}
