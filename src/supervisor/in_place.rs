@@ -78,6 +78,12 @@ impl InPlace {
         !paths.is_empty() && paths.iter().all(|p| ours.contains(&absolute(p)))
     }
 
+    /// Whether an attempt is under way.
+    #[cfg(test)]
+    pub fn attempt_running(&self) -> bool {
+        self.running.is_some()
+    }
+
     /// `/status`'s certificates.
     pub fn report(&self) -> Vec<CertificateStatus> {
         self.served

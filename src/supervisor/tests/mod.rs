@@ -25,6 +25,7 @@ use crate::process::{Reaped, SpawnError};
 
 mod file_changes;
 mod handover;
+mod in_place;
 mod reload;
 mod shutdown;
 

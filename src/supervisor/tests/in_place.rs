@@ -1,0 +1,146 @@
+//! `--cert-reload in-place` in the supervisor: a change of only the secrets' files is an attempt
+//! (no validator, no epoch), never beside a reload; anything else is a hot restart whose epoch runs
+//! on the rewritten bootstrap. The admin is unreachable here, so Envoy never confirms: each written
+//! secret ends unconfirmed, after the confirmation's timeout.
+
+use super::*;
+use crate::bootstrap::Bootstrap;
+use crate::launch::InPlace;
+use crate::sds::SdsFiles;
+
+fn pair(serial: u64) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    params.serial_number = Some(rcgen::SerialNumber::from(serial));
+    (params.self_signed(&key).expect("sign").pem(), key.serialize_pem())
+}
+
+fn is_rotated(event: &Event) -> bool {
+    matches!(event, Event::Rotated { .. })
+}
+
+impl Harness {
+    /// Epoch 0 LIVE, on a bootstrap with one certificate (serial 1) given by SDS, in place.
+    fn serving_in_place() -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut launch = launch(dir.path(), true);
+        let (cert, key) = pair(1);
+        std::fs::write(dir.path().join("c.pem"), cert).expect("cert");
+        std::fs::write(dir.path().join("k.pem"), key).expect("key");
+        let yaml = format!(
+            "static_resources:\n  listeners:\n  - filter_chains:\n    - transport_socket:\n        typed_config:\n          \
+             common_tls_context:\n            tls_certificates:\n            - certificate_chain: {{ filename: {0}/c.pem \
+             }}\n              private_key: {{ filename: {0}/k.pem }}\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("envoy.yaml"), yaml).expect("bootstrap");
+        let files = SdsFiles { dir: dir.path().join("sds"), bootstrap: dir.path().join("envoy-sds-bootstrap.json") };
+        std::fs::create_dir(&files.dir).expect("sds dir");
+        let bootstrap = Bootstrap::from_command(&launch.command).expect("read").expect("a bootstrap");
+        let first = files.prepare(&bootstrap, &launch.command).expect("the first pair passes");
+        files.write(&first, None).expect("write");
+        if let Some(envoy) = launch.envoy.as_mut() {
+            envoy.sds = Some(InPlace { files, first: Some(first), rotate_in_place: true });
+        }
+        let world = Fake::default();
+        let (tx, events) = mpsc::unbounded_channel();
+        let metrics = Arc::new(Metrics::new());
+        let sup = Supervisor::start(launch, settings(dir.path()), world.clone(), tx, metrics, Notifier::from_env())
+            .unwrap_or_else(|code| panic!("start failed with {code}"));
+        let mut h = Harness { sup, events, world, dir };
+        assert_eq!(h.live(0), None);
+        h
+    }
+
+    fn rotate_to(&self, serial: u64) {
+        let (cert, key) = pair(serial);
+        std::fs::write(self.dir.path().join("k.pem"), key).expect("key");
+        std::fs::write(self.dir.path().join("c.pem"), cert).expect("cert");
+    }
+
+    fn served_serial(&self) -> Option<String> {
+        self.sup.status().certificates.and_then(|c| c.first().and_then(|c| c.serial.clone()))
+    }
+
+    fn attempt_running(&self) -> bool {
+        self.sup.in_place.as_ref().is_some_and(|i| i.attempt_running())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_certificate_change_is_swapped_with_no_validator_and_no_epoch() {
+    let mut h = Harness::serving_in_place();
+    assert_eq!(h.served_serial().as_deref(), Some("01"));
+    h.rotate_to(2);
+    h.sup.handle(Event::FilesChanging);
+    h.until("the attempt's end", is_rotated).await;
+    assert_eq!(h.served_serial().as_deref(), Some("02"), "the new pair was written");
+    let status = h.sup.status();
+    let certificate = &status.certificates.as_ref().expect("certificates")[0];
+    assert_eq!(certificate.rotated, "in-place");
+    assert!(certificate.envoy.contains("did not move"), "no admin here, so not confirmed: {}", certificate.envoy);
+    let paths = vec![h.dir.path().join("c.pem"), h.dir.path().join("k.pem")];
+    h.sup.handle(Event::FilesChanged(paths));
+    assert_eq!(h.sup.status().reload, None, "no reload for certificates in place");
+    h.until("the settled attempt", is_rotated).await;
+    assert_eq!(h.world.spawned().len(), 1, "only epoch 0, and no validator: {:?}", h.world.spawned());
+    assert_eq!(h.sup.metrics.rotations.get_or_create(&rotation("unconfirmed")).get(), 1);
+}
+
+fn rotation(result: &str) -> crate::metrics::RotationLabel {
+    crate::metrics::RotationLabel { mode: "in_place".into(), result: result.into() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pair_that_fails_waits_while_the_files_settle_and_is_refused_when_they_have() {
+    let mut h = Harness::serving_in_place();
+    let (_, other_key) = pair(3);
+    std::fs::write(h.dir.path().join("k.pem"), other_key).expect("key");
+    h.sup.handle(Event::FilesChanging);
+    h.until("the attempt's end", is_rotated).await;
+    assert_eq!(h.sup.metrics.rotations.get_or_create(&rotation("refused")).get(), 0, "waiting, not refused");
+    h.sup.handle(Event::FilesChanged(vec![h.dir.path().join("k.pem")]));
+    h.until("the settled attempt", is_rotated).await;
+    assert_eq!(h.sup.metrics.rotations.get_or_create(&rotation("refused")).get(), 1);
+    let status = h.sup.status();
+    let refused = status.certificates.as_ref().and_then(|c| c[0].refused.clone()).expect("refused");
+    assert!(refused.detail.contains("does not match"), "{}", refused.detail);
+    assert_eq!(h.served_serial().as_deref(), Some("01"), "Envoy keeps what it has");
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_attempt_runs_beside_a_reload_and_the_one_wanted_runs_after_it() {
+    let mut h = Harness::serving_in_place();
+    h.signal(libc::SIGHUP);
+    h.until("the preflight", is_preflight).await;
+    h.rotate_to(4);
+    h.sup.handle(Event::FilesChanging);
+    h.until("the quiet wait's end", |e| matches!(e, Event::Deadline(_))).await;
+    assert!(!h.attempt_running(), "no attempt while the reload checks");
+    let validator = h.world.last_with("validate");
+    h.exit(validator, Exit::Code(0));
+    h.until("the verdict", is_verdict).await;
+    // The files changed since the reload read them: it reads them again, and its epoch gets them.
+    h.until("the preflight again", is_preflight).await;
+    let validator = h.world.last_with("validate");
+    h.exit(validator, Exit::Code(0));
+    h.until("the second verdict", is_verdict).await;
+    let argv = h.world.spawned().last().map(|(_, argv)| argv.join(" ")).unwrap_or_default();
+    assert!(argv.contains("envoy-sds-bootstrap.json"), "the new epoch runs on the rewritten bootstrap: {argv}");
+    assert_eq!(h.served_serial().as_deref(), Some("04"), "written for the new epoch");
+    assert!(!h.attempt_running(), "still none while the new epoch starts");
+    h.live(1);
+    h.until("the deferred attempt", is_rotated).await;
+    let status = h.sup.status();
+    let certificate = &status.certificates.as_ref().expect("certificates")[0];
+    assert_eq!((certificate.serial.as_deref(), certificate.rotated), (Some("04"), "hot-restart"));
+    assert_eq!(h.sup.metrics.rotations.get_or_create(&rotation("unconfirmed")).get(), 0, "nothing left to swap");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bootstrap_change_is_a_hot_restart_in_place_too() {
+    let mut h = Harness::serving_in_place();
+    let bootstrap = h.dir.path().join("envoy.yaml");
+    h.sup.handle(Event::FilesChanged(vec![bootstrap]));
+    assert_eq!(h.sup.status().reload, Some("checking certificates"), "a reload checks for itself");
+}
