@@ -153,6 +153,21 @@ fn summary(status: &serde_json::Value) -> String {
     if let Some(reload) = status["last_reload"].as_object() {
         out += &format!("last reload: {} ({})\n", text(&reload["result"]), text(&reload["detail"]));
     }
+    for certificate in status["certificates"].as_array().into_iter().flatten() {
+        let serial = certificate["serial"].as_str().map(|s| format!(" serial {s}")).unwrap_or_default();
+        let expires = certificate["not_after_unix"].as_u64().map(|at| format!(", expires {}", rfc3339(at)));
+        let rotated = certificate["rotated_at_unix"].as_u64().map(rfc3339).unwrap_or_default();
+        out += &format!(
+            "certificate {}{serial}{}: {} at {rotated}, Envoy: {}\n",
+            text(&certificate["path"]),
+            expires.unwrap_or_default(),
+            text(&certificate["rotated"]),
+            text(&certificate["envoy"])
+        );
+        if let Some(refused) = certificate["refused"].as_object() {
+            out += &format!("  refused: {}\n", text(&refused["detail"]));
+        }
+    }
     if let Some(degraded) = status["degraded"].as_str() {
         out += &format!("DEGRADED: {degraded}\n");
     }
@@ -171,4 +186,27 @@ fn summary(status: &serde_json::Value) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_names_each_certificate_and_its_refusal() {
+        let status = serde_json::json!({
+            "state": "running", "ready": true, "current_epoch": 0, "epochs": [],
+            "certificates": [{
+                "path": "/etc/envoy/tls.crt", "serial": "1a", "not_after_unix": 1_800_000_000u64,
+                "rotated": "in-place", "rotated_at_unix": 1_790_000_000u64, "envoy": "confirmed",
+                "refused": { "result": "refused", "detail": "private key /etc/envoy/tls.key does not match", "at_unix": 1 },
+            }],
+        });
+        let text = summary(&status);
+        assert!(
+            text.contains("certificate /etc/envoy/tls.crt serial 1a, expires 2027-01-15T08:00:00Z: in-place at"),
+            "{text}"
+        );
+        assert!(text.contains("Envoy: confirmed\n  refused: private key /etc/envoy/tls.key does not match"), "{text}");
+    }
 }
