@@ -368,3 +368,40 @@ fn a_bootstrap_with_no_certificate_file_runs_as_written_and_gets_no_node() {
     launcher.signal(Signal::SIGTERM);
     assert_eq!(launcher.exit_code(Duration::from_secs(30)), 0);
 }
+
+#[test]
+fn a_pair_envoy_rejects_is_a_refusal_and_its_secret_file_holds_what_envoy_serves_again() {
+    let site = Site::start(false, IN_PLACE);
+    let first = std::fs::read_to_string(&site.cert).expect("cert");
+    let fixture = |name: &str| {
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name))
+            .expect("fixture")
+    };
+    // A pair that matches and is valid, beyond sesame's checks (a 1024-bit RSA key), which Envoy refuses.
+    replace_file(&site.key, &fixture("rsa1024-key.pem"));
+    replace_file(&site.cert, &fixture("rsa1024-cert.pem"));
+    site.launcher.wait_for_metric("sesame_rotations_total{mode=\"in_place\",result=\"rejected\"}", |n| n == 1);
+    let detail = site.wait_for_refusal();
+    assert!(detail.contains("Envoy rejected") && detail.contains("update_rejected"), "{detail}");
+    assert_eq!(site.serial(), 1, "Envoy keeps the old certificate");
+    let secrets = std::fs::read_dir(site.launcher.runtime_dir().join("sds")).expect("sds").flatten();
+    let written: Vec<serde_json::Value> = secrets
+        .map(|dir| {
+            serde_json::from_slice(&std::fs::read(dir.path().join("secret.json")).expect("secret")).expect("json")
+        })
+        .collect();
+    let chain = &written[0]["resources"][0]["tls_certificate"]["certificate_chain"]["inline_string"];
+    assert_eq!(chain.as_str(), Some(first.as_str()), "written back: the next epoch starts on what Envoy serves");
+    // A hot restart now: its checks judge the user's files as Envoy does, and refuse them; the
+    // serving epoch is untouched.
+    site.launcher.signal(Signal::SIGHUP);
+    site.launcher.wait_for_metric("sesame_reloads_total{result=\"refused\"}", |n| n == 1);
+    assert_eq!(site.serial(), 1);
+    assert_eq!(site.launcher.metric("sesame_rotations_total{mode=\"in_place\",result=\"rejected\"}"), 1);
+    let (cert, key) = certificate(2);
+    replace_file(&site.key, &key);
+    replace_file(&site.cert, &cert);
+    site.wait_for_serial(2);
+    site.launcher.wait_for_status("the refusal to clear", |s| s["certificates"][0]["refused"].is_null());
+    site.stop();
+}

@@ -83,14 +83,17 @@ fn walk(value: &mut Value, dir: &Path, secrets: &mut Vec<Secret>) {
     }
 }
 
+/// Each secret in a directory of its own: Envoy reads every secret watching a directory whenever a
+/// file is moved into it, so one shared directory would make each of N swaps N reads.
 fn sds_config(name: &str, dir: &Path) -> (Value, PathBuf) {
-    let path = dir.join(format!("{name}.json"));
+    let watched = dir.join(name);
+    let path = watched.join("secret.json");
     let config = json!({
         "name": name,
         "sds_config": {
             "path_config_source": {
                 "path": path.to_string_lossy(),
-                "watched_directory": { "path": dir.to_string_lossy() },
+                "watched_directory": { "path": watched.to_string_lossy() },
             },
             "resource_api_version": "V3",
         },
@@ -221,8 +224,9 @@ static_resources:
         assert_eq!(context["tls_certificates"].as_array().map(Vec::len), Some(1), "the one with a password stays");
         let sds = &context["tls_certificate_sds_secret_configs"][0];
         let path = sds["sds_config"]["path_config_source"]["path"].as_str().expect("path");
-        assert!(path.starts_with("/run/s/sesame-cert-") && path.ends_with(".json"), "{path}");
-        assert_eq!(sds["sds_config"]["path_config_source"]["watched_directory"]["path"], "/run/s");
+        assert!(path.starts_with("/run/s/sesame-cert-") && path.ends_with("/secret.json"), "{path}");
+        let watched = sds["sds_config"]["path_config_source"]["watched_directory"]["path"].as_str().expect("dir");
+        assert_eq!(Path::new(path).parent(), Some(Path::new(watched)), "a directory per secret");
         let combined = &context["combined_validation_context"];
         assert!(context.get("validation_context").is_none());
         assert!(combined["default_validation_context"].get("trusted_ca").is_none());

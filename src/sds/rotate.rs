@@ -17,6 +17,8 @@ const CONFIRM_POLL: Duration = Duration::from_millis(10);
 pub enum Outcome {
     /// Its files hold what Envoy has.
     Unchanged,
+    /// Its files hold what Envoy rejected last: not written again.
+    StillRejected,
     /// The files are in a state that is not applied yet (while they settle): a pair that does not
     /// match, a PEM not whole, a file with fewer certificates than the one served.
     Waiting(String),
@@ -42,7 +44,10 @@ enum Next {
 
 /// What the secret `served` becomes, from its files as they are now. `settled`: the debounce
 /// ended, and a state that passes the checks is applied even when it holds fewer certificates.
-fn next_state(served: &CheckedSecret, settled: bool, now: SystemTime) -> Next {
+fn next_state(served: &CheckedSecret, rejected: Option<u64>, settled: bool, now: SystemTime) -> Next {
+    if served.files_unchanged() {
+        return Next::Keep;
+    }
     let checked = match check_secret(&served.secret, now) {
         Ok(checked) => checked,
         Err(e) if settled => return Next::Not(Outcome::Refused(e)),
@@ -50,6 +55,9 @@ fn next_state(served: &CheckedSecret, settled: bool, now: SystemTime) -> Next {
     };
     if checked.resource == served.resource {
         return Next::Keep;
+    }
+    if rejected == Some(checked.files_hash) {
+        return Next::Not(Outcome::StillRejected);
     }
     if checked.certificates < served.certificates && !settled {
         let why = format!(
@@ -64,9 +72,10 @@ fn next_state(served: &CheckedSecret, settled: bool, now: SystemTime) -> Next {
 }
 
 /// Reads every served secret's files, writes those that changed and pass, and confirms each with
-/// Envoy's admin within `timeout`. Returns one outcome per served secret, in order.
+/// Envoy's admin within `timeout`. Returns one outcome per served secret, in order. With each
+/// secret comes the hash of the files Envoy rejected last, if it did.
 pub async fn attempt(
-    served: Vec<CheckedSecret>,
+    served: Vec<(CheckedSecret, Option<u64>)>,
     settled: bool,
     admin: AdminClient,
     user: Option<EnvoyUser>,
@@ -78,8 +87,8 @@ pub async fn attempt(
         let now = SystemTime::now();
         let outcomes: Vec<(CheckedSecret, Next)> = served
             .into_iter()
-            .map(|served| {
-                let next = match next_state(&served, settled, now) {
+            .map(|(served, rejected)| {
+                let next = match next_state(&served, rejected, settled, now) {
                     Next::Write(next) => match write_secret(&next, user.as_ref()) {
                         Ok(()) => Next::Write(next),
                         Err(e) => Next::Not(Outcome::Failed(format!("{e:#}"))),
@@ -228,7 +237,7 @@ mod tests {
     }
 
     fn next(served: &CheckedSecret, settled: bool) -> Next {
-        next_state(served, settled, SystemTime::now())
+        next_state(served, None, settled, SystemTime::now())
     }
 
     #[test]
@@ -264,5 +273,24 @@ mod tests {
             Next::Write(checked) => assert_eq!(checked.leaf.map(|(serial, _)| serial), Some("03".to_string())),
             _ => panic!("a whole chain is written at once"),
         }
+    }
+
+    #[test]
+    fn files_envoy_rejected_are_not_written_again_while_they_hold_that() {
+        let (cert, key) = pair(1);
+        let files = Files::new(&cert, &key);
+        let served = files.served();
+        let (cert, key) = pair(2);
+        files.write("k.pem", &key);
+        files.write("c.pem", &cert);
+        let Next::Write(rejected) = next(&served, true) else { panic!("a new pair that passes is written") };
+        let again = next_state(&served, Some(rejected.files_hash), true, SystemTime::now());
+        assert!(matches!(again, Next::Not(Outcome::StillRejected)), "not written again");
+        let (cert, _) = pair(3);
+        files.write("c.pem", &cert);
+        assert!(!matches!(
+            next_state(&served, Some(rejected.files_hash), false, SystemTime::now()),
+            Next::Not(Outcome::StillRejected)
+        ));
     }
 }

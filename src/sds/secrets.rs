@@ -21,9 +21,17 @@ pub struct CheckedSecret {
     /// How many certificates the chain (or the CA bundle) holds: a file written in steps has
     /// fewer until it is whole.
     pub certificates: usize,
+    /// The content hash of its files as read, in order: unchanged files need no check again.
+    pub files_hash: u64,
 }
 
 impl CheckedSecret {
+    /// Whether its files still hold what was checked (one read each, no parsing). Blocking.
+    pub fn files_unchanged(&self) -> bool {
+        let read: Option<Vec<Vec<u8>>> = self.secret.files.paths().iter().map(|p| std::fs::read(p).ok()).collect();
+        read.is_some_and(|bytes| files_hash(&bytes) == self.files_hash)
+    }
+
     /// Where the secret's certificate (or CA bundle) comes from, as the user named it.
     pub fn path(&self) -> &Path {
         match &self.secret.files {
@@ -46,10 +54,21 @@ fn text(path: &Path, what: &'static str, bytes: Vec<u8>) -> Result<String, CertE
     String::from_utf8(bytes).map_err(|_| CertError::BadPem { what, path: path.into(), fault: "not PEM text".into() })
 }
 
+fn files_hash(contents: &[Vec<u8>]) -> u64 {
+    let mut all = Vec::with_capacity(contents.iter().map(|c| c.len() + 8).sum());
+    for content in contents {
+        all.extend_from_slice(&(content.len() as u64).to_le_bytes());
+        all.extend_from_slice(content);
+    }
+    crate::files::content_hash(&all)
+}
+
 pub fn check_secret(secret: &Secret, now: SystemTime) -> Result<CheckedSecret, CertError> {
+    let hash;
     let (content, leaf, certificates) = match &secret.files {
         SecretFiles::Certificate { chain, key } => {
             let (chain_bytes, key_bytes) = (read(chain, "certificate")?, read(key, "private key")?);
+            hash = files_hash(&[chain_bytes.clone(), key_bytes.clone()]);
             let pair = TlsPair { cert: chain.clone(), key: key.clone(), key_password: false };
             let checked = certs::check_pair_bytes(&pair, &chain_bytes, &key_bytes, now)?;
             let (chain_text, key_text) =
@@ -63,12 +82,14 @@ pub fn check_secret(secret: &Secret, now: SystemTime) -> Result<CheckedSecret, C
         }
         SecretFiles::TrustedCa { ca, crl } => {
             let ca_bytes = read(ca, "CA bundle")?;
+            let crl_bytes = crl.as_ref().map(|crl| read(crl, "CRL")).transpose()?;
+            hash = files_hash(&std::iter::once(ca_bytes.clone()).chain(crl_bytes.clone()).collect::<Vec<_>>());
             certs::check_ca_bundle(ca, &ca_bytes)?;
             let ca_text = text(ca, "CA bundle", ca_bytes)?;
             let certificates = count_certificates(&ca_text);
             let mut context = json!({ "trusted_ca": { "inline_string": ca_text } });
-            if let Some(crl) = crl {
-                context["crl"] = json!({ "inline_string": text(crl, "CRL", read(crl, "CRL")?)? });
+            if let (Some(crl), Some(bytes)) = (crl, crl_bytes) {
+                context["crl"] = json!({ "inline_string": text(crl, "CRL", bytes)? });
             }
             (json!({ "validation_context": context }), None, certificates)
         }
@@ -77,7 +98,7 @@ pub fn check_secret(secret: &Secret, now: SystemTime) -> Result<CheckedSecret, C
     resource["@type"] = json!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret");
     resource["name"] = json!(secret.name);
     let resource = serde_json::to_vec(&json!({ "resources": [resource] })).unwrap_or_default();
-    Ok(CheckedSecret { secret: secret.clone(), resource, leaf, certificates })
+    Ok(CheckedSecret { secret: secret.clone(), resource, leaf, certificates, files_hash: hash })
 }
 
 fn count_certificates(pem: &str) -> usize {
@@ -90,6 +111,12 @@ pub fn write_secret(checked: &CheckedSecret, user: Option<&EnvoyUser>) -> anyhow
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = &checked.secret.path;
+    if let Some(dir) = path.parent().filter(|dir| !dir.exists()) {
+        match user {
+            Some(user) => crate::files::create_owned_dir(dir, user.uid, user.gid)?,
+            None => crate::files::create_private_dir(dir)?,
+        }
+    }
     let tmp = path.with_extension("writing");
     // A leftover (or planted) temporary file or link is removed, never written through.
     let _ = std::fs::remove_file(&tmp);

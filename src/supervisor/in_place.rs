@@ -44,6 +44,8 @@ pub(super) struct Served {
     envoy: String,
     /// The last attempt that did not apply its files, if the files still fail.
     refused: Option<ReloadStatus>,
+    /// The hash of the files Envoy rejected, while they hold that.
+    rejected: Option<u64>,
 }
 
 /// The in-place state: what Envoy has, and the attempt under way or wanted.
@@ -65,7 +67,14 @@ impl InPlace {
         let at_unix = unix_seconds(SystemTime::now());
         let served = served
             .into_iter()
-            .map(|secret| Served { secret, how: How::Start, at_unix, envoy: "read at start".into(), refused: None })
+            .map(|secret| Served {
+                secret,
+                how: How::Start,
+                at_unix,
+                envoy: "read at start".into(),
+                refused: None,
+                rejected: None,
+            })
             .collect();
         let rotate = launch.rotate_in_place;
         InPlace { files: launch.files.clone(), rotate, served, quiet: None, running: None, wanted: None }
@@ -154,7 +163,8 @@ impl<P: Processes> Supervisor<P> {
         in_place.wanted = None;
         let attempt = self.timers.next();
         in_place.running = Some(attempt);
-        let served: Vec<CheckedSecret> = in_place.served.iter().map(|s| s.secret.clone()).collect();
+        let served: Vec<(CheckedSecret, Option<u64>)> =
+            in_place.served.iter().map(|s| (s.secret.clone(), s.rejected)).collect();
         let events = self.events.clone();
         tokio::spawn(async move {
             let outcomes = crate::sds::attempt(served, settled, admin, user, CONFIRM_TIMEOUT).await;
@@ -174,7 +184,11 @@ impl<P: Processes> Supervisor<P> {
                     Some(ReloadStatus { result: crate::outcome::ReloadResult::Refused, detail, at_unix: now });
             };
             match outcome {
-                Outcome::Unchanged => served.refused = None,
+                Outcome::Unchanged => {
+                    served.refused = None;
+                    served.rejected = None;
+                }
+                Outcome::StillRejected => {}
                 Outcome::Waiting(why) => tracing::debug!("in place: {path} is not applied yet: {why}"),
                 Outcome::Refused(e) => {
                     tracing::error!("in place: {e}: Envoy keeps serving {}", describe(&served.secret));
@@ -191,19 +205,27 @@ impl<P: Processes> Supervisor<P> {
                         format!("Envoy rejected {} (sds.{}.update_rejected)", describe(&secret), secret.secret.name);
                     tracing::error!("in place: {why}: it keeps serving {}", describe(&served.secret));
                     self.metrics.rotation("in_place", "rejected");
+                    served.rejected = Some(secret.files_hash);
                     refuse(served, why);
                 }
                 Outcome::Rotated(secret) => {
                     let was = served.secret.leaf.as_ref().map(|(serial, _)| format!(" (was serial {serial})"));
                     tracing::info!("in place: Envoy serves {}{}", describe(&secret), was.unwrap_or_default());
                     self.metrics.rotation("in_place", "success");
-                    *served =
-                        Served { secret, how: How::InPlace, at_unix: now, envoy: "confirmed".into(), refused: None };
+                    *served = Served {
+                        secret,
+                        how: How::InPlace,
+                        at_unix: now,
+                        envoy: "confirmed".into(),
+                        refused: None,
+                        rejected: None,
+                    };
                 }
                 Outcome::Unconfirmed(secret, why) => {
                     tracing::warn!("in place: {} written; {why}", describe(&secret));
                     self.metrics.rotation("in_place", "unconfirmed");
-                    *served = Served { secret, how: How::InPlace, at_unix: now, envoy: why, refused: None };
+                    *served =
+                        Served { secret, how: How::InPlace, at_unix: now, envoy: why, refused: None, rejected: None };
                 }
             }
             if let Some((_, not_after)) = served.secret.leaf {
@@ -229,6 +251,7 @@ impl<P: Processes> Supervisor<P> {
                 at_unix: now,
                 envoy: format!("written for epoch {epoch}"),
                 refused: None,
+                rejected: None,
             }));
             if let Some((_, not_after)) = secret.leaf {
                 self.metrics.certificate_expires(secret.path(), not_after);
