@@ -178,9 +178,13 @@ fn fifty_rotations(volume: bool, ways: &[Write]) {
         outcome.sent
     );
     let secrets = site.launcher.runtime_dir().join("sds");
-    for entry in std::fs::read_dir(&secrets).expect("the secrets' directory").flatten() {
-        let mode = std::os::unix::fs::PermissionsExt::mode(&entry.metadata().expect("stat").permissions());
-        assert_eq!(mode & 0o777, 0o600, "{} is private", entry.path().display());
+    let mode = |path: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).expect("stat").permissions()) & 0o777
+    };
+    for dir in std::fs::read_dir(&secrets).expect("the secrets' directory").flatten() {
+        assert_eq!(mode(&dir.path()), 0o700, "{} is private", dir.path().display());
+        let secret = dir.path().join("secret.json");
+        assert_eq!(mode(&secret), 0o600, "{} is private", secret.display());
     }
     let log = site.stop();
     assert!(!secrets.exists(), "the secrets are removed at exit:\n{log}");
