@@ -167,6 +167,11 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
     } else {
         options.command.clone()
     };
+    if let (Some(user), Some(program)) = (&user, crate::process::find_program(&command[0])) {
+        let what =
+            if envoy::is_envoy_command(&command[0], &options.envoy_bin) { "the Envoy binary" } else { "the command" };
+        user.check_executable(what, &program)?;
+    }
     if !envoy::is_envoy_command(&command[0], &options.envoy_bin) {
         tracing::info!(
             "'{}' is not Envoy: running it under a plain init (no drain, no hot restart)",

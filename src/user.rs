@@ -20,13 +20,37 @@ pub struct EnvoyUser {
     pub label: String,
 }
 
-/// A file the Envoy user cannot read: one line naming the file, the user and the bits at fault.
+/// A file the Envoy user cannot read (or run): one line naming the file, the user and the bits at
+/// fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unreadable {
-    #[error("{what} {} is not readable by the Envoy user {user}: it cannot enter the directory {} ({bits})", path.display(), dir.display())]
-    Directory { what: &'static str, path: std::path::PathBuf, user: String, dir: std::path::PathBuf, bits: String },
-    #[error("{what} {} is not readable by the Envoy user {user} ({bits})", path.display())]
-    File { what: &'static str, path: std::path::PathBuf, user: String, bits: String },
+    #[error("{what} {} is not {able} by the Envoy user {user}: it cannot enter the directory {} ({bits})", path.display(), dir.display())]
+    Directory {
+        what: &'static str,
+        able: Access,
+        path: std::path::PathBuf,
+        user: String,
+        dir: std::path::PathBuf,
+        bits: String,
+    },
+    #[error("{what} {} is not {able} by the Envoy user {user} ({bits})", path.display())]
+    File { what: &'static str, able: Access, path: std::path::PathBuf, user: String, bits: String },
+}
+
+/// What the user must be able to do with a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Execute,
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Access::Read => "readable",
+            Access::Execute => "executable",
+        })
+    }
 }
 
 impl EnvoyUser {
@@ -88,6 +112,20 @@ impl EnvoyUser {
     /// which reads everything. Both the path as given and the one its symbolic links lead to are
     /// checked (a Kubernetes volume's `..data` link), as the kernel walks both.
     pub fn check_readable(&self, what: &'static str, path: &Path) -> Result<(), Unreadable> {
+        self.check_access(what, path, Access::Read)
+    }
+
+    /// Refuses a program this user cannot run, as `check_readable` does: before a spawn whose
+    /// exec would fail with only "permission denied".
+    pub fn check_executable(&self, what: &'static str, path: &Path) -> Result<(), Unreadable> {
+        self.check_access(what, path, Access::Execute)
+    }
+
+    fn check_access(&self, what: &'static str, path: &Path, able: Access) -> Result<(), Unreadable> {
+        let want = match able {
+            Access::Read => 0o4,
+            Access::Execute => 0o1,
+        };
         if self.uid.is_root() {
             return Ok(());
         }
@@ -98,16 +136,18 @@ impl EnvoyUser {
             }
             if let Some(bits) = self.missing(dir, 0o1) {
                 let (path, user, dir) = (path.to_path_buf(), self.label.clone(), dir.to_path_buf());
-                return Err(Unreadable::Directory { what, path, user, dir, bits });
+                return Err(Unreadable::Directory { what, able, path, user, dir, bits });
             }
         }
-        match self.missing(&real, 0o4) {
-            Some(bits) => Err(Unreadable::File { what, path: path.to_path_buf(), user: self.label.clone(), bits }),
+        match self.missing(&real, want) {
+            Some(bits) => {
+                Err(Unreadable::File { what, able, path: path.to_path_buf(), user: self.label.clone(), bits })
+            }
             None => Ok(()),
         }
     }
 
-    /// Whether `want` (0o4 read, 0o1 search) is denied on `path`: the mode and owners that deny it.
+    /// Whether `want` (0o4 read, 0o1 search or execute) is denied on `path`: the mode and owners that deny it.
     /// None when granted, or when the bits cannot tell (an ACL, a file that cannot be read at all).
     fn missing(&self, path: &Path, want: u32) -> Option<String> {
         let meta = std::fs::metadata(path).ok()?;
@@ -197,5 +237,27 @@ mod tests {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
         let refused = user.check_readable("private key", &key).expect_err("closed directory").to_string();
         assert!(refused.contains(&format!("cannot enter the directory {}", dir.path().display())), "{refused}");
+    }
+
+    #[test]
+    fn a_program_in_a_directory_the_user_cannot_enter_is_named_with_the_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let program = dir.path().join("envoy");
+        std::fs::write(&program, "#!/bin/sh\n").expect("program");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let user = nobody();
+        let refused = user.check_executable("the Envoy binary", &program).expect_err("closed").to_string();
+        let expected = format!(
+            "the Envoy binary {} is not executable by the Envoy user nobody (uid 65534, gid 65534): it cannot enter \
+             the directory {} (mode 0700, owner 0:0)",
+            program.display(),
+            dir.path().display()
+        );
+        assert_eq!(refused, expected);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(user.check_executable("the Envoy binary", &program), Ok(()));
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o744)).expect("chmod");
+        assert!(user.check_executable("the Envoy binary", &program).is_err(), "no x bit for others");
     }
 }
