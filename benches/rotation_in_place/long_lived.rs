@@ -119,6 +119,9 @@ fn echo_round_trip(tls: &mut TlsStream, n: u64) -> Result<(), String> {
     let line = format!("round trip {n}\n");
     tls.write_all(line.as_bytes()).map_err(|e| format!("write: {e}"))?;
     let mut back = vec![0u8; line.len()];
-    tls.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+    tls.read_exact(&mut back).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "closed by Envoy".to_string(),
+        _ => format!("read: {e}"),
+    })?;
     (back == line.as_bytes()).then_some(()).ok_or_else(|| format!("echoed {:?}", String::from_utf8_lossy(&back)))
 }
