@@ -52,7 +52,7 @@ test: envoy envoy-previous
 # `make bench QUICK=1`: one run per figure, about a minute.
 bench: envoy peers
 	SESAME_BENCH_QUICK=$(QUICK) ENVOY_BIN=$(ENVOY_BIN) $(CARGO) bench \
-		--bench shutdown --bench rotation --bench recovery --bench overhead --bench reaping
+		--bench shutdown --bench rotation --bench rotation_in_place --bench recovery --bench overhead --bench reaping
 	$(CARGO) bench --bench charts
 
 peers:

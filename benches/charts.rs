@@ -62,6 +62,29 @@ fn main() {
             &bars,
         );
     }
+    if let Some(mut runs) = load("rotation-in-place") {
+        // Each bar's label says what the time cost besides: Envoys at once, long-lived connections cut.
+        let modes: Vec<String> = bars(&runs, "mode", "served_ms", |_| true).into_iter().map(|(m, _)| m).collect();
+        for mode in modes {
+            let of = |r: &&Value| r["mode"] == mode.as_str();
+            let total = |field: &str| runs.iter().filter(of).filter_map(|r| r[field].as_u64()).sum::<u64>();
+            let envoys = runs.iter().filter(of).filter_map(|r| r["envoys_max"].as_u64()).max().unwrap_or(0);
+            let cut = total("long_lived_https_cut") + total("long_lived_tcp_cut");
+            let long_lived = total("long_lived_https") + total("long_lived_tcp");
+            let plural = if envoys == 1 { "" } else { "s" };
+            let name = format!("{mode} ({envoys} Envoy{plural}, {cut} of {long_lived} long-lived cut)");
+            for run in runs.iter_mut().filter(|r| r["mode"] == mode.as_str()) {
+                run["name"] = Value::from(name.clone());
+            }
+        }
+        let served = bars(&runs, "name", "served_ms", |_| true);
+        support::bar_chart(
+            "bench-rotation-in-place",
+            "Certificate rotation: new certificate file to its first handshake",
+            "milliseconds",
+            &served,
+        );
+    }
     if let Some(mut runs) = load("recovery") {
         for run in &mut runs {
             let connections = if run["keep_alive"] == true { "keep-alive" } else { "new conn." };

@@ -80,6 +80,7 @@ impl ServerCertVerifier for AcceptAny {
     }
 }
 
+/// A client configuration that accepts any server certificate (see `AcceptAny`).
 pub fn client_config() -> Arc<rustls::ClientConfig> {
     client_config_presenting(None)
 }
@@ -101,13 +102,33 @@ pub fn client_config_presenting(
     Arc::new(config)
 }
 
+/// A TLS connection to the loopback `port`, once its handshake is done, and the serial of the
+/// certificate the server presented in it. Reads time out after 10 s.
+pub fn tls_connect(port: u16, config: &Arc<rustls::ClientConfig>) -> Result<(TlsStream, u64), String> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    // Without it, the handshake's small writes meet delayed ACKs: 40 ms per new connection.
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(config.clone(), name).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).map_err(|e| format!("handshake: {e}"))?;
+    }
+    let serial = tls.conn.peer_certificates().and_then(|c| c.first()).map(serial_of).unwrap_or(0);
+    Ok((tls, serial))
+}
+
+/// A client's TLS stream over TCP.
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
 /// An HTTPS client on one connection at a time: keeps it alive between requests, and opens a new one
 /// when the server asked to close (or when `keep_alive` is off).
 pub struct HttpsClient {
     port: u16,
     keep_alive: bool,
     config: Arc<rustls::ClientConfig>,
-    connection: Option<(rustls::StreamOwned<rustls::ClientConnection, TcpStream>, u64)>,
+    connection: Option<(TlsStream, u64)>,
 }
 
 impl HttpsClient {
@@ -118,18 +139,7 @@ impl HttpsClient {
     /// One GET /; the status and the serial of the certificate of the connection it went over.
     pub fn get(&mut self) -> Result<(u16, u64), String> {
         if self.connection.is_none() {
-            let tcp = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| format!("connect: {e}"))?;
-            tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-            // Without it, the handshake's small writes meet delayed ACKs: 40 ms per new connection.
-            tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-            let name = ServerName::try_from("localhost").expect("name");
-            let conn = rustls::ClientConnection::new(self.config.clone(), name).map_err(|e| e.to_string())?;
-            let mut tls = rustls::StreamOwned::new(conn, tcp);
-            while tls.conn.is_handshaking() {
-                tls.conn.complete_io(&mut tls.sock).map_err(|e| format!("handshake: {e}"))?;
-            }
-            let serial = tls.conn.peer_certificates().and_then(|c| c.first()).map(serial_of).unwrap_or(0);
-            self.connection = Some((tls, serial));
+            self.connection = Some(tls_connect(self.port, &self.config)?);
         }
         let (tls, serial) = self.connection.as_mut().expect("connection");
         let serial = *serial;
