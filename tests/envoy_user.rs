@@ -53,7 +53,7 @@ impl Unprivileged {
         let port = free_port();
         let bootstrap = dir.path().join("envoy.yaml");
         std::fs::write(&bootstrap, tls_bootstrap(dir.path(), port, &cert, &key, None)).expect("bootstrap");
-        let envoy = common::envoy_bin().to_string_lossy().into_owned();
+        let envoy = common::envoy_bin_for_anyone().to_string_lossy().into_owned();
         let command = [envoy.as_str(), "-c", bootstrap.to_str().expect("utf-8"), "--concurrency", "1"];
         let options = ["--envoy-user", USER, "--envoy-drain-time", "2s", "--envoy-parent-shutdown-time", "3s"];
         let launcher = Launcher::start_with(Mode::Plain, &options, &command, |cmd| {
@@ -140,4 +140,23 @@ fn a_key_the_user_cannot_read_is_refused_by_name_and_the_old_epoch_serves() {
     assert_eq!(detail, expected);
     assert_eq!(envoy.serial(), 1, "the serving epoch keeps its certificate");
     envoy.assert_unprivileged(0);
+}
+
+#[test]
+fn an_envoy_binary_the_user_cannot_reach_is_refused_before_the_spawn_naming_the_directory() {
+    let closed = tempfile::tempdir().expect("tempdir");
+    chmod(closed.path(), 0o700);
+    let envoy = closed.path().join("envoy");
+    std::fs::copy(common::envoy_bin(), &envoy).expect("copy Envoy");
+    chmod(&envoy, 0o755);
+    let bootstrap = closed.path().join("envoy.yaml");
+    std::fs::write(&bootstrap, "static_resources: {}\n").expect("bootstrap");
+    let command = [envoy.to_str().expect("utf-8"), "-c", bootstrap.to_str().expect("utf-8")];
+    let mut launcher = Launcher::start(Mode::Plain, &["--envoy-user", USER], &command);
+    assert_eq!(launcher.exit_code(Duration::from_secs(10)), 1);
+    let log = launcher.log();
+    let expected = format!("the Envoy binary {} is not executable by the Envoy user {USER}", envoy.display());
+    assert!(log.contains(&expected), "{log}");
+    assert!(log.contains(&format!("cannot enter the directory {} (mode 0700", closed.path().display())), "{log}");
+    assert!(!log.contains("started "), "nothing was spawned:\n{log}");
 }

@@ -30,6 +30,34 @@ pub fn envoy_bin() -> PathBuf {
     path
 }
 
+/// The pinned Envoy where any user can run it: `ENVOY_BIN` itself when every directory on its way
+/// lets others through, else a copy under the temporary directory (a checkout in `/root` or in a
+/// `mktemp -d` is closed to the user the `--envoy-user` tests run Envoy as).
+pub fn envoy_bin_for_anyone() -> PathBuf {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let envoy = envoy_bin();
+    let open = |dir: &Path| std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o001 != 0);
+    let absolute = std::fs::canonicalize(&envoy).expect("ENVOY_BIN's path");
+    if absolute.ancestors().skip(1).all(open)
+        && envoy.ancestors().skip(1).filter(|d| !d.as_os_str().is_empty()).all(open)
+    {
+        return envoy;
+    }
+    let meta = std::fs::metadata(&absolute).expect("stat ENVOY_BIN");
+    let dir = std::env::temp_dir().join(format!("sesame-tests-envoy-{}-{}", meta.len(), meta.mtime()));
+    let copy = dir.join("envoy");
+    if !copy.is_file() {
+        std::fs::create_dir_all(&dir).expect("mkdir for the copy of Envoy");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // Test binaries run side by side: each copies under its own name, and the rename is atomic.
+        let partial = dir.join(format!("envoy.{}", std::process::id()));
+        std::fs::copy(&absolute, &partial).expect("copy Envoy");
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&partial, &copy).expect("rename the copy of Envoy");
+    }
+    copy
+}
+
 /// Polls `condition` every 10 ms until it holds, or panics after `timeout` naming what was awaited.
 pub fn wait_for(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
