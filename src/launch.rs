@@ -69,6 +69,9 @@ pub struct InPlace {
     /// `--cert-reload in-place`: a change of only these files is swapped in the serving Envoy;
     /// otherwise it is a hot restart, whose new epoch gets them.
     pub rotate_in_place: bool,
+    /// The epochs run on the rewritten bootstrap: from the start, or (when the certificates failed
+    /// the checks at start) from the first reload whose checks passed.
+    pub active: bool,
 }
 
 impl Launch {
@@ -131,8 +134,8 @@ impl Launch {
             (Some(file), _) => BaseId::Dynamic(PathBuf::from(file)),
         };
         let command = match &envoy.sds {
-            Some(sds) => sds.files.command(&self.command),
-            None => self.command.clone(),
+            Some(sds) if sds.active => sds.files.command(&self.command),
+            _ => self.command.clone(),
         };
         envoy::epoch_command(&command, restart_epoch, &base_id, &envoy.flags)
     }
@@ -297,7 +300,18 @@ fn in_place(
         Some(user) => create_owned_dir(&files.dir, user.uid, user.gid)?,
         None => create_private_dir(&files.dir)?,
     }
-    let first = files.prepare(bootstrap, command)?;
+    let first = match files.prepare(bootstrap, command) {
+        Ok(first) => first,
+        Err(e) => {
+            // At start Envoy is the judge, as it always was: one bad certificate must not keep
+            // every listener from serving. The first reload whose checks pass gives them by SDS.
+            tracing::warn!(
+                "{e}: at start, Envoy reads the certificates from their files and judges them itself; they are \
+                 given by SDS, checked, from the first reload whose checks pass"
+            );
+            return Ok(Some(InPlace { files, first: None, rotate_in_place, active: false }));
+        }
+    };
     if first.secrets.is_empty() {
         files.remove();
         if rotate_in_place {
@@ -321,7 +335,7 @@ fn in_place(
             first.node_set.join(" and ")
         );
     }
-    Ok(Some(InPlace { files, first: Some(first), rotate_in_place }))
+    Ok(Some(InPlace { files, first: Some(first), rotate_in_place, active: true }))
 }
 
 /// `--envoy-user`, resolved once: the child between fork and exec cannot read the user database.

@@ -44,9 +44,14 @@ impl Site {
     /// Envoy under sesame serving serial 1 on an HTTPS listener and a TLS `tcp_proxy` listener, in
     /// place, with the bootstrap's certificate files in a secret volume or plain files.
     fn start(volume: bool, options: &[&str]) -> Site {
+        Self::start_with(volume, options, certificate(1), 1)
+    }
+
+    /// The same, serving `pair` whose serial is `serial`.
+    fn start_with(volume: bool, options: &[&str], pair: (String, String), serial: u64) -> Site {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
-        let (cert_pem, key_pem) = certificate(1);
+        let (cert_pem, key_pem) = pair;
         let (cert, key, volume) = if volume {
             let volume = SecretVolume::new(&certs, &cert_pem, &key_pem);
             (certs.join("tls.crt"), certs.join("tls.key"), Some(volume))
@@ -63,7 +68,7 @@ impl Site {
         let options: Vec<&str> = OPTIONS.iter().chain(options).copied().collect();
         let launcher = Launcher::start_envoy_with(Mode::Pid1, &options, &bootstrap, &["--concurrency", "1"]);
         let site = Site { launcher, volume, port, tcp_port, cert, key, _dir: dir };
-        assert_eq!(site.serial(), 1, "the first certificate is served");
+        assert_eq!(site.serial(), serial, "the first certificate is served");
         site
     }
 
@@ -407,5 +412,28 @@ fn a_pair_envoy_rejects_is_a_refusal_and_its_secret_file_holds_what_envoy_serves
     replace_file(&site.cert, &cert);
     site.wait_for_serial(2);
     site.launcher.wait_for_status("the refusal to clear", |s| s["certificates"][0]["refused"].is_null());
+    site.stop();
+}
+
+/// At start Envoy judges the certificates, as it always did (an expired one is served, and every
+/// other listener with it); the first reload whose checks pass gives them by SDS, and the next
+/// change is swapped in place.
+#[test]
+fn a_certificate_that_fails_the_checks_at_start_is_left_to_envoy_until_a_reload_passes() {
+    let mut site = Site::start_with(false, IN_PLACE, certificate_valid(7, Some(2)), 7);
+    let log = site.launcher.log();
+    assert!(log.contains("expired") && log.contains("Envoy reads the certificates from their files"), "{log}");
+    assert_eq!(site.launcher.status()["certificates"], serde_json::json!([]), "nothing by SDS yet");
+    let (cert, key) = certificate(2);
+    site.write(Write::Rename, &cert, &key);
+    site.wait_for_serial(2);
+    site.launcher.wait_for_status("epoch 1 to serve", |s| s["current_epoch"] == 1 && s["reload"].is_null());
+    assert_eq!(site.launcher.reloads("success"), 1, "a hot restart gave the first checked pair");
+    assert_eq!(site.certificate()["rotated"], "hot-restart");
+    let (cert, key) = certificate(3);
+    site.write(Write::Rename, &cert, &key);
+    site.wait_for_serial(3);
+    site.launcher.wait_for_metric("sesame_rotations_total{mode=\"in_place\",result=\"success\"}", |n| n == 1);
+    assert_eq!(site.launcher.status()["current_epoch"], 1, "in place from then on");
     site.stop();
 }

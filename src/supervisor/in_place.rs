@@ -122,7 +122,8 @@ impl InPlace {
 impl<P: Processes> Supervisor<P> {
     /// A watched file was touched: an attempt after the quiet wait.
     pub(super) fn on_secret_files_touched(&mut self) {
-        let Some(in_place) = self.in_place.as_mut().filter(|i| i.rotate) else { return };
+        // Nothing served by SDS yet (the certificates failed at start): a reload will give them.
+        let Some(in_place) = self.in_place.as_mut().filter(|i| i.rotate && !i.served.is_empty()) else { return };
         in_place.quiet = Some(self.timers.schedule(QUIET));
     }
 
@@ -240,6 +241,14 @@ impl<P: Processes> Supervisor<P> {
     pub(super) fn write_epoch_secrets(&mut self, prepared: &Prepared) -> anyhow::Result<()> {
         let Some(in_place) = self.in_place.as_mut() else { return Ok(()) };
         in_place.files.write(prepared, self.launch.user.as_ref())?;
+        if let Some(launch) = self.launch.envoy.as_mut().and_then(|e| e.sds.as_mut()).filter(|s| !s.active) {
+            launch.active = true;
+            tracing::info!(
+                "the certificates passed the checks: from epoch {} on, Envoy gets them by SDS from {}",
+                self.epochs.next_number(),
+                in_place.files.dir.display()
+            );
+        }
         let now = unix_seconds(SystemTime::now());
         let epoch = self.epochs.next_number();
         let mut served = Vec::with_capacity(prepared.secrets.len());

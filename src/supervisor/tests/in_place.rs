@@ -40,7 +40,7 @@ impl Harness {
         let first = files.prepare(&bootstrap, &launch.command).expect("the first pair passes");
         files.write(&first, None).expect("write");
         if let Some(envoy) = launch.envoy.as_mut() {
-            envoy.sds = Some(InPlace { files, first: Some(first), rotate_in_place: true });
+            envoy.sds = Some(InPlace { files, first: Some(first), rotate_in_place: true, active: true });
         }
         let world = Fake::default();
         let (tx, events) = mpsc::unbounded_channel();
