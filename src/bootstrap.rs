@@ -243,18 +243,23 @@ fn parse_file(path: &Path) -> anyhow::Result<(Value, u64)> {
 const ADDRESS_ONEOF: &[&str] =
     &["pipe", "socket_address", "socketAddress", "envoy_internal_address", "envoyInternalAddress"];
 
-/// Envoy merges `--config-yaml` over the file as protobuf does: objects key by key, anything else
-/// replaced, and a member of a oneof replaces its siblings.
+/// Envoy merges `--config-yaml` over the file as protobuf's `MergeFrom` does: messages field by
+/// field (a field named in either spelling), repeated fields appended (a listener added), an `Any`
+/// (a `typed_config`, known by its `@type`) and scalars replaced, and a member of a oneof replaces
+/// its siblings.
 fn merge(base: &mut Value, overlay: Value) {
     match (base, overlay) {
-        (Value::Object(base), Value::Object(overlay)) => {
+        (Value::Object(base), Value::Object(overlay)) if !overlay.contains_key("@type") => {
             if overlay.keys().any(|k| ADDRESS_ONEOF.contains(&k.as_str())) {
                 base.retain(|k, _| !ADDRESS_ONEOF.contains(&k.as_str()) || overlay.contains_key(k));
             }
             for (key, value) in overlay {
+                let same = |k: &String| k == &key || camel_case(k) == camel_case(&key);
+                let key = base.keys().find(|k| same(k)).cloned().unwrap_or(key);
                 merge(base.entry(key).or_insert(Value::Null), value);
             }
         }
+        (Value::Array(base), Value::Array(overlay)) => base.extend(overlay),
         (base, overlay) => *base = overlay,
     }
 }
@@ -296,6 +301,34 @@ mod tests {
             .expect("load")
             .expect("some");
         assert_eq!(loaded.admin_address(), Some(Endpoint::Tcp("127.0.0.1".into(), 9902)));
+    }
+
+    #[test]
+    fn config_yaml_appends_to_repeated_fields_and_replaces_a_typed_config_as_envoy_does() {
+        let mut base: Value = serde_json::json!({
+            "static_resources": { "listeners": [{ "name": "plain" }] },
+            "stats_config": { "stats_tags": [{ "tag_name": "a" }] },
+            "admin": { "access_log": [{ "typed_config": { "@type": "t/File", "path": "/a", "log_format": {} } }] },
+        });
+        let overlay = serde_json::json!({
+            "staticResources": { "listeners": [{ "name": "tls" }] },
+            "admin": { "access_log": [{ "typed_config": { "@type": "t/File", "path": "/b" } }] },
+        });
+        merge(&mut base, overlay);
+        let names: Vec<&str> = base["static_resources"]["listeners"]
+            .as_array()
+            .expect("listeners")
+            .iter()
+            .filter_map(|l| l["name"].as_str())
+            .collect();
+        assert_eq!(names, ["plain", "tls"], "appended, under the file's spelling: {base}");
+        assert!(base.get("staticResources").is_none());
+        let logs = base["admin"]["access_log"].as_array().expect("logs");
+        assert_eq!(logs.len(), 2);
+        assert_eq!(logs[1]["typed_config"], serde_json::json!({ "@type": "t/File", "path": "/b" }));
+        let mut base = serde_json::json!({ "x": { "typed_config": { "@type": "A", "p": 1 } } });
+        merge(&mut base, serde_json::json!({ "x": { "typed_config": { "@type": "A", "q": 2 } } }));
+        assert_eq!(base["x"]["typed_config"], serde_json::json!({ "@type": "A", "q": 2 }), "an Any is replaced whole");
     }
 
     #[test]

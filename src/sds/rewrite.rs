@@ -71,12 +71,22 @@ pub fn rewrite(bootstrap: &mut Value, dir: &Path) -> Vec<Secret> {
     secrets
 }
 
+/// Only a `CommonTlsContext` (of a listener's or a cluster's TLS context, wherever it is nested) is
+/// rewritten: a `Secret` of `static_resources.secrets` has a `validation_context` of its own, which
+/// has no combined form.
 fn walk(value: &mut Value, dir: &Path, secrets: &mut Vec<Secret>) {
     match value {
         Value::Object(object) => {
-            rewrite_certificates(object, dir, secrets);
-            rewrite_trusted_ca(object, dir, secrets);
-            object.values_mut().for_each(|v| walk(v, dir, secrets));
+            for (key, value) in object.iter_mut() {
+                if key == "common_tls_context" || key == "commonTlsContext" {
+                    if let Some(context) = value.as_object_mut() {
+                        rewrite_certificates(context, dir, secrets);
+                        rewrite_trusted_ca(context, dir, secrets);
+                    }
+                } else {
+                    walk(value, dir, secrets);
+                }
+            }
         }
         Value::Array(items) => items.iter_mut().for_each(|v| walk(v, dir, secrets)),
         _ => {}
@@ -101,30 +111,33 @@ fn sds_config(name: &str, dir: &Path) -> (Value, PathBuf) {
     (config, path)
 }
 
-/// `tls_certificates` entries of a chain and a key given by file, and nothing else, become
-/// `tls_certificate_sds_secret_configs`.
+/// A context's `tls_certificates` become `tls_certificate_sds_secret_configs` when every entry is a
+/// chain and a key given by file and nothing else: Envoy refuses SDS and static certificates mixed
+/// in one context, so one entry sesame leaves alone (a password, an OCSP staple, inline bytes, a
+/// key provider) leaves the whole list as written.
 fn rewrite_certificates(object: &mut Map<String, Value>, dir: &Path, secrets: &mut Vec<Secret>) {
     let Some(key) = key_of(object, "tls_certificates") else { return };
-    let Some(entries) = object.get_mut(&key).and_then(Value::as_array_mut) else { return };
+    let Some(entries) = object.get(&key).and_then(Value::as_array) else { return };
+    let files: Option<Vec<SecretFiles>> = entries
+        .iter()
+        .map(|entry| {
+            let entry = entry.as_object().filter(|e| e.len() == 2)?;
+            let (chain, key) = (filename(entry, "certificate_chain")?, filename(entry, "private_key")?);
+            Some(SecretFiles::Certificate { chain, key })
+        })
+        .collect();
+    let Some(files) = files.filter(|f| !f.is_empty()) else { return };
+    if key_of(object, "tls_certificate_provider_instance").is_some() {
+        return;
+    }
     let mut configs = Vec::new();
-    entries.retain(|entry| {
-        let Some(entry) = entry.as_object() else { return true };
-        let files = match (filename(entry, "certificate_chain"), filename(entry, "private_key")) {
-            (Some(chain), Some(key)) if entry.len() == 2 => SecretFiles::Certificate { chain, key },
-            _ => return true,
-        };
+    for files in files {
         let name = secret_name(&files);
         let (config, path) = sds_config(&name, dir);
         configs.push(config);
         secrets.push(Secret { name, files, path });
-        false
-    });
-    if configs.is_empty() {
-        return;
     }
-    if entries.is_empty() {
-        object.remove(&key);
-    }
+    object.remove(&key);
     let sds_key = key_of(object, "tls_certificate_sds_secret_configs")
         .unwrap_or_else(|| "tls_certificate_sds_secret_configs".to_string());
     let list = object.entry(sds_key).or_insert_with(|| Value::Array(Vec::new()));
@@ -144,7 +157,8 @@ fn rewrite_trusted_ca(object: &mut Map<String, Value>, dir: &Path, secrets: &mut
     let Some(ca) = filename(context, "trusted_ca") else { return };
     let crl = filename(context, "crl");
     let mut default = context.clone();
-    for field in ["trusted_ca"].into_iter().chain(crl.as_ref().map(|_| "crl")) {
+    // The CA's own directory watch goes with it: the secret is watched instead.
+    for field in ["trusted_ca", "watched_directory"].into_iter().chain(crl.as_ref().map(|_| "crl")) {
         if let Some(found) = key_of(&default, field) {
             default.remove(&found);
         }
@@ -198,12 +212,20 @@ static_resources:
             tls_certificates:
             - certificate_chain: { filename: /c/a.crt }
               private_key: { filename: /c/a.key }
+            validation_context:
+              trusted_ca: { filename: /c/ca.crt }
+              watched_directory: { path: /c }
+              match_typed_subject_alt_names: [{ san_type: DNS, matcher: { exact: client } }]
+  - filter_chains:
+    - transport_socket:
+        typed_config:
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: { filename: /c/a.crt }
+              private_key: { filename: /c/a.key }
             - certificate_chain: { filename: /c/b.crt }
               private_key: { filename: /c/b.key }
               password: { inline_string: secret }
-            validation_context:
-              trusted_ca: { filename: /c/ca.crt }
-              match_typed_subject_alt_names: [{ san_type: DNS, matcher: { exact: client } }]
   clusters:
   - transport_socket:
       typed_config:
@@ -211,30 +233,43 @@ static_resources:
           tlsCertificates:
           - certificateChain: { filename: /c/a.crt }
             privateKey: { filename: /c/a.key }
+  secrets:
+  - name: client-ca
+    validation_context:
+      trusted_ca: { filename: /c/other-ca.crt }
 "#,
         );
+        let original = bootstrap.clone();
         let secrets = rewrite(&mut bootstrap, Path::new("/run/s"));
         let kinds: Vec<&SecretFiles> = secrets.iter().map(|s| &s.files).collect();
         let a = SecretFiles::Certificate { chain: "/c/a.crt".into(), key: "/c/a.key".into() };
         let ca = SecretFiles::TrustedCa { ca: "/c/ca.crt".into(), crl: None };
         assert_eq!(kinds.len(), 2, "the pair used twice is one secret: {secrets:?}");
         assert!(kinds.contains(&&a) && kinds.contains(&&ca), "{secrets:?}");
-        let context = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]["typed_config"]
-            ["common_tls_context"];
-        assert_eq!(context["tls_certificates"].as_array().map(Vec::len), Some(1), "the one with a password stays");
+        let listeners = &bootstrap["static_resources"]["listeners"];
+        let context = &listeners[0]["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"];
         let sds = &context["tls_certificate_sds_secret_configs"][0];
+        assert!(context.get("tls_certificates").is_none());
         let path = sds["sds_config"]["path_config_source"]["path"].as_str().expect("path");
         assert!(path.starts_with("/run/s/sesame-cert-") && path.ends_with("/secret.json"), "{path}");
         let watched = sds["sds_config"]["path_config_source"]["watched_directory"]["path"].as_str().expect("dir");
         assert_eq!(Path::new(path).parent(), Some(Path::new(watched)), "a directory per secret");
         let combined = &context["combined_validation_context"];
         assert!(context.get("validation_context").is_none());
-        assert!(combined["default_validation_context"].get("trusted_ca").is_none());
-        assert!(combined["default_validation_context"]["match_typed_subject_alt_names"].is_array());
+        let default = &combined["default_validation_context"];
+        assert!(default.get("trusted_ca").is_none() && default.get("watched_directory").is_none(), "{default}");
+        assert!(default["match_typed_subject_alt_names"].is_array());
+        // Envoy refuses SDS and static certificates mixed in one context: this one stays whole.
+        let mixed = &listeners[1]["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"];
+        assert_eq!(
+            mixed,
+            &original["static_resources"]["listeners"][1]["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
+        );
         let cluster =
             &bootstrap["static_resources"]["clusters"][0]["transport_socket"]["typed_config"]["commonTlsContext"];
         assert!(cluster.get("tlsCertificates").is_none(), "camelCase is read too: {cluster}");
         assert_eq!(cluster["tls_certificate_sds_secret_configs"][0]["name"], sds["name"]);
+        assert_eq!(bootstrap["static_resources"]["secrets"], original["static_resources"]["secrets"], "secrets stay");
     }
 
     #[test]
