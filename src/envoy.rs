@@ -110,6 +110,20 @@ pub fn shared_memory_path(base_id: u32) -> PathBuf {
     PathBuf::from(format!("/dev/shm/envoy_shared_memory_{}", u64::from(base_id) * 10))
 }
 
+/// The base id of the running Envoy `pid`, from the hot-restart memory it maps: for when the file
+/// it was written to is gone (the runtime directory deleted before sesame read it).
+pub fn base_id_from_maps(pid: i32) -> Option<u32> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    base_id_in_maps(&maps)
+}
+
+fn base_id_in_maps(maps: &str) -> Option<u32> {
+    let at = maps.find("/dev/shm/envoy_shared_memory_")? + "/dev/shm/envoy_shared_memory_".len();
+    let digits: String = maps[at..].chars().take_while(char::is_ascii_digit).collect();
+    let scaled: u64 = digits.parse().ok()?;
+    u32::try_from(scaled / 10).ok()
+}
+
 /// The base id file of a command: the user's `--base-id-path` when they asked for a dynamic base
 /// id with one, `default` when the launcher picks dynamically, None when `--base-id` fixes it.
 pub fn base_id_file(command: &[OsString], default: &Path) -> Option<PathBuf> {
@@ -187,6 +201,14 @@ pub fn validate_command(command: &[OsString]) -> Vec<OsString> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_base_id_is_read_from_the_hot_restart_memory_mapped() {
+        let maps = "7f00-7f01 rw-s 00000000 00:19 12 /dev/shm/envoy_shared_memory_1559881310\n\
+                    7f02-7f03 r-xp 00000000 08:01 99 /usr/lib/libc.so.6\n";
+        assert_eq!(base_id_in_maps(maps), Some(155_988_131));
+        assert_eq!(base_id_in_maps("7f02-7f03 r-xp 0 08:01 99 /usr/lib/libc.so.6\n"), None);
+    }
 
     const FLAGS: EnvoyFlags =
         EnvoyFlags { drain_time_s: 30, drain_strategy: "immediate", parent_shutdown_time_s: 45, concurrency: None };

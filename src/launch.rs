@@ -247,7 +247,7 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         Listeners::All
     };
     let admin_override = options.admin.is_some();
-    let sds = in_place(options, bootstrap.as_ref(), &command, &envoy_dir, user.as_ref())?;
+    let sds = in_place(options, bootstrap.as_ref(), &command, &runtime_dir, user.as_ref())?;
     let envoy = EnvoyLaunch {
         sds,
         drained_listeners,
@@ -281,7 +281,7 @@ fn in_place(
     options: &RunOptions,
     bootstrap: Option<&Bootstrap>,
     command: &[OsString],
-    envoy_dir: &Path,
+    runtime_dir: &Path,
     user: Option<&EnvoyUser>,
 ) -> anyhow::Result<Option<InPlace>> {
     let rotate_in_place = options.reload.cert_reload == CertReload::InPlace;
@@ -294,12 +294,10 @@ fn in_place(
         }
         return Ok(None);
     };
-    let files = SdsFiles { dir: envoy_dir.join("sds"), bootstrap: envoy_dir.join("envoy-sds-bootstrap.json") };
+    // In the runtime directory, which is the launcher's: Envoy's user owns `envoy/`, and could move
+    // a link in place of a directory of its own that the launcher writes keys into.
+    let files = SdsFiles { dir: runtime_dir.join("sds"), bootstrap: runtime_dir.join("envoy-sds-bootstrap.json") };
     files.remove();
-    match user {
-        Some(user) => create_owned_dir(&files.dir, user.uid, user.gid)?,
-        None => create_private_dir(&files.dir)?,
-    }
     let first = match files.prepare(bootstrap, command) {
         Ok(first) => first,
         Err(e) => {

@@ -437,3 +437,24 @@ fn a_certificate_that_fails_the_checks_at_start_is_left_to_envoy_until_a_reload_
     assert_eq!(site.launcher.status()["current_epoch"], 1, "in place from then on");
     site.stop();
 }
+
+/// A deleted runtime directory takes Envoy's watches of the secrets with it: the swap that Envoy
+/// does not confirm becomes a hot restart, whose epoch watches the directories made again, and the
+/// next change is swapped in place.
+#[test]
+fn with_the_runtime_directory_deleted_an_unconfirmed_swap_becomes_a_hot_restart_and_then_in_place_again() {
+    let mut site = Site::start(false, IN_PLACE);
+    std::fs::remove_dir_all(site.launcher.runtime_dir()).expect("rm -rf the runtime directory");
+    let (cert, key) = certificate(2);
+    site.write(Write::Rename, &cert, &key);
+    site.launcher.wait_for_metric("sesame_rotations_total{mode=\"in_place\",result=\"unconfirmed\"}", |n| n == 1);
+    site.launcher.wait_for_status("epoch 1 to serve", |s| s["current_epoch"] == 1 && s["reload"].is_null());
+    assert_eq!(site.launcher.reloads("success"), 1, "the hot restart's checks and epoch found their files");
+    assert_eq!(site.serial(), 2, "the new epoch serves the checked certificate");
+    let (cert, key) = certificate(3);
+    site.write(Write::Rename, &cert, &key);
+    site.wait_for_serial(3);
+    site.launcher.wait_for_metric("sesame_rotations_total{mode=\"in_place\",result=\"success\"}", |n| n == 1);
+    assert_eq!(site.launcher.status()["current_epoch"], 1, "in place again");
+    site.stop();
+}

@@ -50,6 +50,7 @@ impl SdsFiles {
         for secret in &prepared.secrets {
             write_secret(secret, user)?;
         }
+        // The secrets' directories are made (again) with them; the bootstrap is beside `sds/`.
         crate::files::write_atomically(&self.bootstrap, &prepared.bootstrap, 0o600)?;
         if let Some(user) = user {
             std::os::unix::fs::lchown(&self.bootstrap, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;

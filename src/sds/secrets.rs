@@ -105,17 +105,34 @@ fn count_certificates(pem: &str) -> usize {
     pem.matches("-----BEGIN CERTIFICATE-----").count()
 }
 
+/// The directories a secret is written in: the runtime directory, `sds/` and the secret's own, made
+/// again when they are gone (the runtime directory deleted under a running launcher). All are the
+/// launcher's, so that Envoy's user cannot move a link in their place; with `--envoy-user`, the first
+/// two let that user through and the secret's own lets its group read it (Envoy watches it).
+fn ensure_dirs(secret_dir: &Path, user: Option<&EnvoyUser>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let sds = secret_dir.parent();
+    let runtime = sds.and_then(Path::parent);
+    for (dir, mode) in [(runtime, 0o711), (sds, 0o711), (Some(secret_dir), 0o750)] {
+        let Some(dir) = dir else { continue };
+        crate::files::create_private_dir(dir)?;
+        let Some(user) = user else { continue };
+        if mode == 0o750 {
+            std::os::unix::fs::lchown(dir, None, Some(user.gid.as_raw()))?;
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
 /// Writes `checked` where Envoy reads it: by rename into its watched directory (Envoy swaps the
 /// secret on the move), mode 0600, owned by Envoy's user when it runs as another.
 pub fn write_secret(checked: &CheckedSecret, user: Option<&EnvoyUser>) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = &checked.secret.path;
-    if let Some(dir) = path.parent().filter(|dir| !dir.exists()) {
-        match user {
-            Some(user) => crate::files::create_owned_dir(dir, user.uid, user.gid)?,
-            None => crate::files::create_private_dir(dir)?,
-        }
+    if let Some(dir) = path.parent() {
+        ensure_dirs(dir, user)?;
     }
     let tmp = path.with_extension("writing");
     // A leftover (or planted) temporary file or link is removed, never written through.

@@ -378,6 +378,9 @@ fn spawn_checker<P: Processes>(
 ) -> Result<Checker, Refusal> {
     let Some(envoy) = &hands.launch.envoy else { return Err(Refusal::NotEnvoy) };
     let output = envoy.runtime_dir.join(file);
+    // The runtime directory may have been deleted under us: it is made again, the launcher's own.
+    crate::files::create_private_dir(&envoy.runtime_dir)
+        .map_err(|e| Refusal::Fault(format!("{name}: cannot write {}: {e:#}", output.display())))?;
     let created = std::fs::File::create(&output)
         .map_err(|e| Refusal::Fault(format!("{name}: cannot write {}: {e}", output.display())))?;
     let pid = hands.processes.spawn(argv, false, Some(created)).map_err(|e| Refusal::Fault(e.to_string()))?;

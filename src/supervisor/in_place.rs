@@ -178,6 +178,7 @@ impl<P: Processes> Supervisor<P> {
         let Some(in_place) = self.in_place.as_mut().filter(|i| i.running == Some(attempt)) else { return };
         in_place.running = None;
         let now = unix_seconds(SystemTime::now());
+        let mut unconfirmed = None;
         for (served, outcome) in in_place.served.iter_mut().zip(outcomes) {
             let path = served.secret.path().display().to_string();
             let refuse = |served: &mut Served, detail: String| {
@@ -223,8 +224,9 @@ impl<P: Processes> Supervisor<P> {
                     };
                 }
                 Outcome::Unconfirmed(secret, why) => {
-                    tracing::warn!("in place: {} written; {why}", describe(&secret));
+                    tracing::warn!("in place: {} written; {why}: a hot restart gives it instead", describe(&secret));
                     self.metrics.rotation("in_place", "unconfirmed");
+                    unconfirmed = Some(describe(&secret));
                     *served =
                         Served { secret, how: How::InPlace, at_unix: now, envoy: why, refused: None, rejected: None };
                 }
@@ -232,6 +234,9 @@ impl<P: Processes> Supervisor<P> {
             if let Some((_, not_after)) = served.secret.leaf {
                 self.metrics.certificate_expires(served.secret.path(), not_after);
             }
+        }
+        if let Some(secret) = unconfirmed {
+            let _ = self.request_reload(super::trigger::Trigger::Unconfirmed { secret });
         }
         self.rotate_when_possible();
     }

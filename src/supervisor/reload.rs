@@ -171,8 +171,20 @@ impl<P: Processes> Supervisor<P> {
         if busy.cold.is_some() { self.start_new_family(verdict) } else { self.start_next_epoch(verdict) }
     }
 
+    /// The base id of the serving family, once: from the file its epoch 0 wrote, or (that file gone)
+    /// from the hot-restart memory the current epoch maps. Later epochs need it even if the runtime
+    /// directory is deleted under us.
+    pub(super) fn learn_base_id(&mut self) {
+        if self.family.base_id.is_none() {
+            let pid = self.epochs.find(self.epochs.current_number()).map(|e| e.pid.as_raw());
+            self.family.base_id =
+                self.launch.base_id(&self.family).or_else(|| pid.and_then(crate::envoy::base_id_from_maps));
+        }
+    }
+
     /// Why a hot restart cannot join the serving family: the base id epoch 0 picked is not known.
-    fn base_id_unknown(&self) -> Option<Refusal> {
+    fn base_id_unknown(&mut self) -> Option<Refusal> {
+        self.learn_base_id();
         let file = self.family.base_id_path.as_ref().filter(|_| self.family.base_id.is_none())?;
         Some(Refusal::Fault(format!("the base id epoch 0 picked is not known: {file} could not be read")))
     }

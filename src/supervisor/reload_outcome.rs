@@ -29,11 +29,7 @@ impl<P: Processes> Supervisor<P> {
                 tracing::info!(pid = serving.pid.as_raw(), "Envoy epoch {epoch} is LIVE");
                 self.systemd.ready(&format!("serving: epoch {epoch} is LIVE"));
             }
-            if self.family.base_id.is_none() {
-                // Once, now that epoch 0 has written it: later epochs need it even if the runtime
-                // directory is deleted under us.
-                self.family.base_id = self.launch.base_id(&self.family);
-            }
+            self.learn_base_id();
             if let Some(waiters) = self.reload.release_held() {
                 let cold = self.cold_while_blocked("the held trigger");
                 self.start_reload(&format!("epoch {epoch} is LIVE; the held trigger"), waiters, cold);

@@ -20,6 +20,9 @@ pub enum Trigger {
     Recovery { why: String },
     /// The current epoch's draining parent ended early: the current epoch will abort.
     ParentLost { epoch: u32 },
+    /// Envoy did not confirm a secret swapped in place (its watch may be gone with a deleted
+    /// directory): a new epoch reads the secrets at its start instead.
+    Unconfirmed { secret: String },
 }
 
 impl Trigger {
@@ -60,6 +63,7 @@ impl std::fmt::Display for Trigger {
             }
             Trigger::Recovery { why } => write!(f, "recovery ({why})"),
             Trigger::ParentLost { epoch } => write!(f, "draining epoch {epoch} ended early"),
+            Trigger::Unconfirmed { secret } => write!(f, "Envoy did not confirm {secret} swapped in place"),
         }
     }
 }

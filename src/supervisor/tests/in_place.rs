@@ -68,23 +68,31 @@ impl Harness {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_certificate_change_is_swapped_with_no_validator_and_no_epoch() {
+async fn a_certificate_change_is_swapped_with_no_validator_and_a_swap_envoy_does_not_confirm_is_hot_restarted() {
     let mut h = Harness::serving_in_place();
     assert_eq!(h.served_serial().as_deref(), Some("01"));
     h.rotate_to(2);
     h.sup.handle(Event::FilesChanging);
+    let paths = vec![h.dir.path().join("c.pem"), h.dir.path().join("k.pem")];
+    h.sup.handle(Event::FilesChanged(paths));
+    assert_eq!(h.sup.status().reload, None, "no reload for certificates in place");
     h.until("the attempt's end", is_rotated).await;
+    assert_eq!(h.world.spawned().len(), 1, "only epoch 0, and no validator: {:?}", h.world.spawned());
     assert_eq!(h.served_serial().as_deref(), Some("02"), "the new pair was written");
     let status = h.sup.status();
     let certificate = &status.certificates.as_ref().expect("certificates")[0];
     assert_eq!(certificate.rotated, "in-place");
     assert!(certificate.envoy.contains("did not move"), "no admin here, so not confirmed: {}", certificate.envoy);
-    let paths = vec![h.dir.path().join("c.pem"), h.dir.path().join("k.pem")];
-    h.sup.handle(Event::FilesChanged(paths));
-    assert_eq!(h.sup.status().reload, None, "no reload for certificates in place");
-    h.until("the settled attempt", is_rotated).await;
-    assert_eq!(h.world.spawned().len(), 1, "only epoch 0, and no validator: {:?}", h.world.spawned());
     assert_eq!(h.sup.metrics.rotations.get_or_create(&rotation("unconfirmed")).get(), 1);
+    // Not confirmed (a deleted directory takes Envoy's watch with it): a new epoch reads it instead.
+    assert_eq!(status.reload, Some("checking certificates"), "a hot restart follows");
+    let epoch = h.validated().await;
+    assert!(
+        h.world
+            .spawned()
+            .iter()
+            .any(|(pid, argv)| *pid == epoch && argv.iter().any(|a| a.ends_with("envoy-sds-bootstrap.json")))
+    );
 }
 
 fn rotation(result: &str) -> crate::metrics::RotationLabel {
