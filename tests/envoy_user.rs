@@ -40,6 +40,10 @@ struct Unprivileged {
 
 impl Unprivileged {
     fn start() -> Unprivileged {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Unprivileged {
         let dir = tempfile::tempdir().expect("tempdir");
         // Envoy binds its admin socket here: the directory is the user's, as /etc/envoy would be
         // readable and an admin socket directory writable in an image.
@@ -55,7 +59,11 @@ impl Unprivileged {
         std::fs::write(&bootstrap, tls_bootstrap(dir.path(), port, &cert, &key, None)).expect("bootstrap");
         let envoy = common::envoy_bin_for_anyone().to_string_lossy().into_owned();
         let command = [envoy.as_str(), "-c", bootstrap.to_str().expect("utf-8"), "--concurrency", "1"];
-        let options = ["--envoy-user", USER, "--envoy-drain-time", "2s", "--envoy-parent-shutdown-time", "3s"];
+        let options: Vec<&str> =
+            ["--envoy-user", USER, "--envoy-drain-time", "2s", "--envoy-parent-shutdown-time", "3s"]
+                .into_iter()
+                .chain(extra.iter().copied())
+                .collect();
         let launcher = Launcher::start_with(Mode::Plain, &options, &command, |cmd| {
             // The launcher's temporary directory holds the runtime directory: the user must be
             // able to pass through it, as through /run.
@@ -159,4 +167,42 @@ fn an_envoy_binary_the_user_cannot_reach_is_refused_before_the_spawn_naming_the_
     assert!(log.contains(&expected), "{log}");
     assert!(log.contains(&format!("cannot enter the directory {} (mode 0700", closed.path().display())), "{log}");
     assert!(!log.contains("started "), "nothing was spawned:\n{log}");
+}
+
+/// In place, Envoy's user reads the secrets but cannot touch the directories sesame writes keys
+/// into: a link moved in place of one would have root write a key wherever it points.
+#[test]
+fn in_place_the_user_reads_its_secrets_and_cannot_move_their_directories() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    let envoy = Unprivileged::start_with(&["--cert-reload", "in-place"]);
+    let sds = envoy.launcher.runtime_dir().join("sds");
+    let meta = |p: &Path| std::fs::symlink_metadata(p).expect("metadata");
+    assert_eq!((meta(&sds).uid(), meta(&sds).mode() & 0o777), (0, 0o711), "sesame's, and not listable");
+    let secret_dir = std::fs::read_dir(&sds).expect("sds").flatten().next().expect("one secret").path();
+    assert_eq!((meta(&secret_dir).uid(), meta(&secret_dir).gid(), meta(&secret_dir).mode() & 0o777), (0, UID, 0o750));
+    let secret = secret_dir.join("secret.json");
+    assert_eq!((meta(&secret).uid(), meta(&secret).mode() & 0o777), (UID, 0o600), "Envoy's to read");
+    let victim = tempfile::tempdir().expect("victim");
+    chmod(victim.path(), 0o777);
+    let attack = format!(
+        "mv {sds} {sds}.old; ln -s {victim} {sds}; mv {dir} {dir}.old; ln -s {victim} {dir}",
+        sds = sds.display(),
+        dir = secret_dir.display(),
+        victim = victim.path().display()
+    );
+    let tried = std::process::Command::new("sh").args(["-c", &attack]).uid(UID).gid(UID).output().expect("sh");
+    assert!(!tried.status.success(), "the user cannot move them");
+    let (cert_pem, key_pem) = certificate(2);
+    replace_file(&envoy.key, &key_pem);
+    replace_file(&envoy.cert, &cert_pem);
+    wait_for(Duration::from_secs(15), "serial 2 to be served in place", || {
+        HttpsClient::new(envoy.port, false).get().is_ok_and(|(_, s)| s == 2)
+    });
+    assert_eq!(envoy.launcher.status()["current_epoch"], 0, "in place, no new epoch");
+    assert_eq!(std::fs::read_dir(victim.path()).expect("victim").count(), 0, "nothing written through a link");
+    let mut launcher = envoy.launcher;
+    launcher.signal(Signal::SIGTERM);
+    assert_eq!(launcher.exit_code(Duration::from_secs(30)), 0, "log:\n{}", launcher.log());
+    drop(envoy.dir);
 }
