@@ -29,6 +29,10 @@ pub struct Checked {
     /// The leaf's notAfter, in seconds since the epoch, and its serial number (lowercase hex).
     pub not_after_unix: i64,
     pub serial: String,
+    /// The hash of the leaf's issuer name, and how many certificates the chain holds: a rotation
+    /// that keeps both is the same shape of chain.
+    pub issuer: u64,
+    pub certificates: usize,
     /// Why the key was not matched against the certificate: a key beyond sesame's checks (a curve
     /// that ring does not do, an encrypted key), left to `envoy --mode validate`, which reads it as
     /// Envoy will.
@@ -73,6 +77,7 @@ pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, CertError>
 /// passes is exactly what was read.
 pub fn check_pair_bytes(pair: &TlsPair, chain: &[u8], key: &[u8], now: SystemTime) -> Result<Checked, CertError> {
     let chain = parse_chain(&pair.cert, chain)?;
+    let certificates = chain.len();
     let leaf = chain[0].clone();
     let key_left_to_envoy = match parse_key(pair, key)? {
         Key::Encrypted => Some("the key is encrypted (the bootstrap gives its password)".to_string()),
@@ -89,7 +94,7 @@ pub fn check_pair_bytes(pair: &TlsPair, chain: &[u8], key: &[u8], now: SystemTim
             }
         },
     };
-    let (not_before, not_after, serial) = validity(&leaf, &pair.cert)?;
+    let (not_before, not_after, serial, issuer) = validity(&leaf, &pair.cert)?;
     let now_secs = crate::clock::unix_seconds(now) as i64;
     if now_secs < not_before {
         return Err(CertError::NotYetValid { path: pair.cert.clone(), from: format_time(not_before) });
@@ -98,17 +103,32 @@ pub fn check_pair_bytes(pair: &TlsPair, chain: &[u8], key: &[u8], now: SystemTim
         return Err(CertError::Expired { path: pair.cert.clone(), on: format_time(not_after) });
     }
     let expires_in = Duration::from_secs((not_after - now_secs) as u64);
-    Ok(Checked { expires_in, not_after_unix: not_after, serial, key_left_to_envoy })
+    Ok(Checked { expires_in, not_after_unix: not_after, serial, issuer, certificates, key_left_to_envoy })
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, CertError> {
     std::fs::read(path).map_err(|e| CertError::Unreadable { what, path: path.into(), error: e.to_string() })
 }
 
-/// A CA bundle (or a CRL's issuer bundle) read as `bytes` from `path`: at least one certificate,
-/// every block whole.
-pub fn check_ca_bundle(path: &Path, bytes: &[u8]) -> Result<(), CertError> {
-    parse_chain(path, bytes).map(|_| ())
+/// A CRL file read as `bytes` from `path`: at least one `X509 CRL` block, each whole and a
+/// revocation list.
+pub fn check_crl(path: &Path, bytes: &[u8]) -> Result<(), CertError> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    let what = "CRL";
+    let lists: Vec<CertificateRevocationListDer<'static>> = CertificateRevocationListDer::pem_slice_iter(bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| CertError::BadPem { what, path: path.into(), fault: pem_fault(&e) })?;
+    if lists.is_empty() {
+        return Err(CertError::BadPem { what, path: path.into(), fault: "no PEM X509 CRL block".into() });
+    }
+    for list in &lists {
+        x509_parser::parse_x509_crl(list).map_err(|e| CertError::BadPem {
+            what,
+            path: path.into(),
+            fault: format!("not a certificate revocation list: {e}"),
+        })?;
+    }
+    Ok(())
 }
 
 fn parse_chain(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
@@ -165,20 +185,59 @@ fn pem_fault(error: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
-/// notBefore and notAfter of the certificate read from `path`, in seconds since the epoch, and its
-/// serial number.
-fn validity(cert: &CertificateDer<'_>, path: &Path) -> Result<(i64, i64, String), CertError> {
+/// notBefore and notAfter of the certificate read from `path`, in seconds since the epoch, its
+/// serial number, and the hash of its issuer's name.
+fn validity(cert: &CertificateDer<'_>, path: &Path) -> Result<(i64, i64, String, u64), CertError> {
+    let parsed = parse(cert, path)?;
+    let validity = parsed.validity();
+    let serial = envoy_serial(parsed.tbs_certificate.raw_serial());
+    let issuer = crate::files::content_hash(parsed.issuer().as_raw());
+    Ok((validity.not_before.timestamp(), validity.not_after.timestamp(), serial, issuer))
+}
+
+fn parse<'a>(
+    cert: &'a CertificateDer<'_>,
+    path: &Path,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, CertError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| CertError::Unusable {
         path: path.to_path_buf(),
         detail: format!("not an X.509 certificate: {e}"),
     })?;
-    let validity = parsed.validity();
-    // As Envoy's `/certs` shows it: lowercase hex, no separators, without the zero byte that DER
-    // puts before a serial whose first bit is set.
-    let raw = parsed.tbs_certificate.raw_serial();
-    let significant = raw.iter().position(|b| *b != 0).map_or(&raw[raw.len().saturating_sub(1)..], |at| &raw[at..]);
-    let serial: String = significant.iter().map(|b| format!("{b:02x}")).collect();
-    Ok((validity.not_before.timestamp(), validity.not_after.timestamp(), serial))
+    Ok(parsed)
+}
+
+/// A serial number as Envoy's `/certs` shows it: lowercase hex of its value, no separators, with
+/// neither the zero byte DER puts before a serial whose first bit is set nor other leading zero
+/// bytes, and a minus sign for a negative one (which DER stores in two's complement).
+fn envoy_serial(raw: &[u8]) -> String {
+    let negative = raw.first().is_some_and(|b| b & 0x80 != 0);
+    let magnitude: Vec<u8> = if negative {
+        // Two's complement: invert, then add one.
+        let mut bytes: Vec<u8> = raw.iter().map(|b| !b).collect();
+        for byte in bytes.iter_mut().rev() {
+            let (sum, carry) = byte.overflowing_add(1);
+            *byte = sum;
+            if !carry {
+                break;
+            }
+        }
+        bytes
+    } else {
+        raw.to_vec()
+    };
+    let significant = magnitude
+        .iter()
+        .position(|b| *b != 0)
+        .map_or(&magnitude[magnitude.len().saturating_sub(1)..], |at| &magnitude[at..]);
+    let hex: String = significant.iter().map(|b| format!("{b:02x}")).collect();
+    if negative { format!("-{hex}") } else { hex }
+}
+
+/// A CA bundle read as `bytes` from `path` (at least one certificate, every block whole): the hash
+/// of each certificate's subject name.
+pub fn bundle_subjects(path: &Path, bytes: &[u8]) -> Result<Vec<u64>, CertError> {
+    let chain = parse_chain(path, bytes)?;
+    chain.iter().map(|cert| Ok(crate::files::content_hash(parse(cert, path)?.subject().as_raw()))).collect()
 }
 
 fn format_time(secs: i64) -> String {
@@ -246,6 +305,15 @@ impl ResolvesServerCert for ReloadingCert {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serials_read_as_envoy_shows_them() {
+        assert_eq!(envoy_serial(&[0x01]), "01");
+        assert_eq!(envoy_serial(&[0x00, 0x99]), "99", "the zero byte DER puts before a high first bit");
+        assert_eq!(envoy_serial(&[0x12, 0x34]), "1234");
+        assert_eq!(envoy_serial(&[0xfb]), "-05", "negative, in two's complement");
+        assert_eq!(envoy_serial(&[0xff, 0x00]), "-0100");
+    }
 
     fn write_pair(dir: &Path, cert_pem: &str, key_pem: &str) -> TlsPair {
         let pair = TlsPair { cert: dir.join("cert.pem"), key: dir.join("key.pem"), key_password: false };

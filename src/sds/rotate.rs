@@ -42,6 +42,28 @@ enum Next {
     Not(Outcome),
 }
 
+/// How `next` differs from `served` in a way that a write in steps would show half done, which
+/// only the end of the debounce tells from what was meant: a chain with fewer certificates (its
+/// leaf written before its intermediates) or from another issuer (a new leaf whose intermediate
+/// comes next), a key sesame cannot match against its certificate (which a write of the key before
+/// the certificate would have Envoy reject), a CA bundle that lost a CA (one CA written, the next
+/// appended).
+fn changes_shape(served: &CheckedSecret, next: &CheckedSecret) -> Option<String> {
+    if next.key_judged_by_envoy {
+        return Some("has a key that only Envoy can match against its certificate".into());
+    }
+    if next.certificates < served.certificates {
+        return Some(format!("holds {} certificates, {} before", next.certificates, served.certificates));
+    }
+    if next.issuer != served.issuer {
+        return Some("has a leaf from another issuer".into());
+    }
+    if served.subjects.iter().any(|s| !next.subjects.contains(s)) {
+        return Some("no longer holds every CA it held".into());
+    }
+    None
+}
+
 /// What the secret `served` becomes, from its files as they are now. `settled`: the debounce
 /// ended, and a state that passes the checks is applied even when it holds fewer certificates.
 fn next_state(served: &CheckedSecret, rejected: Option<u64>, settled: bool, now: SystemTime) -> Next {
@@ -59,16 +81,12 @@ fn next_state(served: &CheckedSecret, rejected: Option<u64>, settled: bool, now:
     if rejected == Some(checked.files_hash) {
         return Next::Not(Outcome::StillRejected);
     }
-    if checked.certificates < served.certificates && !settled {
-        let why = format!(
-            "{} holds {} certificates, {} before: applied once the files settle",
-            checked.path().display(),
-            checked.certificates,
-            served.certificates
-        );
-        return Next::Not(Outcome::Waiting(why));
+    match (settled, changes_shape(served, &checked)) {
+        (false, Some(how)) => {
+            Next::Not(Outcome::Waiting(format!("{} {how}: applied once the files settle", checked.path().display())))
+        }
+        _ => Next::Write(checked),
     }
-    Next::Write(checked)
 }
 
 /// Reads every served secret's files, writes those that changed and pass, and confirms each with
@@ -292,5 +310,77 @@ mod tests {
             next_state(&served, Some(rejected.files_hash), false, SystemTime::now()),
             Next::Not(Outcome::StillRejected)
         ));
+    }
+
+    fn signed_by(issuer_name: &str, serial: u64) -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(rcgen::DnType::CommonName, issuer_name);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        (params.signed_by(&key, &issuer).expect("sign").pem(), key.serialize_pem(), ca_cert.pem())
+    }
+
+    #[test]
+    fn a_leaf_from_another_issuer_waits_for_the_debounce_one_from_the_same_is_written_at_once() {
+        let (leaf, key, _) = signed_by("root", 1);
+        let files = Files::new(&leaf, &key);
+        let served = files.served();
+        // Signed by an intermediate that the next step appends: a client that needs it would fail.
+        let (other, other_key, _) = signed_by("intermediate", 2);
+        files.write("k.pem", &other_key);
+        files.write("c.pem", &other);
+        assert!(matches!(next(&served, false), Next::Not(Outcome::Waiting(_))), "another issuer waits");
+        assert!(matches!(next(&served, true), Next::Write(_)), "settled, it is applied");
+        let (same, same_key, _) = signed_by("root", 3);
+        files.write("k.pem", &same_key);
+        files.write("c.pem", &same);
+        assert!(matches!(next(&served, false), Next::Write(_)), "the same issuer, the same chain: at once");
+    }
+
+    #[test]
+    fn a_ca_bundle_that_loses_a_ca_waits_for_the_debounce_one_that_adds_is_written_at_once() {
+        let (_, _, ca_1) = signed_by("ca one", 1);
+        let (_, _, ca_2) = signed_by("ca two", 2);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &ca_1).expect("ca");
+        let secret = Secret {
+            name: "ca".into(),
+            files: SecretFiles::TrustedCa { ca: ca.clone(), crl: None },
+            path: dir.path().join("s/secret.json"),
+        };
+        let served = check_secret(&secret, SystemTime::now()).expect("a CA");
+        std::fs::write(&ca, &ca_2).expect("ca 2 first, ca 1 to be appended");
+        assert!(matches!(next(&served, false), Next::Not(Outcome::Waiting(_))), "lost ca one: waits");
+        std::fs::write(&ca, format!("{ca_2}{ca_1}")).expect("both");
+        assert!(matches!(next(&served, false), Next::Write(_)), "adds ca two: at once");
+        let crl = dir.path().join("ca.crl");
+        std::fs::write(&crl, "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n").expect("crl");
+        let with_crl = Secret { files: SecretFiles::TrustedCa { ca, crl: Some(crl.clone()) }, ..secret };
+        let refused = check_secret(&with_crl, SystemTime::now()).expect_err("a CRL that does not parse").to_string();
+        assert!(refused.starts_with(&format!("CRL {}", crl.display())), "named by the CRL's path: {refused}");
+    }
+
+    #[test]
+    fn a_key_only_envoy_can_match_waits_for_the_debounce() {
+        let (cert, key) = pair(1);
+        let files = Files::new(&cert, &key);
+        let served = files.served();
+        let fixture = |name: &str| {
+            std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name))
+                .expect("fixture")
+        };
+        files.write("k.pem", &fixture("p521-key.pem"));
+        files.write("c.pem", &fixture("p521-cert.pem"));
+        assert!(
+            matches!(next(&served, false), Next::Not(Outcome::Waiting(_))),
+            "a key written first would be rejected"
+        );
+        assert!(matches!(next(&served, true), Next::Write(_)));
     }
 }

@@ -21,6 +21,11 @@ pub struct CheckedSecret {
     /// How many certificates the chain (or the CA bundle) holds: a file written in steps has
     /// fewer until it is whole.
     pub certificates: usize,
+    /// A certificate's leaf issuer (the hash of its name) and whether Envoy alone judges its key
+    /// (a type beyond sesame's checks); a CA bundle's subjects (hashes of their names).
+    pub issuer: Option<u64>,
+    pub key_judged_by_envoy: bool,
+    pub subjects: Vec<u64>,
     /// The content hash of its files as read, in order: unchanged files need no check again.
     pub files_hash: u64,
 }
@@ -65,15 +70,17 @@ fn files_hash(contents: &[Vec<u8>]) -> u64 {
 
 pub fn check_secret(secret: &Secret, now: SystemTime) -> Result<CheckedSecret, CertError> {
     let hash;
+    let (mut issuer, mut key_judged_by_envoy, mut subjects) = (None, false, Vec::new());
     let (content, leaf, certificates) = match &secret.files {
         SecretFiles::Certificate { chain, key } => {
             let (chain_bytes, key_bytes) = (read(chain, "certificate")?, read(key, "private key")?);
             hash = files_hash(&[chain_bytes.clone(), key_bytes.clone()]);
             let pair = TlsPair { cert: chain.clone(), key: key.clone(), key_password: false };
             let checked = certs::check_pair_bytes(&pair, &chain_bytes, &key_bytes, now)?;
+            (issuer, key_judged_by_envoy) = (Some(checked.issuer), checked.key_left_to_envoy.is_some());
             let (chain_text, key_text) =
                 (text(chain, "certificate", chain_bytes)?, text(key, "private key", key_bytes)?);
-            let certificates = count_certificates(&chain_text);
+            let certificates = checked.certificates;
             let content = json!({ "tls_certificate": {
                 "certificate_chain": { "inline_string": chain_text },
                 "private_key": { "inline_string": key_text },
@@ -84,9 +91,12 @@ pub fn check_secret(secret: &Secret, now: SystemTime) -> Result<CheckedSecret, C
             let ca_bytes = read(ca, "CA bundle")?;
             let crl_bytes = crl.as_ref().map(|crl| read(crl, "CRL")).transpose()?;
             hash = files_hash(&std::iter::once(ca_bytes.clone()).chain(crl_bytes.clone()).collect::<Vec<_>>());
-            certs::check_ca_bundle(ca, &ca_bytes)?;
+            subjects = certs::bundle_subjects(ca, &ca_bytes)?;
+            if let (Some(crl), Some(bytes)) = (crl, &crl_bytes) {
+                certs::check_crl(crl, bytes)?;
+            }
             let ca_text = text(ca, "CA bundle", ca_bytes)?;
-            let certificates = count_certificates(&ca_text);
+            let certificates = subjects.len();
             let mut context = json!({ "trusted_ca": { "inline_string": ca_text } });
             if let (Some(crl), Some(bytes)) = (crl, crl_bytes) {
                 context["crl"] = json!({ "inline_string": text(crl, "CRL", bytes)? });
@@ -98,11 +108,17 @@ pub fn check_secret(secret: &Secret, now: SystemTime) -> Result<CheckedSecret, C
     resource["@type"] = json!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret");
     resource["name"] = json!(secret.name);
     let resource = serde_json::to_vec(&json!({ "resources": [resource] })).unwrap_or_default();
-    Ok(CheckedSecret { secret: secret.clone(), resource, leaf, certificates, files_hash: hash })
-}
-
-fn count_certificates(pem: &str) -> usize {
-    pem.matches("-----BEGIN CERTIFICATE-----").count()
+    let files_hash = hash;
+    Ok(CheckedSecret {
+        secret: secret.clone(),
+        resource,
+        leaf,
+        certificates,
+        files_hash,
+        issuer,
+        key_judged_by_envoy,
+        subjects,
+    })
 }
 
 /// The directories a secret is written in: the runtime directory, `sds/` and the secret's own, made
