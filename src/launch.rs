@@ -310,6 +310,18 @@ fn in_place(
             return Ok(Some(InPlace { files, first: None, rotate_in_place, active: false }));
         }
     };
+    if let Some(secret) = first.secrets.iter().find(|s| s.key_judged_by_envoy)
+        && let Err(why) = envoy_accepts(command, runtime_dir, user)
+    {
+        // A key only Envoy can judge, which it refuses: without sesame Envoy would not start, and
+        // by SDS it would start without that certificate. It is given the files, and says so.
+        tracing::warn!(
+            "{} has a key beyond sesame's checks that envoy --mode validate refuses ({why}): at start, Envoy \
+             reads the certificates from their files and judges them itself",
+            secret.path().display()
+        );
+        return Ok(Some(InPlace { files, first: None, rotate_in_place, active: false }));
+    }
     if first.secrets.is_empty() {
         files.remove();
         if rotate_in_place {
@@ -334,6 +346,22 @@ fn in_place(
         );
     }
     Ok(Some(InPlace { files, first: Some(first), rotate_in_place, active: true }))
+}
+
+/// Whether `envoy --mode validate` accepts the command (run as Envoy's user): for a key type that
+/// only Envoy can judge, before it is given by SDS at start. Blocking, on the main thread (Envoy's
+/// children must be spawned from it).
+fn envoy_accepts(command: &[OsString], runtime_dir: &Path, user: Option<&EnvoyUser>) -> Result<(), String> {
+    let path = runtime_dir.join("envoy-validate.log");
+    let output = std::fs::File::create(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let passed =
+        crate::process::run_before_start(&envoy::validate_command(command), output, user).map_err(|e| e.to_string())?;
+    if passed {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let reason = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no reason given");
+    Err(reason.trim().to_string())
 }
 
 /// `--envoy-user`, resolved once: the child between fork and exec cannot read the user database.

@@ -139,6 +139,11 @@ impl Metrics {
         self.certificate_not_after.get_or_create(&label).set(not_after_unix);
     }
 
+    /// A certificate no longer given to Envoy: its expiry is not reported any more.
+    pub fn forget_certificate(&self, path: &std::path::Path) {
+        self.certificate_not_after.remove(&PathLabel { path: path.display().to_string() });
+    }
+
     pub fn reaped(&self, kind: &str) {
         self.reaped.get_or_create(&KindLabel { kind: kind.into() }).inc();
     }

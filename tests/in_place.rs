@@ -458,3 +458,41 @@ fn with_the_runtime_directory_deleted_an_unconfirmed_swap_becomes_a_hot_restart_
     assert_eq!(site.launcher.status()["current_epoch"], 1, "in place again");
     site.stop();
 }
+
+/// A drain lasts up to --drain-timeout: the clients that still connect meanwhile get the
+/// certificate rotated during it.
+#[test]
+fn a_certificate_rotated_during_the_drain_is_swapped_for_the_clients_that_still_connect() {
+    let mut site = Site::start(false, &["--cert-reload", "in-place", "--drain-timeout", "30s"]);
+    // An idle connection holds the drain open.
+    let idle = std::net::TcpStream::connect(("127.0.0.1", site.port)).expect("connect");
+    site.launcher.signal(Signal::SIGTERM);
+    site.launcher.wait_for_drain();
+    let (cert, key) = certificate(2);
+    site.write(Write::Rename, &cert, &key);
+    site.wait_for_serial(2);
+    assert!(site.launcher.is_draining(), "still draining");
+    drop(idle);
+    assert_eq!(site.launcher.exit_code(Duration::from_secs(60)), 0, "{}", site.launcher.log());
+}
+
+/// A key only Envoy can judge, which it refuses, at start: Envoy is given the files and fails as it
+/// would without sesame, rather than starting by SDS without the certificate.
+#[test]
+fn a_pair_envoy_refuses_at_start_fails_the_start_as_without_sesame_in_both_modes() {
+    for mode in ["in-place", "hot-restart"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let (cert, key) = (fixtures.join("rsa1024-cert.pem"), fixtures.join("rsa1024-key.pem"));
+        let [port] = free_ports();
+        let bootstrap = dir.path().join("envoy.yaml");
+        std::fs::write(&bootstrap, common::tls::tls_bootstrap(dir.path(), port, &cert, &key, None)).expect("bootstrap");
+        let envoy = common::envoy_bin();
+        let command = [envoy.to_str().expect("utf-8"), "-c", bootstrap.to_str().expect("utf-8")];
+        let mut launcher = Launcher::start(Mode::Plain, &["--cert-reload", mode], &command);
+        assert_eq!(launcher.exit_code(Duration::from_secs(30)), 1, "{mode}: Envoy's own exit status");
+        let log = launcher.log();
+        assert!(log.contains("envoy --mode validate refuses"), "{mode}: sesame says why:\n{log}");
+        assert!(log.contains("2048-bit or larger keys"), "{mode}: Envoy's own reason:\n{log}");
+    }
+}

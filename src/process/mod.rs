@@ -157,6 +157,25 @@ fn spawn(
     }
 }
 
+/// Runs `argv` to its end as `user`, its output to `output`: whether it exited 0. Only before the
+/// supervisor runs (no reaper yet takes its exit), from the main thread.
+pub fn run_before_start(
+    argv: &[OsString],
+    output: std::fs::File,
+    user: Option<&EnvoyUser>,
+) -> Result<bool, SpawnError> {
+    let program = argv.first().cloned().unwrap_or_default();
+    let pid = spawn(argv, false, Some(output), user)?;
+    loop {
+        match nix::sys::wait::waitpid(pid, None) {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => return Ok(code == 0),
+            Ok(nix::sys::wait::WaitStatus::Signaled(..)) => return Ok(false),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(SpawnError { program, error: e.into() }),
+        }
+    }
+}
+
 /// Runs in the forked child: every signal back to SIG_DFL and nothing blocked.
 fn reset_signal_state(last_signal: libc::c_int) {
     // The kernel's struct sigaction, all zero: SIG_DFL, no flags, empty mask, whatever the field

@@ -153,10 +153,13 @@ impl<P: Processes> Supervisor<P> {
         self.rotate_when_possible();
     }
 
-    /// Starts the attempt wanted, if one may run now: Envoy serving, no stop, no reload, no other
-    /// attempt. Called after every event.
+    /// Starts the attempt wanted, if one may run now: Envoy serving (a drain's too), no reload, no
+    /// other attempt. Called after every event.
     pub(super) fn rotate_when_possible(&mut self) {
-        let may = matches!(self.phase, Phase::Running) && self.reload.is_idle() && self.epochs.current_is_live();
+        // A drain takes up to --drain-timeout, and the clients that still connect meanwhile get the
+        // new certificate; once Envoy is told to stop, nothing is swapped.
+        let serving = matches!(self.phase, Phase::Running | Phase::Draining { .. });
+        let may = serving && self.reload.is_idle() && self.epochs.current_is_live();
         let admin = self.epochs.current_admin();
         let user = self.launch.user.clone();
         let Some(in_place) = self.in_place.as_mut() else { return };
@@ -270,6 +273,9 @@ impl<P: Processes> Supervisor<P> {
             if let Some((_, not_after)) = secret.leaf {
                 self.metrics.certificate_expires(secret.path(), not_after);
             }
+        }
+        for gone in in_place.served.iter().filter(|s| !served.iter().any(|n| n.secret.path() == s.secret.path())) {
+            self.metrics.forget_certificate(gone.secret.path());
         }
         in_place.served = served;
         Ok(())

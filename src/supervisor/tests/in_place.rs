@@ -152,3 +152,25 @@ async fn a_bootstrap_change_is_a_hot_restart_in_place_too() {
     h.sup.handle(Event::FilesChanged(vec![bootstrap]));
     assert_eq!(h.sup.status().reload, Some("checking certificates"), "a reload checks for itself");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_certificate_the_bootstrap_no_longer_names_is_no_longer_reported() {
+    let mut h = Harness::serving_in_place();
+    let old = h.dir.path().join("c.pem");
+    let text = h.sup.metrics.render();
+    assert!(text.contains(&format!("path=\"{}\"", old.display())), "{text}");
+    let (cert, key) = pair(5);
+    std::fs::write(h.dir.path().join("c2.pem"), cert).expect("cert");
+    std::fs::write(h.dir.path().join("k2.pem"), key).expect("key");
+    let bootstrap = h.dir.path().join("envoy.yaml");
+    let yaml = std::fs::read_to_string(&bootstrap)
+        .expect("bootstrap")
+        .replace("/c.pem", "/c2.pem")
+        .replace("/k.pem", "/k2.pem");
+    std::fs::write(&bootstrap, yaml).expect("bootstrap");
+    h.sup.handle(Event::FilesChanged(vec![bootstrap]));
+    h.validated().await;
+    let text = h.sup.metrics.render();
+    assert!(!text.contains(&format!("path=\"{}\"", old.display())), "{text}");
+    assert!(text.contains(&format!("path=\"{}\"", h.dir.path().join("c2.pem").display())), "{text}");
+}
