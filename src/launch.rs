@@ -296,9 +296,19 @@ fn in_place(
     };
     // In the runtime directory, which is the launcher's: Envoy's user owns `envoy/`, and could move
     // a link in place of a directory of its own that the launcher writes keys into.
-    let files = SdsFiles { dir: runtime_dir.join("sds"), bootstrap: runtime_dir.join("envoy-sds-bootstrap.json") };
+    let (dir, bootstrap_path) = (runtime_dir.join("sds"), runtime_dir.join("envoy-sds-bootstrap.json"));
+    let mut files = SdsFiles { dir, bootstrap: bootstrap_path, inline: !rotate_in_place };
     files.remove();
     let first = match files.prepare(bootstrap, command) {
+        Ok(first) if files.inline || fits_inotify(first.secrets.len()) => Ok(first),
+        Ok(_) => {
+            files.inline = true;
+            files.prepare(bootstrap, command)
+        }
+        Err(e) => Err(e),
+    };
+    let rotate_in_place = rotate_in_place && !files.inline;
+    let first = match first {
         Ok(first) => first,
         Err(e) => {
             // At start Envoy is the judge, as it always was: one bad certificate must not keep
@@ -331,10 +341,13 @@ fn in_place(
     }
     files.write(&first, user)?;
     tracing::info!(
-        "{} certificates and CA bundles given to Envoy by file-based SDS from {}, as checked (Envoy runs on {}); \
-         changed, they are {}",
+        "{} certificates and CA bundles given to Envoy as checked, {} (Envoy runs on {}); changed, they are {}",
         first.secrets.len(),
-        files.dir.display(),
+        if files.inline {
+            "inline in its bootstrap".to_string()
+        } else {
+            format!("by file-based SDS from {}", files.dir.display())
+        },
         files.bootstrap.display(),
         if rotate_in_place { "swapped in place" } else { "hot-restarted" }
     );
@@ -362,6 +375,29 @@ fn envoy_accepts(command: &[OsString], runtime_dir: &Path, user: Option<&EnvoyUs
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     let reason = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no reason given");
     Err(reason.trim().to_string())
+}
+
+/// Whether Envoy can take `secrets` file-based SDS secrets: one inotify instance each, in each of
+/// the two epochs of a hot restart, out of `fs.inotify.max_user_instances` (128 by default) shared by
+/// every process of the user. Half of it is left to the others; beyond, sesame says what to raise.
+fn fits_inotify(secrets: usize) -> bool {
+    let path = "/proc/sys/fs/inotify/max_user_instances";
+    let limit: usize = std::fs::read_to_string(path).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(128);
+    if inotify_budget_holds(secrets, limit) {
+        return true;
+    }
+    tracing::warn!(
+        "--cert-reload in-place: {secrets} certificates would take {} of the {limit} inotify instances this user may \
+         have ({path}: Envoy watches each file-based SDS secret with one, in each of two epochs during a hot restart): \
+         certificates are rotated by hot restarts; raise it to at least {} for in-place rotation",
+        2 * secrets,
+        4 * secrets
+    );
+    false
+}
+
+fn inotify_budget_holds(secrets: usize, limit: usize) -> bool {
+    2 * secrets <= limit / 2
 }
 
 /// `--envoy-user`, resolved once: the child between fork and exec cannot read the user database.
@@ -420,5 +456,15 @@ fn concurrency(setting: ConcurrencySetting, command: &[OsString]) -> Option<u32>
             tracing::info!("{why}");
             workers
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn in_place_takes_at_most_half_the_users_inotify_instances_over_two_epochs() {
+        assert!(super::inotify_budget_holds(32, 128), "32 secrets, 64 instances in a hot restart: half of 128");
+        assert!(!super::inotify_budget_holds(33, 128));
+        assert!(super::inotify_budget_holds(1000, 4000));
     }
 }

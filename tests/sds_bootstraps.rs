@@ -107,3 +107,72 @@ fn a_listener_added_by_config_yaml_is_served_beside_those_of_the_file() {
     assert_eq!(launcher.status()["certificates"].as_array().map(Vec::len), Some(1));
     stop(launcher);
 }
+
+/// The serial served to a client that asks for `name` by SNI.
+fn serial_for(port: u16, name: &str) -> Result<u64, String> {
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let server = rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(common::tls::client_config(), server).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).map_err(|e| format!("handshake: {e}"))?;
+    }
+    let leaf = tls.conn.peer_certificates().and_then(|c| c.first()).ok_or("no certificate")?;
+    Ok(common::tls::serial_of(leaf))
+}
+
+/// Hot restarts give the certificates inline: Envoy takes no inotify instance for them, which it
+/// would for each file-based SDS secret (128 per user by default), however many there are.
+#[test]
+fn forty_sni_certificates_by_hot_restart_take_no_inotify_instance_and_one_is_renewed_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [port] = free_ports();
+    let (cert, key) = pair(dir.path(), 1);
+    let base = tls_bootstrap(dir.path(), port, &cert, &key, None);
+    let chain_at = base.find("    filter_chains:\n").expect("filter chains") + "    filter_chains:\n".len();
+    let chain = base[chain_at..].to_string();
+    let mut chains = String::new();
+    for i in 0..40u64 {
+        let (cert, key) = pair(dir.path(), 100 + i);
+        let this = chain
+            .replace(&cert_path(dir.path(), 1), &cert.display().to_string())
+            .replace(&dir.path().join("key-1.pem").display().to_string(), &key.display().to_string());
+        chains += &this.replacen(
+            "    - transport_socket:",
+            &format!("    - filter_chain_match: {{ server_names: [\"h{i}.test\"] }}\n      transport_socket:"),
+            1,
+        );
+    }
+    let listener_filters = "    listener_filters:\n    - name: envoy.filters.listener.tls_inspector\n      typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector }\n";
+    let yaml =
+        format!("{}{listener_filters}    filter_chains:\n{chains}", &base[..chain_at - "    filter_chains:\n".len()]);
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, &yaml).expect("bootstrap");
+    let envoy = envoy_bin();
+    let command = [envoy.to_str().expect("utf-8"), "-c", path.to_str().expect("utf-8")];
+    let mut launcher = Launcher::start(Mode::Plain, &[], &command);
+    let admin = dir.path().join("admin.sock");
+    wait_for(Duration::from_secs(30), "Envoy to be ready", || admin_get(&admin, "/ready") == Some(200));
+    assert_eq!(serial_for(port, "h7.test"), Ok(107));
+    let envoy_pid = common::children_of(launcher.pid())[0];
+    let inotify = std::fs::read_dir(format!("/proc/{envoy_pid}/fd"))
+        .expect("fds")
+        .flatten()
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().contains("inotify")))
+        .count();
+    assert_eq!(inotify, 0, "no inotify instance for 40 certificates");
+    assert_eq!(launcher.status()["certificates"].as_array().map(Vec::len), Some(40));
+    let (cert_pem, key_pem) = certificate(207);
+    common::tls::replace_file(&dir.path().join("key-107.pem"), &key_pem);
+    common::tls::replace_file(&dir.path().join("cert-107.pem"), &cert_pem);
+    wait_for(Duration::from_secs(20), "the renewed certificate on its name", || serial_for(port, "h7.test") == Ok(207));
+    assert_eq!(serial_for(port, "h8.test"), Ok(108), "the others as they were");
+    launcher.wait_for_metric("sesame_reloads_total{result=\"success\"}", |n| n == 1);
+    launcher.signal(Signal::SIGTERM);
+    assert_eq!(launcher.exit_code(Duration::from_secs(60)), 0, "{}", launcher.log());
+}
+
+fn cert_path(dir: &Path, serial: u64) -> String {
+    dir.join(format!("cert-{serial}.pem")).display().to_string()
+}

@@ -4,6 +4,7 @@
 //! its file is renamed into the watched directory: no new epoch, no connection touched. A rotation
 //! (`rotate`) writes what changed and reads Envoy's answer back.
 
+mod inline;
 mod prepare;
 mod rewrite;
 mod rotate;

@@ -18,6 +18,8 @@ pub struct SdsFiles {
     pub dir: PathBuf,
     /// The rewritten bootstrap, which Envoy's `-c` names.
     pub bootstrap: PathBuf,
+    /// Hot restarts only: the secrets inline in the bootstrap (static secrets), no secret files.
+    pub inline: bool,
 }
 
 /// What an epoch will run on: the secrets of the user's bootstrap as it was read, each checked,
@@ -36,9 +38,16 @@ impl SdsFiles {
     pub fn prepare(&self, bootstrap: &Bootstrap, command: &[OsString]) -> Result<Prepared, CertError> {
         let mut value = bootstrap.value().clone();
         let secrets = rewrite(&mut value, &self.dir);
-        // Envoy refuses SDS without a node, and needs none without SDS.
-        let node_set = if secrets.is_empty() { Vec::new() } else { ensure_node(&mut value, command) };
         let secrets = super::check_secrets(&secrets, SystemTime::now())?;
+        // Envoy refuses file-based SDS without a node, and needs none for static secrets.
+        let node_set = if self.inline {
+            super::inline::inline(&mut value, &secrets);
+            Vec::new()
+        } else if secrets.is_empty() {
+            Vec::new()
+        } else {
+            ensure_node(&mut value, command)
+        };
         let bootstrap = serde_json::to_vec_pretty(&value).unwrap_or_default();
         Ok(Prepared { secrets, bootstrap, node_set })
     }
@@ -47,8 +56,16 @@ impl SdsFiles {
     /// bootstrap), then the bootstrap. The secrets an epoch serves now are swapped too, to bytes
     /// that passed the same checks.
     pub fn write(&self, prepared: &Prepared, user: Option<&EnvoyUser>) -> anyhow::Result<()> {
-        for secret in &prepared.secrets {
+        for secret in prepared.secrets.iter().filter(|_| !self.inline) {
             write_secret(secret, user)?;
+        }
+        if let Some(dir) = self.bootstrap.parent() {
+            // Made again if it was deleted; Envoy's user passes through it to its files.
+            crate::files::create_private_dir(dir)?;
+            if user.is_some() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+            }
         }
         // The secrets' directories are made (again) with them; the bootstrap is beside `sds/`.
         crate::files::write_atomically(&self.bootstrap, &prepared.bootstrap, 0o600)?;

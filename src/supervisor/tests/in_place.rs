@@ -34,7 +34,11 @@ impl Harness {
             dir.path().display()
         );
         std::fs::write(dir.path().join("envoy.yaml"), yaml).expect("bootstrap");
-        let files = SdsFiles { dir: dir.path().join("sds"), bootstrap: dir.path().join("envoy-sds-bootstrap.json") };
+        let files = SdsFiles {
+            dir: dir.path().join("sds"),
+            bootstrap: dir.path().join("envoy-sds-bootstrap.json"),
+            inline: false,
+        };
         std::fs::create_dir(&files.dir).expect("sds dir");
         let bootstrap = Bootstrap::from_command(&launch.command).expect("read").expect("a bootstrap");
         let first = files.prepare(&bootstrap, &launch.command).expect("the first pair passes");
