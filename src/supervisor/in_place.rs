@@ -59,6 +59,8 @@ pub(super) struct InPlace {
     running: Option<Generation>,
     /// An attempt is wanted (true: as at the debounce's end) once one may run.
     wanted: Option<bool>,
+    /// Inline secrets written for an epoch that is not serving yet: what Envoy has once it is.
+    pending: Option<Vec<Served>>,
 }
 
 impl InPlace {
@@ -77,7 +79,7 @@ impl InPlace {
             })
             .collect();
         let rotate = launch.rotate_in_place;
-        InPlace { files: launch.files.clone(), rotate, served, quiet: None, running: None, wanted: None }
+        InPlace { files: launch.files.clone(), rotate, served, quiet: None, running: None, wanted: None, pending: None }
     }
 
     /// Whether every one of `paths` is a file of a secret: a change of them alone is a rotation.
@@ -252,9 +254,8 @@ impl<P: Processes> Supervisor<P> {
         if let Some(launch) = self.launch.envoy.as_mut().and_then(|e| e.sds.as_mut()).filter(|s| !s.active) {
             launch.active = true;
             tracing::info!(
-                "the certificates passed the checks: from epoch {} on, Envoy gets them by SDS from {}",
-                self.epochs.next_number(),
-                in_place.files.dir.display()
+                "the certificates passed the checks: from epoch {} on, Envoy gets them as checked",
+                self.epochs.next_number()
             );
         }
         let now = unix_seconds(SystemTime::now());
@@ -270,15 +271,37 @@ impl<P: Processes> Supervisor<P> {
                 refused: None,
                 rejected: None,
             }));
-            if let Some((_, not_after)) = secret.leaf {
-                self.metrics.certificate_expires(secret.path(), not_after);
+        }
+        if in_place.files.inline {
+            // Only the new epoch has them: true once it serves.
+            in_place.pending = Some(served);
+        } else {
+            // By SDS, the epochs that serve swap them now.
+            self.now_served(served);
+        }
+        Ok(())
+    }
+
+    /// The epoch a reload started serves (a hot restart's, or a new family's): so do the inline
+    /// secrets written for it. With `false`, it failed, and what the serving epoch has stays.
+    pub(super) fn new_epoch_serves(&mut self, serves: bool) {
+        let Some(pending) = self.in_place.as_mut().and_then(|i| i.pending.take()) else { return };
+        if serves {
+            self.now_served(pending);
+        }
+    }
+
+    fn now_served(&mut self, served: Vec<Served>) {
+        let Some(in_place) = self.in_place.as_mut() else { return };
+        for secret in &served {
+            if let Some((_, not_after)) = secret.secret.leaf {
+                self.metrics.certificate_expires(secret.secret.path(), not_after);
             }
         }
         for gone in in_place.served.iter().filter(|s| !served.iter().any(|n| n.secret.path() == s.secret.path())) {
             self.metrics.forget_certificate(gone.secret.path());
         }
         in_place.served = served;
-        Ok(())
     }
 
     pub(super) fn rotates_in_place(&self) -> bool {

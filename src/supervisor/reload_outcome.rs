@@ -79,6 +79,7 @@ impl<P: Processes> Supervisor<P> {
 
     /// Records how a reload ended, answers its callers, and starts the queued one or tells systemd.
     pub(super) fn reload_ended(&mut self, result: ReloadResult, outcome: Result<u32, Refusal>, status: String) {
+        self.new_epoch_serves(outcome.is_ok());
         let handover = self.reload.busy().and_then(|busy| Some((busy.cold.clone()?, busy.started.elapsed())));
         if outcome.is_ok()
             && let Some(binary) = self.reload.busy().and_then(|busy| busy.binary.take())

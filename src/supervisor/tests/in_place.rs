@@ -22,6 +22,11 @@ fn is_rotated(event: &Event) -> bool {
 impl Harness {
     /// Epoch 0 LIVE, on a bootstrap with one certificate (serial 1) given by SDS, in place.
     fn serving_in_place() -> Harness {
+        Self::serving_with_secrets(true)
+    }
+
+    /// The same; with `in_place` false, hot restarts only, the secrets inline.
+    fn serving_with_secrets(in_place: bool) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut launch = launch(dir.path(), true);
         let (cert, key) = pair(1);
@@ -37,14 +42,14 @@ impl Harness {
         let files = SdsFiles {
             dir: dir.path().join("sds"),
             bootstrap: dir.path().join("envoy-sds-bootstrap.json"),
-            inline: false,
+            inline: !in_place,
         };
         std::fs::create_dir(&files.dir).expect("sds dir");
         let bootstrap = Bootstrap::from_command(&launch.command).expect("read").expect("a bootstrap");
         let first = files.prepare(&bootstrap, &launch.command).expect("the first pair passes");
         files.write(&first, None).expect("write");
         if let Some(envoy) = launch.envoy.as_mut() {
-            envoy.sds = Some(InPlace { files, first: Some(first), rotate_in_place: true, active: true });
+            envoy.sds = Some(InPlace { files, first: Some(first), rotate_in_place: in_place, active: true });
         }
         let world = Fake::default();
         let (tx, events) = mpsc::unbounded_channel();
@@ -177,4 +182,29 @@ async fn a_certificate_the_bootstrap_no_longer_names_is_no_longer_reported() {
     let text = h.sup.metrics.render();
     assert!(!text.contains(&format!("path=\"{}\"", old.display())), "{text}");
     assert!(text.contains(&format!("path=\"{}\"", h.dir.path().join("c2.pem").display())), "{text}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn by_hot_restart_the_new_certificate_is_reported_once_its_epoch_serves() {
+    let mut h = Harness::serving_with_secrets(false);
+    h.rotate_to(6);
+    h.signal(libc::SIGHUP);
+    h.validated().await;
+    assert_eq!(h.served_serial().as_deref(), Some("01"), "epoch 0 serves the old one until epoch 1 is LIVE");
+    h.live(1);
+    assert_eq!(h.served_serial().as_deref(), Some("06"));
+    let status = h.sup.status();
+    assert_eq!(status.certificates.as_ref().expect("certificates")[0].rotated, "hot-restart");
+    // A reload whose epoch fails leaves what the serving one has.
+    h.rotate_to(7);
+    h.signal(libc::SIGHUP);
+    h.validator_passes().await;
+    // Epoch 0 drains and exits; epoch 2 starts once the files stayed as checked, and fails.
+    let draining = h.pid_of(0);
+    h.exit(draining, Exit::Code(0));
+    h.until_state("epoch 2 to start", |sup| matches!(sup.reload.step(), Some(Step::Starting { .. }))).await;
+    let Some(Step::Starting { pid, .. }) = h.sup.reload.step() else { panic!("not starting") };
+    let pid = *pid;
+    h.exit(pid, Exit::Code(1));
+    assert_eq!(h.served_serial().as_deref(), Some("06"), "the failed epoch's certificate was never served");
 }
