@@ -229,6 +229,9 @@ fn envoy_serial(raw: &[u8]) -> String {
         .iter()
         .position(|b| *b != 0)
         .map_or(&magnitude[magnitude.len().saturating_sub(1)..], |at| &magnitude[at..]);
+    if significant.iter().all(|b| *b == 0) {
+        return "0".to_string();
+    }
     let hex: String = significant.iter().map(|b| format!("{b:02x}")).collect();
     if negative { format!("-{hex}") } else { hex }
 }
@@ -313,6 +316,7 @@ mod tests {
         assert_eq!(envoy_serial(&[0x12, 0x34]), "1234");
         assert_eq!(envoy_serial(&[0xfb]), "-05", "negative, in two's complement");
         assert_eq!(envoy_serial(&[0xff, 0x00]), "-0100");
+        assert_eq!(envoy_serial(&[0x00]), "0", "zero, as Envoy shows it");
     }
 
     fn write_pair(dir: &Path, cert_pem: &str, key_pem: &str) -> TlsPair {

@@ -127,7 +127,12 @@ fn rewrite_certificates(object: &mut Map<String, Value>, dir: &Path, secrets: &m
         })
         .collect();
     let Some(files) = files.filter(|f| !f.is_empty()) else { return };
-    if key_of(object, "tls_certificate_provider_instance").is_some() {
+    // Beside certificates by SDS (or a provider) Envoy refuses static ones: it would refuse the
+    // bootstrap as written, and so it must see it.
+    if ["tls_certificate_provider_instance", "tls_certificate_sds_secret_configs"]
+        .iter()
+        .any(|k| key_of(object, k).is_some())
+    {
         return;
     }
     let mut configs = Vec::new();
@@ -270,6 +275,26 @@ static_resources:
         assert!(cluster.get("tlsCertificates").is_none(), "camelCase is read too: {cluster}");
         assert_eq!(cluster["tls_certificate_sds_secret_configs"][0]["name"], sds["name"]);
         assert_eq!(bootstrap["static_resources"]["secrets"], original["static_resources"]["secrets"], "secrets stay");
+        let mut beside_sds = yaml(
+            r#"
+static_resources:
+  listeners:
+  - filter_chains:
+    - transport_socket:
+        typed_config:
+          common_tls_context:
+            tls_certificate_sds_secret_configs: [{ name: static }]
+            tls_certificates:
+            - certificate_chain: { filename: /c/a.crt }
+              private_key: { filename: /c/a.key }
+"#,
+        );
+        let as_written = beside_sds.clone();
+        assert!(
+            rewrite(&mut beside_sds, Path::new("/run/s")).is_empty(),
+            "Envoy refuses it as written, and must see it"
+        );
+        assert_eq!(beside_sds, as_written);
     }
 
     #[test]

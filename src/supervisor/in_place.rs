@@ -95,6 +95,11 @@ impl InPlace {
         self.running.is_some()
     }
 
+    #[cfg(test)]
+    pub fn running_attempt(&self) -> Option<Generation> {
+        self.running
+    }
+
     /// `/status`'s certificates.
     pub fn report(&self) -> Vec<CertificateStatus> {
         self.served
@@ -172,19 +177,23 @@ impl<P: Processes> Supervisor<P> {
         let served: Vec<(CheckedSecret, Option<u64>)> =
             in_place.served.iter().map(|s| (s.secret.clone(), s.rejected)).collect();
         let events = self.events.clone();
+        let names: Vec<String> = served.iter().map(|(s, _)| s.secret.name.clone()).collect();
         tokio::spawn(async move {
             let outcomes = crate::sds::attempt(served, settled, admin, user, CONFIRM_TIMEOUT).await;
+            let outcomes = names.into_iter().zip(outcomes).collect();
             let _ = events.send(Event::Rotated { attempt, outcomes });
         });
     }
 
     /// The attempt `attempt` ended: what Envoy has now, one log line per secret that changed.
-    pub(super) fn on_rotated(&mut self, attempt: Generation, outcomes: Vec<Outcome>) {
+    pub(super) fn on_rotated(&mut self, attempt: Generation, outcomes: Vec<(String, Outcome)>) {
         let Some(in_place) = self.in_place.as_mut().filter(|i| i.running == Some(attempt)) else { return };
         in_place.running = None;
         let now = unix_seconds(SystemTime::now());
         let mut unconfirmed = None;
-        for (served, outcome) in in_place.served.iter_mut().zip(outcomes) {
+        for (name, outcome) in outcomes {
+            // A secret a reload dropped meanwhile: its outcome is nobody's now.
+            let Some(served) = in_place.served.iter_mut().find(|s| s.secret.secret.name == name) else { continue };
             let path = served.secret.path().display().to_string();
             let refuse = |served: &mut Served, detail: String| {
                 served.refused =
@@ -285,6 +294,11 @@ impl<P: Processes> Supervisor<P> {
     /// The epoch a reload started serves (a hot restart's, or a new family's): so do the inline
     /// secrets written for it. With `false`, it failed, and what the serving epoch has stays.
     pub(super) fn new_epoch_serves(&mut self, serves: bool) {
+        if let Some(wanted) = self.in_place.as_mut().and_then(|i| i.wanted.as_mut()) {
+            // The reload read the files; an attempt wanted since the debounce's end may find them
+            // changing again: only the next debounce's end refuses.
+            *wanted = false;
+        }
         let Some(pending) = self.in_place.as_mut().and_then(|i| i.pending.take()) else { return };
         if serves {
             self.now_served(pending);

@@ -100,7 +100,8 @@ enum Event {
     /// The in-place rotation `attempt` ended: what became of each secret Envoy had.
     Rotated {
         attempt: Generation,
-        outcomes: Vec<crate::sds::Outcome>,
+        /// By secret name: a reload meanwhile may have changed the list of secrets.
+        outcomes: Vec<(String, crate::sds::Outcome)>,
     },
 }
 

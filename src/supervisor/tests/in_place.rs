@@ -208,3 +208,18 @@ async fn by_hot_restart_the_new_certificate_is_reported_once_its_epoch_serves() 
     h.exit(pid, Exit::Code(1));
     assert_eq!(h.served_serial().as_deref(), Some("06"), "the failed epoch's certificate was never served");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_attempts_outcomes_go_to_the_secrets_they_name_whatever_the_list_is_now() {
+    let mut h = Harness::serving_in_place();
+    h.rotate_to(2);
+    h.sup.handle(Event::FilesChanged(vec![h.dir.path().join("c.pem"), h.dir.path().join("k.pem")]));
+    let attempt = h.sup.in_place.as_ref().and_then(|i| i.running_attempt()).expect("an attempt runs");
+    // Reported as if a reload had replaced the list meanwhile: a secret it dropped comes first.
+    let expired = crate::certs::CertError::Expired { path: "/gone.pem".into(), on: "yesterday".into() };
+    let refused = crate::sds::Outcome::Refused(expired);
+    h.sup.handle(Event::Rotated { attempt, outcomes: vec![("a-secret-no-longer-named".into(), refused)] });
+    assert_eq!(h.served_serial().as_deref(), Some("01"), "nothing applied to the wrong secret");
+    let status = h.sup.status();
+    assert!(status.certificates.as_ref().expect("certificates")[0].refused.is_none());
+}
