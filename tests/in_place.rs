@@ -496,3 +496,29 @@ fn a_pair_envoy_refuses_at_start_fails_the_start_as_without_sesame_in_both_modes
         assert!(log.contains("2048-bit or larger keys"), "{mode}: Envoy's own reason:\n{log}");
     }
 }
+
+/// A `stats_matcher` that keeps no `sds.*` stats (as many production bootstraps have): the swap is
+/// confirmed by the serial Envoy serves, and stays in place.
+#[test]
+fn without_envoys_sds_stats_a_swap_is_confirmed_by_the_served_serial() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_pem, key_pem) = certificate(1);
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, cert_pem).expect("cert");
+    std::fs::write(&key, key_pem).expect("key");
+    let [port] = free_ports();
+    let matcher = "stats_config:\n  stats_matcher:\n    inclusion_list:\n      patterns: [{ prefix: \"http.\" }, { prefix: \"listener.\" }, { prefix: \"server.\" }]\n";
+    let bootstrap = dir.path().join("envoy.yaml");
+    std::fs::write(&bootstrap, format!("{matcher}{}", common::tls::tls_bootstrap(dir.path(), port, &cert, &key, None)))
+        .expect("bootstrap");
+    let mut launcher = Launcher::start_envoy(Mode::Plain, IN_PLACE, &bootstrap);
+    let (cert_pem, key_pem) = certificate(2);
+    replace_file(&key, &key_pem);
+    replace_file(&cert, &cert_pem);
+    launcher.wait_for_metric("sesame_rotations_total{mode=\"in_place\",result=\"success\"}", |n| n == 1);
+    assert_eq!(HttpsClient::new(port, false).get().map(|(_, s)| s), Ok(2));
+    assert_eq!(launcher.reloads("success"), 0, "no hot restart");
+    assert_eq!(launcher.status()["certificates"][0]["envoy"], "confirmed");
+    launcher.signal(Signal::SIGTERM);
+    assert_eq!(launcher.exit_code(Duration::from_secs(30)), 0);
+}

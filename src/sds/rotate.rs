@@ -31,6 +31,9 @@ pub enum Outcome {
     Rejected(CheckedSecret),
     /// Written, but Envoy said nothing of it within the timeout.
     Unconfirmed(CheckedSecret, String),
+    /// Written, where Envoy keeps no `sds.*` stats (a `stats_matcher` leaves them out) and there
+    /// is no serial to look for (a CA bundle): nothing can confirm it.
+    Unconfirmable(CheckedSecret),
     /// The secret file could not be written.
     Failed(String),
 }
@@ -175,8 +178,17 @@ async fn confirm(
             && let Ok(now) = admin.sds_updates().await
         {
             pending.retain(|(index, secret)| {
-                let was = before.get(&secret.secret.name).copied().unwrap_or_default();
-                let is = now.get(&secret.secret.name).copied().unwrap_or_default();
+                let name = &secret.secret.name;
+                if !now.contains_key(name) && !before.contains_key(name) {
+                    // No stats for it at all: its serial in /certs is the only answer there is.
+                    match secret.leaf {
+                        Some(_) => taken.push((*index, secret.clone())),
+                        None => result[*index] = Outcome::Unconfirmable(secret.clone()),
+                    }
+                    return false;
+                }
+                let was = before.get(name).copied().unwrap_or_default();
+                let is = now.get(name).copied().unwrap_or_default();
                 if is.rejected > was.rejected {
                     result[*index] = Outcome::Rejected(secret.clone());
                     false

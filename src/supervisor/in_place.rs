@@ -237,6 +237,13 @@ impl<P: Processes> Supervisor<P> {
                         rejected: None,
                     };
                 }
+                Outcome::Unconfirmable(secret) => {
+                    let why = "written; Envoy keeps no sds.* stats (its stats_matcher) to confirm it";
+                    tracing::info!("in place: {} {why}", describe(&secret));
+                    self.metrics.rotation("in_place", "unconfirmable");
+                    let envoy = why.to_string();
+                    *served = Served { secret, how: How::InPlace, at_unix: now, envoy, refused: None, rejected: None };
+                }
                 Outcome::Unconfirmed(secret, why) => {
                     tracing::warn!("in place: {} written; {why}: a hot restart gives it instead", describe(&secret));
                     self.metrics.rotation("in_place", "unconfirmed");
