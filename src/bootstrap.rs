@@ -20,6 +20,8 @@ pub struct Bootstrap {
     /// only the `--config-yaml` over it is known.
     pub opaque: bool,
     value: Value,
+    /// The `-c` file alone, before `--config-yaml` (empty without one).
+    file: Value,
     /// The content hash (`files::content_hash`) of the `-c` file as read; None when not read.
     content_hash: Option<u64>,
 }
@@ -49,16 +51,23 @@ impl Bootstrap {
             }
             _ => (Value::Object(Default::default()), None),
         };
+        let file = value.clone();
         if let Some(yaml) = inline {
             let overlay: Value = serde_saphyr::from_str(&yaml).context("--config-yaml is not valid YAML")?;
             merge(&mut value, overlay);
         }
-        Ok(Some(Bootstrap { path, opaque, value, content_hash }))
+        Ok(Some(Bootstrap { path, opaque, value, file, content_hash }))
     }
 
     /// The parsed bootstrap, as Envoy will read it (`--config-yaml` merged).
     pub fn value(&self) -> &Value {
         &self.value
+    }
+
+    /// The `-c` file alone, as parsed: what a rewrite for Envoy starts from, with Envoy still
+    /// merging `--config-yaml` over it itself (sesame's merge knows only some of protobuf's oneofs).
+    pub fn file_value(&self) -> &Value {
+        &self.file
     }
 
     /// The admin address: `admin.address.pipe.path` or `admin.address.socket_address` (Envoy also

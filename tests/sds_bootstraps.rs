@@ -176,3 +176,19 @@ fn forty_sni_certificates_by_hot_restart_take_no_inotify_instance_and_one_is_ren
 fn cert_path(dir: &Path, serial: u64) -> String {
     dir.join(format!("cert-{serial}.pem")).display().to_string()
 }
+
+/// Envoy merges `--config-yaml` over the bootstrap sesame rewrote, as over the file: a member of a
+/// oneof replaces its sibling (here the stats matcher's), which only protobuf knows.
+#[test]
+fn config_yaml_is_merged_by_envoy_itself_over_the_rewritten_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = pair(dir.path(), 1);
+    let [port] = free_ports();
+    let matcher = "stats_config:\n  stats_matcher:\n    exclusion_list:\n      patterns: [{ prefix: \"cluster.\" }]\n";
+    let yaml = format!("{matcher}{}", tls_bootstrap(dir.path(), port, &cert, &key, None));
+    let launcher =
+        start(dir.path(), &yaml, &["--config-yaml", "stats_config: { stats_matcher: { reject_all: true } }"]);
+    assert_eq!(HttpsClient::new(port, false).get().map(|(_, serial)| serial), Ok(1), "by SDS, Envoy started");
+    assert_eq!(launcher.status()["certificates"].as_array().map(Vec::len), Some(1));
+    stop(launcher);
+}

@@ -36,7 +36,7 @@ impl SdsFiles {
     /// Rewrites `bootstrap` (read from `command`) and reads and checks every secret it names.
     /// Blocking.
     pub fn prepare(&self, bootstrap: &Bootstrap, command: &[OsString]) -> Result<Prepared, CertError> {
-        let mut value = bootstrap.value().clone();
+        let mut value = bootstrap.file_value().clone();
         let secrets = rewrite(&mut value, &self.dir);
         let secrets = super::check_secrets(&secrets, SystemTime::now())?;
         // Envoy refuses file-based SDS without a node, and needs none for static secrets.
@@ -46,7 +46,15 @@ impl SdsFiles {
         } else if secrets.is_empty() {
             Vec::new()
         } else {
-            ensure_node(&mut value, command)
+            // What the bootstrap lacks as Envoy merges it, set in the file (under --config-yaml).
+            let missing = ensure_node(&mut bootstrap.value().clone(), command);
+            if let Some(root) = value.as_object_mut() {
+                let node = root.entry("node").or_insert_with(|| serde_json::json!({}));
+                for field in &missing {
+                    node[*field] = serde_json::json!("sesame");
+                }
+            }
+            missing
         };
         let bootstrap = serde_json::to_vec_pretty(&value).unwrap_or_default();
         Ok(Prepared { secrets, bootstrap, node_set })
@@ -75,11 +83,10 @@ impl SdsFiles {
         Ok(())
     }
 
-    /// The Envoy command that runs on the rewritten bootstrap: `-c` names it, and the user's
-    /// `--config-yaml` (merged into it) is left out.
+    /// The Envoy command that runs on the rewritten bootstrap: `-c` names it, and `--config-yaml`
+    /// stays, for Envoy to merge over it as over the file.
     pub fn command(&self, user_command: &[OsString]) -> Vec<OsString> {
-        let mut argv = crate::envoy::without_flag(user_command, "--config-yaml");
-        argv = crate::envoy::without_flag(&argv, "-c");
+        let mut argv = crate::envoy::without_flag(user_command, "-c");
         argv = crate::envoy::without_flag(&argv, "--config-path");
         argv.extend(["-c".into(), self.bootstrap.clone().into()]);
         argv
