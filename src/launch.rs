@@ -296,6 +296,13 @@ fn in_place(
     };
     // In the runtime directory, which is the launcher's: Envoy's user owns `envoy/`, and could move
     // a link in place of a directory of its own that the launcher writes keys into.
+    if let Some(scalar) = bootstrap.path.as_deref().and_then(crate::sds::ambiguous_scalar) {
+        tracing::warn!(
+            "the bootstrap holds the YAML value '{scalar}', which YAML readers read differently (quote it to choose): \
+             Envoy is given the bootstrap as written and reads the certificates from their files"
+        );
+        return Ok(None);
+    }
     let (dir, bootstrap_path) = (runtime_dir.join("sds"), runtime_dir.join("envoy-sds-bootstrap.json"));
     let mut files = SdsFiles { dir, bootstrap: bootstrap_path, inline: !rotate_in_place };
     files.remove();

@@ -192,3 +192,20 @@ fn config_yaml_is_merged_by_envoy_itself_over_the_rewritten_file() {
     assert_eq!(launcher.status()["certificates"].as_array().map(Vec::len), Some(1));
     stop(launcher);
 }
+
+/// A YAML value that readers read differently (an octal port, as Envoy's reader takes it): the
+/// bootstrap is given to Envoy as written, not re-serialised with another meaning.
+#[test]
+fn a_bootstrap_with_an_ambiguous_yaml_value_is_given_to_envoy_as_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = pair(dir.path(), 1);
+    let [port] = free_ports();
+    let yaml = tls_bootstrap(dir.path(), port, &cert, &key, None)
+        .replace(&format!("port_value: {port} "), &format!("port_value: 0{port:o} "));
+    assert!(yaml.contains(&format!("0{port:o}")), "{yaml}");
+    let launcher = start(dir.path(), &yaml, &[]);
+    assert_eq!(HttpsClient::new(port, false).get().map(|(_, serial)| serial), Ok(1), "on the port Envoy read");
+    assert!(launcher.log().contains("which YAML readers read differently"), "{}", launcher.log());
+    assert!(launcher.status()["certificates"].is_null(), "the files, as written");
+    stop(launcher);
+}

@@ -4,12 +4,14 @@
 //! its file is renamed into the watched directory: no new epoch, no connection touched. A rotation
 //! (`rotate`) writes what changed and reads Envoy's answer back.
 
+mod ambiguous;
 mod inline;
 mod prepare;
 mod rewrite;
 mod rotate;
 mod secrets;
 
+pub use ambiguous::ambiguous_scalar;
 pub use prepare::{Prepared, SdsFiles};
 pub use rewrite::{Secret, SecretFiles, ensure_node, rewrite};
 pub use rotate::{Outcome, attempt};
