@@ -55,7 +55,7 @@ pub enum CertError {
     #[error("certificate {}: {detail}", path.display())]
     Unusable { path: PathBuf, detail: String },
     #[error("certificate {} is not valid before {from}", path.display())]
-    NotYetValid { path: PathBuf, from: String },
+    NotYetValid { path: PathBuf, from: String, from_unix: i64 },
     #[error("certificate {} expired on {on}", path.display())]
     Expired { path: PathBuf, on: String },
     /// Valid, but the control API's TLS cannot sign with this key type.
@@ -97,7 +97,11 @@ pub fn check_pair_bytes(pair: &TlsPair, chain: &[u8], key: &[u8], now: SystemTim
     let (not_before, not_after, serial, issuer) = validity(&leaf, &pair.cert)?;
     let now_secs = crate::clock::unix_seconds(now) as i64;
     if now_secs < not_before {
-        return Err(CertError::NotYetValid { path: pair.cert.clone(), from: format_time(not_before) });
+        return Err(CertError::NotYetValid {
+            path: pair.cert.clone(),
+            from: format_time(not_before),
+            from_unix: not_before,
+        });
     }
     if now_secs > not_after {
         return Err(CertError::Expired { path: pair.cert.clone(), on: format_time(not_after) });

@@ -522,3 +522,22 @@ fn without_envoys_sds_stats_a_swap_is_confirmed_by_the_served_serial() {
     launcher.signal(Signal::SIGTERM);
     assert_eq!(launcher.exit_code(Duration::from_secs(30)), 0);
 }
+
+/// A certificate issued by a clock ahead of ours is refused while it is not yet valid, and swapped
+/// once it is, with no write needed.
+#[test]
+fn a_certificate_not_yet_valid_is_swapped_once_it_is() {
+    let mut site = Site::start(false, IN_PLACE);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    params.serial_number = Some(rcgen::SerialNumber::from(2u64));
+    params.not_before = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let cert = params.self_signed(&key).expect("sign").pem();
+    site.write(Write::Rename, &cert, &key.serialize_pem());
+    let detail = site.wait_for_refusal();
+    assert!(detail.contains("is not valid before"), "{detail}");
+    assert_eq!(site.serial(), 1);
+    site.wait_for_serial(2);
+    site.launcher.wait_for_status("the refusal to clear", |s| s["certificates"][0]["refused"].is_null());
+    site.stop();
+}

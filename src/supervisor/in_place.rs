@@ -61,6 +61,8 @@ pub(super) struct InPlace {
     wanted: Option<bool>,
     /// Inline secrets written for an epoch that is not serving yet: what Envoy has once it is.
     pending: Option<Vec<Served>>,
+    /// When files refused as not yet valid are tried again, as settled.
+    retry: Option<Generation>,
 }
 
 impl InPlace {
@@ -79,7 +81,16 @@ impl InPlace {
             })
             .collect();
         let rotate = launch.rotate_in_place;
-        InPlace { files: launch.files.clone(), rotate, served, quiet: None, running: None, wanted: None, pending: None }
+        InPlace {
+            files: launch.files.clone(),
+            rotate,
+            served,
+            quiet: None,
+            running: None,
+            wanted: None,
+            pending: None,
+            retry: None,
+        }
     }
 
     /// Whether every one of `paths` is a file of a secret: a change of them alone is a rotation.
@@ -136,9 +147,17 @@ impl<P: Processes> Supervisor<P> {
 
     /// The quiet wait `generation` ran out; false when it is not its.
     pub(super) fn on_rotation_deadline(&mut self, generation: Generation) -> bool {
-        let Some(in_place) = self.in_place.as_mut().filter(|i| i.quiet == Some(generation)) else { return false };
-        in_place.quiet = None;
-        self.want_rotation(false);
+        let Some(in_place) = self.in_place.as_mut() else { return false };
+        let settled = if in_place.quiet == Some(generation) {
+            in_place.quiet = None;
+            false
+        } else if in_place.retry == Some(generation) {
+            in_place.retry = None;
+            true
+        } else {
+            return false;
+        };
+        self.want_rotation(settled);
         true
     }
 
@@ -191,6 +210,7 @@ impl<P: Processes> Supervisor<P> {
         in_place.running = None;
         let now = unix_seconds(SystemTime::now());
         let mut unconfirmed = None;
+        let mut valid_from = None;
         for (name, outcome) in outcomes {
             // A secret a reload dropped meanwhile: its outcome is nobody's now.
             let Some(served) = in_place.served.iter_mut().find(|s| s.secret.secret.name == name) else { continue };
@@ -207,6 +227,10 @@ impl<P: Processes> Supervisor<P> {
                 Outcome::StillRejected => {}
                 Outcome::Waiting(why) => tracing::debug!("in place: {path} is not applied yet: {why}"),
                 Outcome::Refused(e) => {
+                    if let crate::certs::CertError::NotYetValid { from_unix, .. } = &e {
+                        // Issued by a clock ahead of ours: tried again once it is valid.
+                        valid_from = Some(*from_unix);
+                    }
                     tracing::error!("in place: {e}: Envoy keeps serving {}", describe(&served.secret));
                     self.metrics.rotation("in_place", "refused");
                     refuse(served, e.to_string());
@@ -254,6 +278,12 @@ impl<P: Processes> Supervisor<P> {
             }
             if let Some((_, not_after)) = served.secret.leaf {
                 self.metrics.certificate_expires(served.secret.path(), not_after);
+            }
+        }
+        if let Some(from) = valid_from {
+            let wait = (from - now as i64).max(0) as u64 + 1;
+            if let Some(in_place) = self.in_place.as_mut() {
+                in_place.retry = Some(self.timers.schedule(Duration::from_secs(wait)));
             }
         }
         if let Some(secret) = unconfirmed {
