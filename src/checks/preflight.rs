@@ -65,13 +65,22 @@ fn check(
     }
     let admin = bootstrap.as_ref().and_then(Bootstrap::admin_address);
     let sds = match (sds, &bootstrap) {
-        (Some(files), Some(bootstrap)) => Some(files.prepare(bootstrap, command).map_err(invalid)?),
+        (Some(files), Some(bootstrap)) => {
+            let prepared = files.prepare(bootstrap, command).map_err(invalid)?;
+            files
+                .write_validation(&prepared, user)
+                .map_err(|e| Refusal::Fault(format!("cannot write the bootstrap to validate: {e:#}")))?;
+            Some(prepared)
+        }
         _ => None,
     };
+    // Envoy reads these as sesame wrote them: the user's files need be readable by sesame only.
+    let given: Vec<&std::path::Path> =
+        sds.iter().flat_map(|p| &p.secrets).flat_map(|s| s.secret.files.paths()).collect();
     let pairs = bootstrap.map(|b| b.tls_pairs()).unwrap_or_default();
     if let Some(user) = user {
         let named = pairs.iter().flat_map(|p| [("certificate", p.cert.as_path()), ("private key", p.key.as_path())]);
-        for (what, file) in named.chain(input.files().map(|f| ("file", f))) {
+        for (what, file) in named.chain(input.files().map(|f| ("file", f))).filter(|(_, f)| !given.contains(f)) {
             user.check_readable(what, file).map_err(invalid)?;
         }
     }

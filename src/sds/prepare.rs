@@ -28,6 +28,9 @@ pub struct SdsFiles {
 pub struct Prepared {
     pub secrets: Vec<CheckedSecret>,
     pub bootstrap: Vec<u8>,
+    /// The same with every secret inline: what `envoy --mode validate` judges, so that it reads
+    /// the bytes that were checked (and not the user's files, which Envoy's user may not read).
+    pub validation: Vec<u8>,
     /// The node fields sesame set, for Envoy's SDS (none when the bootstrap has them).
     pub node_set: Vec<&'static str>,
 }
@@ -57,7 +60,39 @@ impl SdsFiles {
             missing
         };
         let bootstrap = serde_json::to_vec_pretty(&value).unwrap_or_default();
-        Ok(Prepared { secrets, bootstrap, node_set })
+        let validation = if self.inline {
+            bootstrap.clone()
+        } else {
+            let mut inline = value;
+            super::inline::inline(&mut inline, &secrets);
+            serde_json::to_vec_pretty(&inline).unwrap_or_default()
+        };
+        Ok(Prepared { secrets, bootstrap, validation, node_set })
+    }
+
+    /// Where the bootstrap `envoy --mode validate` runs on is written.
+    fn validation_path(&self) -> std::path::PathBuf {
+        self.bootstrap.with_file_name("envoy-validate-bootstrap.json")
+    }
+
+    /// Writes the bootstrap the validator judges (private, Envoy's user's: it runs as that user).
+    /// Blocking.
+    pub fn write_validation(&self, prepared: &Prepared, user: Option<&EnvoyUser>) -> anyhow::Result<()> {
+        let path = self.validation_path();
+        crate::files::write_atomically(&path, &prepared.validation, 0o600)?;
+        if let Some(user) = user {
+            std::os::unix::fs::lchown(&path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+        }
+        Ok(())
+    }
+
+    /// `envoy --mode validate` on what was checked: the user's command with `-c` naming the
+    /// validation bootstrap (`--config-yaml` stays, as for the epochs).
+    pub fn validate_command(&self, user_command: &[OsString]) -> Vec<OsString> {
+        let mut argv = crate::envoy::without_flag(user_command, "-c");
+        argv = crate::envoy::without_flag(&argv, "--config-path");
+        argv.extend(["-c".into(), self.validation_path().into()]);
+        crate::envoy::validate_command(&argv)
     }
 
     /// Writes what was prepared: the secrets first (Envoy must find them when it reads the
@@ -95,7 +130,7 @@ impl SdsFiles {
     /// What a run left: the secrets (keys among them) and the bootstrap. At exit, and before a
     /// start (a run that was SIGKILLed left them).
     pub fn remove(&self) {
-        for path in [&self.dir, &self.bootstrap] {
+        for path in [&self.dir, &self.bootstrap, &self.validation_path()] {
             let removed = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
             if let Err(e) = removed
                 && e.kind() != std::io::ErrorKind::NotFound

@@ -280,7 +280,12 @@ impl CheckRun {
     }
 
     fn validate<P: Processes>(&mut self, verdict: Verdict, hands: &mut Hands<'_, P>) -> bool {
-        let argv = crate::envoy::validate_command(&hands.launch.command);
+        // On the secrets as checked, when sesame gives them: the validator reads those bytes.
+        let files = hands.launch.envoy.as_ref().and_then(|e| e.sds.as_ref()).map(|sds| &sds.files);
+        let argv = match (files, &verdict.sds) {
+            (Some(files), Some(_)) => files.validate_command(&hands.launch.command),
+            _ => crate::envoy::validate_command(&hands.launch.command),
+        };
         match spawn_checker("envoy --mode validate", &argv, "envoy-validate.log", hands) {
             Ok(checker) => {
                 tracing::debug!("validating: {}", shell_words(&argv));
