@@ -7,6 +7,7 @@ pub mod in_place;
 pub mod load;
 pub mod long_lived;
 pub mod rotation;
+pub mod site;
 pub mod tls;
 
 pub use client::*;
