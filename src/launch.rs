@@ -328,10 +328,9 @@ fn in_place(
         }
     };
     if let Some(secret) = first.secrets.iter().find(|s| s.key_judged_by_envoy)
-        && let Err(why) = files
-            .write_validation(&first, user)
-            .map_err(|e| format!("{e:#}"))
-            .and_then(|()| envoy_accepts(&files.validate_command(command), runtime_dir, user))
+        && let Err(why) = files.write_validation(&first, user).map_err(|e| format!("{e:#}")).and_then(|()| {
+            envoy_accepts(&files.validate_command(command), runtime_dir, user, options.reload.reload_timeout)
+        })
     {
         // A key only Envoy can judge, which it refuses: without sesame Envoy would not start, and
         // by SDS it would start without that certificate. It is given the files, and says so.
@@ -374,12 +373,21 @@ fn in_place(
 /// Whether `envoy --mode validate` (run as Envoy's user, on the secrets as checked) accepts the
 /// bootstrap: for a key type that only Envoy can judge, before it is given at start. Blocking, on the main thread (Envoy's
 /// children must be spawned from it).
-fn envoy_accepts(validate: &[OsString], runtime_dir: &Path, user: Option<&EnvoyUser>) -> Result<(), String> {
+fn envoy_accepts(
+    validate: &[OsString],
+    runtime_dir: &Path,
+    user: Option<&EnvoyUser>,
+    timeout: Duration,
+) -> Result<(), String> {
     let path = runtime_dir.join("envoy-validate.log");
     let output = std::fs::File::create(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    let passed = crate::process::run_before_start(validate, output, user).map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    let passed = crate::process::run_before_start(validate, output, user, timeout).map_err(|e| e.to_string())?;
     if passed {
         return Ok(());
+    }
+    if started.elapsed() >= timeout {
+        return Err(format!("still running after {timeout:?} (--reload-timeout): killed"));
     }
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     let reason = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no reason given");

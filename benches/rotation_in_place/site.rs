@@ -1,13 +1,13 @@
 //! What the rotation bench serves: one certificate (serial 1) on two listeners of one Envoy, an
 //! HTTPS listener that answers itself and a TLS-terminating `tcp_proxy` listener in front of a
-//! local echo upstream.
+//! local echo upstream (the in-place tests' rig).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 
 use crate::common::free_ports;
-use crate::common::tls::{certificate, tls_bootstrap};
+use crate::common::in_place::tcp_proxy_bootstrap;
+use crate::common::long_lived::echo_upstream;
+use crate::common::tls::certificate;
 
 pub struct Site {
     /// Holds the files: they go with it.
@@ -29,68 +29,9 @@ impl Site {
         std::fs::write(&cert, cert_pem).expect("cert");
         std::fs::write(&key, key_pem).expect("key");
         let [https, tcp] = free_ports::<2>();
-        let echo = echo_upstream();
-        let mut yaml = tls_bootstrap(dir.path(), https, &cert, &key, None);
-        yaml += &tcp_proxy_listener(tcp, echo, &cert, &key);
+        let yaml = tcp_proxy_bootstrap(dir.path(), https, tcp, echo_upstream(), &cert, &key);
         let bootstrap = dir.path().join("envoy.yaml");
         std::fs::write(&bootstrap, yaml).expect("bootstrap");
         Site { _dir: dir, https, tcp, cert, key, bootstrap }
-    }
-}
-
-/// A second listener for `tls_bootstrap`'s `listeners:` list, and the `clusters:` it needs: TLS
-/// with the same certificate, then `tcp_proxy` to the upstream on `echo`.
-fn tcp_proxy_listener(port: u16, echo: u16, cert: &std::path::Path, key: &std::path::Path) -> String {
-    format!(
-        r#"  - name: tls_tcp_proxy
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          common_tls_context:
-            tls_certificates:
-            - certificate_chain: {{ filename: "{cert}" }}
-              private_key: {{ filename: "{key}" }}
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: echo
-          cluster: echo
-  clusters:
-  - name: echo
-    connect_timeout: 1s
-    type: STATIC
-    load_assignment:
-      cluster_name: echo
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {echo} }} }} }}
-"#,
-        cert = cert.display(),
-        key = key.display(),
-    )
-}
-
-/// A loopback upstream that writes back whatever each connection sends, until it closes; its port.
-fn echo_upstream() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the echo upstream");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || echo(stream));
-        }
-    });
-    port
-}
-
-fn echo(mut stream: TcpStream) {
-    let mut buf = [0u8; 4096];
-    while let Ok(n @ 1..) = stream.read(&mut buf) {
-        if stream.write_all(&buf[..n]).is_err() {
-            return;
-        }
     }
 }

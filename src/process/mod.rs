@@ -12,8 +12,10 @@ use nix::errno::Errno;
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 
+mod before_start;
 mod reap;
 
+pub use before_start::run_before_start;
 pub use reap::{Reaped, Reaper};
 
 use crate::user::EnvoyUser;
@@ -154,25 +156,6 @@ fn spawn(
         // The launcher reaps by pid itself; std's Child handle is not needed (dropping it does nothing).
         Ok(child) => Ok(Pid::from_raw(child.id() as i32)),
         Err(error) => Err(SpawnError { program, error }),
-    }
-}
-
-/// Runs `argv` to its end as `user`, its output to `output`: whether it exited 0. Only before the
-/// supervisor runs (no reaper yet takes its exit), from the main thread.
-pub fn run_before_start(
-    argv: &[OsString],
-    output: std::fs::File,
-    user: Option<&EnvoyUser>,
-) -> Result<bool, SpawnError> {
-    let program = argv.first().cloned().unwrap_or_default();
-    let pid = spawn(argv, false, Some(output), user)?;
-    loop {
-        match nix::sys::wait::waitpid(pid, None) {
-            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => return Ok(code == 0),
-            Ok(nix::sys::wait::WaitStatus::Signaled(..)) => return Ok(false),
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(SpawnError { program, error: e.into() }),
-        }
     }
 }
 

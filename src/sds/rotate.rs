@@ -12,7 +12,7 @@ use crate::user::EnvoyUser;
 /// Between two looks at Envoy's counters while a swap is confirmed.
 const CONFIRM_POLL: Duration = Duration::from_millis(10);
 
-/// What an attempt did with one secret (by its index in what was served).
+/// What an attempt did with one secret.
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// Its files hold what Envoy has.

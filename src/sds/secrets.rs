@@ -161,7 +161,10 @@ pub fn write_secret(checked: &CheckedSecret, user: Option<&EnvoyUser>) -> anyhow
         .mode(0o600)
         .open(&tmp)
         .map_err(failed)?;
-    file.write_all(&checked.resource).and_then(|()| file.sync_all()).map_err(failed)?;
+    // No fsync: the file lives as long as the launcher (made again at every start), and the rename
+    // alone makes it whole for Envoy; a sync per secret would block the supervisor at an epoch's
+    // start for every certificate.
+    file.write_all(&checked.resource).map_err(failed)?;
     // Given away before the rename: Envoy must be able to read it the moment it appears.
     if let Some(user) = user {
         std::os::unix::fs::fchown(&file, Some(user.uid.as_raw()), Some(user.gid.as_raw())).map_err(failed)?;
