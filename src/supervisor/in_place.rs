@@ -184,12 +184,15 @@ impl<P: Processes> Supervisor<P> {
     pub(super) fn rotate_when_possible(&mut self) {
         // A drain takes up to --drain-timeout, and the clients that still connect meanwhile get the
         // new certificate; once Envoy is told to stop, nothing is swapped.
+        let wanted = self.in_place.as_ref().is_some_and(|i| i.wanted.is_some() && i.running.is_none());
         let serving = matches!(self.phase, Phase::Running | Phase::Draining { .. });
-        let may = serving && self.reload.is_idle() && self.epochs.current_is_live();
+        if !(wanted && serving && self.reload.is_idle() && self.epochs.current_is_live()) {
+            return;
+        }
         let admin = self.epochs.current_admin();
         let user = self.launch.user.clone();
         let Some(in_place) = self.in_place.as_mut() else { return };
-        let (Some(settled), None, true, Some(admin)) = (in_place.wanted, in_place.running, may, admin) else { return };
+        let (Some(settled), Some(admin)) = (in_place.wanted, admin) else { return };
         in_place.wanted = None;
         let attempt = self.timers.next();
         in_place.running = Some(attempt);
