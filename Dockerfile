@@ -1,4 +1,16 @@
-# sesame as the ENTRYPOINT of the official Envoy image: a static (musl) binary, nothing else added.
+# sesame as the ENTRYPOINT of the official Envoy image.
+#   docker build -t envoy-sesame .
+#       builds a static (musl) sesame from this repository in a first stage;
+#   docker build --build-arg SESAME_FROM=prebuilt -t envoy-sesame .
+#       takes a sesame built outside (as release pipelines build), from SESAME_BINARY, a path in
+#       the build context (by default where `cargo build --release --target
+#       x86_64-unknown-linux-musl` puts it);
+#   --build-arg ENVOY_IMAGE=... sets the base (any image with Envoy at /usr/local/bin/envoy and the
+#       user envoy, as the official one has).
+ARG ENVOY_IMAGE=envoyproxy/envoy:v1.40.0
+ARG SESAME_FROM=build
+ARG SESAME_BINARY=target/x86_64-unknown-linux-musl/release/sesame
+
 FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends musl-tools \
     && rustup target add x86_64-unknown-linux-musl
@@ -7,10 +19,19 @@ COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src ./src
 COPY benches ./benches
 COPY tests ./tests
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl
+RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
+    && cp target/x86_64-unknown-linux-musl/release/sesame /sesame
 
-FROM envoyproxy/envoy:v1.40.0
-COPY --from=build /src/target/x86_64-unknown-linux-musl/release/sesame /usr/local/bin/sesame
+FROM scratch AS prebuilt
+ARG SESAME_BINARY
+COPY ${SESAME_BINARY} /sesame
+
+# The stage the binary comes from. BuildKit and buildah (podman) skip the stage not used, so the
+# prebuilt way pulls no Rust image.
+FROM ${SESAME_FROM} AS binary
+
+FROM ${ENVOY_IMAGE}
+COPY --from=binary /sesame /usr/local/bin/sesame
 # sesame turns SIGTERM into a graceful drain of Envoy; `docker stop -t` must exceed the drain timeout.
 STOPSIGNAL SIGTERM
 # Healthy while the current epoch is LIVE and no drain is under way (exit 0), over the control socket.

@@ -8,7 +8,7 @@ ENVOY_BIN     := $(TOOLS)/bin/envoy
 ENVOY_PREVIOUS_BIN := $(TOOLS)/bin/envoy-$(ENVOY_PREVIOUS_VERSION)
 CARGO         ?= cargo
 
-.PHONY: all build release envoy envoy-previous peers run test bench lint clean
+.PHONY: all build release envoy envoy-previous peers run test test-homes homes bench lint clean
 
 all: build
 
@@ -47,6 +47,18 @@ run: build envoy
 test: envoy envoy-previous
 	ENVOY_BIN=$(ENVOY_BIN) ENVOY_PREVIOUS_BIN=$(ENVOY_PREVIOUS_BIN) $(CARGO) test --no-fail-fast
 
+# sesame in its homes, for real: systemd booted under systemd-nspawn (Debian trixie's systemd 257
+# and bookworm's 252), the Dockerfile's image built and run by podman on a stand-in for the official
+# Envoy image, and a pod's restricted settings. `make homes` installs what they need (Debian
+# packages, the two roots cached under .tools/homes, the stand-in image).
+HOMES := $(TOOLS)/homes
+
+homes: envoy
+	tests/homes/setup.sh $(HOMES) $(ENVOY_BIN)
+
+test-homes: homes
+	SESAME_HOMES=$(HOMES) ENVOY_BIN=$(ENVOY_BIN) $(CARGO) test --features homes --test homes
+
 # Figures, not pass/fail: markdown tables on stdout, raw JSON under target/bench/, SVG charts in
 # images/. Compares with tini, dumb-init and catatonit (Debian packages, installed when missing).
 # `make bench QUICK=1`: one run per figure, about a minute.
@@ -61,7 +73,7 @@ peers:
 
 lint:
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features homes -- -D warnings
 
 clean:
 	$(CARGO) clean

@@ -75,7 +75,9 @@ fn check_systemd_unit(unit: &str, runtime_dir: &str, runtime_directory: &str) {
     let value = |key: &str| {
         unit.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap_or_else(|| panic!("{key}= in the unit"))
     };
-    assert_eq!(value("Type"), "notify-reload");
+    // A refused reload must fail `systemctl reload`, which only ExecReload= can say.
+    assert_eq!(value("Type"), "notify");
+    assert_eq!(value("ExecReload"), format!("/usr/local/bin/sesame reload --runtime-dir {runtime_dir}"));
     assert_eq!(value("KillMode"), "mixed");
     assert_eq!(value("NotifyAccess"), "main");
     let exec = value("ExecStart");
