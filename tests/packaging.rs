@@ -102,7 +102,8 @@ fn dockerfile_runs_sesame_through_the_official_images_entrypoint_contract() {
     assert!(read("docker-entrypoint.sh").trim_end().ends_with(r#"exec sesame run -- "$@""#), "sesame is PID 1");
     assert!(dockerfile.contains("STOPSIGNAL SIGTERM"));
     assert!(dockerfile.contains(r#"CMD ["/usr/local/bin/sesame", "status"]"#), "HEALTHCHECK with sesame status");
-    assert!(dockerfile.contains("FROM envoyproxy/envoy:v1.40.0"), "the Envoy the tests run");
+    assert!(dockerfile.contains("ARG ENVOY_IMAGE=envoyproxy/envoy:v1.40.0"), "the Envoy the tests run");
+    assert!(dockerfile.contains("FROM ${ENVOY_IMAGE}"), "the base is the official image unless told otherwise");
 }
 
 /// What the image's entrypoint runs, with `sesame`, `id` and `chown` replaced by stubs that
