@@ -37,6 +37,7 @@ pub fn check_handover(binds: &[ListenerBind], ours: &[i32]) -> Result<(), PortCo
         return Ok(());
     }
     let owners = socket_owners(&relevant.iter().map(|l| l.inode).collect());
+    let hidden = hidden_uids(ours);
     for bind in binds {
         let host: Option<IpAddr> = bind.host.parse().ok();
         for socket in relevant.iter().filter(|l| l.port == bind.port && overlaps(host, l.address)) {
@@ -44,9 +45,15 @@ pub fn check_handover(binds: &[ListenerBind], ours: &[i32]) -> Result<(), PortCo
             if pids.iter().any(|pid| ours.contains(pid)) {
                 continue;
             }
+            // A root without CAP_SYS_PTRACE (a container's default) cannot read the open files of
+            // its Envoy running as another user: a socket nobody visible holds, owned by that
+            // user, is taken for that Envoy's (SO_REUSEPORT lets only the same user share it).
+            if pids.is_empty() && hidden.contains(&socket.uid) {
+                continue;
+            }
             let holder = match pids.first() {
                 Some(pid) => format!("pid {pid} ({})", command_name(*pid)),
-                None => "a process sesame cannot see".to_string(),
+                None => format!("a process sesame cannot see (uid {})", socket.uid),
             };
             return Err(PortConflict::HeldByOther {
                 name: bind.name.clone(),
@@ -91,6 +98,7 @@ struct Listening {
     address: IpAddr,
     port: u16,
     inode: u64,
+    uid: u32,
 }
 
 fn listening_sockets() -> Vec<Listening> {
@@ -99,7 +107,7 @@ fn listening_sockets() -> Vec<Listening> {
     v4.into_iter()
         .chain(v6)
         .filter(|e| e.state == TcpState::Listen)
-        .map(|e| Listening { address: e.local_address.ip(), port: e.local_address.port(), inode: e.inode })
+        .map(|e| Listening { address: e.local_address.ip(), port: e.local_address.port(), inode: e.inode, uid: e.uid })
         .collect()
 }
 
@@ -126,6 +134,21 @@ fn socket_owners(inodes: &HashSet<u64>) -> HashMap<u64, Vec<i32>> {
         }
     }
     owners
+}
+
+/// The users of the processes `ours` whose open files sesame cannot read. With CAP_DAC_OVERRIDE the
+/// list of a process's descriptors can be read, and still not where one of them leads.
+fn hidden_uids(ours: &[i32]) -> HashSet<u32> {
+    let hidden = |pid: i32| match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(mut fds) => fds.next().and_then(Result::ok).is_some_and(|fd| {
+            std::fs::read_link(fd.path()).is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+        }),
+        Err(_) => true,
+    };
+    ours.iter()
+        .filter(|pid| hidden(**pid))
+        .filter_map(|pid| procfs::process::Process::new(*pid).ok()?.uid().ok())
+        .collect()
 }
 
 fn command_name(pid: i32) -> String {
