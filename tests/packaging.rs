@@ -39,9 +39,13 @@ fn kubernetes_manifest_matches_the_control_api_and_its_bootstrap_is_valid() {
         .iter()
         .map(|name| seconds(env(name).expect(name).as_str().expect("string")))
         .sum();
-    // Envoy runs unprivileged, so its admin socket is in the directory sesame gives that user.
-    assert_eq!(env("SESAME_ENVOY_USER").as_ref().and_then(|v| v.as_str()), Some("envoy"));
-    assert!(text.contains("path: /run/sesame/envoy/envoy-admin.sock"), "the admin in RUNTIME_DIR/envoy");
+    // Restricted: sesame and Envoy run as one unprivileged user, the admin socket in RUNTIME_DIR.
+    assert_eq!(env("SESAME_ENVOY_USER"), None, "no user to switch to without root");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(container["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert!(text.contains("path: /run/sesame/envoy-admin.sock"), "the admin in RUNTIME_DIR");
     let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("grace period");
     assert!(grace > budget, "terminationGracePeriodSeconds {grace} must exceed the drain budget {budget}");
 

@@ -4,6 +4,9 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod image;
 mod machine;
+mod pod;
+mod podman;
 mod site;
 mod systemd;
