@@ -1,5 +1,6 @@
 //! What the benchmarks share: quick mode, medians with their spread, raw figures as JSON under
-//! target/bench/, and bar charts as SVG under images/.
+//! target/bench/, bar and line charts as SVG under images/, and Envoy run alone with the flags
+//! sesame gives it.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -100,4 +101,87 @@ pub fn bar_chart(name: &str, title: &str, unit: &str, bars: &[(String, Spread)])
         chart.draw_series(std::iter::once(caption)).expect("label");
     }
     root_area.present().expect("write svg");
+}
+
+/// Mid-tone colours for the series of a line chart, in order.
+const SERIES: [RGBColor; 5] = [
+    RGBColor(66, 133, 244),
+    RGBColor(234, 134, 0),
+    RGBColor(15, 157, 88),
+    RGBColor(219, 68, 55),
+    RGBColor(142, 99, 206),
+];
+
+/// A line per series over `x` on a log scale (1, 100, 1,000 ...), each point its median with a
+/// whisker from min to max; written to images/NAME.svg. The same look as `bar_chart`.
+pub fn line_chart(name: &str, title: &str, x_desc: &str, y_desc: &str, series: &[(String, Vec<(f64, Spread)>)]) {
+    let path = root().join("images").join(format!("{name}.svg"));
+    let root_area = SVGBackend::new(&path, (720, 420)).into_drawing_area();
+    let points = || series.iter().flat_map(|(_, points)| points.iter());
+    let x_min = points().map(|(x, _)| *x).fold(f64::INFINITY, f64::min).min(1.0);
+    let x_max = points().map(|(x, _)| *x).fold(1.0_f64, f64::max);
+    let y_max = points().map(|(_, s)| s.max).fold(0.0_f64, f64::max).max(1e-9) * 1.15;
+    let grey = RGBColor(128, 128, 128);
+    let text = ("sans-serif", 15).into_font().color(&grey);
+    let mut chart = ChartBuilder::on(&root_area)
+        .caption(title, ("sans-serif", 18).into_font().color(&grey))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d((x_min * 0.8..x_max * 1.25).log_scale(), 0.0..y_max)
+        .expect("chart");
+    chart
+        .configure_mesh()
+        .bold_line_style(grey.mix(0.25))
+        .light_line_style(grey.mix(0.1))
+        .axis_style(grey)
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style(text.clone())
+        .axis_desc_style(text.clone())
+        .draw()
+        .expect("mesh");
+    for (i, (label, points)) in series.iter().enumerate() {
+        let colour = SERIES[i % SERIES.len()];
+        let line = LineSeries::new(points.iter().map(|(x, s)| (*x, s.median)), colour.stroke_width(2));
+        chart
+            .draw_series(line)
+            .expect("line")
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
+        let marks = points.iter().map(|(x, s)| Circle::new((*x, s.median), 3, colour.filled()));
+        chart.draw_series(marks).expect("points");
+        for (x, s) in points {
+            let whisker = PathElement::new(vec![(*x, s.min), (*x, s.max)], colour.mix(0.6).stroke_width(2));
+            chart.draw_series(std::iter::once(whisker)).expect("whisker");
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(text)
+        .border_style(grey.mix(0.4))
+        .draw()
+        .expect("legend");
+    root_area.present().expect("write svg");
+}
+
+/// The flags sesame gives epoch 0 (hot restart on, its drain times), with the base id written to
+/// `dir`: Envoy run alone with them starts as it does under sesame, so that start to LIVE compares
+/// the launchers and not two ways of starting Envoy.
+pub fn envoy_flags_as_sesame_gives(dir: &Path) -> Vec<String> {
+    let base_id = dir.join("envoy-base-id").to_string_lossy().into_owned();
+    let flags = ["--drain-time-s", "30", "--drain-strategy", "immediate", "--parent-shutdown-time-s", "45"];
+    let hot_restart = ["--restart-epoch", "0", "--use-dynamic-base-id", "--base-id-path", &base_id];
+    flags.iter().chain(hot_restart.iter()).map(|f| f.to_string()).collect()
+}
+
+/// Removes the hot-restart shared memory that an Envoy started alone with those flags left behind
+/// (sesame removes its own when it exits).
+pub fn remove_envoy_shared_memory(dir: &Path) {
+    let base_id = std::fs::read_to_string(dir.join("envoy-base-id")).ok();
+    if let Some(id) = base_id.and_then(|id| id.trim().parse::<u64>().ok()) {
+        let _ = std::fs::remove_file(format!("/dev/shm/envoy_shared_memory_{}", id * 10));
+    }
 }
