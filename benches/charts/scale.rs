@@ -57,6 +57,8 @@ pub fn sni(runs: &[Value]) {
     anon.iter_mut().for_each(|(name, _)| *name = format!("{name}, RssAnon"));
     memory.extend(anon);
     support::line_chart("bench-scale-memory", "sesame's own memory, 2 s after LIVE", n, "MiB", &memory);
+    let peak = curves(runs, "way", "n", mib("sesame_vm_hwm_kib"));
+    support::line_chart("bench-scale-memory-peak", "sesame's own peak memory (VmHWM) over the run", n, "MiB", &peak);
     let one = curves(runs, "way", "n", field("one_served_ms"));
     support::line_chart(
         "bench-scale-renew-one",
