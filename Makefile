@@ -8,7 +8,7 @@ ENVOY_BIN     := $(TOOLS)/bin/envoy
 ENVOY_PREVIOUS_BIN := $(TOOLS)/bin/envoy-$(ENVOY_PREVIOUS_VERSION)
 CARGO         ?= cargo
 
-.PHONY: all build release envoy envoy-previous peers run test test-homes homes bench lint clean
+.PHONY: all build release envoy envoy-previous peers run test test-homes homes bench bench-scale lint clean
 
 all: build
 
@@ -64,7 +64,13 @@ test-homes: homes
 # `make bench QUICK=1`: one run per figure, about a minute.
 bench: envoy peers
 	SESAME_BENCH_QUICK=$(QUICK) ENVOY_BIN=$(ENVOY_BIN) $(CARGO) bench \
-		--bench shutdown --bench rotation --bench rotation_in_place --bench recovery --bench overhead --bench reaping
+		--bench shutdown --bench rotation --bench rotation_in_place --bench recovery --bench overhead --bench reaping \
+		--bench scale
+	$(CARGO) bench --bench charts
+
+# The scale bench alone (SNI certificates, large bootstraps, idle connections at SIGTERM), and its charts.
+bench-scale: envoy
+	SESAME_BENCH_QUICK=$(QUICK) ENVOY_BIN=$(ENVOY_BIN) $(CARGO) bench --bench scale
 	$(CARGO) bench --bench charts
 
 peers:

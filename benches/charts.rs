@@ -4,6 +4,9 @@
 
 mod support;
 
+#[path = "charts/scale.rs"]
+mod scale;
+
 use serde_json::Value;
 use support::Spread;
 
@@ -125,6 +128,15 @@ fn main() {
         support::bar_chart("bench-reaping", "Reaping 10,000 orphans: wall time", "milliseconds", &wall);
         let cpu = bars(&runs, "init", "init_cpu_ms", |_| true);
         support::bar_chart("bench-reaping-cpu", "Reaping 10,000 orphans: CPU time of the init", "milliseconds", &cpu);
+    }
+    if let Some(runs) = load("scale-sni") {
+        scale::sni(&runs);
+    }
+    if let Some(runs) = load("scale-reload") {
+        scale::reload(&runs);
+    }
+    if let Some(runs) = load("scale-idle") {
+        scale::idle(&runs);
     }
     println!("charts written to images/bench-*.svg");
 }

@@ -35,18 +35,9 @@ struct Run {
     rss_anon_after_status_kib: Option<u64>,
 }
 
-/// The flags sesame gives epoch 0 (hot restart on, its drain times): every launcher runs Envoy with
-/// them, so that start to LIVE compares the inits and not two ways of starting Envoy.
-fn sesame_flags(dir: &Path) -> Vec<String> {
-    let base_id = dir.join("envoy-base-id").to_string_lossy().into_owned();
-    let flags = ["--drain-time-s", "30", "--drain-strategy", "immediate", "--parent-shutdown-time-s", "45"];
-    let hot_restart = ["--restart-epoch", "0", "--use-dynamic-base-id", "--base-id-path", &base_id];
-    flags.iter().chain(hot_restart.iter()).map(|f| f.to_string()).collect()
-}
-
 fn start(launcher: &str, bootstrap: &Path) -> Launcher {
     let envoy = envoy_bin().to_string_lossy().into_owned();
-    let flags = sesame_flags(bootstrap.parent().expect("bootstrap dir"));
+    let flags = support::envoy_flags_as_sesame_gives(bootstrap.parent().expect("bootstrap dir"));
     let bootstrap = bootstrap.to_string_lossy().into_owned();
     let plain: Vec<&str> =
         [envoy.as_str(), "-c", &bootstrap].into_iter().chain(flags.iter().map(String::as_str)).collect();
@@ -131,9 +122,8 @@ fn one_round(round: usize, idle: Duration) -> Vec<Run> {
         process.signal(Signal::SIGTERM);
         process.wait(Duration::from_secs(30));
         // sesame removes Envoy's hot-restart shared memory when it exits; without it, the bench does.
-        let base_id = std::fs::read_to_string(dir.path().join("envoy-base-id")).ok();
-        if let Some(id) = base_id.and_then(|id| id.trim().parse::<u64>().ok()).filter(|_| launcher != "sesame") {
-            let _ = std::fs::remove_file(format!("/dev/shm/envoy_shared_memory_{}", id * 10));
+        if launcher != "sesame" {
+            support::remove_envoy_shared_memory(dir.path());
         }
     }
     runs.sort_by_key(|r| LAUNCHERS.iter().position(|l| *l == r.launcher));
