@@ -79,7 +79,8 @@ impl DirWatcher {
     /// Watches `dir`; again when the directory at that path is not the one watched (it was removed
     /// or moved away, and another put there): inotify watches an inode, not a path. Cheap when
     /// nothing changed (one `stat`), so it can be called for every directory after each debounce.
-    pub fn watch(&self, dir: &Path) -> std::io::Result<()> {
+    /// True when a watch was added: the directory at that path is not the one watched before.
+    pub fn watch(&self, dir: &Path) -> std::io::Result<bool> {
         // The inode is read before the watch is added: if the directory is swapped in between, the
         // next call sees an inode that differs and adds the watch again (the kernel's answer for
         // an inode already watched is its existing watch).
@@ -87,7 +88,7 @@ impl DirWatcher {
         let inode = (meta.dev(), meta.ino());
         let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         if watches.paths.get(dir).is_some_and(|(_, watched)| *watched == inode) {
-            return Ok(());
+            return Ok(false);
         }
         let inotify = &self.fd.get_ref().0;
         let wd = inotify.add_watch(dir, MASK)?;
@@ -100,7 +101,7 @@ impl DirWatcher {
             let _ = inotify.rm_watch(old);
         }
         watches.dirs.insert(wd, dir.to_path_buf());
-        Ok(())
+        Ok(true)
     }
 
     /// The next events, as many as the kernel has queued (at least one).
@@ -177,14 +178,14 @@ mod tests {
         std::fs::create_dir(&certs).expect("mkdir");
         std::fs::create_dir(&new).expect("mkdir");
         let watcher = DirWatcher::new().expect("inotify");
-        watcher.watch(&certs).expect("watch");
-        watcher.watch(&certs).expect("watching again what is watched is a no-op");
+        assert!(watcher.watch(&certs).expect("watch"), "a new watch");
+        assert!(!watcher.watch(&certs).expect("watch"), "watching again what is watched is a no-op");
         std::fs::rename(&certs, &old).expect("mv aside");
         std::fs::rename(&new, &certs).expect("mv in");
         assert!(paths(&watcher.next().await.expect("events")).contains(&certs), "the move is a change");
         // The old directory, now elsewhere, is no longer heard; the new one is, once watched.
         std::fs::write(old.join("tls.crt"), "old").expect("write");
-        watcher.watch(&certs).expect("watch the new inode");
+        assert!(watcher.watch(&certs).expect("watch the new inode"), "another directory at the path");
         let file = certs.join("tls.crt");
         std::fs::write(&file, "new").expect("write");
         let changes = paths(&watcher.next().await.expect("events"));

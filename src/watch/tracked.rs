@@ -1,0 +1,255 @@
+//! What the watcher knows of each watched file: its content hash as last read. A debounce's end
+//! reads again only the files its events named (and, for a Kubernetes volume's `..data` swap, the
+//! files of that directory, which all change through it), so that the work of a change is
+//! proportional to what changed, not to how many files are watched. Everything is read again only
+//! when the kernel lost events (its queue overflowed) or a watched directory itself was replaced
+//! (its files are others then).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use super::{Relevant, WatchSpec, absolute, absolute_parent, files_in, is_volume_internal};
+use crate::bootstrap::BootstrapFiles;
+
+/// Reads a file's content hash (None: it cannot be read). Given to the watcher so that tests can
+/// count what it reads.
+pub type Reader = Box<dyn FnMut(&Path) -> Option<u64> + Send>;
+
+/// The reader of the running launcher.
+pub fn content_hash_of(path: &Path) -> Option<u64> {
+    std::fs::read(path).ok().map(|bytes| crate::files::content_hash(&bytes))
+}
+
+/// What the events of one debounce named: paths as the kernel named them (absolute), or that
+/// anything may have changed.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    paths: BTreeSet<PathBuf>,
+    everything: bool,
+}
+
+impl Dirty {
+    pub fn path(&mut self, path: PathBuf) {
+        self.paths.insert(path);
+    }
+
+    /// Events were lost, or a watched directory was replaced: every file is read again.
+    pub fn everything(&mut self) {
+        self.everything = true;
+    }
+}
+
+/// The regular files found in one `--watch` directory, by entry name, and the forms in which the
+/// directory was given (the files are reported as `GIVEN/NAME`, as a scan names them).
+#[derive(Debug, Default)]
+struct Listing {
+    given: BTreeSet<PathBuf>,
+    names: BTreeSet<OsString>,
+}
+
+impl Listing {
+    fn keys<'a>(&'a self, name: &'a OsString) -> impl Iterator<Item = PathBuf> + 'a {
+        self.given.iter().map(move |dir| dir.join(name))
+    }
+}
+
+/// The watched files and the hash of each as last read.
+pub struct Tracked {
+    spec: WatchSpec,
+    /// The bootstrap, the files it names and the `--watch` files, as given: watched whether they
+    /// exist or not.
+    named: BTreeSet<PathBuf>,
+    /// `named` by absolute path, and by absolute parent directory: what an event names.
+    named_at: HashMap<PathBuf, Vec<PathBuf>>,
+    named_in: HashMap<PathBuf, Vec<PathBuf>>,
+    /// Each `--watch` directory (absolute) and the files found in it.
+    listed: BTreeMap<PathBuf, Listing>,
+    /// Every watched file (`named` and `listed`) and its hash.
+    hashes: BTreeMap<PathBuf, Option<u64>>,
+    relevant: Relevant,
+    dirs: BTreeSet<PathBuf>,
+    read: Reader,
+}
+
+impl Tracked {
+    /// Lists and reads every watched file, taking the bootstrap's files from `read_at_start` when
+    /// given (what the launcher read of it).
+    pub fn scan(spec: WatchSpec, read_at_start: Option<&BootstrapFiles>, read: Reader) -> Tracked {
+        let mut tracked = Tracked {
+            spec,
+            named: BTreeSet::new(),
+            named_at: HashMap::new(),
+            named_in: HashMap::new(),
+            listed: BTreeMap::new(),
+            hashes: BTreeMap::new(),
+            relevant: Relevant::default(),
+            dirs: BTreeSet::new(),
+            read,
+        };
+        tracked.rescan(read_at_start);
+        tracked
+    }
+
+    /// Lists and reads everything again; returns the files whose content differs from before.
+    pub fn rescan(&mut self, read_at_start: Option<&BootstrapFiles>) -> Vec<PathBuf> {
+        let before = std::mem::take(&mut self.hashes);
+        self.set_named(self.spec.named_files(read_at_start));
+        self.listed.clear();
+        for dir in self.spec.extra.iter().filter(|p| p.is_dir()) {
+            let listing = self.listed.entry(absolute(dir)).or_default();
+            listing.given.insert(dir.clone());
+            listing.names.extend(files_in(dir).iter().filter_map(|f| f.file_name().map(OsString::from)));
+        }
+        let keys: Vec<PathBuf> = self.named.iter().cloned().chain(self.listed_keys()).collect();
+        for key in keys {
+            let hash = (self.read)(&key);
+            self.hashes.insert(key, hash);
+        }
+        changed(&before, &self.hashes)
+    }
+
+    /// Reads again what the events of a debounce named; returns the files whose content changed
+    /// (or that appeared or went).
+    pub fn settle(&mut self, dirty: Dirty) -> Vec<PathBuf> {
+        if dirty.everything || dirty.paths.iter().any(|p| self.is_a_watched_directory(p)) {
+            tracing::debug!("watcher: reading every watched file again");
+            return self.rescan(None);
+        }
+        let mut affected = BTreeSet::new();
+        for path in &dirty.paths {
+            self.affected_by(path, &mut affected);
+        }
+        let mut changed = Vec::new();
+        for key in &affected {
+            self.read_again(key, &mut changed);
+        }
+        let bootstrap = self.spec.bootstrap_path();
+        if bootstrap.is_some_and(|b| changed.contains(&b)) {
+            // It may name other files now.
+            self.follow_the_bootstrap(&mut changed);
+        }
+        tracing::debug!("watcher: {} files read again, {} changed", affected.len(), changed.len());
+        changed.sort();
+        changed.dedup();
+        changed
+    }
+
+    pub fn relevant(&self) -> &Relevant {
+        &self.relevant
+    }
+
+    /// The directories watched (absolute): each named file's, and the `--watch` directories.
+    pub fn dirs(&self) -> &BTreeSet<PathBuf> {
+        &self.dirs
+    }
+
+    /// How many files are watched.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// The hash of `file` as last read (None inside: it could not be read).
+    pub fn hash(&self, file: &Path) -> Option<Option<u64>> {
+        self.hashes.get(file).copied()
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.hashes.keys().map(PathBuf::as_path)
+    }
+
+    fn set_named(&mut self, named: BTreeSet<PathBuf>) {
+        self.named_at.clear();
+        self.named_in.clear();
+        for file in &named {
+            self.named_at.entry(absolute(file)).or_default().push(file.clone());
+            if let Some(dir) = absolute_parent(file) {
+                self.named_in.entry(dir).or_default().push(file.clone());
+            }
+        }
+        let named_list: Vec<PathBuf> = named.iter().cloned().collect();
+        self.relevant = Relevant::new(&self.spec, &named_list);
+        self.dirs = self.spec.directories(&named_list);
+        self.named = named;
+    }
+
+    fn listed_keys(&self) -> Vec<PathBuf> {
+        self.listed.values().flat_map(|l| l.names.iter().flat_map(|name| l.keys(name))).collect()
+    }
+
+    /// A watched directory, or a `--watch` path that is one now: named by an event, it was
+    /// created, removed or replaced, and what is in it is not known.
+    fn is_a_watched_directory(&self, path: &Path) -> bool {
+        self.dirs.contains(path) || (self.spec.extra.iter().any(|p| absolute(p) == path) && path.is_dir())
+    }
+
+    /// The watched files an event on `path` may have changed.
+    fn affected_by(&mut self, path: &Path, affected: &mut BTreeSet<PathBuf>) {
+        let Some(dir) = path.parent() else { return };
+        if is_volume_internal(path) {
+            // A Kubernetes volume's swap: the visible names lead through `..data`.
+            affected.extend(self.named_in.get(dir).into_iter().flatten().cloned());
+            if let Some(listing) = self.listed.get(dir) {
+                affected.extend(listing.names.iter().flat_map(|name| listing.keys(name)));
+            }
+            return;
+        }
+        affected.extend(self.named_at.get(path).into_iter().flatten().cloned());
+        let (Some(listing), Some(name)) = (self.listed.get_mut(dir), path.file_name()) else { return };
+        let name = OsString::from(name);
+        // An entry that is no longer a regular file leaves the listing: reported as gone.
+        if path.is_file() {
+            listing.names.insert(name.clone());
+        } else {
+            listing.names.remove(&name);
+        }
+        affected.extend(listing.keys(&name));
+    }
+
+    fn is_watched(&self, key: &Path) -> bool {
+        if self.named.contains(key) {
+            return true;
+        }
+        let (Some(dir), Some(name)) = (key.parent(), key.file_name()) else { return false };
+        self.listed.get(&absolute(dir)).is_some_and(|l| l.given.contains(dir) && l.names.contains(name))
+    }
+
+    fn read_again(&mut self, key: &Path, changed: &mut Vec<PathBuf>) {
+        if !self.is_watched(key) {
+            if self.hashes.remove(key).is_some() {
+                changed.push(key.to_path_buf());
+            }
+            return;
+        }
+        let hash = (self.read)(key);
+        if self.hashes.insert(key.to_path_buf(), hash) != Some(hash) {
+            changed.push(key.to_path_buf());
+        }
+    }
+
+    /// The bootstrap changed: the files it names now are watched (and read, when new), those it no
+    /// longer names are not.
+    fn follow_the_bootstrap(&mut self, changed: &mut Vec<PathBuf>) {
+        let named = self.spec.named_files(None);
+        if named == self.named {
+            return;
+        }
+        let gone: Vec<PathBuf> = self.named.difference(&named).cloned().collect();
+        let new: Vec<PathBuf> = named.difference(&self.named).cloned().collect();
+        self.set_named(named);
+        for key in gone.iter().chain(&new) {
+            if !self.hashes.contains_key(key) || !self.is_watched(key) {
+                self.read_again(key, changed);
+            }
+        }
+    }
+}
+
+/// The files whose content differs between two snapshots (added, removed or changed).
+pub fn changed(before: &BTreeMap<PathBuf, Option<u64>>, after: &BTreeMap<PathBuf, Option<u64>>) -> Vec<PathBuf> {
+    let keys: BTreeSet<&PathBuf> = before.keys().chain(after.keys()).collect();
+    keys.into_iter().filter(|k| before.get(*k) != after.get(*k)).cloned().collect()
+}
+
+#[cfg(test)]
+pub(super) mod tests;
