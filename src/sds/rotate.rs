@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::{CheckedSecret, check_secret, write_secret};
+use super::{CheckedSecret, check_secret, write_secret, write_secret_file};
 use crate::admin::{AdminClient, SdsUpdates};
 use crate::certs::CertError;
 use crate::user::EnvoyUser;
@@ -78,7 +78,7 @@ fn next_state(served: &CheckedSecret, rejected: Option<u64>, settled: bool, now:
         Err(e) if settled => return Next::Not(Outcome::Refused(e)),
         Err(e) => return Next::Not(Outcome::Waiting(e.to_string())),
     };
-    if checked.resource == served.resource {
+    if checked.resource_hash == served.resource_hash {
         return Next::Keep;
     }
     if rejected == Some(checked.files_hash) {
@@ -102,21 +102,43 @@ pub async fn attempt(
     user: Option<EnvoyUser>,
     timeout: Duration,
 ) -> Vec<Outcome> {
-    // Before anything is written: each swap is known by the counter it moves past this.
-    let before = admin.sds_updates().await.unwrap_or_default();
-    let written = tokio::task::spawn_blocking(move || {
+    let decided = tokio::task::spawn_blocking(move || {
         let now = SystemTime::now();
-        let outcomes: Vec<(CheckedSecret, Next)> = served
+        served
             .into_iter()
             .map(|(served, rejected)| {
-                let next = match next_state(&served, rejected, settled, now) {
-                    Next::Write(next) => match write_secret(&next, user.as_ref()) {
-                        Ok(()) => Next::Write(next),
-                        Err(e) => Next::Not(Outcome::Failed(format!("{e:#}"))),
-                    },
-                    other => other,
-                };
+                let next = next_state(&served, rejected, settled, now);
                 (served, next)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let Ok(decided) = decided else { return Vec::new() };
+    // Before anything is written: each swap is known by the counter it moves past this (read for
+    // the secrets to be written only).
+    let names: Vec<&str> = decided
+        .iter()
+        .filter_map(|(_, next)| match next {
+            Next::Write(next) => Some(next.secret.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    let before =
+        if names.is_empty() { Default::default() } else { admin.sds_updates(&names).await.unwrap_or_default() };
+    let written = tokio::task::spawn_blocking(move || {
+        let outcomes: Vec<(Option<Vec<u8>>, Next)> = decided
+            .into_iter()
+            .map(|(_, next)| match next {
+                Next::Write(next) => {
+                    // What Envoy serves, as sesame wrote it: written back should Envoy reject the new
+                    // bytes (read from the file rather than kept in memory for every secret).
+                    let serving = std::fs::read(&next.secret.path).ok();
+                    match write_secret(&next, user.as_ref()) {
+                        Ok(()) => (serving, Next::Write(next)),
+                        Err(e) => (None, Next::Not(Outcome::Failed(format!("{e:#}")))),
+                    }
+                }
+                other => (None, other),
             })
             .collect();
         (outcomes, user)
@@ -125,8 +147,8 @@ pub async fn attempt(
     let Ok((outcomes, user)) = written else { return Vec::new() };
     let mut pending: Vec<(usize, CheckedSecret)> = Vec::new();
     let mut result: Vec<Outcome> = Vec::with_capacity(outcomes.len());
-    let mut previous: Vec<CheckedSecret> = Vec::with_capacity(outcomes.len());
-    for (index, (served, next)) in outcomes.into_iter().enumerate() {
+    let mut serving: Vec<Option<Vec<u8>>> = Vec::with_capacity(outcomes.len());
+    for (index, (bytes, next)) in outcomes.into_iter().enumerate() {
         result.push(match next {
             Next::Keep => Outcome::Unchanged,
             Next::Write(next) => {
@@ -135,19 +157,25 @@ pub async fn attempt(
             }
             Next::Not(outcome) => outcome,
         });
-        previous.push(served);
+        serving.push(bytes);
     }
     confirm(&admin, &before, pending, &mut result, timeout).await;
-    let rejected: Vec<CheckedSecret> = result
+    let rejected: Vec<(std::path::PathBuf, Option<Vec<u8>>)> = result
         .iter()
-        .enumerate()
-        .filter(|(_, outcome)| matches!(outcome, Outcome::Rejected(_)))
-        .map(|(index, _)| previous[index].clone())
+        .zip(&mut serving)
+        .filter_map(|(outcome, bytes)| match outcome {
+            Outcome::Rejected(secret) => Some((secret.secret.path.clone(), bytes.take())),
+            _ => None,
+        })
         .collect();
     if !rejected.is_empty() {
         let _ = tokio::task::spawn_blocking(move || {
-            for served in &rejected {
-                if let Err(e) = write_secret(served, user.as_ref()) {
+            for (path, bytes) in &rejected {
+                let written = match bytes {
+                    Some(bytes) => write_secret_file(path, bytes, user.as_ref()),
+                    None => Err(anyhow::anyhow!("{} could not be read before it was replaced", path.display())),
+                };
+                if let Err(e) = written {
                     tracing::error!("cannot write back the secret Envoy serves: {e:#}");
                 }
             }
@@ -174,8 +202,9 @@ async fn confirm(
             break;
         }
         tokio::time::sleep(CONFIRM_POLL).await;
+        let names: Vec<&str> = pending.iter().map(|(_, secret)| secret.secret.name.as_str()).collect();
         if !pending.is_empty()
-            && let Ok(now) = admin.sds_updates().await
+            && let Ok(now) = admin.sds_updates(&names).await
         {
             pending.retain(|(index, secret)| {
                 let name = &secret.secret.name;
