@@ -15,4 +15,4 @@ pub use ambiguous::ambiguous_scalar;
 pub use prepare::{Prepared, SdsFiles};
 pub use rewrite::{Secret, SecretFiles, ensure_node, rewrite};
 pub use rotate::{Outcome, attempt};
-pub use secrets::{CheckedSecret, check_secret, check_secrets, write_secret};
+pub use secrets::{CheckedSecret, check_secret, check_secrets, write_secret, write_secret_file};

@@ -14,8 +14,11 @@ use crate::user::EnvoyUser;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckedSecret {
     pub secret: Secret,
-    /// The SDS resource file's content.
+    /// The SDS resource file's content: empty once it is written and only the record of what Envoy
+    /// has is kept (a thousand certificates and keys held for ever would double the launcher's
+    /// memory); `resource_hash` still tells it from another.
     pub resource: Vec<u8>,
+    pub resource_hash: u64,
     /// For a certificate: its leaf's serial (lowercase hex) and notAfter (Unix seconds).
     pub leaf: Option<(String, i64)>,
     /// How many certificates the chain (or the CA bundle) holds: a file written in steps has
@@ -31,6 +34,13 @@ pub struct CheckedSecret {
 }
 
 impl CheckedSecret {
+    /// The record of it, without the bytes.
+    pub fn without_bytes(&self) -> CheckedSecret {
+        let mut record = self.clone();
+        record.resource = Vec::new();
+        record
+    }
+
     /// Whether its files still hold what was checked (one read each, no parsing). Blocking.
     pub fn files_unchanged(&self) -> bool {
         let read: Option<Vec<Vec<u8>>> = self.secret.files.paths().iter().map(|p| std::fs::read(p).ok()).collect();
@@ -111,6 +121,7 @@ pub fn check_secret(secret: &Secret, now: SystemTime) -> Result<CheckedSecret, C
     let files_hash = hash;
     Ok(CheckedSecret {
         secret: secret.clone(),
+        resource_hash: crate::files::content_hash(&resource),
         resource,
         leaf,
         certificates,
@@ -144,9 +155,13 @@ fn ensure_dirs(secret_dir: &Path, user: Option<&EnvoyUser>) -> anyhow::Result<()
 /// Writes `checked` where Envoy reads it: by rename into its watched directory (Envoy swaps the
 /// secret on the move), mode 0600, owned by Envoy's user when it runs as another.
 pub fn write_secret(checked: &CheckedSecret, user: Option<&EnvoyUser>) -> anyhow::Result<()> {
+    write_secret_file(&checked.secret.path, &checked.resource, user)
+}
+
+/// Writes `resource` as the secret file `path` (see `write_secret`).
+pub fn write_secret_file(path: &Path, resource: &[u8], user: Option<&EnvoyUser>) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = &checked.secret.path;
     if let Some(dir) = path.parent() {
         ensure_dirs(dir, user)?;
     }
@@ -164,7 +179,7 @@ pub fn write_secret(checked: &CheckedSecret, user: Option<&EnvoyUser>) -> anyhow
     // No fsync: the file lives as long as the launcher (made again at every start), and the rename
     // alone makes it whole for Envoy; a sync per secret would block the supervisor at an epoch's
     // start for every certificate.
-    file.write_all(&checked.resource).map_err(failed)?;
+    file.write_all(resource).map_err(failed)?;
     // Given away before the rename: Envoy must be able to read it the moment it appears.
     if let Some(user) = user {
         std::os::unix::fs::fchown(&file, Some(user.uid.as_raw()), Some(user.gid.as_raw())).map_err(failed)?;

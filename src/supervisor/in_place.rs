@@ -5,6 +5,7 @@
 //! waited on, not refused; at the debounce's end it is refused by name. One attempt at a time,
 //! never beside a reload (whose new epoch is given the secrets as its own checks read them).
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -72,7 +73,7 @@ impl InPlace {
         let served = served
             .into_iter()
             .map(|secret| Served {
-                secret,
+                secret: secret.without_bytes(),
                 how: How::Start,
                 at_unix,
                 envoy: "read at start".into(),
@@ -96,7 +97,8 @@ impl InPlace {
     /// Whether every one of `paths` is a file of a secret: a change of them alone is a rotation.
     pub fn only_secret_files(&self, paths: &[PathBuf]) -> bool {
         let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-        let ours: Vec<PathBuf> = self.served.iter().flat_map(|s| s.secret.secret.files.paths()).map(absolute).collect();
+        let ours: HashSet<PathBuf> =
+            self.served.iter().flat_map(|s| s.secret.secret.files.paths()).map(absolute).collect();
         !paths.is_empty() && paths.iter().all(|p| ours.contains(&absolute(p)))
     }
 
@@ -214,9 +216,11 @@ impl<P: Processes> Supervisor<P> {
         let now = unix_seconds(SystemTime::now());
         let mut unconfirmed = None;
         let mut valid_from = None;
+        let index: HashMap<String, usize> =
+            in_place.served.iter().enumerate().map(|(i, s)| (s.secret.secret.name.clone(), i)).collect();
         for (name, outcome) in outcomes {
             // A secret a reload dropped meanwhile: its outcome is nobody's now.
-            let Some(served) = in_place.served.iter_mut().find(|s| s.secret.secret.name == name) else { continue };
+            let Some(served) = index.get(&name).map(|&i| &mut in_place.served[i]) else { continue };
             let path = served.secret.path().display().to_string();
             let refuse = |served: &mut Served, detail: String| {
                 served.refused =
@@ -256,7 +260,7 @@ impl<P: Processes> Supervisor<P> {
                     tracing::info!("in place: Envoy serves {}{}", describe(&secret), was.unwrap_or_default());
                     self.metrics.rotation("in_place", "success");
                     *served = Served {
-                        secret,
+                        secret: secret.without_bytes(),
                         how: How::InPlace,
                         at_unix: now,
                         envoy: "confirmed".into(),
@@ -269,12 +273,14 @@ impl<P: Processes> Supervisor<P> {
                     tracing::info!("in place: {} {why}", describe(&secret));
                     self.metrics.rotation("in_place", "unconfirmable");
                     let envoy = why.to_string();
+                    let secret = secret.without_bytes();
                     *served = Served { secret, how: How::InPlace, at_unix: now, envoy, refused: None, rejected: None };
                 }
                 Outcome::Unconfirmed(secret, why) => {
                     tracing::warn!("in place: {} written; {why}: a hot restart gives it instead", describe(&secret));
                     self.metrics.rotation("in_place", "unconfirmed");
                     unconfirmed = Some(describe(&secret));
+                    let secret = secret.without_bytes();
                     *served =
                         Served { secret, how: How::InPlace, at_unix: now, envoy: why, refused: None, rejected: None };
                 }
@@ -310,10 +316,11 @@ impl<P: Processes> Supervisor<P> {
         let now = unix_seconds(SystemTime::now());
         let epoch = self.epochs.next_number();
         let mut served = Vec::with_capacity(prepared.secrets.len());
+        let had: HashMap<u64, &Served> = in_place.served.iter().map(|s| (s.secret.resource_hash, s)).collect();
         for secret in &prepared.secrets {
-            let kept = in_place.served.iter().find(|s| s.secret.resource == secret.resource).cloned();
+            let kept = had.get(&secret.resource_hash).map(|&s| s.clone());
             served.push(kept.unwrap_or_else(|| Served {
-                secret: secret.clone(),
+                secret: secret.without_bytes(),
                 how: How::HotRestart,
                 at_unix: now,
                 envoy: format!("written for epoch {epoch}"),
@@ -352,7 +359,8 @@ impl<P: Processes> Supervisor<P> {
                 self.metrics.certificate_expires(secret.secret.path(), not_after);
             }
         }
-        for gone in in_place.served.iter().filter(|s| !served.iter().any(|n| n.secret.path() == s.secret.path())) {
+        let still: HashSet<&Path> = served.iter().map(|s| s.secret.path()).collect();
+        for gone in in_place.served.iter().filter(|s| !still.contains(s.secret.path())) {
             self.metrics.forget_certificate(gone.secret.path());
         }
         in_place.served = served;

@@ -322,13 +322,14 @@ impl<P: Processes> Supervisor<P> {
 
     /// Handles one event; returns the current epoch's exit once there is one.
     fn handle(&mut self, event: Event) -> Option<Exit> {
-        let live = matches!(event, Event::EpochLive { result: Ok(_), .. });
+        let live = matches!(event, Event::EpochLive { result: Ok(_), .. } | Event::Rotated { .. });
         let exit = self.handle_event(event);
         self.rotate_when_possible();
         let older = self.epochs.older().is_some();
         self.older_alive.send_if_modified(|alive| std::mem::replace(alive, older) != older);
         if live {
-            // Start-up or a reload is over: what it touched is not needed while Envoy serves.
+            // Start-up, a reload or a swap in place is over: what it touched is not needed while
+            // Envoy serves.
             crate::memory::after_activity();
         }
         exit
