@@ -13,6 +13,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+pub mod known;
+
 /// A `tls_certificates` entry of the bootstrap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsPair {
@@ -76,6 +78,34 @@ pub fn check_pair(pair: &TlsPair, now: SystemTime) -> Result<Checked, CertError>
 /// `check_pair` on bytes already read (`chain` from `pair.cert`, `key` from `pair.key`): what
 /// passes is exactly what was read.
 pub fn check_pair_bytes(pair: &TlsPair, chain: &[u8], key: &[u8], now: SystemTime) -> Result<Checked, CertError> {
+    use crate::files::content_hash;
+    let id = (content_hash(chain), content_hash(key), pair.key_password);
+    let facts = match known::get(id) {
+        Some(facts) => facts,
+        None => {
+            let facts = pair_facts(pair, chain, key)?;
+            known::remember(id, facts.clone());
+            facts
+        }
+    };
+    let now_secs = crate::clock::unix_seconds(now) as i64;
+    if now_secs < facts.not_before {
+        return Err(CertError::NotYetValid {
+            path: pair.cert.clone(),
+            from: format_time(facts.not_before),
+            from_unix: facts.not_before,
+        });
+    }
+    if now_secs > facts.not_after {
+        return Err(CertError::Expired { path: pair.cert.clone(), on: format_time(facts.not_after) });
+    }
+    let expires_in = Duration::from_secs((facts.not_after - now_secs) as u64);
+    let known::Facts { not_after, serial, issuer, certificates, key_left_to_envoy, .. } = facts;
+    Ok(Checked { expires_in, not_after_unix: not_after, serial, issuer, certificates, key_left_to_envoy })
+}
+
+/// Everything a pair's check learns but the comparison with the time.
+fn pair_facts(pair: &TlsPair, chain: &[u8], key: &[u8]) -> Result<known::Facts, CertError> {
     let chain = parse_chain(&pair.cert, chain)?;
     let certificates = chain.len();
     let leaf = chain[0].clone();
@@ -95,19 +125,7 @@ pub fn check_pair_bytes(pair: &TlsPair, chain: &[u8], key: &[u8], now: SystemTim
         },
     };
     let (not_before, not_after, serial, issuer) = validity(&leaf, &pair.cert)?;
-    let now_secs = crate::clock::unix_seconds(now) as i64;
-    if now_secs < not_before {
-        return Err(CertError::NotYetValid {
-            path: pair.cert.clone(),
-            from: format_time(not_before),
-            from_unix: not_before,
-        });
-    }
-    if now_secs > not_after {
-        return Err(CertError::Expired { path: pair.cert.clone(), on: format_time(not_after) });
-    }
-    let expires_in = Duration::from_secs((not_after - now_secs) as u64);
-    Ok(Checked { expires_in, not_after_unix: not_after, serial, issuer, certificates, key_left_to_envoy })
+    Ok(known::Facts { not_before, not_after, serial, issuer, certificates, key_left_to_envoy })
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, CertError> {

@@ -38,6 +38,7 @@ pub fn preflight(
     user: Option<&EnvoyUser>,
     sds: Option<&SdsFiles>,
 ) -> (Input, Result<Preflight, Refusal>) {
+    certs::known::new_round();
     let mut files = watched;
     files.extend(crate::envoy::config_path(command));
     let bootstrap = match Bootstrap::from_command(command) {
@@ -75,7 +76,7 @@ fn check(
         _ => None,
     };
     // Envoy reads these as sesame wrote them: the user's files need be readable by sesame only.
-    let given: Vec<&std::path::Path> =
+    let given: std::collections::HashSet<&std::path::Path> =
         sds.iter().flat_map(|p| &p.secrets).flat_map(|s| s.secret.files.paths()).collect();
     let pairs = bootstrap.map(|b| b.tls_pairs()).unwrap_or_default();
     if let Some(user) = user {
