@@ -5,7 +5,7 @@
 //! next) are dropped, so the launcher holds at most the pairs of two bootstraps.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
 /// A pair by the content hashes of its chain and key files, and whether the bootstrap gives its
 /// key a password (which decides whether an encrypted key passes).
@@ -28,11 +28,10 @@ struct Rounds {
     previous: HashMap<PairId, Facts>,
 }
 
-static KNOWN: Mutex<Option<Rounds>> = Mutex::new(None);
+static KNOWN: LazyLock<Mutex<Rounds>> = LazyLock::new(Mutex::default);
 
 fn with<T>(f: impl FnOnce(&mut Rounds) -> T) -> T {
-    let mut known = KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    f(known.get_or_insert_with(Rounds::default))
+    f(&mut KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
 }
 
 /// The facts of a pair checked before, if it passed then.

@@ -104,13 +104,7 @@ pub async fn attempt(
 ) -> Vec<Outcome> {
     let decided = tokio::task::spawn_blocking(move || {
         let now = SystemTime::now();
-        served
-            .into_iter()
-            .map(|(served, rejected)| {
-                let next = next_state(&served, rejected, settled, now);
-                (served, next)
-            })
-            .collect::<Vec<_>>()
+        served.iter().map(|(served, rejected)| next_state(served, *rejected, settled, now)).collect::<Vec<_>>()
     })
     .await;
     let Ok(decided) = decided else { return Vec::new() };
@@ -118,7 +112,7 @@ pub async fn attempt(
     // the secrets to be written only).
     let names: Vec<&str> = decided
         .iter()
-        .filter_map(|(_, next)| match next {
+        .filter_map(|next| match next {
             Next::Write(next) => Some(next.secret.name.as_str()),
             _ => None,
         })
@@ -128,7 +122,7 @@ pub async fn attempt(
     let written = tokio::task::spawn_blocking(move || {
         let outcomes: Vec<(Option<Vec<u8>>, Next)> = decided
             .into_iter()
-            .map(|(_, next)| match next {
+            .map(|next| match next {
                 Next::Write(next) => {
                     // What Envoy serves, as sesame wrote it: written back should Envoy reject the new
                     // bytes (read from the file rather than kept in memory for every secret).
