@@ -29,8 +29,8 @@ const STARTS_PER_DEBOUNCE: u32 = 3;
 impl<P: Processes> Supervisor<P> {
     /// A watched file was touched, at the start of a debounce or during it: checks of the files as
     /// they are now start, unless the run under way may already stand for them.
-    pub(super) fn on_files_changing(&mut self) {
-        self.on_secret_files_touched();
+    pub(super) fn on_files_changing(&mut self, touched: crate::watch::Touched) {
+        self.on_secret_files_touched(touched);
         if !self.may_check_early() {
             return self.discard_early_checks();
         }

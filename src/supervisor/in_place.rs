@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::shutdown::Phase;
+use super::touched::Named;
 use super::{Event, Generation, Supervisor};
 use crate::clock::unix_seconds;
 use crate::launch::InPlace as InPlaceLaunch;
@@ -64,6 +65,8 @@ pub(super) struct InPlace {
     pending: Option<Vec<Served>>,
     /// When files refused as not yet valid are tried again, as settled.
     retry: Option<Generation>,
+    /// What the watcher named since the last attempt began: the secrets the next one reads.
+    named: Named,
 }
 
 impl InPlace {
@@ -91,6 +94,7 @@ impl InPlace {
             wanted: None,
             pending: None,
             retry: None,
+            named: Named::default(),
         }
     }
 
@@ -141,9 +145,10 @@ impl InPlace {
 
 impl<P: Processes> Supervisor<P> {
     /// A watched file was touched: an attempt after the quiet wait.
-    pub(super) fn on_secret_files_touched(&mut self) {
+    pub(super) fn on_secret_files_touched(&mut self, touched: crate::watch::Touched) {
         // Nothing served by SDS yet (the certificates failed at start): a reload will give them.
         let Some(in_place) = self.in_place.as_mut().filter(|i| i.rotate && !i.served.is_empty()) else { return };
+        in_place.named.add(touched);
         in_place.quiet = Some(self.timers.schedule(QUIET));
     }
 
@@ -170,6 +175,9 @@ impl<P: Processes> Supervisor<P> {
         let refused = in_place.served.iter().any(|s| s.refused.is_some());
         if !(in_place.only_secret_files(changed) || (changed.is_empty() && refused)) {
             return false;
+        }
+        if let Some(in_place) = self.in_place.as_mut() {
+            changed.iter().for_each(|path| in_place.named.add_path(path.clone()));
         }
         self.want_rotation(true);
         true
@@ -198,8 +206,15 @@ impl<P: Processes> Supervisor<P> {
         in_place.wanted = None;
         let attempt = self.timers.next();
         in_place.running = Some(attempt);
-        let served: Vec<(CheckedSecret, Option<u64>)> =
-            in_place.served.iter().map(|s| (s.secret.clone(), s.rejected)).collect();
+        // Read again: what the events named, and what is still refused (its files may hold a
+        // state that passes now, or at the debounce's end).
+        let named = in_place.named.take();
+        let served: Vec<(CheckedSecret, Option<u64>)> = in_place
+            .served
+            .iter()
+            .filter(|s| s.refused.is_some() || s.secret.secret.files.paths().iter().any(|f| named.names(f)))
+            .map(|s| (s.secret.clone(), s.rejected))
+            .collect();
         let events = self.events.clone();
         let names: Vec<String> = served.iter().map(|(s, _)| s.secret.name.clone()).collect();
         tokio::spawn(async move {

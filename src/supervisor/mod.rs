@@ -35,6 +35,7 @@ mod shutdown;
 #[cfg(test)]
 mod tests;
 mod timers;
+mod touched;
 mod trigger;
 
 use std::path::PathBuf;
@@ -73,8 +74,8 @@ type Generation = u64;
 enum Event {
     Signal(i32),
     DrainEnded(DrainEnd),
-    /// A watched file was touched: a debounce runs.
-    FilesChanging,
+    /// A watched file was touched: a debounce runs. What the events named.
+    FilesChanging(crate::watch::Touched),
     /// A debounce ended: the watched files whose content changed (maybe none).
     FilesChanged(Vec<PathBuf>),
     /// A step of the checks run `attempt` reports.
@@ -236,7 +237,7 @@ impl<P: Processes> Supervisor<P> {
             let changes = events.clone();
             let report = move |change| {
                 let event = match change {
-                    watch::Change::Begun => Event::FilesChanging,
+                    watch::Change::Begun(touched) => Event::FilesChanging(touched),
                     watch::Change::Settled(files) => Event::FilesChanged(files),
                 };
                 changes.send(event).is_ok()
@@ -341,7 +342,7 @@ impl<P: Processes> Supervisor<P> {
             Event::Deadline(generation) => return self.on_deadline(generation),
             Event::DrainEnded(end) => self.on_drain_ended(end),
             Event::FamilyDrained { attempt, end } => self.on_family_drained(attempt, end),
-            Event::FilesChanging => self.on_files_changing(),
+            Event::FilesChanging(touched) => self.on_files_changing(touched),
             Event::FilesChanged(files) => self.on_files_settled(files),
             Event::Checked { attempt, report } => self.on_check_report(attempt, report),
             Event::EpochLive { epoch, poll, result } => self.on_epoch_live(epoch, poll, result),

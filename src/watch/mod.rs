@@ -71,11 +71,19 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
+/// What one batch of events named: the paths (absolute, as the kernel named them: a file, a
+/// `..data` entry, a directory replaced), or anything, when the kernel lost events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Touched {
+    Paths(Vec<PathBuf>),
+    Everything,
+}
+
 /// What the watcher reports.
 #[derive(Debug)]
 pub enum Change {
     /// A watched file was touched: a debounce runs. Whether its content changed is not known yet.
-    Begun,
+    Begun(Touched),
     /// The debounce ended: the files whose content changed (none for a touch or a change undone).
     Settled(Vec<PathBuf>),
 }
@@ -184,11 +192,14 @@ fn start_reading(
     tokio::spawn(async move {
         loop {
             let mut dirty = Dirty::default();
-            if let Err(e) = next_relevant(&watcher, tracked.relevant(), &mut dirty).await {
-                tracing::warn!("cannot read file changes any more ({e}): hot restarts only on SIGHUP");
-                return;
-            }
-            if !report(Change::Begun) {
+            let touched = match next_relevant(&watcher, tracked.relevant(), &mut dirty).await {
+                Ok(touched) => touched,
+                Err(e) => {
+                    tracing::warn!("cannot read file changes any more ({e}): hot restarts only on SIGHUP");
+                    return;
+                }
+            };
+            if !report(Change::Begun(touched)) {
                 return;
             }
             // Debounce: wait until the watched files have been quiet for the debounce time, but
@@ -198,7 +209,8 @@ fn start_reading(
             loop {
                 tokio::select! {
                     more = next_relevant(&watcher, tracked.relevant(), &mut dirty) => {
-                        if more.is_err() || !report(Change::Begun) {
+                        let Ok(touched) = more else { return };
+                        if !report(Change::Begun(touched)) {
                             return;
                         }
                     }
@@ -242,25 +254,29 @@ fn read_from(read: &BootstrapFiles, path: Option<PathBuf>, tracked: &Tracked) ->
 
 /// Waits for an event on what is watched, and notes in `dirty` what the events named (the hashes
 /// decide after the debounce): a busy neighbour in the same directory must not hold the debounce
-/// open. After an overflow anything may have changed.
-async fn next_relevant(watcher: &DirWatcher, relevant: &Relevant, dirty: &mut Dirty) -> std::io::Result<()> {
+/// open. After an overflow anything may have changed. Returns what this batch named.
+async fn next_relevant(watcher: &DirWatcher, relevant: &Relevant, dirty: &mut Dirty) -> std::io::Result<Touched> {
     loop {
-        let mut counted = false;
+        let mut named = Vec::new();
+        let mut everything = false;
         for change in watcher.next().await? {
             match change {
                 inotify::Change::Path { path } if relevant.counts(&path) => {
-                    dirty.path(path);
-                    counted = true;
+                    dirty.path(path.clone());
+                    named.push(path);
                 }
                 inotify::Change::Path { .. } => {}
                 inotify::Change::Overflow => {
                     dirty.everything();
-                    counted = true;
+                    everything = true;
                 }
             }
         }
-        if counted {
-            return Ok(());
+        if everything {
+            return Ok(Touched::Everything);
+        }
+        if !named.is_empty() {
+            return Ok(Touched::Paths(named));
         }
     }
 }

@@ -159,7 +159,7 @@ async fn reported_until(reports: &mut UnboundedReceiver<Change>, last: &Path) ->
         while !reported.iter().any(|f| f == last) {
             match reports.recv().await {
                 Some(Change::Settled(files)) => reported.extend(files),
-                Some(Change::Begun) => {}
+                Some(Change::Begun(_)) => {}
                 None => panic!("the watcher stopped"),
             }
         }

@@ -10,7 +10,7 @@ impl Harness {
 
     /// The watcher sees a change to a watched file: a debounce begins (or goes on).
     fn files_changing(&mut self) {
-        self.sup.handle(Event::FilesChanging);
+        self.sup.handle(Event::FilesChanging(crate::watch::Touched::Everything));
     }
 
     /// The debounce ends with the bootstrap changed.

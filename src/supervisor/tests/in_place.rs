@@ -81,7 +81,7 @@ async fn a_certificate_change_is_swapped_with_no_validator_and_a_swap_envoy_does
     let mut h = Harness::serving_in_place();
     assert_eq!(h.served_serial().as_deref(), Some("01"));
     h.rotate_to(2);
-    h.sup.handle(Event::FilesChanging);
+    h.sup.handle(Event::FilesChanging(crate::watch::Touched::Everything));
     let paths = vec![h.dir.path().join("c.pem"), h.dir.path().join("k.pem")];
     h.sup.handle(Event::FilesChanged(paths));
     assert_eq!(h.sup.status().reload, None, "no reload for certificates in place");
@@ -113,7 +113,7 @@ async fn a_pair_that_fails_waits_while_the_files_settle_and_is_refused_when_they
     let mut h = Harness::serving_in_place();
     let (_, other_key) = pair(3);
     std::fs::write(h.dir.path().join("k.pem"), other_key).expect("key");
-    h.sup.handle(Event::FilesChanging);
+    h.sup.handle(Event::FilesChanging(crate::watch::Touched::Everything));
     h.until("the attempt's end", is_rotated).await;
     assert_eq!(h.sup.metrics.rotations.get_or_create(&rotation("refused")).get(), 0, "waiting, not refused");
     h.sup.handle(Event::FilesChanged(vec![h.dir.path().join("k.pem")]));
@@ -131,7 +131,7 @@ async fn no_attempt_runs_beside_a_reload_and_the_one_wanted_runs_after_it() {
     h.signal(libc::SIGHUP);
     h.until("the preflight", is_preflight).await;
     h.rotate_to(4);
-    h.sup.handle(Event::FilesChanging);
+    h.sup.handle(Event::FilesChanging(crate::watch::Touched::Everything));
     h.until("the quiet wait's end", |e| matches!(e, Event::Deadline(_))).await;
     assert!(!h.attempt_running(), "no attempt while the reload checks");
     let validator = h.world.last_with("validate");
@@ -222,4 +222,18 @@ async fn an_attempts_outcomes_go_to_the_secrets_they_name_whatever_the_list_is_n
     assert_eq!(h.served_serial().as_deref(), Some("01"), "nothing applied to the wrong secret");
     let status = h.sup.status();
     assert!(status.certificates.as_ref().expect("certificates")[0].refused.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_reads_only_the_secrets_whose_files_the_events_named() {
+    let mut h = Harness::serving_in_place();
+    h.rotate_to(5);
+    let neighbour = h.dir.path().join("access.log");
+    h.sup.handle(Event::FilesChanging(crate::watch::Touched::Paths(vec![neighbour])));
+    h.until("the attempt for the neighbour", is_rotated).await;
+    assert_eq!(h.served_serial().as_deref(), Some("01"), "a neighbour's event does not read the pair");
+    let named = vec![h.dir.path().join("c.pem")];
+    h.sup.handle(Event::FilesChanging(crate::watch::Touched::Paths(named)));
+    h.until("the attempt for the certificate", is_rotated).await;
+    assert_eq!(h.served_serial().as_deref(), Some("05"), "the pair its event named is read and written");
 }
