@@ -183,6 +183,7 @@ pub fn plan(options: &RunOptions) -> anyhow::Result<Launch> {
         return Ok(Launch { command, envoy: None, user });
     }
     create_private_dir(&runtime_dir)?;
+    crate::bootstrap::keep_parsed_in(&runtime_dir);
     let read = |command: &[OsString]| match Bootstrap::from_command(command) {
         Ok(bootstrap) => bootstrap,
         Err(e) => {

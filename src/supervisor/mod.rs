@@ -217,6 +217,7 @@ pub async fn run(launch: Launch, settings: Settings) -> i32 {
     control_socket.remove();
     supervisor.remove_shared_memory();
     supervisor.remove_secrets();
+    crate::bootstrap::forget_parsed();
     supervisor.remove_family_files();
     exit.status_code()
 }

@@ -11,6 +11,9 @@ use crate::certs::TlsPair;
 use crate::envoy::flag_value;
 use crate::http::Endpoint;
 
+mod parsed;
+pub use parsed::{forget_parsed, keep_parsed_in};
+
 /// The parsed bootstrap: the `-c` file, with `--config-yaml` merged over it as Envoy does.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -20,8 +23,8 @@ pub struct Bootstrap {
     /// only the `--config-yaml` over it is known.
     pub opaque: bool,
     value: Value,
-    /// The `-c` file alone, before `--config-yaml` (empty without one).
-    file: Value,
+    /// The `-c` file alone, before `--config-yaml`; None without one (it is `value` then).
+    file: Option<Value>,
     /// The content hash (`files::content_hash`) of the `-c` file as read; None when not read.
     content_hash: Option<u64>,
 }
@@ -46,14 +49,15 @@ impl Bootstrap {
         let opaque = path.as_deref().is_some_and(is_protobuf);
         let (mut value, content_hash) = match &path {
             Some(path) if !opaque => {
-                let (value, hash) = parse_file(path)?;
+                let (value, hash) = parsed::parse_file(path)?;
                 (value, Some(hash))
             }
             _ => (Value::Object(Default::default()), None),
         };
-        let file = value.clone();
+        let mut file = None;
         if let Some(yaml) = inline {
             let overlay: Value = serde_saphyr::from_str(&yaml).context("--config-yaml is not valid YAML")?;
+            file = Some(value.clone());
             merge(&mut value, overlay);
         }
         Ok(Some(Bootstrap { path, opaque, value, file, content_hash }))
@@ -67,7 +71,7 @@ impl Bootstrap {
     /// The `-c` file alone, as parsed: what a rewrite for Envoy starts from, with Envoy still
     /// merging `--config-yaml` over it itself (sesame's merge knows only some of protobuf's oneofs).
     pub fn file_value(&self) -> &Value {
-        &self.file
+        self.file.as_ref().unwrap_or(&self.value)
     }
 
     /// The admin address: `admin.address.pipe.path` or `admin.address.socket_address` (Envoy also
@@ -195,10 +199,10 @@ impl Bootstrap {
     pub fn tls_pairs(&self) -> Vec<TlsPair> {
         let mut pairs = Vec::new();
         visit(&self.value, &mut |object| {
-            let object = Value::Object(object.clone());
-            let file = |key: &str| field(&object, key)?.get("filename")?.as_str().map(PathBuf::from);
+            let member = |key: &str| object.get(key).or_else(|| object.get(&camel_case(key)));
+            let file = |key: &str| member(key)?.get("filename")?.as_str().map(PathBuf::from);
             if let (Some(cert), Some(key)) = (file("certificate_chain"), file("private_key")) {
-                let key_password = field(&object, "password").is_some_and(|p| !p.is_null());
+                let key_password = member("password").is_some_and(|p| !p.is_null());
                 pairs.push(TlsPair { cert, key, key_password });
             }
         });
@@ -232,20 +236,6 @@ pub struct ListenerBind {
 /// anything else as YAML or JSON.
 fn is_protobuf(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "pb" || e == "pb_text")
-}
-
-/// The parsed file and the content hash of what was read.
-fn parse_file(path: &Path) -> anyhow::Result<(Value, u64)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read the bootstrap {}", path.display()))?;
-    let hash = crate::files::content_hash(text.as_bytes());
-    let parsed = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(&text).map_err(anyhow::Error::from)
-    } else {
-        // YAML is a superset of JSON: any other extension is read as YAML.
-        serde_saphyr::from_str(&text).map_err(anyhow::Error::from)
-    };
-    parsed.map(|value| (value, hash)).with_context(|| format!("cannot parse the bootstrap {}", path.display()))
 }
 
 /// The members of the address oneof: setting one clears the others.
