@@ -357,7 +357,8 @@ fn spawn_preflight<P>(attempt: Generation, purpose: Purpose, hands: &Hands<'_, P
     // `--watch` file in ways the bootstrap does not say); a reload's own run stands for what the
     // bootstrap names: a `--watch` neighbour that never rests (an access log) must not make it
     // check again for ever.
-    let watched = if purpose == Purpose::WhileSettling { hands.settings.watch.files() } else { Vec::new() };
+    // (Listed off the runtime thread: the bootstrap is read for the files it names.)
+    let watch = (purpose == Purpose::WhileSettling).then(|| hands.settings.watch.clone());
     let expiry_warn = hands.settings.cert_expiry_warn;
     let user = hands.launch.user.clone();
     let sds = hands.launch.envoy.as_ref().and_then(|e| e.sds.as_ref()).map(|sds| sds.files.clone());
@@ -367,6 +368,7 @@ fn spawn_preflight<P>(attempt: Generation, purpose: Purpose, hands: &Hands<'_, P
     let ours: Option<Vec<i32>> = cold.then(|| hands.epochs.iter().map(|e| e.pid.as_raw()).collect());
     let events = hands.events.clone();
     tokio::task::spawn_blocking(move || {
+        let watched = watch.map(|watch| watch.files()).unwrap_or_default();
         let (input, result) =
             checks::preflight(&command, watched, expiry_warn, ours.as_deref(), user.as_ref(), sds.as_ref());
         let _ = events.send(Event::Checked { attempt, report: CheckReport::Preflight(input, result) });
