@@ -6,9 +6,10 @@
 //! while the files settle. The watcher only reports to the callback it was given; it never
 //! restarts anything.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bootstrap::{Bootstrap, BootstrapFiles};
@@ -37,7 +38,10 @@ pub struct WatchSpec {
 /// `mkdir`). Anything else in a watched directory or its parent (an access log, say) is not a change.
 #[derive(Debug, Default)]
 struct Relevant {
-    files: BTreeSet<PathBuf>,
+    /// The files watched by name, by absolute path (what an event names), each with the forms in
+    /// which it was given (shared with the watcher's other tables: a thousand pairs' paths are
+    /// held once).
+    named_at: HashMap<Arc<Path>, Vec<Arc<Path>>>,
     file_dirs: BTreeSet<PathBuf>,
     watch_dirs: BTreeSet<PathBuf>,
     dirs: BTreeSet<PathBuf>,
@@ -45,17 +49,22 @@ struct Relevant {
 
 impl Relevant {
     /// For the files `named` (the files of a `--watch` directory count through the directory).
-    fn new(spec: &WatchSpec, named: &[PathBuf]) -> Relevant {
-        let files: BTreeSet<PathBuf> = named.iter().map(|p| absolute(p)).collect();
-        let file_dirs = files.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
+    fn new(spec: &WatchSpec, named: &BTreeSet<Arc<Path>>) -> Relevant {
+        let mut named_at: HashMap<Arc<Path>, Vec<Arc<Path>>> = HashMap::with_capacity(named.len());
+        for file in named {
+            let at = absolute(file);
+            let key = if at == **file { file.clone() } else { Arc::from(at) };
+            named_at.entry(key).or_default().push(file.clone());
+        }
+        let file_dirs = named_at.keys().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
         let watch_dirs = spec.extra.iter().filter(|p| p.is_dir()).map(|p| absolute(p)).collect();
-        let dirs = spec.directories(named);
-        Relevant { files, file_dirs, watch_dirs, dirs }
+        let dirs = spec.directories(named.iter().map(|f| &**f));
+        Relevant { named_at, file_dirs, watch_dirs, dirs }
     }
 
     fn counts(&self, path: &Path) -> bool {
         let parent = path.parent();
-        self.files.contains(path)
+        self.named_at.contains_key(path)
             || self.dirs.contains(path)
             || parent.is_some_and(|dir| self.watch_dirs.contains(dir))
             || (is_volume_internal(path) && parent.is_some_and(|dir| self.file_dirs.contains(dir)))
@@ -126,8 +135,8 @@ impl WatchSpec {
 
     /// The directories to watch for `files`, and the `--watch` directories themselves; absolute,
     /// since an event is named by the path its watch was added for.
-    fn directories(&self, files: &[PathBuf]) -> BTreeSet<PathBuf> {
-        let mut dirs: BTreeSet<PathBuf> = files.iter().filter_map(|f| absolute_parent(f)).collect();
+    fn directories<'a>(&self, files: impl Iterator<Item = &'a Path>) -> BTreeSet<PathBuf> {
+        let mut dirs: BTreeSet<PathBuf> = files.filter_map(absolute_parent).collect();
         dirs.extend(self.extra.iter().filter(|p| p.is_dir()).filter_map(|p| std::path::absolute(p).ok()));
         dirs
     }
@@ -176,11 +185,11 @@ fn start_reading(
 ) -> std::io::Result<()> {
     let watcher = DirWatcher::new()?;
     // Watched before the files are read: a change in between is seen.
-    watch_directories(&watcher, &spec.directories(&Vec::from_iter(spec.named_files(read))));
+    watch_directories(&watcher, &spec.directories(spec.named_files(read).iter().map(PathBuf::as_path)));
     let mut tracked = Tracked::scan(spec.clone(), read, reader);
     if read.is_some_and(|read| !read_from(read, spec.bootstrap_path(), &tracked)) {
         // Changed since the launcher read it: read it again, and what it names now.
-        watch_directories(&watcher, &spec.directories(&Vec::from_iter(spec.named_files(None))));
+        watch_directories(&watcher, &spec.directories(spec.named_files(None).iter().map(PathBuf::as_path)));
         tracked.rescan(None);
     }
     let dirs = tracked.dirs().len();

@@ -27,7 +27,7 @@ fn only_watched_paths_and_volume_swaps_count() {
         debounce_max: Duration::from_secs(5),
     };
     let cert = dir.path().join("certs/tls.crt");
-    let relevant = Relevant::new(&spec, std::slice::from_ref(&cert));
+    let relevant = Relevant::new(&spec, &[std::sync::Arc::from(cert.as_path())].into());
     assert!(relevant.counts(&cert));
     assert!(relevant.counts(&dir.path().join("certs/..data")), "a Kubernetes symlink swap");
     assert!(relevant.counts(&dir.path().join("certs/..2026_11_27_10_00_00.123")));

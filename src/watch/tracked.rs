@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{Relevant, WatchSpec, absolute, absolute_parent, files_in, is_volume_internal};
 use crate::bootstrap::BootstrapFiles;
@@ -59,14 +60,13 @@ pub struct Tracked {
     spec: WatchSpec,
     /// The bootstrap, the files it names and the `--watch` files, as given: watched whether they
     /// exist or not.
-    named: BTreeSet<PathBuf>,
-    /// `named` by absolute path, and by absolute parent directory: what an event names.
-    named_at: HashMap<PathBuf, Vec<PathBuf>>,
-    named_in: HashMap<PathBuf, Vec<PathBuf>>,
+    named: BTreeSet<Arc<Path>>,
+    /// `named` by absolute parent directory (by absolute path: `relevant`).
+    named_in: HashMap<PathBuf, Vec<Arc<Path>>>,
     /// Each `--watch` directory (absolute) and the files found in it.
     listed: BTreeMap<PathBuf, Listing>,
     /// Every watched file (`named` and `listed`) and its hash.
-    hashes: BTreeMap<PathBuf, Option<u64>>,
+    hashes: BTreeMap<Arc<Path>, Option<u64>>,
     relevant: Relevant,
     dirs: BTreeSet<PathBuf>,
     read: Reader,
@@ -79,7 +79,6 @@ impl Tracked {
         let mut tracked = Tracked {
             spec,
             named: BTreeSet::new(),
-            named_at: HashMap::new(),
             named_in: HashMap::new(),
             listed: BTreeMap::new(),
             hashes: BTreeMap::new(),
@@ -94,14 +93,14 @@ impl Tracked {
     /// Lists and reads everything again; returns the files whose content differs from before.
     pub fn rescan(&mut self, read_at_start: Option<&BootstrapFiles>) -> Vec<PathBuf> {
         let before = std::mem::take(&mut self.hashes);
-        self.set_named(self.spec.named_files(read_at_start));
+        self.set_named(shared(self.spec.named_files(read_at_start)));
         self.listed.clear();
         for dir in self.spec.extra.iter().filter(|p| p.is_dir()) {
             let listing = self.listed.entry(absolute(dir)).or_default();
             listing.given.insert(dir.clone());
             listing.names.extend(files_in(dir).iter().filter_map(|f| f.file_name().map(OsString::from)));
         }
-        let keys: Vec<PathBuf> = self.named.iter().cloned().chain(self.listed_keys()).collect();
+        let keys: Vec<Arc<Path>> = self.named.iter().cloned().chain(self.listed_keys().map(Arc::from)).collect();
         for key in keys {
             let hash = (self.read)(&key);
             self.hashes.insert(key, hash);
@@ -116,7 +115,7 @@ impl Tracked {
             tracing::debug!("watcher: reading every watched file again");
             return self.rescan(None);
         }
-        let mut affected = BTreeSet::new();
+        let mut affected: BTreeSet<Arc<Path>> = BTreeSet::new();
         for path in &dirty.paths {
             self.affected_by(path, &mut affected);
         }
@@ -155,26 +154,23 @@ impl Tracked {
     }
 
     pub fn files(&self) -> impl Iterator<Item = &Path> {
-        self.hashes.keys().map(PathBuf::as_path)
+        self.hashes.keys().map(|k| &**k)
     }
 
-    fn set_named(&mut self, named: BTreeSet<PathBuf>) {
-        self.named_at.clear();
+    fn set_named(&mut self, named: BTreeSet<Arc<Path>>) {
         self.named_in.clear();
         for file in &named {
-            self.named_at.entry(absolute(file)).or_default().push(file.clone());
             if let Some(dir) = absolute_parent(file) {
                 self.named_in.entry(dir).or_default().push(file.clone());
             }
         }
-        let named_list: Vec<PathBuf> = named.iter().cloned().collect();
-        self.relevant = Relevant::new(&self.spec, &named_list);
-        self.dirs = self.spec.directories(&named_list);
+        self.relevant = Relevant::new(&self.spec, &named);
+        self.dirs = self.spec.directories(named.iter().map(|f| &**f));
         self.named = named;
     }
 
-    fn listed_keys(&self) -> Vec<PathBuf> {
-        self.listed.values().flat_map(|l| l.names.iter().flat_map(|name| l.keys(name))).collect()
+    fn listed_keys(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        self.listed.values().flat_map(|l| l.names.iter().flat_map(|name| l.keys(name)))
     }
 
     /// A watched directory, or a `--watch` path that is one now: named by an event, it was
@@ -184,17 +180,17 @@ impl Tracked {
     }
 
     /// The watched files an event on `path` may have changed.
-    fn affected_by(&mut self, path: &Path, affected: &mut BTreeSet<PathBuf>) {
+    fn affected_by(&mut self, path: &Path, affected: &mut BTreeSet<Arc<Path>>) {
         let Some(dir) = path.parent() else { return };
         if is_volume_internal(path) {
             // A Kubernetes volume's swap: the visible names lead through `..data`.
             affected.extend(self.named_in.get(dir).into_iter().flatten().cloned());
             if let Some(listing) = self.listed.get(dir) {
-                affected.extend(listing.names.iter().flat_map(|name| listing.keys(name)));
+                affected.extend(listing.names.iter().flat_map(|name| listing.keys(name)).map(Arc::from));
             }
             return;
         }
-        affected.extend(self.named_at.get(path).into_iter().flatten().cloned());
+        affected.extend(self.relevant.named_at.get(path).into_iter().flatten().cloned());
         let (Some(listing), Some(name)) = (self.listed.get_mut(dir), path.file_name()) else { return };
         let name = OsString::from(name);
         // An entry that is no longer a regular file leaves the listing: reported as gone.
@@ -203,7 +199,7 @@ impl Tracked {
         } else {
             listing.names.remove(&name);
         }
-        affected.extend(listing.keys(&name));
+        affected.extend(listing.keys(&name).map(Arc::from));
     }
 
     fn is_watched(&self, key: &Path) -> bool {
@@ -214,15 +210,15 @@ impl Tracked {
         self.listed.get(&absolute(dir)).is_some_and(|l| l.given.contains(dir) && l.names.contains(name))
     }
 
-    fn read_again(&mut self, key: &Path, changed: &mut Vec<PathBuf>) {
+    fn read_again(&mut self, key: &Arc<Path>, changed: &mut Vec<PathBuf>) {
         if !self.is_watched(key) {
-            if self.hashes.remove(key).is_some() {
+            if self.hashes.remove(&**key).is_some() {
                 changed.push(key.to_path_buf());
             }
             return;
         }
         let hash = (self.read)(key);
-        if self.hashes.insert(key.to_path_buf(), hash) != Some(hash) {
+        if self.hashes.insert(key.clone(), hash) != Some(hash) {
             changed.push(key.to_path_buf());
         }
     }
@@ -231,14 +227,15 @@ impl Tracked {
     /// longer names are not.
     fn follow_the_bootstrap(&mut self, changed: &mut Vec<PathBuf>) {
         let named = self.spec.named_files(None);
-        if named == self.named {
+        if named.iter().map(PathBuf::as_path).eq(self.named.iter().map(|f| &**f)) {
             return;
         }
-        let gone: Vec<PathBuf> = self.named.difference(&named).cloned().collect();
-        let new: Vec<PathBuf> = named.difference(&self.named).cloned().collect();
+        let named = shared(named);
+        let gone: Vec<Arc<Path>> = self.named.difference(&named).cloned().collect();
+        let new: Vec<Arc<Path>> = named.difference(&self.named).cloned().collect();
         self.set_named(named);
         for key in gone.iter().chain(&new) {
-            if !self.hashes.contains_key(key) || !self.is_watched(key) {
+            if !self.hashes.contains_key(&**key) || !self.is_watched(key) {
                 self.read_again(key, changed);
             }
         }
@@ -246,9 +243,13 @@ impl Tracked {
 }
 
 /// The files whose content differs between two snapshots (added, removed or changed).
-pub fn changed(before: &BTreeMap<PathBuf, Option<u64>>, after: &BTreeMap<PathBuf, Option<u64>>) -> Vec<PathBuf> {
-    let keys: BTreeSet<&PathBuf> = before.keys().chain(after.keys()).collect();
-    keys.into_iter().filter(|k| before.get(*k) != after.get(*k)).cloned().collect()
+pub fn changed(before: &BTreeMap<Arc<Path>, Option<u64>>, after: &BTreeMap<Arc<Path>, Option<u64>>) -> Vec<PathBuf> {
+    let keys: BTreeSet<&Path> = before.keys().chain(after.keys()).map(|k| &**k).collect();
+    keys.into_iter().filter(|k| before.get(*k) != after.get(*k)).map(Path::to_path_buf).collect()
+}
+
+fn shared(files: BTreeSet<PathBuf>) -> BTreeSet<Arc<Path>> {
+    files.into_iter().map(Arc::from).collect()
 }
 
 #[cfg(test)]
