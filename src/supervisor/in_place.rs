@@ -5,12 +5,13 @@
 //! waited on, not refused; at the debounce's end it is refused by name. One attempt at a time,
 //! never beside a reload (whose new epoch is given the secrets as its own checks read them).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::shutdown::Phase;
-use super::touched::Named;
+use super::touched::{Named, normal};
 use super::{Event, Generation, Supervisor};
 use crate::clock::unix_seconds;
 use crate::launch::InPlace as InPlaceLaunch;
@@ -100,10 +101,15 @@ impl InPlace {
 
     /// Whether every one of `paths` is a file of a secret: a change of them alone is a rotation.
     pub fn only_secret_files(&self, paths: &[PathBuf]) -> bool {
-        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-        let ours: HashSet<PathBuf> =
-            self.served.iter().flat_map(|s| s.secret.secret.files.paths()).map(absolute).collect();
-        !paths.is_empty() && paths.iter().all(|p| ours.contains(&absolute(p)))
+        // The few changed paths are looked for among the secrets' files, not the other way round.
+        let mut missing: HashSet<Cow<'_, [u8]>> = paths.iter().map(|p| normal(p)).collect();
+        for file in self.served.iter().flat_map(|s| s.secret.secret.files.paths()) {
+            if missing.is_empty() {
+                break;
+            }
+            missing.remove(normal(file).as_ref());
+        }
+        !paths.is_empty() && missing.is_empty()
     }
 
     /// Whether an attempt is under way.
@@ -177,7 +183,7 @@ impl<P: Processes> Supervisor<P> {
             return false;
         }
         if let Some(in_place) = self.in_place.as_mut() {
-            changed.iter().for_each(|path| in_place.named.add_path(path.clone()));
+            changed.iter().for_each(|path| in_place.named.add_path(path));
         }
         self.want_rotation(true);
         true
@@ -231,11 +237,20 @@ impl<P: Processes> Supervisor<P> {
         let now = unix_seconds(SystemTime::now());
         let mut unconfirmed = None;
         let mut valid_from = None;
-        let index: HashMap<String, usize> =
-            in_place.served.iter().enumerate().map(|(i, s)| (s.secret.secret.name.clone(), i)).collect();
-        for (name, outcome) in outcomes {
-            // A secret a reload dropped meanwhile: its outcome is nobody's now.
-            let Some(served) = index.get(&name).map(|&i| &mut in_place.served[i]) else { continue };
+        // The served secrets the outcomes are for (one a reload dropped meanwhile has none now),
+        // found without indexing every served secret anew at each attempt.
+        let mut outcomes: HashMap<String, Outcome> = outcomes.into_iter().collect();
+        let mut found = Vec::with_capacity(outcomes.len());
+        for (i, served) in in_place.served.iter().enumerate() {
+            if outcomes.is_empty() {
+                break;
+            }
+            if let Some(outcome) = outcomes.remove(&served.secret.secret.name) {
+                found.push((i, outcome));
+            }
+        }
+        for (i, outcome) in found {
+            let served = &mut in_place.served[i];
             let path = served.secret.path().display().to_string();
             let refuse = |served: &mut Served, detail: String| {
                 served.refused =

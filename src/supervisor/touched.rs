@@ -4,20 +4,22 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::watch::Touched;
 
-/// The paths named since the last attempt began (absolute, as the kernel names them).
+/// The paths named since the last attempt began, as the bytes of their normal absolute form (a
+/// thousand secrets are asked about per attempt: bytes hash and compare far faster than paths,
+/// which go component by component).
 #[derive(Debug, Default)]
 pub(super) struct Named {
     everything: bool,
-    paths: HashSet<PathBuf>,
+    paths: HashSet<Vec<u8>>,
     /// The directories in which a Kubernetes volume's `..data`-style entry changed: every file
     /// under them may have changed through it.
-    volumes: HashSet<PathBuf>,
+    volumes: HashSet<Vec<u8>>,
     /// The length of the shortest path in either set: a directory above a file that is shorter
-    /// cannot be in them, and is not looked up (a thousand secrets are asked about per attempt).
+    /// cannot be in them, and is not looked up.
     shortest: usize,
 }
 
@@ -25,23 +27,22 @@ impl Named {
     pub fn add(&mut self, touched: Touched) {
         match touched {
             Touched::Everything => self.everything = true,
-            Touched::Paths(paths) => paths.into_iter().for_each(|path| self.add_path(path)),
+            Touched::Paths(paths) => paths.iter().for_each(|path| self.add_path(path)),
         }
     }
 
-    pub fn add_path(&mut self, path: PathBuf) {
-        let path = absolute(&path).into_owned();
-        let internal = path.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b".."));
-        if let Some(dir) = path.parent().filter(|_| internal) {
-            self.shortest = self.shortest_with(dir);
-            self.volumes.insert(dir.to_path_buf());
+    pub fn add_path(&mut self, path: &Path) {
+        let path = normal(path).into_owned();
+        let internal = path.rsplit(|&b| b == b'/').next().is_some_and(|name| name.starts_with(b".."));
+        if let Some(dir) = parent(&path).filter(|_| internal) {
+            self.shortest = self.shortest_with(dir.len());
+            self.volumes.insert(dir.to_vec());
         }
-        self.shortest = self.shortest_with(&path);
+        self.shortest = self.shortest_with(path.len());
         self.paths.insert(path);
     }
 
-    fn shortest_with(&self, path: &Path) -> usize {
-        let len = path.as_os_str().len();
+    fn shortest_with(&self, len: usize) -> usize {
         if self.paths.is_empty() && self.volumes.is_empty() { len } else { self.shortest.min(len) }
     }
 
@@ -51,13 +52,26 @@ impl Named {
         if self.everything {
             return true;
         }
-        let file = absolute(file);
-        self.paths.contains(file.as_ref())
-            || file
-                .ancestors()
-                .skip(1)
-                .take_while(|dir| dir.as_os_str().len() >= self.shortest)
-                .any(|dir| self.paths.contains(dir) || self.volumes.contains(dir))
+        if self.paths.is_empty() && self.volumes.is_empty() {
+            return false;
+        }
+        let file = normal(file);
+        if self.holds(&file) {
+            return true;
+        }
+        let mut above = parent(&file);
+        while let Some(dir) = above.filter(|dir| dir.len() >= self.shortest) {
+            if self.holds(dir) || self.volumes.contains(dir) {
+                return true;
+            }
+            above = parent(dir);
+        }
+        false
+    }
+
+    /// `paths.contains`, by comparing the few paths of a usual attempt (no hashing).
+    fn holds(&self, path: &[u8]) -> bool {
+        if self.paths.len() <= 8 { self.paths.iter().any(|p| p.as_slice() == path) } else { self.paths.contains(path) }
     }
 
     /// What was named, leaving nothing named.
@@ -66,17 +80,56 @@ impl Named {
     }
 }
 
-fn absolute(path: &Path) -> Cow<'_, Path> {
-    if path.is_absolute() {
-        Cow::Borrowed(path)
-    } else {
-        Cow::Owned(std::path::absolute(path).unwrap_or_else(|_| path.into()))
+/// A path's normal absolute form as bytes: as it is when it is one already (the common case, and
+/// no copy), else as `std::path::absolute` gives it (relative, or with `//` or `.` in it), which
+/// is the form the watcher matches events against.
+pub(super) fn normal(path: &Path) -> Cow<'_, [u8]> {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    if is_normal(bytes) {
+        return Cow::Borrowed(bytes);
+    }
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    Cow::Owned(absolute.into_os_string().into_encoded_bytes())
+}
+
+/// Absolute, with no empty or `.` component and no trailing `/`: one pass over the bytes.
+fn is_normal(bytes: &[u8]) -> bool {
+    if bytes.first() != Some(&b'/') {
+        return false;
+    }
+    if bytes.len() == 1 {
+        return true;
+    }
+    let mut component = 0usize;
+    let mut dot = false;
+    for &b in &bytes[1..] {
+        if b == b'/' {
+            if component == 0 || (component == 1 && dot) {
+                return false;
+            }
+            component = 0;
+        } else {
+            dot = component == 0 && b == b'.';
+            component += 1;
+        }
+    }
+    component > 0 && !(component == 1 && dot)
+}
+
+/// The directory above a normal absolute path (`/` above `/x`; none above `/`).
+fn parent(path: &[u8]) -> Option<&[u8]> {
+    let slash = path.iter().rposition(|&b| b == b'/')?;
+    match slash {
+        0 if path.len() > 1 => Some(&path[..1]),
+        0 => None,
+        _ => Some(&path[..slash]),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn named(paths: &[&str]) -> Named {
         let mut named = Named::default();
@@ -125,6 +178,38 @@ mod tests {
         assert!(named.names(Path::new("/etc/x/tls.crt")));
         assert!(named.names(Path::new("/very/long/directory/name/cert.pem")));
         assert!(!named.names(Path::new("/very/long/directory/name/other.pem")));
+    }
+
+    #[test]
+    fn a_plain_absolute_path_is_normal_and_nothing_else_is() {
+        for plain in ["/", "/a", "/etc/certs/tls.crt", "/a/..b/.c", "/a/../b", "/.x"] {
+            assert!(is_normal(plain.as_bytes()), "{plain}");
+        }
+        for other in ["", "a/b", "./a", "/a/", "//a", "/a//b", "/a/./b", "/a/.", "/."] {
+            assert!(!is_normal(other.as_bytes()), "{other}");
+        }
+    }
+
+    #[test]
+    fn many_paths_named_are_looked_up_as_few_are() {
+        let files: Vec<String> = (0..20).map(|i| format!("/certs/cert-{i}.pem")).collect();
+        let named = named(&files.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(named.names(Path::new("/certs/cert-19.pem")));
+        assert!(!named.names(Path::new("/certs/cert-20.pem")));
+    }
+
+    #[test]
+    fn paths_are_compared_in_their_normal_form() {
+        let named = named(&["/etc/certs/tls.crt", "/srv"]);
+        assert!(named.names(Path::new("/etc//certs/./tls.crt")));
+        assert!(named.names(Path::new("/srv/a.pem")));
+        assert!(!named.names(Path::new("/")));
+        let root = named_root();
+        assert!(root.names(Path::new("/x.pem")), "the root replaced names what is in it");
+    }
+
+    fn named_root() -> Named {
+        named(&["/"])
     }
 
     #[test]
