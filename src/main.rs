@@ -91,7 +91,7 @@ fn run(options: &cli::RunOptions) -> i32 {
             return 1;
         }
     };
-    let launch = match launch::plan(options) {
+    let launch = match memory::apart(|| launch::plan(options)) {
         Ok(launch) => launch,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -41,13 +41,56 @@ impl Drop for Activity {
     }
 }
 
-/// Gives back the pages of code and constants that start-up touched, and the free heap.
-fn give_back_idle_pages() {
+/// The free heap goes back to the kernel, and glibc's lists of small free blocks are merged:
+/// called after reading a large bootstrap (a megabyte of YAML is tens of MiB of parsed values,
+/// freed at once). Otherwise what the launcher keeps for good (its watcher's paths, the served
+/// certificates) is placed in those small blocks, scattered over every page of that peak, and
+/// each keeps its page resident: at a thousand pairs, twice the heap it holds.
+pub fn give_back_free_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free memory of the heap to the kernel.
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Runs `work` on a thread of its own, and keeps a copy of what it returns made here. glibc gives
+/// that thread a heap (arena) of its own, so that the peak of reading a large bootstrap (a
+/// megabyte of YAML is tens of MiB of parsed values, freed at once) happens there: in the
+/// launcher's heap, what it keeps for good would be scattered over the small free blocks of that
+/// peak, each keeping its page resident (at a thousand pairs, twice the memory it holds). Once the
+/// copy is made and the original dropped, that heap holds nothing and goes back to the kernel.
+/// Runs `work` here if no thread can be started.
+pub fn apart<T: Clone + Send, E: Send>(work: impl FnOnce() -> Result<T, E> + Send) -> Result<T, E> {
+    let work = std::sync::Mutex::new(Some(work));
+    let run = || work.lock().ok().and_then(|mut w| w.take()).map(|work| work());
+    let done = std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new().name("plan".into()).spawn_scoped(scope, run).ok()?;
+        Some(thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    });
+    let result = match done.flatten() {
+        Some(result) => result,
+        None => match work.into_inner().ok().flatten() {
+            Some(work) => work(),
+            None => unreachable!("the work ran or is here"),
+        },
+    };
+    let kept = match result {
+        Ok(value) => {
+            let copy = T::clone(&value);
+            drop(value);
+            Ok(copy)
+        }
+        Err(e) => Err(e),
+    };
+    crate::certs::known::move_here();
+    give_back_free_heap();
+    kept
+}
+
+/// Gives back the pages of code and constants that start-up touched, and the free heap.
+fn give_back_idle_pages() {
+    give_back_free_heap();
     let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else { return };
     for (start, end) in unwritten_code(&smaps) {
         // SAFETY: madvise(MADV_DONTNEED) on a private file mapping whose pages were never written
@@ -89,6 +132,16 @@ fn unwritten_code(smaps: &str) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apart_runs_on_a_thread_of_its_own_and_hands_back_a_copy() {
+        let here = std::thread::current().id();
+        let (ran_on, value) =
+            apart(|| Ok::<_, String>((std::thread::current().id(), vec!["kept".to_string()]))).expect("no error");
+        assert_ne!(ran_on, here, "the work ran on another thread");
+        assert_eq!(value, vec!["kept".to_string()]);
+        assert_eq!(apart(|| Err::<(), _>("refused".to_string())), Err("refused".to_string()), "an error is passed on");
+    }
 
     #[test]
     fn only_unwritten_code_of_a_file() {
