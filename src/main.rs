@@ -53,6 +53,7 @@ use clap::Parser;
 use crate::cli::{Cli, Command};
 
 fn main() {
+    memory::fix_heap_thresholds();
     signals::hold();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
