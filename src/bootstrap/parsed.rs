@@ -2,7 +2,8 @@
 //! megabyte (a thousand SNI filter chains) takes sesame about a quarter of a second to parse, and
 //! every reload reads it again, whether it changed or not (a renewed certificate is a reload). Its
 //! parsed form is kept in the runtime directory as JSON, which parses many times faster, known by
-//! the path and the content hash of the text it was parsed from: it stands for that text only.
+//! the path and the content hash of the text it was parsed from: it stands for that text only
+//! (and behind its own body's hash: a form altered after it was written is not used).
 //! It is kept on disk, not in memory, since an idle launcher should hold little.
 
 use std::io::Write;
@@ -71,11 +72,16 @@ fn key(path: &Path, hash: u64) -> String {
     format!("sesame-parsed-bootstrap {hash:016x} {path:016x}\n")
 }
 
-/// The kept form, when it was parsed from the text `key` names (anything else, a torn or foreign
-/// file included, is not used).
+/// The kept form, when it was parsed from the text `key` names and its body is what was written
+/// (anything else, a torn, altered or foreign file included, is not used).
 fn read_kept(file: &Path, key: &str) -> Option<Value> {
     let bytes = std::fs::read(file).ok()?;
-    let json = bytes.strip_prefix(key.as_bytes())?;
+    let rest = bytes.strip_prefix(key.as_bytes())?;
+    let (line, json) = rest.split_at(rest.iter().position(|&b| b == b'\n')? + 1);
+    let written = u64::from_str_radix(std::str::from_utf8(line).ok()?.trim_end(), 16).ok()?;
+    if written != content_hash(json) {
+        return None;
+    }
     serde_json::from_slice(json).ok()
 }
 
@@ -87,8 +93,10 @@ fn keep(file: &Path, key: &str, value: &Value) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let created = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&staged);
         let mut out = std::io::BufWriter::new(created.with_context(|| format!("cannot create {}", staged.display()))?);
+        let json = serde_json::to_vec(value)?;
         out.write_all(key.as_bytes())?;
-        serde_json::to_writer(&mut out, value)?;
+        out.write_all(format!("{:016x}\n", content_hash(&json)).as_bytes())?;
+        out.write_all(&json)?;
         out.flush()?;
         std::fs::rename(&staged, file)?;
         anyhow::Ok(())
@@ -137,10 +145,20 @@ mod tests {
         assert_eq!(parsed, serde_saphyr::from_str::<Value>(&yaml).expect("yaml"), "the first parse is YAML's");
         let form = std::fs::read(kept.join(KEPT_FILE)).expect("its form was kept");
         assert!(form.starts_with(key(&path, 1).as_bytes()));
-        // What is kept is used: a form altered by hand shows through.
-        std::fs::write(kept.join(KEPT_FILE), format!("{}{{\"from\":\"kept\"}}", key(&path, 1))).expect("write");
+        // What is kept is used: a form written whole shows through.
+        let json = br#"{"from":"kept"}"#;
+        let form =
+            format!("{}{:016x}\n{}", key(&path, 1), content_hash(json), std::str::from_utf8(json).expect("utf-8"));
+        std::fs::write(kept.join(KEPT_FILE), form).expect("write");
         let again = parse_yaml(&path, &yaml, 1, Some(&kept)).expect("parsed again");
         assert_eq!(again, serde_json::json!({"from": "kept"}), "read from the kept form");
+        // One altered after it was written is not: the YAML is parsed again.
+        std::fs::write(
+            kept.join(KEPT_FILE),
+            format!("{}{:016x}\n{}", key(&path, 1), content_hash(json), r#"{"from":"altered"}"#),
+        )
+        .expect("write");
+        assert_eq!(parse_yaml(&path, &yaml, 1, Some(&kept)).expect("parsed"), parsed, "an altered form is not used");
         assert_eq!(parse_yaml(&path, &yaml, 2, Some(&kept)).expect("other content"), parsed, "other content: YAML");
     }
 }
