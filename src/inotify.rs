@@ -40,23 +40,36 @@ impl AsRawFd for Fd {
 }
 
 /// The directories watched, both ways: events name their watch, and a path is watched again when
-/// its inode changed.
+/// its inode changed. One watch may stand for several paths: the kernel has one watch per inode,
+/// and a directory reached by two spellings (a symlink to it, `/run` and `/var/run`, a bind mount
+/// seen at both places) is one inode; its events are named under each.
 #[derive(Default)]
 struct Watches {
-    dirs: HashMap<WatchDescriptor, PathBuf>,
+    dirs: HashMap<WatchDescriptor, Vec<PathBuf>>,
     /// The watch on each path, and the (device, inode) it was added for.
     paths: HashMap<PathBuf, (WatchDescriptor, (u64, u64))>,
 }
 
 impl Watches {
-    /// Forgets the watch `wd`: its directory is gone from its path, and the path must be watched
+    /// Forgets the watch `wd`: its directory is gone from its paths, and each must be watched
     /// again (a new inode) once something is there.
-    fn forget(&mut self, wd: WatchDescriptor) -> Option<PathBuf> {
-        let dir = self.dirs.remove(&wd)?;
-        if self.paths.get(&dir).is_some_and(|(watched, _)| *watched == wd) {
-            self.paths.remove(&dir);
+    fn forget(&mut self, wd: WatchDescriptor) {
+        for dir in self.dirs.remove(&wd).unwrap_or_default() {
+            if self.paths.get(&dir).is_some_and(|(watched, _)| *watched == wd) {
+                self.paths.remove(&dir);
+            }
         }
-        Some(dir)
+    }
+
+    /// `dir` is no longer watched by `wd`; true when `wd` stands for no path any more.
+    fn unname(&mut self, wd: WatchDescriptor, dir: &Path) -> bool {
+        let Some(named) = self.dirs.get_mut(&wd) else { return false };
+        named.retain(|d| d != dir);
+        if named.is_empty() {
+            self.dirs.remove(&wd);
+            return true;
+        }
+        false
     }
 }
 
@@ -94,13 +107,17 @@ impl DirWatcher {
         let wd = inotify.add_watch(dir, MASK)?;
         if let Some((old, _)) = watches.paths.insert(dir.to_path_buf(), (wd, inode))
             && old != wd
+            && watches.unname(old, dir)
         {
-            // The directory that was at this path lives on elsewhere: its events would be named
-            // wrongly. Its IN_IGNORED, unknown by then, is skipped.
-            watches.dirs.remove(&old);
+            // The directory that was at this path lives on elsewhere, and no other watched path
+            // leads to it: its events would be named wrongly. Its IN_IGNORED, unknown by then, is
+            // skipped.
             let _ = inotify.rm_watch(old);
         }
-        watches.dirs.insert(wd, dir.to_path_buf());
+        let named = watches.dirs.entry(wd).or_default();
+        if !named.iter().any(|d| d == dir) {
+            named.push(dir.to_path_buf());
+        }
         Ok(true)
     }
 
@@ -123,11 +140,14 @@ impl DirWatcher {
                 changes.push(Change::Overflow);
                 continue;
             }
-            let Some(dir) = watches.dirs.get(&event.wd) else { continue };
-            let path = match &event.name {
-                Some(name) => dir.join(name),
-                None => dir.clone(),
-            };
+            let Some(dirs) = watches.dirs.get(&event.wd) else { continue };
+            let paths: Vec<PathBuf> = dirs
+                .iter()
+                .map(|dir| match &event.name {
+                    Some(name) => dir.join(name),
+                    None => dir.clone(),
+                })
+                .collect();
             // The directory left its path: removed (the kernel drops the watch, IN_IGNORED) or
             // moved away (the watch would follow it to its new name, so it is removed here). Either
             // way, its path is a change, and must be watched anew once a directory is there again.
@@ -138,7 +158,7 @@ impl DirWatcher {
                     let _ = self.fd.get_ref().0.rm_watch(event.wd);
                 }
             }
-            changes.push(Change::Path { path });
+            changes.extend(paths.into_iter().map(|path| Change::Path { path }));
         }
         changes
     }
@@ -190,5 +210,28 @@ mod tests {
         std::fs::write(&file, "new").expect("write");
         let changes = paths(&watcher.next().await.expect("events"));
         assert!(!changes.is_empty() && changes.iter().all(|p| *p == file), "{changes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_directory_reached_by_two_spellings_is_heard_under_both() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (real, alias) = (root.path().join("real"), root.path().join("alias"));
+        std::fs::create_dir(&real).expect("mkdir");
+        std::os::unix::fs::symlink("real", &alias).expect("symlink");
+        let watcher = DirWatcher::new().expect("inotify");
+        assert!(watcher.watch(&real).expect("watch"));
+        assert!(watcher.watch(&alias).expect("watch"));
+        std::fs::write(real.join("p.crt"), "p").expect("write");
+        let changes = paths(&watcher.next().await.expect("events"));
+        assert!(changes.contains(&real.join("p.crt")), "named under its first spelling: {changes:?}");
+        assert!(changes.contains(&alias.join("p.crt")), "and under its second: {changes:?}");
+        // One spelling replaced by another directory: the other still hears the first.
+        std::fs::remove_file(&alias).expect("rm the link");
+        std::fs::create_dir(&alias).expect("mkdir");
+        assert!(watcher.watch(&alias).expect("watch the new inode"), "another directory at the path");
+        std::fs::write(real.join("q.crt"), "q").expect("write");
+        let changes = paths(&watcher.next().await.expect("events"));
+        assert!(changes.contains(&real.join("q.crt")), "{changes:?}");
+        assert!(changes.iter().all(|p| p.starts_with(&real)), "nothing named under the other directory: {changes:?}");
     }
 }
