@@ -48,6 +48,8 @@ pub struct Run {
     /// sesame: the clients' closes, the last close → Envoy's exit.
     pub closing_ms: Option<f64>,
     pub last_close_to_exit_ms: Option<f64>,
+    /// sesame: the last close → the drain's end, by its log ("after T" counts from its SIGTERM).
+    pub last_close_to_drain_end_ms: Option<f64>,
     /// sesame's log: its connection polls and admin requests during the drain, its length, how it
     /// ended and the connections it saw open at SIGTERM.
     pub drain_polls: Option<u64>,
@@ -118,12 +120,19 @@ fn drain_line(log: &str) -> Option<(u64, f64, u64)> {
     Some((polls.parse().ok()?, seconds.parse().ok()?, requests.parse().ok()?))
 }
 
-/// "drain ended: WHY, after T; downstream connections open at SIGTERM: N" → (WHY, N).
-fn drain_end(log: &str) -> Option<(String, String)> {
+/// "drain ended: WHY, after T; downstream connections open at SIGTERM: N" → (WHY, N, T in ms).
+fn drain_end(log: &str) -> Option<(String, String, Option<f64>)> {
     let rest = log.lines().find_map(|l| l.split_once("drain ended: ").map(|(_, r)| r.to_string()))?;
     let (why, rest) = rest.split_once(", after ")?;
     let open = rest.rsplit_once(": ").map_or("?", |(_, n)| n);
-    Some((why.to_string(), open.trim().to_string()))
+    let took = rest.split_once(';').map(|(t, _)| t).and_then(duration_ms);
+    Some((why.to_string(), open.trim().to_string(), took))
+}
+
+/// A Duration as `{:.2?}` prints it ("850.12ms", "1.23s", "3.10µs") → ms.
+fn duration_ms(text: &str) -> Option<f64> {
+    let scaled = |suffix: &str, factor: f64| text.strip_suffix(suffix)?.parse::<f64>().ok().map(|v| v * factor);
+    scaled("ms", 1.0).or_else(|| scaled("µs", 0.001)).or_else(|| scaled("ns", 1e-6)).or_else(|| scaled("s", 1000.0))
 }
 
 pub fn one_run(connections: usize, way: Way) -> Run {
@@ -171,8 +180,9 @@ pub fn one_run(connections: usize, way: Way) -> Run {
     if let Some((polls, seconds, requests)) = drain_line(&log) {
         (run.drain_polls, run.drain_seconds, run.drain_admin_requests) = (Some(polls), Some(seconds), Some(requests));
     }
-    if let Some((why, open)) = drain_end(&log) {
+    if let Some((why, open, took)) = drain_end(&log) {
         (run.drain_end, run.open_at_sigterm) = (Some(why), Some(open));
+        run.last_close_to_drain_end_ms = took.map(|took| took - ms(signalled, last));
     }
     run
 }
