@@ -76,32 +76,52 @@ pub fn give_back_free_heap() {
 /// copy is made and the original dropped, that heap holds nothing and goes back to the kernel.
 /// Runs `work` here if no thread can be started.
 pub fn apart<T: Clone + Send, E: Send>(work: impl FnOnce() -> Result<T, E> + Send) -> Result<T, E> {
-    let work = std::sync::Mutex::new(Some(work));
-    let run = || {
-        let done = work.lock().ok().and_then(|mut w| w.take()).map(|work| work());
-        give_back_this_threads_heap();
-        done
-    };
-    let done = std::thread::scope(|scope| {
+    use std::sync::{Mutex, MutexGuard, mpsc};
+    fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
+        m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+    let work = Mutex::new(Some(work));
+    let made: Mutex<Option<Result<T, E>>> = Mutex::new(None);
+    let (ready, made_it) = mpsc::channel::<()>();
+    let (copied, told) = mpsc::channel::<()>();
+    let (work_ref, made_ref) = (&work, &made);
+    let kept = std::thread::scope(|scope| {
+        let run = move || {
+            let Some(work) = lock(work_ref).take() else { return };
+            *lock(made_ref) = Some(work());
+            let _ = ready.send(());
+            // The original is freed here once it is copied, into this thread's heap, which is
+            // then given back whole (freed from the main thread, part of it stayed resident).
+            let _ = told.recv();
+            drop(lock(made_ref).take());
+            give_back_this_threads_heap();
+        };
         let thread = std::thread::Builder::new().name("plan".into()).spawn_scoped(scope, run).ok()?;
-        Some(thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+        let kept = match made_it.recv() {
+            Ok(()) => {
+                let mut made = lock(&made);
+                match made.as_ref() {
+                    Some(Ok(value)) => Some(Ok(value.clone())),
+                    _ => made.take(),
+                }
+            }
+            Err(_) => None,
+        };
+        crate::certs::known::move_here();
+        let _ = copied.send(());
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+        kept
     });
-    let result = match done.flatten() {
-        Some(result) => result,
-        None => match work.into_inner().ok().flatten() {
+    let kept = match kept {
+        Some(kept) => kept,
+        // No thread could be started: the work runs here.
+        None => match lock(&work).take() {
             Some(work) => work(),
-            None => unreachable!("the work ran or is here"),
+            None => unreachable!("the work ran, or is still here"),
         },
     };
-    let kept = match result {
-        Ok(value) => {
-            let copy = T::clone(&value);
-            drop(value);
-            Ok(copy)
-        }
-        Err(e) => Err(e),
-    };
-    crate::certs::known::move_here();
     give_back_free_heap();
     kept
 }
