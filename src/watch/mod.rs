@@ -42,6 +42,8 @@ struct Relevant {
     /// which it was given (shared with the watcher's other tables: a thousand pairs' paths are
     /// held once).
     named_at: HashMap<Arc<Path>, Vec<Arc<Path>>>,
+    /// The same files by absolute parent directory: a volume swap there names them all.
+    named_in: HashMap<PathBuf, Vec<Arc<Path>>>,
     file_dirs: BTreeSet<PathBuf>,
     watch_dirs: BTreeSet<PathBuf>,
     dirs: BTreeSet<PathBuf>,
@@ -51,15 +53,19 @@ impl Relevant {
     /// For the files `named` (the files of a `--watch` directory count through the directory).
     fn new(spec: &WatchSpec, named: &BTreeSet<Arc<Path>>) -> Relevant {
         let mut named_at: HashMap<Arc<Path>, Vec<Arc<Path>>> = HashMap::with_capacity(named.len());
+        let mut named_in: HashMap<PathBuf, Vec<Arc<Path>>> = HashMap::new();
         for file in named {
             let at = absolute(file);
             let key = if at == **file { file.clone() } else { Arc::from(at) };
             named_at.entry(key).or_default().push(file.clone());
+            if let Some(dir) = absolute_parent(file) {
+                named_in.entry(dir).or_default().push(file.clone());
+            }
         }
         let file_dirs = named_at.keys().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
-        let watch_dirs = spec.extra.iter().filter(|p| p.is_dir()).map(|p| absolute(p)).collect();
-        let dirs = spec.directories(named.iter().map(|f| &**f));
-        Relevant { named_at, file_dirs, watch_dirs, dirs }
+        let watch_dirs: BTreeSet<PathBuf> = spec.extra.iter().filter(|p| p.is_dir()).map(|p| absolute(p)).collect();
+        let dirs = named_in.keys().cloned().chain(watch_dirs.iter().cloned()).collect();
+        Relevant { named_at, named_in, file_dirs, watch_dirs, dirs }
     }
 
     fn counts(&self, path: &Path) -> bool {

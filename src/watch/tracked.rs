@@ -5,12 +5,12 @@
 //! when the kernel lost events (its queue overflowed) or a watched directory itself was replaced
 //! (its files are others then).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{Relevant, WatchSpec, absolute, absolute_parent, files_in, is_volume_internal};
+use super::{Relevant, WatchSpec, absolute, files_in, is_volume_internal};
 use crate::bootstrap::BootstrapFiles;
 
 /// Reads a file's content hash (None: it cannot be read). Given to the watcher so that tests can
@@ -61,14 +61,12 @@ pub struct Tracked {
     /// The bootstrap, the files it names and the `--watch` files, as given: watched whether they
     /// exist or not.
     named: BTreeSet<Arc<Path>>,
-    /// `named` by absolute parent directory (by absolute path: `relevant`).
-    named_in: HashMap<PathBuf, Vec<Arc<Path>>>,
     /// Each `--watch` directory (absolute) and the files found in it.
     listed: BTreeMap<PathBuf, Listing>,
     /// Every watched file (`named` and `listed`) and its hash.
     hashes: BTreeMap<Arc<Path>, Option<u64>>,
+    /// The watched files by path and directory, and the directories watched.
     relevant: Relevant,
-    dirs: BTreeSet<PathBuf>,
     read: Reader,
 }
 
@@ -79,11 +77,9 @@ impl Tracked {
         let mut tracked = Tracked {
             spec,
             named: BTreeSet::new(),
-            named_in: HashMap::new(),
             listed: BTreeMap::new(),
             hashes: BTreeMap::new(),
             relevant: Relevant::default(),
-            dirs: BTreeSet::new(),
             read,
         };
         tracked.rescan(read_at_start);
@@ -140,7 +136,7 @@ impl Tracked {
 
     /// The directories watched (absolute): each named file's, and the `--watch` directories.
     pub fn dirs(&self) -> &BTreeSet<PathBuf> {
-        &self.dirs
+        &self.relevant.dirs
     }
 
     /// How many files are watched.
@@ -158,14 +154,7 @@ impl Tracked {
     }
 
     fn set_named(&mut self, named: BTreeSet<Arc<Path>>) {
-        self.named_in.clear();
-        for file in &named {
-            if let Some(dir) = absolute_parent(file) {
-                self.named_in.entry(dir).or_default().push(file.clone());
-            }
-        }
         self.relevant = Relevant::new(&self.spec, &named);
-        self.dirs = self.spec.directories(named.iter().map(|f| &**f));
         self.named = named;
     }
 
@@ -176,7 +165,7 @@ impl Tracked {
     /// A watched directory, or a `--watch` path that is one now: named by an event, it was
     /// created, removed or replaced, and what is in it is not known.
     fn is_a_watched_directory(&self, path: &Path) -> bool {
-        self.dirs.contains(path) || (self.spec.extra.iter().any(|p| absolute(p) == path) && path.is_dir())
+        self.relevant.dirs.contains(path) || (self.spec.extra.iter().any(|p| absolute(p) == path) && path.is_dir())
     }
 
     /// The watched files an event on `path` may have changed.
@@ -184,7 +173,7 @@ impl Tracked {
         let Some(dir) = path.parent() else { return };
         if is_volume_internal(path) {
             // A Kubernetes volume's swap: the visible names lead through `..data`.
-            affected.extend(self.named_in.get(dir).into_iter().flatten().cloned());
+            affected.extend(self.relevant.named_in.get(dir).into_iter().flatten().cloned());
             if let Some(listing) = self.listed.get(dir) {
                 affected.extend(listing.names.iter().flat_map(|name| listing.keys(name)).map(Arc::from));
             }
