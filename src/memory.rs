@@ -55,12 +55,8 @@ pub fn fix_heap_thresholds() {
     }
 }
 
-/// The free heap goes back to the kernel, and glibc's lists of small free blocks are merged:
-/// called after reading a large bootstrap (a megabyte of YAML is tens of MiB of parsed values,
-/// freed at once). Otherwise what the launcher keeps for good (its watcher's paths, the served
-/// certificates) is placed in those small blocks, scattered over every page of that peak, and
-/// each keeps its page resident: at a thousand pairs, twice the heap it holds.
-pub fn give_back_free_heap() {
+/// The free heap goes back to the kernel (glibc merges its lists of small free blocks first).
+fn give_back_free_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free memory of the heap to the kernel.
     unsafe {
@@ -73,8 +69,8 @@ pub fn give_back_free_heap() {
 /// megabyte of YAML is tens of MiB of parsed values, freed at once) happens there: in the
 /// launcher's heap, what it keeps for good would be scattered over the small free blocks of that
 /// peak, each keeping its page resident (at a thousand pairs, twice the memory it holds). Once the
-/// copy is made and the original dropped, that heap holds nothing and goes back to the kernel.
-/// Runs `work` here if no thread can be started.
+/// copy is made, the thread drops the original itself and gives its heap back; that heap then holds
+/// nothing. Runs `work` here if no thread can be started.
 pub fn apart<T: Clone + Send, E: Send>(work: impl FnOnce() -> Result<T, E> + Send) -> Result<T, E> {
     use std::sync::{Mutex, MutexGuard, mpsc};
     fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
