@@ -23,6 +23,10 @@ pub(super) struct Named {
     shortest: usize,
 }
 
+/// Past this many paths named, an attempt reads every served secret, as after lost events: the
+/// set would cost more to hold and ask than the reads it saves.
+const AS_MANY_AS_EVERYTHING: usize = 10_000;
+
 impl Named {
     pub fn add(&mut self, touched: Touched) {
         match touched {
@@ -32,6 +36,14 @@ impl Named {
     }
 
     pub fn add_path(&mut self, path: &Path) {
+        if self.everything {
+            return;
+        }
+        if self.paths.len() + self.volumes.len() >= AS_MANY_AS_EVERYTHING {
+            // A flood while no attempt can run (a reload under way): held as "everything".
+            *self = Named { everything: true, ..Named::default() };
+            return;
+        }
         let path = normal(path).into_owned();
         let internal = path.rsplit(|&b| b == b'/').next().is_some_and(|name| name.starts_with(b".."));
         if let Some(dir) = parent(&path).filter(|_| internal) {
@@ -178,6 +190,16 @@ mod tests {
         assert!(named.names(Path::new("/etc/x/tls.crt")));
         assert!(named.names(Path::new("/very/long/directory/name/cert.pem")));
         assert!(!named.names(Path::new("/very/long/directory/name/other.pem")));
+    }
+
+    #[test]
+    fn a_flood_of_paths_is_held_as_everything() {
+        let mut named = Named::default();
+        for i in 0..AS_MANY_AS_EVERYTHING + 5 {
+            named.add_path(Path::new(&format!("/flood/f{i}")));
+        }
+        assert!(named.names(Path::new("/certs/tls.crt")), "read as after lost events");
+        assert!(named.paths.is_empty(), "and nothing of the flood is kept");
     }
 
     #[test]
