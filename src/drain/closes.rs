@@ -9,9 +9,10 @@
 //! once after a reset; a connection whose socket lingers (a peer that never answers) is caught by
 //! the drain's backstop poll.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::{ErrorKind, Read};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -34,6 +35,14 @@ const NLMSG_ERROR: u16 = 2;
 /// `net.core.rmem_max`; what is lost then is made up for by reading Envoy's count (`ended`).
 const RECEIVE_BUFFER: libc::c_int = 16 << 20;
 
+/// Why a wait for ends is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Enough,
+    Settled,
+    Lost,
+}
+
 /// The subscription: one netlink socket, open for the length of a drain only (while it is open,
 /// the kernel builds a message for every TCP socket freed in the namespace).
 pub struct Closes {
@@ -41,19 +50,28 @@ pub struct Closes {
     ports: HashSet<u16>,
     /// Envoy's sockets freed since `restart_count`.
     counted: u64,
-    /// When one of Envoy's sockets was last seen freed.
+    /// Envoy's sockets seen freed within the last `lag` (when, how many), oldest first.
+    recent: VecDeque<(Instant, u64)>,
+    /// How long Envoy's count may still include a connection whose socket was freed.
+    lag: Duration,
+    /// Of the ends before the last `restart_count`, those within `lag` of it: the count read then
+    /// may or may not include them.
+    lagged: u64,
+    /// The last end seen, and when the count last restarted.
     last_end: Option<Instant>,
+    restarted: Instant,
     /// The kernel dropped messages (a full receive buffer): how many ended is unknown.
     overflowed: bool,
 }
 
 impl Closes {
     /// Subscribes to the ends of the TCP connections whose local port is in `ports`.
-    pub fn subscribe(ports: HashSet<u16>) -> std::io::Result<Closes> {
-        Closes::subscribe_with_buffer(ports, RECEIVE_BUFFER)
+    /// `lag`: how long after a socket is freed Envoy's count may still include its connection.
+    pub fn subscribe(ports: HashSet<u16>, lag: Duration) -> std::io::Result<Closes> {
+        Closes::subscribe_with_buffer(ports, lag, RECEIVE_BUFFER)
     }
 
-    fn subscribe_with_buffer(ports: HashSet<u16>, buffer: libc::c_int) -> std::io::Result<Closes> {
+    fn subscribe_with_buffer(ports: HashSet<u16>, lag: Duration, buffer: libc::c_int) -> std::io::Result<Closes> {
         // SAFETY: socket(2) with constant arguments; the descriptor is owned at once below.
         let fd = unsafe {
             libc::socket(
@@ -100,33 +118,57 @@ impl Closes {
         // SAFETY: the File owns the descriptor and lives, unchanged, inside the AsyncFd.
         let socket =
             unsafe { AsyncFd::register_with_interest(file, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
-        Ok(Closes { socket, ports, counted: 0, last_end: None, overflowed: false })
+        let (recent, restarted) = (VecDeque::new(), Instant::now());
+        Ok(Closes { socket, ports, counted: 0, recent, lag, lagged: 0, last_end: None, restarted, overflowed: false })
     }
 
     /// Takes every message already queued, then counts from zero: called as a count is requested
-    /// from Envoy, whose answer includes every connection that ended before it.
+    /// from Envoy, whose answer leaves out every connection that ended before it but those that
+    /// ended within the lag (`lagged`), which it may still include.
     pub fn restart_count(&mut self) {
         self.read_queued();
+        self.restarted = Instant::now();
+        self.forget_before(self.restarted);
+        self.lagged = self.recent.iter().map(|(_, freed)| freed).sum();
         self.counted = 0;
         self.overflowed = false;
     }
 
-    /// Waits until at least `wanted` of Envoy's sockets have been freed since `restart_count` (or
-    /// the kernel lost count). An error means no more can be learnt from the kernel.
-    pub async fn ended(&mut self, wanted: u64) -> std::io::Result<()> {
-        loop {
-            self.read_queued();
-            if self.counted >= wanted || self.overflowed {
-                return Ok(());
-            }
-            let mut ready = self.socket.readable().await?;
-            ready.clear_ready();
+    /// The ends seen within the lag before the last `restart_count`.
+    pub fn lagged(&self) -> u64 {
+        self.lagged
+    }
+
+    /// Drops the ends older than the lag at `now`.
+    fn forget_before(&mut self, now: Instant) {
+        while self.recent.front().is_some_and(|(at, _)| now.saturating_duration_since(*at) > self.lag) {
+            self.recent.pop_front();
         }
     }
 
-    /// Whether one of Envoy's sockets was freed at `since` or after (as far as read by then).
-    pub fn ended_since(&self, since: Instant) -> bool {
-        self.last_end.is_some_and(|at| at >= since)
+    /// Waits until at least `wanted` of Envoy's sockets have been freed since `restart_count`
+    /// (`Enough`), or ends came (from the lag before `restart_count` on) and then none for twice
+    /// the lag (`Settled`: Envoy's count has caught up with them, whatever it says, and none of
+    /// them is in doubt at the next read), or the kernel lost count (`Lost`). An error means no
+    /// more can be learnt from the kernel.
+    pub async fn ended(&mut self, wanted: u64) -> std::io::Result<Ended> {
+        loop {
+            self.read_queued();
+            if self.overflowed {
+                return Ok(Ended::Lost);
+            }
+            if self.counted >= wanted {
+                return Ok(Ended::Enough);
+            }
+            let since = self.restarted.checked_sub(self.lag).unwrap_or(self.restarted);
+            match self.last_end.filter(|at| *at >= since) {
+                Some(at) => tokio::select! {
+                    ready = self.socket.readable() => ready?.clear_ready(),
+                    _ = tokio::time::sleep_until(at + self.lag * 2) => return Ok(Ended::Settled),
+                },
+                None => self.socket.readable().await?.clear_ready(),
+            }
+        }
     }
 
     fn read_queued(&mut self) {
@@ -137,8 +179,11 @@ impl Closes {
                 Ok(read) => {
                     let freed = freed_on(&buffer[..read], &self.ports);
                     if freed > 0 {
+                        let now = Instant::now();
                         self.counted += freed;
-                        self.last_end = Some(Instant::now());
+                        self.forget_before(now);
+                        self.recent.push_back((now, freed));
+                        self.last_end = Some(now);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -214,7 +259,8 @@ mod tests {
     async fn a_connection_closed_on_a_watched_port_is_seen() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let mut closes = Closes::subscribe(HashSet::from([port])).expect("sock_diag destroy group");
+        let mut closes =
+            Closes::subscribe(HashSet::from([port]), Duration::from_millis(20)).expect("sock_diag destroy group");
         closes.restart_count();
         let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let (served, _) = listener.accept().expect("accept");
@@ -257,7 +303,8 @@ mod tests {
         // asserted is that none of those announced is lost.
         const ENDS: u64 = 2000;
         let (port, clients, close) = close_together(ENDS as usize);
-        let mut closes = Closes::subscribe(HashSet::from([port])).expect("sock_diag destroy group");
+        let mut closes =
+            Closes::subscribe(HashSet::from([port]), Duration::from_millis(20)).expect("sock_diag destroy group");
         closes.restart_count();
         close();
         std::thread::sleep(std::time::Duration::from_millis(300));
@@ -273,7 +320,8 @@ mod tests {
         // for ends that will never be told (the drain then reads Envoy's count).
         const ENDS: usize = 200;
         let (port, clients, close) = close_together(ENDS);
-        let mut closes = Closes::subscribe_with_buffer(HashSet::from([port]), 1).expect("sock_diag destroy group");
+        let mut closes = Closes::subscribe_with_buffer(HashSet::from([port]), Duration::from_millis(20), 1)
+            .expect("sock_diag destroy group");
         closes.restart_count();
         close();
         // Not synchronisation: the kernel announces the ends from a work queue, and a reader that
@@ -284,5 +332,64 @@ mod tests {
         closes.restart_count();
         assert!(!closes.overflowed && closes.counted == 0, "a count read from Envoy starts afresh");
         drop(clients);
+    }
+
+    /// `count` connections to a listener of ours whose clients have closed and whose served ends
+    /// have read the close; dropping the served ends frees their sockets at once (the peer's ACK is
+    /// all that is left).
+    fn closed_by_clients(count: usize) -> (u16, Vec<std::net::TcpStream>) {
+        let (port, clients, served) = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let (mut clients, mut served) = (Vec::new(), Vec::new());
+            for _ in 0..count {
+                clients.push(std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+                served.push(listener.accept().expect("accept").0);
+            }
+            (port, clients, served)
+        };
+        drop(clients);
+        for mut stream in &served {
+            assert_eq!(stream.read(&mut [0u8; 1]).expect("read the client's close"), 0);
+        }
+        (port, served)
+    }
+
+    #[tokio::test]
+    async fn ends_within_the_lag_before_a_count_is_read_are_held_as_lagged() {
+        // A lag longer than the test: every end before the restart is within it.
+        const ENDS: usize = 40;
+        let (port, served) = closed_by_clients(ENDS);
+        let mut closes = Closes::subscribe(HashSet::from([port]), Duration::from_secs(600)).expect("sock_diag");
+        closes.restart_count();
+        drop(served);
+        assert!(ends_counted(&mut closes, ENDS as u64).await);
+        assert_eq!((closes.counted, closes.lagged()), (ENDS as u64, 0));
+        closes.restart_count();
+        assert_eq!((closes.counted, closes.lagged()), (0, ENDS as u64), "the ends before the read, held as lagged");
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_more_ends_than_come_ends_once_they_stop_for_twice_the_lag() {
+        // Envoy's count can fall later than the lag after the ends (a worker deleting thousands of
+        // connections in one loop): the ends it still counted will not come again.
+        const ENDS: usize = 20;
+        let (port, served) = closed_by_clients(ENDS);
+        let mut closes = Closes::subscribe(HashSet::from([port]), Duration::from_millis(50)).expect("sock_diag");
+        closes.restart_count();
+        drop(served);
+        let settled = tokio::time::timeout(Duration::from_secs(10), closes.ended(1000)).await;
+        let why = settled.expect("the wait ends once the ends stop for twice the lag").expect("read");
+        assert_eq!(why, Ended::Settled);
+        assert!(closes.counted > 0 && closes.counted <= ENDS as u64, "{} of {ENDS} counted", closes.counted);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_any_end_the_wait_goes_on() {
+        let (port, _served) = closed_by_clients(1);
+        let mut closes = Closes::subscribe(HashSet::from([port]), Duration::from_millis(20)).expect("sock_diag");
+        closes.restart_count();
+        let waited = tokio::time::timeout(Duration::from_secs(3600), closes.ended(1)).await;
+        assert!(waited.is_err(), "nothing ended, so nothing settles the wait");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::closes::Closes;
+use super::closes::{Closes, Ended};
 use crate::admin::AdminClient;
 
 /// With ends watched, the steady poll is this many times slower: it only catches what the kernel
@@ -18,19 +18,24 @@ const BACKSTOP_FACTOR: u32 = 5;
 
 /// The first read that ends bring is at once; each one after it waits twice as long since the
 /// previous read, up to the steady interval: new connections that keep coming and going (late
-/// clients, a scraper) cannot make the drain ask Envoy more often than the steady poll would.
+/// clients, a scraper) cannot make the drain ask Envoy more often than the steady poll would. The
+/// reads that enough ends bring, each of which should be the last, are spaced apart from those that
+/// ends settling bring, which only bring the count up to date: a long trickle of ends read at the
+/// steady pace does not hold back the read after the last of them.
 const FIRST_SPACING: Duration = Duration::from_millis(1);
 
 /// Envoy frees a connection's socket a moment before its count says so (the count drops when the
 /// connection object is deleted, at the end of its worker's event loop iteration): ends seen this
-/// close before a read may not be in its answer, so another read follows (spaced as above).
+/// close before a read may still be in its answer, so they are counted towards the next read too.
 const COUNT_LAG: Duration = Duration::from_millis(20);
 
 pub struct Pace {
     closes: Option<Closes>,
     poll: Duration,
-    /// The least time between the last read and one that ends bring.
+    /// The least time between the last read and one that settled (or lost) ends bring ...
     spacing: Duration,
+    /// ... and one that enough ends bring.
+    due_spacing: Duration,
     last_read: Instant,
 }
 
@@ -39,7 +44,7 @@ impl Pace {
     /// listeners whose names `ignore` matches), else polls every `poll`.
     pub async fn start(admin: &AdminClient, poll: Duration, ignore: &[regex::Regex]) -> Pace {
         let closes = match watchable_ports(admin, ignore).await {
-            Ok(ports) => match Closes::subscribe(ports) {
+            Ok(ports) => match Closes::subscribe(ports, COUNT_LAG) {
                 Ok(closes) => Some(closes),
                 Err(e) => {
                     tracing::info!("drain: polling Envoy every {poll:?} (cannot watch connections end: {e})");
@@ -51,12 +56,12 @@ impl Pace {
                 None
             }
         };
-        Pace { closes, poll, spacing: Duration::ZERO, last_read: Instant::now() }
+        Pace { closes, poll, spacing: Duration::ZERO, due_spacing: Duration::ZERO, last_read: Instant::now() }
     }
 
     /// A steady poll only.
     pub fn steady(poll: Duration) -> Pace {
-        Pace { closes: None, poll, spacing: Duration::ZERO, last_read: Instant::now() }
+        Pace { closes: None, poll, spacing: Duration::ZERO, due_spacing: Duration::ZERO, last_read: Instant::now() }
     }
 
     /// Called as the count is requested: what ends from now on is what the answer may not include.
@@ -77,24 +82,27 @@ impl Pace {
             // At the threshold already (the drain waits for something else), or the read failed.
             _ => return backstop.await,
         };
-        let not_before = self.last_read + self.spacing;
-        let lagging = closes.ended_since(self.last_read.checked_sub(COUNT_LAG).unwrap_or(self.last_read));
+        // The count read may include connections whose ends came just before it: those ends count
+        // towards what it takes to reach the threshold, and a burst of ends that outlasts the lag
+        // is read once it is over, not at every step of the spacing.
+        let wanted = wanted.saturating_sub(closes.lagged());
+        let (poll, last_read) = (self.poll, self.last_read);
+        let (spacing, due_spacing) = (&mut self.spacing, &mut self.due_spacing);
         let ended = async {
-            if !lagging {
-                closes.ended(wanted).await?;
-            }
-            tokio::time::sleep_until(not_before).await;
-            std::io::Result::Ok(())
+            let why = closes.ended(wanted).await?;
+            let spacing = if why == Ended::Enough { due_spacing } else { spacing };
+            tokio::time::sleep_until(last_read + *spacing).await;
+            *spacing = (*spacing * 2).clamp(FIRST_SPACING, poll);
+            std::io::Result::Ok(why)
         };
         tokio::select! {
-            ended = ended => {
-                tracing::debug!("drain: {wanted} connection ends seen, or some just before the last read: reading the count");
-                self.spacing = (self.spacing * 2).clamp(FIRST_SPACING, self.poll);
-                if let Err(e) = ended {
+            ended = ended => match ended {
+                Ok(why) => tracing::debug!("drain: reading the count ({wanted} more connection ends wanted: {why:?})"),
+                Err(e) => {
                     tracing::info!("drain: polling Envoy every {:?} (cannot watch connections end: {e})", self.poll);
                     self.closes = None;
                 }
-            }
+            },
             _ = backstop => tracing::debug!("drain: reading the count (backstop)"),
         }
     }
