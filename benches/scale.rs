@@ -21,6 +21,8 @@ mod support;
 
 #[path = "scale/certs.rs"]
 mod certs;
+#[path = "scale/ends.rs"]
+mod ends;
 #[path = "scale/host.rs"]
 mod host;
 #[path = "scale/idle.rs"]

@@ -97,6 +97,9 @@ pub fn idle(runs: &[Value]) {
     let c = "idle keep-alive connections at SIGTERM";
     let last = curves(runs, "way", "connections", field("last_close_to_exit_ms"));
     support::line_chart("bench-scale-idle-exit", "Last close to Envoy's exit", c, "milliseconds", &last);
+    let end = curves(runs, "way", "connections", field("last_end_to_drain_end_ms"));
+    let title = "Envoy's last connection end to the drain's end";
+    support::line_chart("bench-scale-idle-drain-end", title, c, "milliseconds", &end);
     let admin = curves(runs, "way", "connections", field("drain_admin_requests"));
     support::line_chart("bench-scale-idle-admin", "sesame's admin requests during the drain", c, "requests", &admin);
 }

@@ -6,12 +6,13 @@
 
 use std::io::ErrorKind;
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 
 use crate::common::{self, Launcher, Mode, alive, children_of, free_port, idle_keepalive_connection, proxy_bootstrap};
-use crate::host::{start_envoy_alone, until_live};
+use crate::ends::{Ends, time_of_day};
+use crate::host::{logged_at, start_envoy_alone, until_live};
 
 /// The clients hold their connections this long after SIGTERM, then close them.
 const HOLD: Duration = Duration::from_secs(1);
@@ -48,8 +49,15 @@ pub struct Run {
     /// sesame: the clients' closes, the last close → Envoy's exit.
     pub closing_ms: Option<f64>,
     pub last_close_to_exit_ms: Option<f64>,
-    /// sesame: the last close → the drain's end, by its log ("after T" counts from its SIGTERM).
+    /// sesame: the clients' last close → the drain's end (the time of its log line).
     pub last_close_to_drain_end_ms: Option<f64>,
+    /// sesame: the clients' last close → Envoy's last connection end (its socket freed, as the
+    /// kernel announces it), and that end → the drain's end.
+    pub last_close_to_last_end_ms: Option<f64>,
+    pub last_end_to_drain_end_ms: Option<f64>,
+    /// The connection ends the kernel announced, and whether it dropped some.
+    pub ends_seen: u64,
+    pub ends_lost: bool,
     /// sesame's log: its connection polls and admin requests during the drain, its length, how it
     /// ended and the connections it saw open at SIGTERM.
     pub drain_polls: Option<u64>,
@@ -120,19 +128,12 @@ fn drain_line(log: &str) -> Option<(u64, f64, u64)> {
     Some((polls.parse().ok()?, seconds.parse().ok()?, requests.parse().ok()?))
 }
 
-/// "drain ended: WHY, after T; downstream connections open at SIGTERM: N" → (WHY, N, T in ms).
-fn drain_end(log: &str) -> Option<(String, String, Option<f64>)> {
+/// "drain ended: WHY, after T; downstream connections open at SIGTERM: N" → (WHY, N).
+fn drain_end(log: &str) -> Option<(String, String)> {
     let rest = log.lines().find_map(|l| l.split_once("drain ended: ").map(|(_, r)| r.to_string()))?;
     let (why, rest) = rest.split_once(", after ")?;
     let open = rest.rsplit_once(": ").map_or("?", |(_, n)| n);
-    let took = rest.split_once(';').map(|(t, _)| t).and_then(duration_ms);
-    Some((why.to_string(), open.trim().to_string(), took))
-}
-
-/// A Duration as `{:.2?}` prints it ("850.12ms", "1.23s", "3.10µs") → ms.
-fn duration_ms(text: &str) -> Option<f64> {
-    let scaled = |suffix: &str, factor: f64| text.strip_suffix(suffix)?.parse::<f64>().ok().map(|v| v * factor);
-    scaled("ms", 1.0).or_else(|| scaled("µs", 0.001)).or_else(|| scaled("ns", 1e-6)).or_else(|| scaled("s", 1000.0))
+    Some((why.to_string(), open.trim().to_string()))
 }
 
 pub fn one_run(connections: usize, way: Way) -> Run {
@@ -169,20 +170,29 @@ pub fn one_run(connections: usize, way: Way) -> Run {
     common::wait_for(Duration::from_secs(10), "the drain to start", || process.log().contains("draining Envoy"));
     std::thread::sleep(HOLD.saturating_sub(signalled.elapsed()));
     run.closed_by_envoy = closed_by_server(&streams);
+    let ends = Ends::watch(port);
     let closing = Instant::now();
     let last = close(streams, way);
+    let last_wall = time_of_day(SystemTime::now());
     let exit = exited.join().expect("watcher");
     process.exit_code(Duration::from_secs(60));
+    let seen = ends.stop();
     let log = process.log();
+    let drain_ended = logged_at(&log, "drain ended: ");
+    let last_end = seen.last.map(time_of_day);
+    let ms_between = |from: Option<f64>, to: Option<f64>| Some((to? - from?).rem_euclid(86_400.0) * 1000.0);
+    run.last_close_to_drain_end_ms = ms_between(Some(last_wall), drain_ended);
+    run.last_close_to_last_end_ms = ms_between(Some(last_wall), last_end);
+    run.last_end_to_drain_end_ms = ms_between(last_end, drain_ended);
+    (run.ends_seen, run.ends_lost) = (seen.count, seen.lost);
     run.sigterm_to_exit_ms = ms(signalled, exit);
     run.closing_ms = Some(ms(closing, last));
     run.last_close_to_exit_ms = Some(ms(last, exit));
     if let Some((polls, seconds, requests)) = drain_line(&log) {
         (run.drain_polls, run.drain_seconds, run.drain_admin_requests) = (Some(polls), Some(seconds), Some(requests));
     }
-    if let Some((why, open, took)) = drain_end(&log) {
+    if let Some((why, open)) = drain_end(&log) {
         (run.drain_end, run.open_at_sigterm) = (Some(why), Some(open));
-        run.last_close_to_drain_end_ms = took.map(|took| took - ms(signalled, last));
     }
     run
 }

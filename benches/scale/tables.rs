@@ -148,10 +148,10 @@ pub fn idle(runs: &[idle::Run]) {
     );
     println!(
         "| connections | init, clients' close | opened in, ms | closed by Envoy before the clients closed | SIGTERM → \
-         Envoy exit, ms | last close → Envoy exit, ms | last close → drain ended, ms | sesame's admin requests in the drain (connection polls) | \
+         Envoy exit, ms | last close → Envoy exit, ms | last close → drain ended, ms | last close → Envoy's last connection end, ms | Envoy's last connection end → drain ended, ms | sesame's admin requests in the drain (connection polls) | \
          admin requests/s | drain ended | open when sesame sent SIGTERM |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rows: Vec<(usize, &str)> = Vec::new();
     for run in runs {
         if !rows.contains(&(run.connections, run.way)) {
@@ -174,19 +174,26 @@ pub fn idle(runs: &[idle::Run]) {
             .join("; ");
         let open: Vec<&str> = batch.iter().filter_map(|r| r.open_at_sigterm.as_deref()).collect();
         println!(
-            "| {} | {way} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} |",
+            "| {} | {way} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} |",
             thousands(connections),
             spread(&batch, |r| Some(r.open_ms)),
             count(&batch, |r| Some(r.closed_by_envoy as i64)),
             spread(&batch, |r| Some(r.sigterm_to_exit_ms)),
             spread(&batch, |r| r.last_close_to_exit_ms),
             spread(&batch, |r| r.last_close_to_drain_end_ms),
+            spread(&batch, |r| r.last_close_to_last_end_ms),
+            spread(&batch, |r| r.last_end_to_drain_end_ms),
             spread(&batch, |r| r.drain_admin_requests.map(|v| v as f64)),
             spread(&batch, |r| r.drain_polls.map(|v| v as f64)),
             spread(&batch, |r| Some(r.drain_admin_requests? as f64 / r.drain_seconds?)),
             if reasons.is_empty() { "—".to_string() } else { reasons },
             if open.is_empty() { "—".to_string() } else { open.join(", ") },
         );
+    }
+    let lost: Vec<String> =
+        runs.iter().filter(|r| r.ends_lost).map(|r| format!("{} {}", r.connections, r.way)).collect();
+    if !lost.is_empty() {
+        println!("The bench's own watch of the connection ends lost some in: {}.", lost.join(", "));
     }
     println!();
 }
