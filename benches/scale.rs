@@ -122,7 +122,7 @@ fn main() {
     }
     if part("idle") {
         use idle::Way;
-        let ways = [Way::EnvoyAlone, Way::Together, Way::OneByOne];
+        let ways = [Way::EnvoyAlone, Way::EnvoyAloneClosed, Way::Together, Way::OneByOne];
         let runs: Vec<idle::Run> = (0..rounds())
             .flat_map(|_| sizes.connections.iter().flat_map(|c| ways.map(|w| idle::one_run(*c, w))).collect::<Vec<_>>())
             .collect();

@@ -4,7 +4,7 @@
 //! only after that, so "the last close" of a drain is this moment, not the client's.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 const SKNLGRP_INET_TCP_DESTROY: libc::c_int = 1;
@@ -15,6 +15,7 @@ const DPORT: usize = SPORT + 2;
 
 pub struct Ends {
     stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
     thread: std::thread::JoinHandle<Seen>,
 }
 
@@ -33,6 +34,8 @@ impl Ends {
         let fd = subscribe();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let count = Arc::new(AtomicU64::new(0));
+        let counted = count.clone();
         let thread = std::thread::spawn(move || {
             let mut seen = Seen::default();
             let mut buffer = vec![0u8; 1 << 16];
@@ -49,13 +52,19 @@ impl Ends {
                 if ended > 0 {
                     seen.count += ended;
                     seen.last = Some(now);
+                    counted.store(seen.count, Ordering::Relaxed);
                 }
             }
             // SAFETY: the descriptor is this thread's own and is not used after.
             unsafe { libc::close(fd) };
             seen
         });
-        Ends { stop, thread }
+        Ends { stop, count, thread }
+    }
+
+    /// The ends seen so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn stop(self) -> Seen {

@@ -26,6 +26,9 @@ pub enum Way {
     Together,
     OneByOne,
     EnvoyAlone,
+    /// Envoy alone, its clients closing together with no SIGTERM: how long Envoy itself takes to
+    /// close its sides.
+    EnvoyAloneClosed,
 }
 
 impl Way {
@@ -34,6 +37,7 @@ impl Way {
             Way::Together => "sesame, closed together",
             Way::OneByOne => "sesame, closed one by one",
             Way::EnvoyAlone => "envoy alone",
+            Way::EnvoyAloneClosed => "envoy alone, closed together without SIGTERM",
         }
     }
 }
@@ -136,7 +140,42 @@ fn drain_end(log: &str) -> Option<(String, String)> {
     Some((why.to_string(), open.trim().to_string()))
 }
 
+/// Envoy alone; the clients close their connections together, and the last of Envoy's sides to
+/// end is watched for.
+fn alone_closed(connections: usize) -> Run {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let bootstrap = proxy_bootstrap(dir.path(), port, free_port());
+    let process = start_envoy_alone(&bootstrap);
+    until_live(&process, &dir.path().join("admin.sock"));
+    let opening = Instant::now();
+    let streams = open(port, connections);
+    let open_ms = opening.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(Duration::from_millis(500)); // the last requests' bookkeeping is over
+    let ends = Ends::watch(port);
+    let closing = Instant::now();
+    let last = close(streams, Way::Together);
+    let last_wall = time_of_day(SystemTime::now());
+    common::wait_for(Duration::from_secs(30), "Envoy to close every connection", || ends.count() >= connections as u64);
+    let seen = ends.stop();
+    crate::host::stop_envoy_alone(process, &bootstrap);
+    let last_end = seen.last.map(time_of_day);
+    Run {
+        connections,
+        way: Way::EnvoyAloneClosed.name(),
+        open_ms,
+        closing_ms: Some(last.saturating_duration_since(closing).as_secs_f64() * 1000.0),
+        last_close_to_last_end_ms: last_end.map(|end| (end - last_wall).rem_euclid(86_400.0) * 1000.0),
+        ends_seen: seen.count,
+        ends_lost: seen.lost,
+        ..Run::default()
+    }
+}
+
 pub fn one_run(connections: usize, way: Way) -> Run {
+    if way == Way::EnvoyAloneClosed {
+        return alone_closed(connections);
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let bootstrap = proxy_bootstrap(dir.path(), port, free_port());

@@ -178,7 +178,7 @@ pub fn idle(runs: &[idle::Run]) {
             thousands(connections),
             spread(&batch, |r| Some(r.open_ms)),
             count(&batch, |r| Some(r.closed_by_envoy as i64)),
-            spread(&batch, |r| Some(r.sigterm_to_exit_ms)),
+            spread(&batch, |r| (r.sigterm_to_exit_ms > 0.0).then_some(r.sigterm_to_exit_ms)),
             spread(&batch, |r| r.last_close_to_exit_ms),
             spread(&batch, |r| r.last_close_to_drain_end_ms),
             spread(&batch, |r| r.last_close_to_last_end_ms),
