@@ -15,6 +15,24 @@ pub fn content_hash(bytes: &[u8]) -> u64 {
     hasher.finish()
 }
 
+/// `content_hash` of a file's content, read in pieces through a buffer on the stack: the watcher
+/// reads thousands of files at start, and a heap buffer for each, freed between the records it
+/// keeps, would leave the launcher's heap in holes. Blocking.
+pub fn content_hash_of_file(path: &Path) -> std::io::Result<u64> {
+    use std::hash::{DefaultHasher, Hasher};
+    use std::io::Read;
+    let mut file = fs::File::open(path)?;
+    let (mut hasher, mut buffer) = (DefaultHasher::new(), [0u8; 16 * 1024]);
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) => return Ok(hasher.finish()),
+            Ok(read) => hasher.write(&buffer[..read]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Creates `dir` and its parents, readable by the owner only (it holds keys and sockets). One that
 /// exists already must be ours and writable by nobody else, or another user could plant files there.
 pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -85,6 +103,19 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_read_in_pieces_hashes_as_its_whole_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Longer than the buffer, and not a multiple of it or of the hasher's 8-byte words.
+        let bytes: Vec<u8> = (0..40_003u32).map(|i| (i * 7 % 251) as u8).collect();
+        for length in [0, 1, 7, 16 * 1024, 16 * 1024 + 1, bytes.len()] {
+            let path = dir.path().join(format!("f{length}"));
+            fs::write(&path, &bytes[..length]).expect("write");
+            assert_eq!(content_hash_of_file(&path).expect("read"), content_hash(&bytes[..length]), "{length} bytes");
+        }
+        assert!(content_hash_of_file(&dir.path().join("missing")).is_err());
+    }
 
     #[test]
     fn a_directory_others_can_write_is_refused() {

@@ -35,6 +35,15 @@ pub struct Prepared {
     pub node_set: Vec<&'static str>,
 }
 
+impl Prepared {
+    /// What is kept once Envoy's files are written: the secrets' records, without the bytes
+    /// written, and neither bootstrap.
+    pub fn into_records(self) -> Prepared {
+        let secrets = self.secrets.into_iter().map(CheckedSecret::into_record).collect();
+        Prepared { secrets, bootstrap: Vec::new(), validation: Vec::new(), node_set: self.node_set }
+    }
+}
+
 impl SdsFiles {
     /// Rewrites `bootstrap` (read from `command`) and reads and checks every secret it names.
     /// Blocking.

@@ -41,6 +41,12 @@ impl CheckedSecret {
         record
     }
 
+    /// The same, made of this one.
+    pub fn into_record(mut self) -> CheckedSecret {
+        self.resource = Vec::new();
+        self
+    }
+
     /// Whether its files still hold what was checked (one read each, no parsing). Blocking.
     pub fn files_unchanged(&self) -> bool {
         let read: Option<Vec<Vec<u8>>> = self.secret.files.paths().iter().map(|p| std::fs::read(p).ok()).collect();

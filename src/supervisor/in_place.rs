@@ -43,10 +43,12 @@ pub(super) struct Served {
     secret: CheckedSecret,
     how: How,
     at_unix: u64,
-    /// What Envoy said of it: "confirmed", or why not.
-    envoy: String,
-    /// The last attempt that did not apply its files, if the files still fail.
-    refused: Option<ReloadStatus>,
+    /// What Envoy said of it: "confirmed", or why not (mostly a fixed text: a thousand pairs
+    /// would hold a thousand copies).
+    envoy: Cow<'static, str>,
+    /// The last attempt that did not apply its files, if the files still fail (rare: boxed, it
+    /// takes a word in each record).
+    refused: Option<Box<ReloadStatus>>,
     /// The hash of the files Envoy rejected, while they hold that.
     rejected: Option<u64>,
 }
@@ -77,7 +79,7 @@ impl InPlace {
         let served = served
             .into_iter()
             .map(|secret| Served {
-                secret: secret.without_bytes(),
+                secret: secret.into_record(),
                 how: How::Start,
                 at_unix,
                 envoy: "read at start".into(),
@@ -141,8 +143,8 @@ impl InPlace {
                         How::InPlace => "in-place",
                     },
                     rotated_at_unix: served.at_unix,
-                    envoy: served.envoy.clone(),
-                    refused: served.refused.clone(),
+                    envoy: served.envoy.to_string(),
+                    refused: served.refused.as_deref().cloned(),
                 }
             })
             .collect()
@@ -253,8 +255,11 @@ impl<P: Processes> Supervisor<P> {
             let served = &mut in_place.served[i];
             let path = served.secret.path().display().to_string();
             let refuse = |served: &mut Served, detail: String| {
-                served.refused =
-                    Some(ReloadStatus { result: crate::outcome::ReloadResult::Refused, detail, at_unix: now });
+                served.refused = Some(Box::new(ReloadStatus {
+                    result: crate::outcome::ReloadResult::Refused,
+                    detail,
+                    at_unix: now,
+                }));
             };
             match outcome {
                 Outcome::Unchanged => {
@@ -302,8 +307,8 @@ impl<P: Processes> Supervisor<P> {
                     let why = "written; Envoy keeps no sds.* stats (its stats_matcher) to confirm it";
                     tracing::info!("in place: {} {why}", describe(&secret));
                     self.metrics.rotation("in_place", "unconfirmable");
-                    let envoy = why.to_string();
                     let secret = secret.without_bytes();
+                    let envoy = why.into();
                     *served = Served { secret, how: How::InPlace, at_unix: now, envoy, refused: None, rejected: None };
                 }
                 Outcome::Unconfirmed(secret, why) => {
@@ -311,8 +316,14 @@ impl<P: Processes> Supervisor<P> {
                     self.metrics.rotation("in_place", "unconfirmed");
                     unconfirmed = Some(describe(&secret));
                     let secret = secret.without_bytes();
-                    *served =
-                        Served { secret, how: How::InPlace, at_unix: now, envoy: why, refused: None, rejected: None };
+                    *served = Served {
+                        secret,
+                        how: How::InPlace,
+                        at_unix: now,
+                        envoy: why.into(),
+                        refused: None,
+                        rejected: None,
+                    };
                 }
             }
             if let Some((_, not_after)) = served.secret.leaf {
@@ -353,7 +364,7 @@ impl<P: Processes> Supervisor<P> {
                 secret: secret.without_bytes(),
                 how: How::HotRestart,
                 at_unix: now,
-                envoy: format!("written for epoch {epoch}"),
+                envoy: format!("written for epoch {epoch}").into(),
                 refused: None,
                 rejected: None,
             }));

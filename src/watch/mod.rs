@@ -6,6 +6,7 @@
 //! while the files settle. The watcher only reports to the callback it was given; it never
 //! restarts anything.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -40,7 +41,7 @@ pub struct WatchSpec {
 struct Relevant {
     /// The files watched by name, by absolute path (what an event names), each with the forms in
     /// which it was given (shared with the watcher's other tables: a thousand pairs' paths are
-    /// held once).
+    /// held once). No form listed: given as that path only, as nearly always (no allocation).
     named_at: HashMap<Arc<Path>, Vec<Arc<Path>>>,
     /// The same files by absolute parent directory: a volume swap there names them all.
     named_in: HashMap<PathBuf, Vec<Arc<Path>>>,
@@ -57,7 +58,20 @@ impl Relevant {
         for file in named {
             let at = absolute(file);
             let key = if at == **file { file.clone() } else { Arc::from(at) };
-            named_at.entry(key).or_default().push(file.clone());
+            match named_at.entry(key) {
+                Entry::Vacant(vacant) => {
+                    let forms = if vacant.key() == file { Vec::new() } else { vec![file.clone()] };
+                    vacant.insert(forms);
+                }
+                Entry::Occupied(mut occupied) => {
+                    let key = occupied.key().clone();
+                    let forms = occupied.get_mut();
+                    if forms.is_empty() {
+                        forms.push(key);
+                    }
+                    forms.push(file.clone());
+                }
+            }
             if let Some(dir) = absolute_parent(file) {
                 named_in.entry(dir).or_default().push(file.clone());
             }
@@ -66,6 +80,15 @@ impl Relevant {
         let watch_dirs: BTreeSet<PathBuf> = spec.extra.iter().filter(|p| p.is_dir()).map(|p| absolute(p)).collect();
         let dirs = named_in.keys().cloned().chain(watch_dirs.iter().cloned()).collect();
         Relevant { named_at, named_in, file_dirs, watch_dirs, dirs }
+    }
+
+    /// The forms in which the watched file at `path` (absolute) was given.
+    fn forms_of(&self, path: &Path) -> &[Arc<Path>] {
+        match self.named_at.get_key_value(path) {
+            Some((key, forms)) if forms.is_empty() => std::slice::from_ref(key),
+            Some((_, forms)) => forms,
+            None => &[],
+        }
     }
 
     fn counts(&self, path: &Path) -> bool {

@@ -38,6 +38,28 @@ fn only_watched_paths_and_volume_swaps_count() {
 }
 
 #[test]
+fn a_file_is_known_in_every_form_it_was_given() {
+    // Under the working directory, so that the key can be named relative to it too.
+    let cwd = std::env::current_dir().expect("cwd");
+    let dir = tempfile::tempdir_in(&cwd).expect("tempdir");
+    let spec = WatchSpec {
+        envoy_command: None,
+        extra: vec![],
+        debounce: Duration::from_millis(500),
+        debounce_max: Duration::from_secs(5),
+    };
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    // The key as given twice: by its absolute path, and relative to the working directory.
+    let other = key.strip_prefix(&cwd).expect("under the working directory").to_path_buf();
+    let named: BTreeSet<Arc<Path>> = [&cert, &key, &other].into_iter().map(|p| Arc::from(p.as_path())).collect();
+    let relevant = Relevant::new(&spec, &named);
+    assert_eq!(relevant.forms_of(&cert), [Arc::from(cert.as_path())], "given once, as itself");
+    let forms: BTreeSet<&Path> = relevant.forms_of(&key).iter().map(|f| &**f).collect();
+    assert_eq!(forms, BTreeSet::from([key.as_path(), other.as_path()]), "both forms");
+    assert!(relevant.forms_of(&dir.path().join("other")).is_empty());
+}
+
+#[test]
 fn the_bootstrap_read_at_start_is_used_while_unchanged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bootstrap = dir.path().join("envoy.yaml");

@@ -19,7 +19,7 @@ pub type Reader = Box<dyn FnMut(&Path) -> Option<u64> + Send>;
 
 /// The reader of the running launcher.
 pub fn content_hash_of(path: &Path) -> Option<u64> {
-    std::fs::read(path).ok().map(|bytes| crate::files::content_hash(&bytes))
+    crate::files::content_hash_of_file(path).ok()
 }
 
 /// What the events of one debounce named: paths as the kernel named them (absolute), or that
@@ -179,7 +179,7 @@ impl Tracked {
             }
             return;
         }
-        affected.extend(self.relevant.named_at.get(path).into_iter().flatten().cloned());
+        affected.extend(self.relevant.forms_of(path).iter().cloned());
         let (Some(listing), Some(name)) = (self.listed.get_mut(dir), path.file_name()) else { return };
         let name = OsString::from(name);
         // An entry that is no longer a regular file leaves the listing: reported as gone.
