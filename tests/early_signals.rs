@@ -191,3 +191,85 @@ fn sigterm_just_after_a_new_epoch_is_spawned_drops_no_request() {
         assert_eq!(launcher.exit_code(Duration::from_secs(30)), 0, "{}", launcher.log());
     }
 }
+
+/// How a keep-alive client fared in a drain.
+#[derive(Debug, PartialEq, Eq)]
+enum Client {
+    /// Envoy never accepted it (it was stopped before it served).
+    NeverConnected,
+    /// Told to close (`connection: close`) after this many answers.
+    ToldToClose(u32),
+    /// A request got no answer.
+    Cut(u32),
+    NeverToldToClose,
+}
+
+/// A client that connects as soon as Envoy accepts and sends a keep-alive request every 20 ms
+/// until it is told to close.
+fn keepalive_client(port: u16) -> std::thread::JoinHandle<Client> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let mut stream = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(stream) => break stream,
+                Err(_) if started.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => return Client::NeverConnected,
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(15))).expect("read timeout");
+        for answered in 0..1000 {
+            if stream.write_all(b"GET /direct HTTP/1.1\r\nHost: localhost\r\n\r\n").is_err() {
+                return Client::Cut(answered);
+            }
+            let mut response = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !response.ends_with(b"direct\n") {
+                match stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => return Client::Cut(answered),
+                    Ok(read) => response.extend_from_slice(&buffer[..read]),
+                }
+            }
+            if String::from_utf8_lossy(&response).to_ascii_lowercase().contains("connection: close") {
+                return Client::ToldToClose(answered + 1);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Client::NeverToldToClose
+    })
+}
+
+/// SIGTERM just after Envoy's spawn, before its admin is up: the drain's requests fail at first
+/// and are sent again until Envoy takes them, so a client that connects once Envoy serves is told
+/// to close and the drain ends on the threshold. Before, they were sent once: Envoy was never
+/// drained, its client never told to close, and the drain ended on its timeout with a request cut.
+#[test]
+fn sigterm_just_after_the_spawn_drains_envoy_once_its_admin_is_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = Upstream::start(Duration::ZERO);
+    let port = free_port();
+    let bootstrap = proxy_bootstrap(dir.path(), port, upstream.port);
+    let (envoy, bootstrap) = (envoy_bin().to_string_lossy().into_owned(), bootstrap.to_string_lossy().into_owned());
+    // The minimum keeps the drain open while the client comes; the timeout ends a drain that fails.
+    let options = [OPTIONS, &["--drain-min", "2s", "--drain-timeout", "8s"]].concat();
+    for delay in DELAYS_MS {
+        let mut launcher = Launcher::start(Mode::Pid1, &options, &[&envoy, "-c", &bootstrap]);
+        epoch_pid(&launcher, 0);
+        std::thread::sleep(Duration::from_millis(delay));
+        launcher.signal(Signal::SIGTERM);
+        let client = keepalive_client(port).join().expect("client");
+        let code = launcher.exit_code(Duration::from_secs(20));
+        let log = launcher.log();
+        assert!(
+            matches!(client, Client::ToldToClose(_) | Client::NeverConnected),
+            "SIGTERM {delay} ms after the spawn: {client:?}\n{log}"
+        );
+        // Never served (the admin stayed unreachable for five tries, so the drain gave up and Envoy
+        // was stopped as it started), nothing was cut; what it exits with is Envoy's own.
+        if client != Client::NeverConnected {
+            assert_eq!(code, 0, "{log}");
+            assert!(log.contains("drain ended: connections reached the threshold"), "{log}");
+        }
+        eprintln!("SIGTERM {delay} ms after the spawn: {client:?}");
+    }
+}

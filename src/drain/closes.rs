@@ -22,9 +22,11 @@ use tokio::time::Instant;
 const SKNLGRP_INET_TCP_DESTROY: libc::c_int = 1;
 const SKNLGRP_INET6_TCP_DESTROY: libc::c_int = 3;
 /// `struct nlmsghdr` is 16 bytes; `struct inet_diag_msg` starts with family, state, timer,
-/// retrans (one byte each), then the socket id, whose first field is the source port (big endian).
+/// retrans (one byte each), then the socket id, whose first fields are the source and destination
+/// ports (big endian).
 const NLMSG_HEADER: usize = 16;
 const SPORT_OFFSET: usize = NLMSG_HEADER + 4;
+const DPORT_OFFSET: usize = SPORT_OFFSET + 2;
 const NLMSG_ERROR: u16 = 2;
 
 /// The receive buffer asked for (the kernel doubles it). The kernel charges each connection-end
@@ -213,8 +215,8 @@ fn set_receive_buffer(fd: libc::c_int, bytes: libc::c_int) {
     }
 }
 
-/// How many of the netlink messages in `datagram` announce a freed socket whose local port is in
-/// `ports`.
+/// How many of the netlink messages in `datagram` announce a freed connection (a socket with a
+/// peer: not a listener closed) whose local port is in `ports`.
 fn freed_on(datagram: &[u8], ports: &HashSet<u16>) -> u64 {
     let mut count = 0;
     let mut rest = datagram;
@@ -224,9 +226,10 @@ fn freed_on(datagram: &[u8], ports: &HashSet<u16>) -> u64 {
         if length < NLMSG_HEADER || length > rest.len() {
             break;
         }
-        if kind != NLMSG_ERROR && length >= SPORT_OFFSET + 2 {
+        if kind != NLMSG_ERROR && length >= DPORT_OFFSET + 2 {
             let port = u16::from_be_bytes([rest[SPORT_OFFSET], rest[SPORT_OFFSET + 1]]);
-            count += u64::from(ports.contains(&port));
+            let peer = u16::from_be_bytes([rest[DPORT_OFFSET], rest[DPORT_OFFSET + 1]]);
+            count += u64::from(peer != 0 && ports.contains(&port));
         }
         // Messages are aligned to 4 bytes.
         rest = &rest[length.next_multiple_of(4).min(rest.len())..];
@@ -238,19 +241,27 @@ fn freed_on(datagram: &[u8], ports: &HashSet<u16>) -> u64 {
 mod tests {
     use super::*;
 
-    fn message(sport: u16, kind: u16) -> Vec<u8> {
+    fn message(sport: u16, dport: u16, kind: u16) -> Vec<u8> {
         let mut m = vec![0u8; NLMSG_HEADER + 72];
         let length = m.len() as u32;
         m[..4].copy_from_slice(&length.to_ne_bytes());
         m[4..6].copy_from_slice(&kind.to_ne_bytes());
         m[SPORT_OFFSET..SPORT_OFFSET + 2].copy_from_slice(&sport.to_be_bytes());
+        m[DPORT_OFFSET..DPORT_OFFSET + 2].copy_from_slice(&dport.to_be_bytes());
         m
     }
 
     #[test]
-    fn counts_the_freed_sockets_on_the_given_ports() {
+    fn counts_the_freed_connections_on_the_given_ports() {
         let ports = HashSet::from([8080, 8443]);
-        let datagram = [message(8080, 20), message(40000, 20), message(8443, 20), message(8080, NLMSG_ERROR)].concat();
+        let datagram = [
+            message(8080, 50000, 20),
+            message(40000, 8080, 20),
+            message(8443, 50001, 20),
+            message(8080, 50002, NLMSG_ERROR),
+            message(8443, 0, 20), // the listener itself, closed
+        ]
+        .concat();
         assert_eq!(freed_on(&datagram, &ports), 2);
         assert_eq!(freed_on(&datagram[..10], &ports), 0, "a truncated header");
     }

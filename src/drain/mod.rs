@@ -3,6 +3,7 @@
 //! talks to Envoy's admin: it publishes the connection count and returns how it ended to the
 //! supervisor, which started it; it never signals a process.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use hyper::Method;
@@ -135,32 +136,53 @@ pub async fn run(
 ) -> DrainEnd {
     let started = Instant::now();
     let deadline = started + settings.timeout;
-    let older = Older { alive: older, admin: older_admin };
-    let steps = drain_steps(&admin, &settings, older, started, &progress);
-    tokio::time::timeout_at(deadline, steps).await.unwrap_or(DrainEnd::Timeout)
+    let mut older = Older { alive: older, admin: older_admin };
+    let polls = AtomicU32::new(0);
+    let steps = drain_steps(&admin, &settings, &mut older, started, &progress, &polls);
+    let end = tokio::time::timeout_at(deadline, steps).await.unwrap_or(DrainEnd::Timeout);
+    // What the drain cost Envoy's admin (the benchmark reports it as requests per second).
+    let took = started.elapsed().as_secs_f64();
+    let requests = admin.requests_sent() + older.admin.as_ref().map_or(0, AdminClient::requests_sent);
+    tracing::info!(
+        "drain: {} connection polls of the admin in {took:.3} s, {requests} admin requests in all",
+        polls.into_inner()
+    );
+    end
 }
 
 async fn drain_steps(
     admin: &AdminClient,
     settings: &DrainSettings,
-    mut older: Older,
+    older: &mut Older,
     started: Instant,
     progress: &Progress,
+    polls: &AtomicU32,
 ) -> DrainEnd {
     let mut consecutive_errors = 0;
-    if settings.healthcheck_fail {
-        post(admin, "/healthcheck/fail", &mut consecutive_errors).await;
+    // The steps Envoy has not taken (its admin not up yet: a SIGTERM just after the start), sent
+    // again before each read of the count, in order, until it has them.
+    let mut unsent: Vec<String> = Vec::new();
+    if settings.healthcheck_fail && !post(admin, "/healthcheck/fail", &mut consecutive_errors).await {
+        unsent.push("/healthcheck/fail".to_string());
     }
     if !settings.delay.is_zero() {
         tracing::info!("drain: waiting {:?} for load balancers to notice", settings.delay);
         tokio::time::sleep(settings.delay).await;
     }
-    post(admin, &settings.drain_path(), &mut consecutive_errors).await;
-    let ignored = ignored_listeners(admin, &settings.ignore).await;
+    let drain_path = settings.drain_path();
+    if !post(admin, &drain_path, &mut consecutive_errors).await {
+        unsent.push(drain_path);
+    }
+    let mut ignored = ignored_listeners(admin, &settings.ignore).await;
     let mut pace = Pace::start(admin, settings.poll, &settings.ignore).await;
-    let mut polls = 0u32;
     loop {
-        polls += 1;
+        polls.fetch_add(1, Ordering::Relaxed);
+        // Only the reads count towards the error limit: a step sent again adds no failure of its own.
+        if !unsent.is_empty() && send_again(admin, &mut unsent, &mut 0).await {
+            // What could not be asked of an admin that was not up: the listeners' names and ports.
+            ignored = ignored_listeners(admin, &settings.ignore).await;
+            pace = Pace::start(admin, settings.poll, &settings.ignore).await;
+        }
         pace.counting();
         let older_alive = *older.alive.borrow_and_update();
         let read = admin.connections_across_epochs(&settings.counted, &ignored, older_alive, older.admin.as_ref());
@@ -183,12 +205,6 @@ async fn drain_steps(
         progress.send_replace(connections);
         let ended = after_poll(settings, started.elapsed(), connections, consecutive_errors, older_uncounted);
         if let Some(end) = ended {
-            // What the drain cost Envoy's admin (the benchmark reports it as requests per second).
-            let took = started.elapsed().as_secs_f64();
-            let requests = admin.requests_sent() + older.admin.as_ref().map_or(0, AdminClient::requests_sent);
-            tracing::info!(
-                "drain: {polls} connection polls of the admin in {took:.3} s, {requests} admin requests in all"
-            );
             return end;
         }
         // Besides the pace: an older epoch's exit, or the end of the minimum with the count at the
@@ -275,15 +291,32 @@ pub async fn old_family(admin: AdminClient, settings: DrainSettings, older_alive
     tokio::time::timeout_at(until, steps).await.unwrap_or(DrainEnd::Timeout)
 }
 
-/// A drain step that may fail: the failure is logged and counted, and the drain goes on.
-async fn post(admin: &AdminClient, path: &str, consecutive_errors: &mut u32) {
+/// A drain step that may fail: the failure is logged and counted, and the drain goes on; whether
+/// Envoy took it.
+async fn post(admin: &AdminClient, path: &str, consecutive_errors: &mut u32) -> bool {
     match admin.expect_ok(Method::POST, path).await {
-        Ok(_) => *consecutive_errors = 0,
+        Ok(_) => {
+            *consecutive_errors = 0;
+            true
+        }
         Err(e) => {
             *consecutive_errors += 1;
             tracing::warn!("drain: {e}");
+            false
         }
     }
+}
+
+/// Sends the `unsent` steps again, in order, up to the first that fails; whether all are sent now.
+async fn send_again(admin: &AdminClient, unsent: &mut Vec<String>, errors: &mut u32) -> bool {
+    while let Some(path) = unsent.first() {
+        if !post(admin, path, errors).await {
+            return false;
+        }
+        tracing::info!("drain: Envoy took {path}, which it could not take before");
+        unsent.remove(0);
+    }
+    true
 }
 
 #[cfg(test)]
