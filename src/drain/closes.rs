@@ -283,17 +283,22 @@ mod tests {
         drop(client);
     }
 
-    /// `count` connections to a listener of ours, each accepted as it comes (the backlog is short);
-    /// the served ends are closed, all at once, by the closure returned.
-    fn close_together(count: usize) -> (u16, Vec<std::net::TcpStream>, Box<dyn FnOnce()>) {
+    /// `count` connections to a listener of ours, each accepted as it comes (the backlog is short):
+    /// its port, the clients' ends and the served ends.
+    fn accepted(count: usize) -> (u16, Vec<std::net::TcpStream>, Vec<std::net::TcpStream>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let mut clients = Vec::with_capacity(count);
-        let mut served = Vec::with_capacity(count);
+        let (mut clients, mut served) = (Vec::with_capacity(count), Vec::with_capacity(count));
         for _ in 0..count {
             clients.push(std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"));
             served.push(listener.accept().expect("accept").0);
         }
+        (port, clients, served)
+    }
+
+    /// `count` accepted connections; the served ends are closed, all at once, by the closure returned.
+    fn close_together(count: usize) -> (u16, Vec<std::net::TcpStream>, Box<dyn FnOnce()>) {
+        let (port, clients, served) = accepted(count);
         (port, clients, Box::new(move || drop(served)))
     }
 
@@ -345,20 +350,10 @@ mod tests {
         drop(clients);
     }
 
-    /// `count` connections to a listener of ours whose clients have closed and whose served ends
-    /// have read the close; dropping the served ends frees their sockets at once (the peer's ACK is
-    /// all that is left).
+    /// `count` accepted connections whose clients have closed and whose served ends have read the
+    /// close; dropping the served ends frees their sockets at once (the peer's ACK is all that is left).
     fn closed_by_clients(count: usize) -> (u16, Vec<std::net::TcpStream>) {
-        let (port, clients, served) = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let port = listener.local_addr().expect("addr").port();
-            let (mut clients, mut served) = (Vec::new(), Vec::new());
-            for _ in 0..count {
-                clients.push(std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"));
-                served.push(listener.accept().expect("accept").0);
-            }
-            (port, clients, served)
-        };
+        let (port, clients, served) = accepted(count);
         drop(clients);
         for mut stream in &served {
             assert_eq!(stream.read(&mut [0u8; 1]).expect("read the client's close"), 0);
@@ -366,14 +361,20 @@ mod tests {
         (port, served)
     }
 
+    /// A subscription with `lag`, restarted, then `count` served ends freed.
+    fn freed_after_subscribing(count: usize, lag: Duration) -> Closes {
+        let (port, served) = closed_by_clients(count);
+        let mut closes = Closes::subscribe(HashSet::from([port]), lag).expect("sock_diag destroy group");
+        closes.restart_count();
+        drop(served);
+        closes
+    }
+
     #[tokio::test]
     async fn ends_within_the_lag_before_a_count_is_read_are_held_as_lagged() {
         // A lag longer than the test: every end before the restart is within it.
         const ENDS: usize = 40;
-        let (port, served) = closed_by_clients(ENDS);
-        let mut closes = Closes::subscribe(HashSet::from([port]), Duration::from_secs(600)).expect("sock_diag");
-        closes.restart_count();
-        drop(served);
+        let mut closes = freed_after_subscribing(ENDS, Duration::from_secs(600));
         assert!(ends_counted(&mut closes, ENDS as u64).await);
         assert_eq!((closes.counted, closes.lagged()), (ENDS as u64, 0));
         closes.restart_count();
@@ -385,10 +386,7 @@ mod tests {
         // Envoy's count can fall later than the lag after the ends (a worker deleting thousands of
         // connections in one loop): the ends it still counted will not come again.
         const ENDS: usize = 20;
-        let (port, served) = closed_by_clients(ENDS);
-        let mut closes = Closes::subscribe(HashSet::from([port]), Duration::from_millis(50)).expect("sock_diag");
-        closes.restart_count();
-        drop(served);
+        let mut closes = freed_after_subscribing(ENDS, Duration::from_millis(50));
         let settled = tokio::time::timeout(Duration::from_secs(10), closes.ended(1000)).await;
         let why = settled.expect("the wait ends once the ends stop for twice the lag").expect("read");
         assert_eq!(why, Ended::Settled);

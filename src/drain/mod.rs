@@ -177,8 +177,7 @@ async fn drain_steps(
     let mut pace = Pace::start(admin, settings.poll, &settings.ignore).await;
     loop {
         polls.fetch_add(1, Ordering::Relaxed);
-        // Only the reads count towards the error limit: a step sent again adds no failure of its own.
-        if !unsent.is_empty() && send_again(admin, &mut unsent, &mut 0).await {
+        if !unsent.is_empty() && send_again(admin, &mut unsent).await {
             // What could not be asked of an admin that was not up: the listeners' names and ports.
             ignored = ignored_listeners(admin, &settings.ignore).await;
             pace = Pace::start(admin, settings.poll, &settings.ignore).await;
@@ -294,23 +293,25 @@ pub async fn old_family(admin: AdminClient, settings: DrainSettings, older_alive
 /// A drain step that may fail: the failure is logged and counted, and the drain goes on; whether
 /// Envoy took it.
 async fn post(admin: &AdminClient, path: &str, consecutive_errors: &mut u32) -> bool {
-    match admin.expect_ok(Method::POST, path).await {
-        Ok(_) => {
-            *consecutive_errors = 0;
-            true
-        }
-        Err(e) => {
-            *consecutive_errors += 1;
-            tracing::warn!("drain: {e}");
-            false
-        }
+    let took = try_post(admin, path).await;
+    *consecutive_errors = if took { 0 } else { *consecutive_errors + 1 };
+    took
+}
+
+/// A drain step, its failure logged; whether Envoy took it.
+async fn try_post(admin: &AdminClient, path: &str) -> bool {
+    let answer = admin.expect_ok(Method::POST, path).await;
+    if let Err(e) = &answer {
+        tracing::warn!("drain: {e}");
     }
+    answer.is_ok()
 }
 
 /// Sends the `unsent` steps again, in order, up to the first that fails; whether all are sent now.
-async fn send_again(admin: &AdminClient, unsent: &mut Vec<String>, errors: &mut u32) -> bool {
+/// Only the reads count towards the error limit: a step sent again adds no failure of its own.
+async fn send_again(admin: &AdminClient, unsent: &mut Vec<String>) -> bool {
     while let Some(path) = unsent.first() {
-        if !post(admin, path, errors).await {
+        if !try_post(admin, path).await {
             return false;
         }
         tracing::info!("drain: Envoy took {path}, which it could not take before");

@@ -56,12 +56,16 @@ impl Pace {
                 None
             }
         };
-        Pace { closes, poll, spacing: Duration::ZERO, due_spacing: Duration::ZERO, last_read: Instant::now() }
+        Pace::with(closes, poll)
     }
 
     /// A steady poll only.
     pub fn steady(poll: Duration) -> Pace {
-        Pace { closes: None, poll, spacing: Duration::ZERO, due_spacing: Duration::ZERO, last_read: Instant::now() }
+        Pace::with(None, poll)
+    }
+
+    fn with(closes: Option<Closes>, poll: Duration) -> Pace {
+        Pace { closes, poll, spacing: Duration::ZERO, due_spacing: Duration::ZERO, last_read: Instant::now() }
     }
 
     /// Called as the count is requested: what ends from now on is what the answer may not include.
