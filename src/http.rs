@@ -187,6 +187,39 @@ impl HttpClient {
         Ok(body)
     }
 
+    /// A GET that must answer 200, its body handed to `each` piece by piece as it arrives: an
+    /// answer of megabytes is never held whole (gathered, each read mapped and faulted in a fresh
+    /// block as large). Through the kept connection, when no new one can be made, it comes whole.
+    pub async fn expect_ok_in_pieces(&self, path: &str, mut each: impl FnMut(&[u8])) -> Result<(), HttpError> {
+        if !self.kept_only {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            let read = tokio::time::timeout(self.timeout, self.read_in_pieces(path, &mut each))
+                .await
+                .map_err(|_| HttpError::Timeout(self.endpoint.clone(), self.timeout))?;
+            match read {
+                Err(HttpError::Connect(..)) if self.kept.is_some() => {}
+                read => return read,
+            }
+        }
+        each(&self.expect_ok(Method::GET, path).await?);
+        Ok(())
+    }
+
+    async fn read_in_pieces(&self, path: &str, each: &mut impl FnMut(&[u8])) -> Result<(), HttpError> {
+        let (response, _connection) = self.send(Method::GET, path).await?;
+        if response.status() != StatusCode::OK {
+            return Err(HttpError::Status(self.endpoint.clone(), path.to_string(), response.status()));
+        }
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| HttpError::Http(self.endpoint.clone(), e))?;
+            if let Some(data) = frame.data_ref() {
+                each(data);
+            }
+        }
+        Ok(())
+    }
+
     /// An error for an answer that could not be read.
     pub fn unreadable(&self, path: &str, body: &[u8]) -> HttpError {
         HttpError::Body(self.endpoint.clone(), path.into(), String::from_utf8_lossy(body).into())

@@ -23,6 +23,23 @@ impl SecretFiles {
             SecretFiles::TrustedCa { ca, crl } => std::iter::once(ca.as_path()).chain(crl.as_deref()).collect(),
         }
     }
+
+    /// The file `which` of `paths()` (0 or 1), without building the list.
+    pub fn file(&self, which: usize) -> Option<&Path> {
+        match (self, which) {
+            (SecretFiles::Certificate { chain, .. }, 0) => Some(chain),
+            (SecretFiles::Certificate { key, .. }, 1) => Some(key),
+            (SecretFiles::TrustedCa { ca, .. }, 0) => Some(ca),
+            (SecretFiles::TrustedCa { crl, .. }, 1) => crl.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+impl AsRef<SecretFiles> for SecretFiles {
+    fn as_ref(&self) -> &SecretFiles {
+        self
+    }
 }
 
 /// A secret of the rewritten bootstrap: its SDS name and the file Envoy reads it from.

@@ -223,8 +223,10 @@ async fn confirm(
                 }
             });
         }
+        let wanted: Vec<&str> =
+            taken.iter().filter_map(|(_, s)| s.leaf.as_ref().map(|(serial, _)| serial.as_str())).collect();
         if !taken.is_empty()
-            && let Ok(serials) = admin.served_serials().await
+            && let Ok(serials) = admin.served_among(&wanted).await
         {
             taken.retain(|(index, secret)| {
                 let shown = secret.leaf.as_ref().is_none_or(|(serial, _)| serials.contains(serial));

@@ -10,8 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use super::served_files::ServedFiles;
 use super::shutdown::Phase;
-use super::touched::{Named, normal};
+use super::touched::Named;
 use super::{Event, Generation, Supervisor};
 use crate::clock::unix_seconds;
 use crate::launch::InPlace as InPlaceLaunch;
@@ -53,6 +54,12 @@ pub(super) struct Served {
     rejected: Option<u64>,
 }
 
+impl AsRef<crate::sds::SecretFiles> for Served {
+    fn as_ref(&self) -> &crate::sds::SecretFiles {
+        &self.secret.secret.files
+    }
+}
+
 /// The in-place state: what Envoy has, and the attempt under way or wanted.
 #[derive(Debug)]
 pub(super) struct InPlace {
@@ -60,6 +67,8 @@ pub(super) struct InPlace {
     /// `--cert-reload in-place`; otherwise the state only follows what hot restarts wrote.
     rotate: bool,
     served: Vec<Served>,
+    /// `served` by its files.
+    served_files: ServedFiles,
     quiet: Option<Generation>,
     running: Option<Generation>,
     /// An attempt is wanted (true: as at the debounce's end) once one may run.
@@ -76,7 +85,7 @@ impl InPlace {
     pub fn new(launch: &mut InPlaceLaunch) -> InPlace {
         let served = launch.first.take().map(|first| first.secrets).unwrap_or_default();
         let at_unix = unix_seconds(SystemTime::now());
-        let served = served
+        let served: Vec<Served> = served
             .into_iter()
             .map(|secret| Served {
                 secret: secret.into_record(),
@@ -91,6 +100,7 @@ impl InPlace {
         InPlace {
             files: launch.files.clone(),
             rotate,
+            served_files: ServedFiles::of(&served),
             served,
             quiet: None,
             running: None,
@@ -103,15 +113,7 @@ impl InPlace {
 
     /// Whether every one of `paths` is a file of a secret: a change of them alone is a rotation.
     pub fn only_secret_files(&self, paths: &[PathBuf]) -> bool {
-        // The few changed paths are looked for among the secrets' files, not the other way round.
-        let mut missing: HashSet<Cow<'_, [u8]>> = paths.iter().map(|p| normal(p)).collect();
-        for file in self.served.iter().flat_map(|s| s.secret.secret.files.paths()) {
-            if missing.is_empty() {
-                break;
-            }
-            missing.remove(normal(file).as_ref());
-        }
-        !paths.is_empty() && missing.is_empty()
+        !paths.is_empty() && paths.iter().all(|path| self.served_files.holds(&self.served, path))
     }
 
     /// Whether an attempt is under way.
@@ -217,12 +219,13 @@ impl<P: Processes> Supervisor<P> {
         // Read again: what the events named, and what is still refused (its files may hold a
         // state that passes now, or at the debounce's end).
         let named = in_place.named.take();
-        let served: Vec<(CheckedSecret, Option<u64>)> = in_place
-            .served
-            .iter()
-            .filter(|s| s.refused.is_some() || s.secret.secret.files.paths().iter().any(|f| named.names(f)))
-            .map(|s| (s.secret.clone(), s.rejected))
-            .collect();
+        let mut read = in_place.served_files.named(&in_place.served, &named);
+        let refused = in_place.served.iter().enumerate().filter(|(_, s)| s.refused.is_some()).map(|(i, _)| i);
+        read.extend(refused);
+        read.sort_unstable();
+        read.dedup();
+        let served: Vec<(CheckedSecret, Option<u64>)> =
+            read.into_iter().map(|i| &in_place.served[i]).map(|s| (s.secret.clone(), s.rejected)).collect();
         let events = self.events.clone();
         let names: Vec<String> = served.iter().map(|(s, _)| s.secret.name.clone()).collect();
         tokio::spawn(async move {
@@ -404,6 +407,7 @@ impl<P: Processes> Supervisor<P> {
         for gone in in_place.served.iter().filter(|s| !still.contains(s.secret.path())) {
             self.metrics.forget_certificate(gone.secret.path());
         }
+        in_place.served_files = ServedFiles::of(&served);
         in_place.served = served;
     }
 

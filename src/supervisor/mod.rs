@@ -31,6 +31,7 @@ mod reload;
 mod reload_outcome;
 mod reload_state;
 mod report;
+mod served_files;
 mod shutdown;
 #[cfg(test)]
 mod tests;

@@ -8,9 +8,8 @@ use std::path::Path;
 
 use crate::watch::Touched;
 
-/// The paths named since the last attempt began, as the bytes of their normal absolute form (a
-/// thousand secrets are asked about per attempt: bytes hash and compare far faster than paths,
-/// which go component by component).
+/// The paths named since the last attempt began, as the bytes of their normal absolute form: the
+/// form `ServedFiles` sorts the secrets' files by, and the watcher matches events against.
 #[derive(Debug, Default)]
 pub(super) struct Named {
     everything: bool,
@@ -18,9 +17,6 @@ pub(super) struct Named {
     /// The directories in which a Kubernetes volume's `..data`-style entry changed: every file
     /// under them may have changed through it.
     volumes: HashSet<Vec<u8>>,
-    /// The length of the shortest path in either set: a directory above a file that is shorter
-    /// cannot be in them, and is not looked up.
-    shortest: usize,
 }
 
 /// Past this many paths named, an attempt reads every served secret, as after lost events: the
@@ -47,43 +43,40 @@ impl Named {
         let path = normal(path).into_owned();
         let internal = path.rsplit(|&b| b == b'/').next().is_some_and(|name| name.starts_with(b".."));
         if let Some(dir) = parent(&path).filter(|_| internal) {
-            self.shortest = self.shortest_with(dir.len());
             self.volumes.insert(dir.to_vec());
         }
-        self.shortest = self.shortest_with(path.len());
         self.paths.insert(path);
     }
 
-    fn shortest_with(&self, len: usize) -> usize {
-        if self.paths.is_empty() && self.volumes.is_empty() { len } else { self.shortest.min(len) }
-    }
-
     /// Whether a change of `file` may be among what was named: the file itself, a directory above
-    /// it (replaced, or moved in), or a volume swap above it.
+    /// it (replaced, or moved in), or a volume swap above it. What `ServedFiles::named` finds
+    /// for many files at once; here, its definition.
+    #[cfg(test)]
     pub fn names(&self, file: &Path) -> bool {
-        if self.everything {
-            return true;
-        }
-        if self.paths.is_empty() && self.volumes.is_empty() {
-            return false;
-        }
         let file = normal(file);
-        if self.holds(&file) {
-            return true;
-        }
         let mut above = parent(&file);
-        while let Some(dir) = above.filter(|dir| dir.len() >= self.shortest) {
-            if self.holds(dir) || self.volumes.contains(dir) {
+        while let Some(dir) = above {
+            if self.paths.contains(dir) || self.volumes.contains(dir) {
                 return true;
             }
             above = parent(dir);
         }
-        false
+        self.everything || self.paths.contains(file.as_ref())
     }
 
-    /// `paths.contains`, by comparing the few paths of a usual attempt (no hashing).
-    fn holds(&self, path: &[u8]) -> bool {
-        if self.paths.len() <= 8 { self.paths.iter().any(|p| p.as_slice() == path) } else { self.paths.contains(path) }
+    /// Whether everything is named (events were lost).
+    pub fn everything(&self) -> bool {
+        self.everything
+    }
+
+    /// The paths named (files or directories), in their normal form.
+    pub fn paths(&self) -> impl Iterator<Item = &[u8]> {
+        self.paths.iter().map(Vec::as_slice)
+    }
+
+    /// The directories of the volume swaps named: every file under them is.
+    pub fn volumes(&self) -> impl Iterator<Item = &[u8]> {
+        self.volumes.iter().map(Vec::as_slice)
     }
 
     /// What was named, leaving nothing named.
