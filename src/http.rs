@@ -181,35 +181,44 @@ impl HttpClient {
     /// A request that must answer 200.
     pub async fn expect_ok(&self, method: Method, path: &str) -> Result<Bytes, HttpError> {
         let (status, body) = self.request(method, path).await?;
-        if status != StatusCode::OK {
-            return Err(HttpError::Status(self.endpoint.clone(), path.to_string(), status));
-        }
+        self.ok(path, status)?;
         Ok(body)
+    }
+
+    fn ok(&self, path: &str, status: StatusCode) -> Result<(), HttpError> {
+        match status {
+            StatusCode::OK => Ok(()),
+            status => Err(HttpError::Status(self.endpoint.clone(), path.to_string(), status)),
+        }
     }
 
     /// A GET that must answer 200, its body handed to `each` piece by piece as it arrives: an
     /// answer of megabytes is never held whole (gathered, each read mapped and faulted in a fresh
     /// block as large). Through the kept connection, when no new one can be made, it comes whole.
     pub async fn expect_ok_in_pieces(&self, path: &str, mut each: impl FnMut(&[u8])) -> Result<(), HttpError> {
-        if !self.kept_only {
-            self.sent.fetch_add(1, Ordering::Relaxed);
-            let read = tokio::time::timeout(self.timeout, self.read_in_pieces(path, &mut each))
-                .await
-                .map_err(|_| HttpError::Timeout(self.endpoint.clone(), self.timeout))?;
-            match read {
-                Err(HttpError::Connect(..)) if self.kept.is_some() => {}
-                read => return read,
-            }
-        }
-        each(&self.expect_ok(Method::GET, path).await?);
-        Ok(())
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let read = async {
+            let no_new = if self.kept_only {
+                self.kept_closed()
+            } else {
+                match self.read_in_pieces(path, &mut each).await {
+                    Err(e @ HttpError::Connect(..)) => e,
+                    read => return read,
+                }
+            };
+            let (status, body) = self.through_kept(Method::GET, path, no_new).await?;
+            self.ok(path, status)?;
+            each(&body);
+            Ok(())
+        };
+        tokio::time::timeout(self.timeout, read)
+            .await
+            .map_err(|_| HttpError::Timeout(self.endpoint.clone(), self.timeout))?
     }
 
     async fn read_in_pieces(&self, path: &str, each: &mut impl FnMut(&[u8])) -> Result<(), HttpError> {
         let (response, _connection) = self.send(Method::GET, path).await?;
-        if response.status() != StatusCode::OK {
-            return Err(HttpError::Status(self.endpoint.clone(), path.to_string(), response.status()));
-        }
+        self.ok(path, response.status())?;
         let mut body = response.into_body();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| HttpError::Http(self.endpoint.clone(), e))?;
@@ -227,20 +236,30 @@ impl HttpClient {
 
     async fn request_unbounded(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError> {
         if self.kept_only {
-            let closed =
-                || HttpError::Connect(self.endpoint.clone(), std::io::Error::other("the kept connection is closed"));
-            let kept = self.kept.as_ref().ok_or_else(closed)?;
-            return kept.request(&self.endpoint, method, path).await.unwrap_or_else(|| Err(closed()));
+            return self.through_kept(method, path, self.kept_closed()).await;
         }
         match self.request_new(method.clone(), path).await {
-            Err(HttpError::Connect(endpoint, e)) => match &self.kept {
-                Some(kept) => {
-                    kept.request(&endpoint, method, path).await.unwrap_or(Err(HttpError::Connect(endpoint, e)))
-                }
-                None => Err(HttpError::Connect(endpoint, e)),
-            },
+            Err(e @ HttpError::Connect(..)) => self.through_kept(method, path, e).await,
             result => result,
         }
+    }
+
+    /// The request through the kept connection, when no new one is made: `no_new` when there is
+    /// none, or it is closed.
+    async fn through_kept(
+        &self,
+        method: Method,
+        path: &str,
+        no_new: HttpError,
+    ) -> Result<(StatusCode, Bytes), HttpError> {
+        match &self.kept {
+            Some(kept) => kept.request(&self.endpoint, method, path).await.unwrap_or(Err(no_new)),
+            None => Err(no_new),
+        }
+    }
+
+    fn kept_closed(&self) -> HttpError {
+        HttpError::Connect(self.endpoint.clone(), std::io::Error::other("the kept connection is closed"))
     }
 
     async fn request_new(&self, method: Method, path: &str) -> Result<(StatusCode, Bytes), HttpError> {

@@ -36,12 +36,6 @@ impl SecretFiles {
     }
 }
 
-impl AsRef<SecretFiles> for SecretFiles {
-    fn as_ref(&self) -> &SecretFiles {
-        self
-    }
-}
-
 /// A secret of the rewritten bootstrap: its SDS name and the file Envoy reads it from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Secret {

@@ -97,18 +97,26 @@ impl InPlace {
             })
             .collect();
         let rotate = launch.rotate_in_place;
-        InPlace {
+        let mut in_place = InPlace {
             files: launch.files.clone(),
             rotate,
-            served_files: ServedFiles::of(&served),
-            served,
+            served: Vec::new(),
+            served_files: ServedFiles::default(),
             quiet: None,
             running: None,
             wanted: None,
             pending: None,
             retry: None,
             named: Named::default(),
-        }
+        };
+        in_place.serve(served);
+        in_place
+    }
+
+    /// `served` and its index, always set together.
+    fn serve(&mut self, served: Vec<Served>) {
+        self.served_files = ServedFiles::of(&served);
+        self.served = served;
     }
 
     /// Whether every one of `paths` is a file of a secret: a change of them alone is a rotation.
@@ -407,8 +415,7 @@ impl<P: Processes> Supervisor<P> {
         for gone in in_place.served.iter().filter(|s| !still.contains(s.secret.path())) {
             self.metrics.forget_certificate(gone.secret.path());
         }
-        in_place.served_files = ServedFiles::of(&served);
-        in_place.served = served;
+        in_place.serve(served);
     }
 
     pub(super) fn rotates_in_place(&self) -> bool {

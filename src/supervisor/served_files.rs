@@ -22,6 +22,7 @@ pub(super) struct ServedFiles {
 impl ServedFiles {
     pub fn of<S: AsRef<SecretFiles>>(secrets: &[S]) -> ServedFiles {
         let mut index = ServedFiles::default();
+        let mut sorted = Vec::with_capacity(secrets.len() * 2);
         for (secret, files) in secrets.iter().enumerate() {
             for which in 0..2 {
                 let Some(file) = files.as_ref().file(which) else { continue };
@@ -29,10 +30,9 @@ impl ServedFiles {
                 if let std::borrow::Cow::Owned(form) = normal(file) {
                     index.unusual.insert(code, form.into_boxed_slice());
                 }
-                index.sorted.push(code);
+                sorted.push(code);
             }
         }
-        let mut sorted = std::mem::take(&mut index.sorted);
         sorted.sort_by(|a, b| index.key(secrets, *a).cmp(index.key(secrets, *b)));
         index.sorted = sorted;
         index
@@ -103,6 +103,12 @@ mod tests {
     use super::*;
     use crate::watch::Touched;
     use std::path::PathBuf;
+
+    impl AsRef<SecretFiles> for SecretFiles {
+        fn as_ref(&self) -> &SecretFiles {
+            self
+        }
+    }
 
     fn pair(chain: &str, key: &str) -> SecretFiles {
         SecretFiles::Certificate { chain: chain.into(), key: key.into() }
